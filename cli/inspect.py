@@ -1,0 +1,57 @@
+"""`ddk-cache inspect`: what a cache holds, per domain and split."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ddk_cache.store import Cache
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@click.command()
+@click.argument("cache", metavar="CACHE")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
+def inspect(cache: str, as_json: bool) -> None:
+    """Show a cache's teacher, settings, and per domain/split: sequences, tokens, teacher PPL,
+    bytes on disk, bytes/token and mean top-k mass. Works on unfinished caches too."""
+    c = Cache(cache, require_complete=False)
+    rows = c.summary()
+    meta = c.meta
+    pending = c.pending() if meta["state"] != "complete" else []
+    if as_json:
+        click.echo(json.dumps({
+            "path": cache, "state": meta["state"], "format_version": meta["format_version"],
+            "teacher": meta["teacher"], "tokenizer": meta["tokenizer"], "top_k": meta["top_k"],
+            "seq_len": meta["seq_len"], "encoding": meta["encoding"], "pending_shards": len(pending),
+            "rows": rows,
+        }, indent=2))
+        return
+    t = meta["teacher"]
+    click.echo(f"{cache}  (format v{meta['format_version']}, {meta['encoding']['name']}, state: {meta['state']})")
+    click.echo(f"teacher: {t['name_or_path']}  [{t['architecture']}, {t['num_parameters']:,} params, {t['dtype']}, {t['backend']}]")
+    click.echo(f"top-k {meta['top_k']}, seq-len {meta['seq_len']}, vocab {meta['vocab_size']}, tokenizer {meta['tokenizer']['fingerprint'][:19]}")
+    if pending:
+        click.echo(f"INCOMPLETE: {len(pending)} shard(s) pending; rerun the same build command to finish")
+    header = ("domain", "split", "sequences", "tokens", "teacher PPL", "on disk", "bytes/token", "top-k mass")
+    table = [header] + [
+        (
+            r["domain"], r["split"], f"{r['sequences']:,}", f"{r['tokens']:,}",
+            f"{r['teacher_ppl']:.3f}" if r["teacher_ppl"] is not None else "-",
+            _fmt_bytes(r["bytes"]), f"{r['bytes_per_token']:.1f}", f"{r['mean_topk_mass']:.4f}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        click.echo("  ".join(cell.ljust(w) if j < 2 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            click.echo("  ".join("-" * w for w in widths))

@@ -1,0 +1,40 @@
+"""The `ddk-cache` command group: library errors become one-line messages, not tracebacks."""
+
+from __future__ import annotations
+
+import click
+
+from ddk_cache import __version__
+from ddk_cache.errors import DDKCacheError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's signature
+        try:
+            return super().invoke(ctx)
+        except DDKCacheError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ddk-cache")
+def main() -> None:
+    """Cache a teacher LLM's top-k log-probabilities once; distill students from the cache.
+
+    \b
+    Typical use:
+      ddk-cache init-model --corpus CORPUS_DIR --out teacher/   # a small local model, if you have none
+      ddk-cache build --teacher teacher/ --data CORPUS_DIR --out cache.zarr
+      ddk-cache inspect cache.zarr
+    """
+
+
+def _register() -> None:
+    from . import build, init_model, inspect
+
+    main.add_command(build.build)
+    main.add_command(inspect.inspect)
+    main.add_command(init_model.init_model)
+
+
+_register()

@@ -1,0 +1,262 @@
+"""`ddk-cache build`: corpus -> packed sequences -> teacher top-k -> a complete cache.
+
+Order of work, chosen so bad input fails fast and a crash anywhere can be resumed:
+  1. read the corpus layout and the teacher's tokenizer (cheap errors first);
+  2. check --out: new, resumable (same build fingerprint), or refused;
+  3. load the teacher, check --top-k and --seq-len against it;
+  4. tokenize + pack every domain, then create the store and write tokens (skipped on resume);
+  5. score each pending shard; a background thread writes it while the next is scored;
+  6. finalize: teacher perplexity table from the stored per-sequence sums, state "complete".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+from .corpus import corpus_fingerprint, discover_domains, iter_documents
+from .encodings import PlainEncoding
+from .errors import ConfigError, StoreError
+from .packing import pack_domain
+from .store import STATE_COMPLETE, STATE_INITIALIZING, CacheWriter, read_root_meta
+from .teachers import BACKENDS, load_teacher
+from .teachers.base import model_fingerprint, resolve_device, resolve_dtype
+from .tokenization import load_tokenizer, tokenize_documents, tokenizer_info
+
+# Raw bytes of one shard's top-k log-probs the automatic --shard-sequences aims at: big
+# enough for good compression and few files, small enough to resume at a fine grain.
+AUTO_SHARD_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything `ddk-cache build` takes. Written into the cache as `build_args`."""
+
+    teacher: str  # model directory or hub id
+    data: str  # corpus directory or .yaml/.toml spec
+    out: str  # cache path
+    top_k: int = 64  # entries kept per position
+    seq_len: int = 2048  # tokens per packed sequence
+    backend: str = "auto"  # teacher engine
+    text_field: str = "text"  # JSON field holding a document's text
+    val_sequences: int = 8  # held-out sequences per domain (DDK evaluates on them)
+    max_tokens_per_domain: int | None = None  # cap per domain, after shuffling documents
+    seed: int = 0  # document shuffle seed
+    dtype: str = "auto"  # teacher dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16
+    device: str = "auto"  # torch device for the hf backend
+    batch_size: int = 8  # sequences per teacher forward pass
+    shard_sequences: int = 0  # sequences per shard (unit of work and of resume); 0 = automatic
+    revision: str | None = None  # teacher revision on a hub
+    trust_remote_code: bool = False  # never run model code from the hub unless asked
+    clevel: int = 5  # zstd level of the plain-v1 encoding
+
+    # Fields that change the cache's bytes: a store built with other values is refused.
+    CONTENT_FIELDS = ("top_k", "seq_len", "text_field", "val_sequences", "max_tokens_per_domain", "seed", "dtype", "shard_sequences", "clevel")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.top_k >= 1, f"--top-k must be >= 1, got {self.top_k}"),
+            (self.seq_len >= 2, f"--seq-len must be >= 2, got {self.seq_len}"),
+            (self.val_sequences >= 1, f"--val-sequences must be >= 1 (DDK evaluates every domain on it), got {self.val_sequences}"),
+            (self.max_tokens_per_domain is None or self.max_tokens_per_domain >= 1, f"--max-tokens-per-domain must be >= 1, got {self.max_tokens_per_domain}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.shard_sequences >= 0, f"--shard-sequences must be >= 0 (0 = automatic), got {self.shard_sequences}"),
+            (1 <= self.clevel <= 9, f"--clevel must be in 1..9, got {self.clevel}"),
+            (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BuildResult:
+    """What a build did: the final metadata and where the time went."""
+
+    meta: dict[str, Any]
+    shards_written: int = 0
+    tokens_scored: int = 0
+    seconds: float = 0.0
+    teacher_seconds: float = 0.0
+    write_seconds: float = 0.0
+    already_complete: bool = False
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_scored / self.seconds if self.seconds else 0.0
+
+
+Hook = Callable[[str, dict[str, Any]], None]
+
+
+def auto_shard_sequences(seq_len: int, top_k: int) -> int:
+    """Sequences per shard so one shard's float32 top-k log-probs are about AUTO_SHARD_BYTES."""
+    return max(1, min(1024, AUTO_SHARD_BYTES // ((seq_len - 1) * top_k * 4)))
+
+
+def build_fingerprint(config: BuildConfig, corpus_fp: str, teacher_fp: str, tokenizer_fp: str, backend: str) -> str:
+    """A hash of everything that determines the cache's content (not batch size or device)."""
+    content = {f: getattr(config, f) for f in BuildConfig.CONTENT_FIELDS}
+    blob = json.dumps({"args": content, "corpus": corpus_fp, "teacher": teacher_fp, "tokenizer": tokenizer_fp, "backend": backend}, sort_keys=True)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _existing(out: str) -> dict[str, Any] | None:
+    """The metadata of the cache at `out`; None if nothing is there. Refuses anything else."""
+    local = "://" not in out
+    if local and (not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out))):
+        return None
+    if local and not os.path.isdir(out):
+        raise StoreError(f"--out {out} is a file, not a cache; choose another --out")
+    try:
+        return read_root_meta(out)
+    except StoreError as e:
+        if "format version" in str(e) or "encoding" in str(e):
+            raise
+        raise StoreError(f"--out {out} holds something that is not a ddk-cache store; choose another --out or remove it") from None
+
+
+def _mismatch(existing: dict[str, Any], config: BuildConfig, fingerprints: dict[str, str]) -> str:
+    """Name what differs between an existing cache and this build."""
+    old_args = existing.get("build_args", {})
+    diffs = [f"{f}: {getattr(config, f)!r} here, {old_args.get(f)!r} in the cache" for f in BuildConfig.CONTENT_FIELDS if old_args.get(f) != getattr(config, f)]
+    if existing.get("corpus", {}).get("fingerprint") != fingerprints["corpus"]:
+        diffs.append("the corpus files differ")
+    if existing.get("teacher", {}).get("fingerprint") != fingerprints["teacher"]:
+        diffs.append(f"the teacher differs (cache: {existing.get('teacher', {}).get('name_or_path')})")
+    if existing.get("tokenizer", {}).get("fingerprint") != fingerprints["tokenizer"]:
+        diffs.append("the tokenizer differs")
+    if existing.get("teacher", {}).get("backend") != fingerprints["backend"]:
+        diffs.append(f"backend: {fingerprints['backend']} here, {existing.get('teacher', {}).get('backend')} in the cache")
+    return "; ".join(diffs) or "the build fingerprint differs"
+
+
+def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = None) -> BuildResult:
+    """Build (or resume, or confirm complete) the cache described by `config`.
+
+    `hook(event, info)` is called at "store_created", "shard_written" and "before_finalize";
+    tests raise from it to simulate a crash at that point.
+    """
+    hook = hook or (lambda event, info: None)
+    started = time.perf_counter()
+    domains = discover_domains(config.data)
+    tok = load_tokenizer(config.teacher, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    backend = "hf" if config.backend == "auto" else config.backend
+    shard_sequences = config.shard_sequences or auto_shard_sequences(config.seq_len, config.top_k)
+    # Resolve "auto" choices first: the fingerprint must name what was actually used.
+    dtype = resolve_dtype(config.dtype, resolve_device(config.device))
+    config = BuildConfig(**{**config.to_dict(), "shard_sequences": shard_sequences, "dtype": dtype})
+    fps = {
+        "corpus": corpus_fingerprint(domains),
+        "teacher": model_fingerprint(config.teacher, config.revision),
+        "tokenizer": tokenizer_info(tok)["fingerprint"],
+        "backend": backend,
+    }
+    fingerprint = build_fingerprint(config, fps["corpus"], fps["teacher"], fps["tokenizer"], backend)
+
+    existing = _existing(config.out)
+    if existing is not None:
+        if existing.get("build_fingerprint") != fingerprint:
+            raise StoreError(f"{config.out} was built by another build ({_mismatch(existing, config, fps)}); use another --out or delete it")
+        if existing.get("state") == STATE_COMPLETE:
+            return BuildResult(meta=existing, already_complete=True, seconds=time.perf_counter() - started)
+
+    teacher = load_teacher(
+        backend, config.teacher, dtype=config.dtype, device=config.device, batch_size=config.batch_size,
+        revision=config.revision, trust_remote_code=config.trust_remote_code,
+    )
+    try:
+        if config.top_k > teacher.vocab_size:
+            raise ConfigError(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
+        if teacher.max_context is not None and config.seq_len > teacher.max_context:
+            raise ConfigError(f"--seq-len {config.seq_len} is longer than the teacher's context ({teacher.max_context} tokens)")
+
+        if existing is None or existing.get("state") == STATE_INITIALIZING:
+            packed = {}
+            for source in domains:
+                docs = list(tokenize_documents(tok, tqdm(iter_documents(source, config.text_field), desc=f"tokenize {source.name}", unit=" docs", disable=not progress, leave=False)))
+                packed[source.name] = pack_domain(
+                    source.name, docs, seq_len=config.seq_len, val_sequences=config.val_sequences,
+                    max_tokens=config.max_tokens_per_domain, seed=config.seed,
+                )
+            meta = {
+                "teacher": teacher.info(),
+                "tokenizer": tokenizer_info(tok),
+                "vocab_size": teacher.vocab_size,
+                "seq_len": config.seq_len,
+                "domains": {
+                    name: {
+                        "train": {"sequences": len(p.train.tokens), "documents": p.train.documents},
+                        "val": {"sequences": len(p.val.tokens), "documents": p.val.documents},
+                        "tokens_read": p.tokens_read,
+                    }
+                    for name, p in packed.items()
+                },
+                "corpus": {"path": str(Path(config.data).resolve()), "fingerprint": fps["corpus"], "files": {s.name: [str(f) for f in s.files] for s in domains}},
+                "build_args": config.to_dict(),
+                "build_fingerprint": fingerprint,
+            }
+            splits = {name: {"train": p.train.tokens, "val": p.val.tokens} for name, p in packed.items()}
+            writer = CacheWriter.create(config.out, meta, splits, top_k=config.top_k, shard_sequences=shard_sequences, encoding=PlainEncoding(clevel=config.clevel))
+            del packed, splits
+        else:
+            writer = CacheWriter(config.out)
+        hook("store_created", {"path": config.out})
+
+        result = BuildResult(meta=writer.meta)
+        _score_pending(writer, teacher, config.top_k, result, progress, hook)
+    finally:
+        teacher.close()
+    hook("before_finalize", {})
+    result.meta = writer.finalize()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _score_pending(writer: CacheWriter, teacher: Any, top_k: int, result: BuildResult, progress: bool, hook: Hook) -> None:
+    """Score every pending shard; writes run in a background thread, overlapping the next shard's scoring."""
+    pending = writer.pending()
+    seq_len = writer.meta["seq_len"]
+    total_tokens = sum(s.stop - s.start for s in pending) * seq_len
+    bar = tqdm(total=total_tokens, desc="teacher", unit=" tok", unit_scale=True, disable=not progress)
+    in_flight: list[tuple[Future, Any]] = []
+
+    def timed_write(shard: Any, scores: Any) -> float:
+        t0 = time.perf_counter()
+        writer.write_shard(shard, scores.topk_ids, scores.topk_logprobs, scores.target_logprob)
+        return time.perf_counter() - t0
+
+    def drain(keep: int) -> None:
+        # At most `keep` writes stay queued, bounding memory to a couple of shards.
+        while len(in_flight) > keep:
+            future, shard = in_flight.pop(0)
+            result.write_seconds += future.result()
+            result.shards_written += 1
+            hook("shard_written", {"shard": shard, "count": result.shards_written})
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddk-cache-writer") as pool:
+        for shard in pending:
+            tokens = writer.read_tokens(shard)
+            t0 = time.perf_counter()
+            scores = teacher.score(tokens, top_k)
+            result.teacher_seconds += time.perf_counter() - t0
+            in_flight.append((pool.submit(timed_write, shard, scores), shard))
+            result.tokens_scored += tokens.size
+            bar.update(tokens.size)
+            drain(keep=1)
+        drain(keep=0)
+    bar.close()
+
+
+__all__ = ["BuildConfig", "BuildResult", "build", "auto_shard_sequences"]

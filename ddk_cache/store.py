@@ -1,0 +1,307 @@
+"""The on-disk cache format: every array and attribute name lives here (see storage_layout.md).
+
+A cache is a Zarr v3 group:
+
+    /                        attrs["ddk_cache"] = root metadata (format version, teacher, ...)
+    /<domain>/<split>/       split is "train" or "val"
+        tokens          int32   [N, L]        the packed sequences
+        topk_ids        int32   [N, L-1, k]   position t predicts tokens[:, t+1]
+        topk_logprobs   float32 [N, L-1, k]
+        target_logprob  float32 [N, L-1]      log p(tokens[:, t+1] | tokens[:, :t+1])
+        seq_nll         float64 [N]           -sum over positions of target_logprob
+        seq_topk_mass   float64 [N]           sum over positions of sum_k exp(topk_logprobs)
+        shard_done      uint8   [ceil(N/S)]   1 once shard s of the arrays above is written
+
+The builder writes whole shards of S sequences, one writer per shard, and marks a shard
+done only after its data is written, so a build can stop anywhere and resume.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from . import __version__
+from .encodings import PlainEncoding, encoding_from_dict
+from .errors import StoreError
+
+FORMAT_VERSION = 1
+ROOT_ATTR = "ddk_cache"
+SPLITS = ("train", "val")
+
+TOKENS = "tokens"
+TOPK_IDS = "topk_ids"
+TOPK_LOGPROBS = "topk_logprobs"
+TARGET_LOGPROB = "target_logprob"
+SEQ_NLL = "seq_nll"
+SEQ_TOPK_MASS = "seq_topk_mass"
+SHARD_DONE = "shard_done"
+
+# Root states: arrays being created and tokens written -> teacher shards pending -> done.
+STATE_INITIALIZING = "initializing"
+STATE_BUILDING = "building"
+STATE_COMPLETE = "complete"
+
+
+def now() -> str:
+    """UTC timestamp in ISO 8601, as every time attribute is written."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of teacher work: sequences [start, stop) of one domain's split."""
+
+    domain: str
+    split: str
+    index: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class CacheBatch:
+    """Sequences [start, stop) of one split with their teacher targets (see module docstring)."""
+
+    tokens: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    target_logprob: np.ndarray
+
+
+def _open_root(path: str, mode: str) -> zarr.Group:
+    try:
+        return zarr.open_group(store=path, mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as e:
+        raise StoreError(f"{path} is not a ddk-cache store ({type(e).__name__}: no Zarr group there)") from None
+
+
+def read_root_meta(path: str) -> dict[str, Any]:
+    """The root metadata of the cache at `path`, after checking it is a cache this version reads."""
+    attrs = dict(_open_root(path, "r").attrs)
+    meta = attrs.get(ROOT_ATTR)
+    if not isinstance(meta, dict):
+        raise StoreError(f"{path} is a Zarr group but not a ddk-cache store (no {ROOT_ATTR!r} attribute)")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreError(
+            f"{path} has cache format version {version}; this ddk-cache {__version__} reads version {FORMAT_VERSION}"
+            + ("; upgrade ddk-cache" if isinstance(version, int) and version > FORMAT_VERSION else "; rebuild the cache")
+        )
+    encoding_from_dict(meta["encoding"])  # refuses unknown encodings
+    return meta
+
+
+class _CacheNode:
+    """What reader and writer share: the root metadata and the shard bookkeeping."""
+
+    def __init__(self, path: str, mode: str) -> None:
+        self.path = path
+        self.meta = read_root_meta(path)
+        self.root = _open_root(path, mode)
+        self.encoding = encoding_from_dict(self.meta["encoding"])
+
+    def _group(self, domain: str, split: str) -> zarr.Group:
+        return self.root[f"{domain}/{split}"]
+
+    def shards(self) -> list[Shard]:
+        """Every shard of the cache, in a fixed order (domain, split, index)."""
+        out = []
+        s = self.meta["shard_sequences"]
+        for domain in self.meta["domains"]:
+            for split in SPLITS:
+                n = self.meta["domains"][domain][split]["sequences"]
+                out += [Shard(domain, split, i, i * s, min(n, (i + 1) * s)) for i in range(math.ceil(n / s))]
+        return out
+
+    def pending(self) -> list[Shard]:
+        """Shards whose `shard_done` entry is not set, in `shards()` order."""
+        done = {
+            (d, sp): self._group(d, sp)[SHARD_DONE][:].astype(bool) for d in self.meta["domains"] for sp in SPLITS
+        }
+        return [s for s in self.shards() if not done[(s.domain, s.split)][s.index]]
+
+
+class CacheWriter(_CacheNode):
+    """Creates a cache, writes teacher shards into it and finalizes it.
+
+    Several CacheWriters (processes or machines) may write one store as long as each
+    writes distinct shards: a shard's arrays and its `shard_done` entry are whole chunks.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, "r+")
+
+    @classmethod
+    def create(
+        cls,
+        path: str,
+        meta: dict[str, Any],
+        splits: dict[str, dict[str, np.ndarray]],
+        *,
+        top_k: int,
+        shard_sequences: int,
+        encoding: PlainEncoding,
+    ) -> "CacheWriter":
+        """Create the store at `path` (overwriting an unfinished initialization) and write the tokens.
+
+        `meta` is the build's root metadata; `splits[domain][split]` the int32 [N, L] tokens.
+        The root's state moves to "building" only once every array exists and every token
+        is written, so a crash here leaves a store that the next run re-initializes.
+        """
+        root_meta = {
+            **meta,
+            "format_version": FORMAT_VERSION,
+            "tool_version": __version__,
+            "state": STATE_INITIALIZING,
+            "created_at": now(),
+            "encoding": encoding.to_dict(),
+            "top_k": top_k,
+            "shard_sequences": shard_sequences,
+        }
+        root = zarr.create_group(store=path, overwrite=True, attributes={ROOT_ATTR: root_meta})
+        for domain, by_split in splits.items():
+            dgroup = root.create_group(domain)
+            for split in SPLITS:
+                tokens = by_split[split]
+                n, seq_len = tokens.shape
+                group = dgroup.create_group(split)
+                s = shard_sequences
+                positions = seq_len - 1
+
+                def arr(name: str, shape: tuple, dtype: str, shards: tuple | None, chunks: tuple, dims: tuple) -> Any:
+                    return group.create_array(
+                        name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
+                        compressors=encoding.compressors(name), fill_value=0, dimension_names=dims,
+                    )
+
+                arr(TOKENS, (n, seq_len), "int32", (s, seq_len), (1, seq_len), ("sequence", "token"))[:] = tokens
+                arr(TOPK_IDS, (n, positions, top_k), "int32", (s, positions, top_k), (1, positions, top_k), ("sequence", "position", "rank"))
+                arr(TOPK_LOGPROBS, (n, positions, top_k), "float32", (s, positions, top_k), (1, positions, top_k), ("sequence", "position", "rank"))
+                arr(TARGET_LOGPROB, (n, positions), "float32", (s, positions), (1, positions), ("sequence", "position"))
+                arr(SEQ_NLL, (n,), "float64", None, (s,), ("sequence",))
+                arr(SEQ_TOPK_MASS, (n,), "float64", None, (s,), ("sequence",))
+                arr(SHARD_DONE, (math.ceil(n / s),), "uint8", None, (1,), ("shard",))
+        root_meta["state"] = STATE_BUILDING
+        root.update_attributes({ROOT_ATTR: root_meta})
+        return cls(path)
+
+    def read_tokens(self, shard: Shard) -> np.ndarray:
+        """int32 [stop-start, L] tokens of a shard."""
+        return self._group(shard.domain, shard.split)[TOKENS][shard.start : shard.stop]
+
+    def write_shard(self, shard: Shard, topk_ids: np.ndarray, topk_logprobs: np.ndarray, target_logprob: np.ndarray) -> None:
+        """Write one shard's teacher arrays and per-sequence sums, then mark it done."""
+        g = self._group(shard.domain, shard.split)
+        sl = slice(shard.start, shard.stop)
+        g[TOPK_IDS][sl] = topk_ids
+        g[TOPK_LOGPROBS][sl] = topk_logprobs
+        g[TARGET_LOGPROB][sl] = target_logprob
+        g[SEQ_NLL][sl] = sequence_nll(target_logprob)
+        g[SEQ_TOPK_MASS][sl] = np.exp(topk_logprobs.astype(np.float64)).sum(axis=(1, 2))
+        # Written last: a crash before this line leaves the shard pending, and it is redone.
+        g[SHARD_DONE][shard.index : shard.index + 1] = 1
+
+    def finalize(self) -> dict[str, Any]:
+        """Compute the teacher perplexity table from `seq_nll` and mark the cache complete.
+
+        Raises StoreError if any shard is still pending. Returns the final root metadata.
+        """
+        pending = self.pending()
+        if pending:
+            raise StoreError(f"{self.path}: cannot finalize, {describe_pending(pending)}")
+        table: dict[str, dict[str, Any]] = {}
+        for domain in self.meta["domains"]:
+            table[domain] = {}
+            for split in SPLITS:
+                g = self._group(domain, split)
+                table[domain][split] = perplexity_entry(g[SEQ_NLL][:], g[TOKENS].shape[1] - 1)
+        meta = {**self.meta, "state": STATE_COMPLETE, "completed_at": now(), "teacher_ppl": table}
+        self.root.update_attributes({ROOT_ATTR: meta})
+        self.meta = meta
+        return meta
+
+
+def sequence_nll(target_logprob: np.ndarray) -> np.ndarray:
+    """float64 [N]: each sequence's summed negative log-likelihood, from float32 [N, P] targets."""
+    return -target_logprob.astype(np.float64).sum(axis=1)
+
+
+def perplexity_entry(seq_nll: np.ndarray, positions: int) -> dict[str, Any]:
+    """One row of the teacher perplexity table: exp(total NLL / predicted tokens)."""
+    predicted = int(len(seq_nll) * positions)
+    nll = float(np.sum(seq_nll, dtype=np.float64))
+    return {"ppl": math.exp(nll / predicted) if predicted else float("nan"), "nll_sum": nll, "predicted_tokens": predicted}
+
+
+def describe_pending(pending: list[Shard], limit: int = 6) -> str:
+    """A short description of missing shards, for error messages."""
+    by_group: dict[str, list[int]] = {}
+    for s in pending:
+        by_group.setdefault(f"{s.domain}/{s.split}", []).append(s.index)
+    parts = [f"{g} shards {','.join(map(str, idx[:limit]))}{'...' if len(idx) > limit else ''}" for g, idx in by_group.items()]
+    return f"{len(pending)} shard(s) not written ({'; '.join(parts)})"
+
+
+class Cache(_CacheNode):
+    """Read-only access to a cache: its metadata, domains, sequences and teacher targets."""
+
+    def __init__(self, path: str, *, require_complete: bool = True) -> None:
+        super().__init__(path, "r")
+        state = self.meta.get("state")
+        if require_complete and state != STATE_COMPLETE:
+            missing = describe_pending(self.pending()) if state == STATE_BUILDING else "tokens not yet written"
+            raise StoreError(
+                f"{path} is an incomplete cache (state {state!r}: {missing}); "
+                "rerun the same `ddk-cache build` command to finish it"
+            )
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.meta["domains"])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.meta["top_k"])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.meta["seq_len"])
+
+    def num_sequences(self, domain: str, split: str) -> int:
+        return int(self.meta["domains"][domain][split]["sequences"])
+
+    def teacher_ppl(self, domain: str, split: str = "val") -> float:
+        """The teacher's perplexity on a domain's split, from the stored table."""
+        return float(self.meta["teacher_ppl"][domain][split]["ppl"])
+
+    def read(self, domain: str, split: str, start: int, stop: int) -> CacheBatch:
+        """Sequences [start, stop) of one split with their teacher targets."""
+        if domain not in self.meta["domains"]:
+            raise StoreError(f"{self.path} has no domain {domain!r} (domains: {', '.join(self.domains)})")
+        g = self._group(domain, split)
+        return CacheBatch(g[TOKENS][start:stop], g[TOPK_IDS][start:stop], g[TOPK_LOGPROBS][start:stop], g[TARGET_LOGPROB][start:stop])
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per domain and split: sizes, teacher PPL, bytes on disk, mean top-k mass."""
+        rows = []
+        for domain in self.domains:
+            for split in SPLITS:
+                g = self._group(domain, split)
+                n = self.num_sequences(domain, split)
+                positions = self.seq_len - 1
+                tokens = n * self.seq_len
+                stored = sum(g[name].nbytes_stored() for name in g.array_keys())
+                mass = float(g[SEQ_TOPK_MASS][:].sum() / max(1, n * positions))
+                ppl = self.meta.get("teacher_ppl", {}).get(domain, {}).get(split, {}).get("ppl")
+                rows.append({
+                    "domain": domain, "split": split, "sequences": n, "tokens": tokens,
+                    "teacher_ppl": ppl, "bytes": int(stored), "bytes_per_token": stored / max(1, tokens),
+                    "mean_topk_mass": mass,
+                })
+        return rows

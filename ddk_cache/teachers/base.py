@@ -1,0 +1,117 @@
+"""The teacher backend interface: token ids in, top-k log-probabilities out.
+
+Every backend returns the same arrays for the same model and sequences, so the store and
+the trainer never know which engine produced a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str) -> Any:
+    """'auto' picks CUDA when present, else CPU; anything else is passed to torch.device."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {device!r} is not a torch device: {e}") from None
+
+
+def resolve_dtype(dtype: str, device: Any) -> str:
+    """'auto' is bfloat16 on a GPU that supports it and float32 elsewhere."""
+    import torch
+
+    if dtype == "auto":
+        return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return dtype
+
+
+@dataclass(frozen=True)
+class TeacherScores:
+    """The teacher's view of a batch of B sequences of L tokens, at temperature 1.
+
+    Position t (0 <= t < L-1) is the distribution after reading tokens[0..t], i.e. over
+    the token at t+1. There is no entry for the last token, whose successor is unknown.
+
+    topk_ids:       int32   [B, L-1, k]  token ids, by descending log-probability
+    topk_logprobs:  float32 [B, L-1, k]  log-softmax of the logits at those ids
+    target_logprob: float32 [B, L-1]     log-probability of the actual next token tokens[t+1]
+    """
+
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    target_logprob: np.ndarray
+
+
+class Teacher(ABC):
+    """One loaded teacher model behind one engine."""
+
+    backend: str  # the name users pass to --backend
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Size of the output distribution (the logits' last dimension)."""
+
+    @property
+    @abstractmethod
+    def max_context(self) -> int | None:
+        """Longest sequence the model accepts, if the config says."""
+
+    @property
+    @abstractmethod
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (transformers), used to tokenize the corpus."""
+
+    @abstractmethod
+    def info(self) -> dict[str, Any]:
+        """What the cache records about this teacher (JSON-serialisable)."""
+
+    @abstractmethod
+    def score(self, tokens: np.ndarray, top_k: int) -> TeacherScores:
+        """Score int32 [B, L] token ids; see TeacherScores for what comes back."""
+
+    def close(self) -> None:
+        """Release the model (and engine processes, for backends that start them)."""
+
+
+def model_fingerprint(name_or_path: str, revision: str | None) -> str:
+    """Identify a model's weights cheaply, to refuse resuming a cache with another teacher.
+
+    A local directory: sha256 over config.json and, per weight file, its name, size and
+    first and last 64 KiB (retraining changes those bytes; hashing many GB would not be
+    cheap). A hub id: the id and the resolved commit.
+    """
+    path = Path(name_or_path)
+    h = hashlib.sha256()
+    if not path.is_dir():
+        h.update(f"hub:{name_or_path}@{revision}".encode())
+        return "sha256:" + h.hexdigest()
+    config = path / "config.json"
+    if config.is_file():
+        h.update(config.read_bytes())
+    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    for w in weights:
+        size = w.stat().st_size
+        h.update(f"{w.name}:{size}".encode())
+        with open(w, "rb") as f:
+            h.update(f.read(1 << 16))
+            f.seek(max(0, size - (1 << 16)))
+            h.update(f.read(1 << 16))
+    return "sha256:" + h.hexdigest()

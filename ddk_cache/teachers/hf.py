@@ -1,0 +1,100 @@
+"""The transformers teacher: `AutoModelForCausalLM`, batched forward passes, exact log-softmax.
+
+It is the reference every other backend is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import TeacherError
+from ..tokenization import _first_line, load_tokenizer
+from .base import Teacher, TeacherScores, model_fingerprint, resolve_device, resolve_dtype
+
+class HFTeacher(Teacher):
+    """A causal LM loaded with transformers, scored `batch_size` sequences at a time."""
+
+    backend = "hf"
+
+    def __init__(
+        self,
+        name_or_path: str,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        batch_size: int = 8,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.name_or_path = name_or_path
+        self.revision = revision
+        self.batch_size = batch_size
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self._tokenizer = load_tokenizer(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, revision=revision, dtype=getattr(torch, self.dtype), trust_remote_code=trust_remote_code
+            )
+        except Exception as e:  # OSError, ValueError, safetensors errors... all mean "does not load"
+            raise TeacherError(f"cannot load the teacher model from {name_or_path!r}: {_first_line(e)}") from None
+        self.model = model.to(self.device).eval()
+        self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def max_context(self) -> int | None:
+        value = getattr(self.config, "max_position_embeddings", None)
+        return int(value) if value else None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def info(self) -> dict[str, Any]:
+        import transformers
+
+        return {
+            "name_or_path": self.name_or_path,
+            "revision": getattr(self.model.config, "_commit_hash", None) or self.revision,
+            "fingerprint": model_fingerprint(self.name_or_path, self.revision),
+            "architecture": (getattr(self.model.config, "architectures", None) or [type(self.model).__name__])[0],
+            "num_parameters": int(sum(p.numel() for p in self.model.parameters())),
+            "dtype": self.dtype,
+            "backend": self.backend,
+            "backend_version": f"transformers {transformers.__version__}, torch {torch.__version__}",
+            "max_context": self.max_context,
+        }
+
+    @torch.inference_mode()
+    def score(self, tokens: np.ndarray, top_k: int) -> TeacherScores:
+        n, length = tokens.shape
+        ids = np.empty((n, length - 1, top_k), np.int32)
+        lps = np.empty((n, length - 1, top_k), np.float32)
+        target = np.empty((n, length - 1), np.float32)
+        for start in range(0, n, self.batch_size):
+            stop = min(n, start + self.batch_size)
+            input_ids = torch.from_numpy(np.ascontiguousarray(tokens[start:stop])).to(self.device, torch.long)
+            logits = self.model(input_ids=input_ids, use_cache=False).logits
+            # One row at a time: the float32 log-softmax of a whole batch would be B*L*V*4 bytes.
+            for row in range(stop - start):
+                logprobs = torch.log_softmax(logits[row, :-1].float(), dim=-1)
+                values, indices = torch.topk(logprobs, top_k, dim=-1)
+                nxt = input_ids[row, 1:, None]
+                ids[start + row] = indices.to(torch.int32).cpu().numpy()
+                lps[start + row] = values.cpu().numpy()
+                target[start + row] = logprobs.gather(-1, nxt).squeeze(-1).cpu().numpy()
+        return TeacherScores(ids, lps, target)
+
+    def close(self) -> None:
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

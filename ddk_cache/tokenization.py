@@ -1,0 +1,95 @@
+"""Load a tokenizer, fingerprint it, and turn documents into token ids.
+
+The fingerprint is what ties a cache to a tokenizer family: a student whose tokenizer has
+another fingerprint cannot learn from the cache's token ids, and is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from .errors import TeacherError
+
+
+def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """Load a tokenizer with `AutoTokenizer.from_pretrained`, requiring an EOS token.
+
+    Raises TeacherError (naming the path) when it cannot be loaded or has no EOS token.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError... depending on what is missing
+        raise TeacherError(f"cannot load a tokenizer from {name_or_path!r}: {_first_line(e)}") from None
+    if tok.eos_token_id is None:
+        raise TeacherError(f"the tokenizer of {name_or_path!r} has no EOS token; documents could not be separated")
+    return tok
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    """sha256 over the vocabulary (token -> id), the BPE merges if any, and the special tokens.
+
+    Computed from content, not from a file's bytes, so re-saving a tokenizer (or a newer
+    transformers writing its JSON in another order) does not change it.
+    """
+    merges: list[str] = []
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        model = json.loads(backend.to_str()).get("model", {})
+        # tokenizers wrote merges as "a b" strings before 0.20 and as ["a", "b"] pairs since.
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    specials = {name: getattr(tok, name, None) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    payload = {
+        "vocab": sorted(tok.get_vocab().items(), key=lambda kv: kv[1]),
+        "merges": merges,
+        "special_tokens": {k: str(v) if v is not None else None for k, v in specials.items()},
+        "added_tokens": sorted(str(t) for t in getattr(tok, "all_special_tokens", [])),
+    }
+    blob = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def tokenizer_info(tok: Any) -> dict[str, Any]:
+    """The tokenizer facts a cache records: fingerprint, size, special ids, class."""
+    return {
+        "fingerprint": tokenizer_fingerprint(tok),
+        "size": len(tok),
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "class": type(tok).__name__,
+    }
+
+
+def tokenize_documents(tok: Any, documents: Iterable[str], batch_size: int = 256) -> Iterator[np.ndarray]:
+    """Yield each document's token ids (int32), EOS appended.
+
+    The tokenizer's own special-token rule applies (a Llama tokenizer prepends BOS, Qwen's
+    adds nothing); EOS is appended unless the tokenizer already ended the document with it.
+    Batched, so a fast tokenizer encodes in parallel.
+    """
+    eos = tok.eos_token_id
+    batch: list[str] = []
+
+    def flush() -> Iterator[np.ndarray]:
+        for ids in tok(batch, add_special_tokens=True)["input_ids"]:
+            if not ids or ids[-1] != eos:
+                ids = list(ids) + [eos]
+            yield np.asarray(ids, dtype=np.int32)
+        batch.clear()
+
+    for doc in documents:
+        batch.append(doc)
+        if len(batch) >= batch_size:
+            yield from flush()
+    if batch:
+        yield from flush()

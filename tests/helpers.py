@@ -1,0 +1,47 @@
+"""Test helpers: a synthetic multi-domain corpus and a small build configuration."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+from ddk_cache.build import BuildConfig
+
+WORDS = {
+    "alpha": "the market rose as investors weighed rates and the central bank held steady on inflation".split(),
+    "beta": "def return self import class for in range if else none true false print value key".split(),
+    "gamma": "the knight rode through the dark forest toward the castle where the dragon slept".split(),
+}
+
+
+def make_docs(domain: str, n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(f"{domain}-{seed}")
+    words = WORDS[domain]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(20, 90))) + "." for _ in range(n)]
+
+
+def write_corpus(root: Path) -> Path:
+    """Three domains, one per supported layout: .jsonl, .jsonl.gz, a folder of .txt files."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "alpha.jsonl", "w") as f:
+        for doc in make_docs("alpha", 30):
+            f.write(json.dumps({"text": doc, "id": 1}) + "\n")
+    with gzip.open(root / "beta.jsonl.gz", "wt") as f:
+        for doc in make_docs("beta", 30):
+            f.write(json.dumps({"text": doc}) + "\n")
+    (root / "gamma").mkdir(exist_ok=True)
+    for i, doc in enumerate(make_docs("gamma", 30)):
+        (root / "gamma" / f"{i:03d}.txt").write_text(doc)
+    return root
+
+
+def small_config(teacher_dir: Path, corpus_dir: Path, out: Path, **overrides) -> BuildConfig:
+    """A build that takes a couple of seconds: 32-token sequences, k=8, shards of 4 sequences."""
+    args = dict(
+        teacher=str(teacher_dir), data=str(corpus_dir), out=str(out), top_k=8, seq_len=32,
+        val_sequences=2, shard_sequences=4, batch_size=3, device="cpu", dtype="float32",
+    )
+    args.update(overrides)
+    return BuildConfig(**args)

@@ -1,0 +1,197 @@
+"""The build writes exactly what a direct forward pass of the teacher gives, and resumes exactly."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ddk_cache.build import build
+from ddk_cache.errors import ConfigError, StoreError, TeacherError
+from ddk_cache.store import SPLITS, Cache, CacheWriter
+
+from .helpers import small_config
+
+ARRAYS = ("tokens", "topk_ids", "topk_logprobs", "target_logprob", "seq_nll", "seq_topk_mass", "shard_done")
+
+
+def reference(teacher_dir, tokens: np.ndarray, k: int):
+    """Direct forward pass, one sequence at a time: log-softmax, top-k, target log-prob."""
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    ids, lps, tgt = [], [], []
+    with torch.inference_mode():
+        for row in tokens:
+            x = torch.from_numpy(row).long()[None]
+            logprobs = torch.log_softmax(model(x).logits[0, :-1].float(), -1)
+            v, i = logprobs.topk(k, -1)
+            ids.append(i.numpy())
+            lps.append(v.numpy())
+            tgt.append(logprobs.gather(-1, x[0, 1:, None])[:, 0].numpy())
+    return np.stack(ids), np.stack(lps), np.stack(tgt)
+
+
+def all_arrays(path) -> dict:
+    c = Cache(str(path), require_complete=False)
+    return {(d, s, a): c.root[f"{d}/{s}/{a}"][:] for d in c.domains for s in SPLITS for a in ARRAYS}
+
+
+def test_cache_equals_direct_forward_pass(built_cache, teacher_dir):
+    cache = Cache(str(built_cache))
+    assert cache.domains == ["alpha", "beta", "gamma"]
+    for domain in cache.domains:
+        for split in SPLITS:
+            batch = cache.read(domain, split, 0, cache.num_sequences(domain, split))
+            ids, lps, tgt = reference(teacher_dir, batch.tokens, cache.top_k)
+            np.testing.assert_array_equal(batch.topk_ids, ids)
+            np.testing.assert_array_equal(batch.topk_logprobs, lps)
+            np.testing.assert_array_equal(batch.target_logprob, tgt)
+            assert batch.topk_ids.shape == (len(batch.tokens), cache.seq_len - 1, cache.top_k)
+
+
+def test_ppl_table_equals_exp_mean_nll(built_cache, teacher_dir):
+    cache = Cache(str(built_cache))
+    for domain in cache.domains:
+        for split in SPLITS:
+            tokens = cache.read(domain, split, 0, cache.num_sequences(domain, split)).tokens
+            _, _, tgt = reference(teacher_dir, tokens, cache.top_k)
+            expected = math.exp(-tgt.astype(np.float64).mean())
+            entry = cache.meta["teacher_ppl"][domain][split]
+            assert entry["ppl"] == pytest.approx(expected, rel=1e-12)
+            assert entry["predicted_tokens"] == tgt.size
+            assert cache.teacher_ppl(domain, split) == entry["ppl"]
+
+
+def test_metadata_records_the_build(built_cache, teacher_dir):
+    meta = Cache(str(built_cache)).meta
+    assert meta["format_version"] == 1 and meta["state"] == "complete"
+    assert meta["teacher"]["backend"] == "hf" and meta["teacher"]["dtype"] == "float32"
+    assert meta["teacher"]["name_or_path"] == str(teacher_dir)
+    assert meta["tokenizer"]["fingerprint"].startswith("sha256:")
+    assert meta["top_k"] == 8 and meta["seq_len"] == 32 and meta["vocab_size"] > 8
+    assert meta["build_args"]["top_k"] == 8 and meta["encoding"]["name"] == "plain-v1"
+    for d in ("alpha", "beta", "gamma"):
+        assert meta["domains"][d]["val"]["sequences"] == 2
+        assert meta["domains"][d]["train"]["sequences"] >= 1
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("event,count", [("store_created", 0), ("shard_written", 1), ("shard_written", 5), ("before_finalize", 0)])
+def test_resume_after_crash_is_value_identical(tmp_path, teacher_dir, corpus_dir, built_cache, event, count):
+    out = tmp_path / "c.zarr"
+    config = small_config(teacher_dir, corpus_dir, out)
+
+    def crash(ev, info):
+        if ev == event and info.get("count", 0) == count:
+            raise Crash(ev)
+
+    with pytest.raises(Crash):
+        build(config, progress=False, hook=crash)
+    with pytest.raises(StoreError, match="incomplete cache"):
+        Cache(str(out))
+    pending = CacheWriter(str(out)).pending()
+    if event == "shard_written":
+        assert count <= len(Cache(str(out), require_complete=False).shards()) - len(pending)
+    written = []
+    result = build(config, progress=False, hook=lambda ev, info: written.append(info["shard"]) if ev == "shard_written" else None)
+    # Only the shards that were pending are scored again: finished work is never redone.
+    assert written == pending
+    assert result.meta["state"] == "complete"
+    expected, got = all_arrays(built_cache), all_arrays(out)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=str(key))
+    assert got.keys() == expected.keys()
+    assert result.meta["teacher_ppl"] == Cache(str(built_cache)).meta["teacher_ppl"]
+
+
+def test_rerun_of_complete_cache_does_nothing(built_cache, teacher_dir, corpus_dir):
+    result = build(small_config(teacher_dir, corpus_dir, built_cache), progress=False)
+    assert result.already_complete and result.shards_written == 0
+
+
+def test_batch_size_and_device_may_change_on_resume(built_cache, teacher_dir, corpus_dir):
+    result = build(small_config(teacher_dir, corpus_dir, built_cache, batch_size=7), progress=False)
+    assert result.already_complete
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"seq_len": 16}, r"seq_len: 16 here, 32 in the cache"),
+        ({"top_k": 4}, r"top_k: 4 here, 8 in the cache"),
+        ({"seed": 1}, r"seed: 1 here, 0 in the cache"),
+    ],
+)
+def test_store_of_another_build_is_refused(built_cache, teacher_dir, corpus_dir, override, message):
+    with pytest.raises(StoreError, match=message):
+        build(small_config(teacher_dir, corpus_dir, built_cache, **override), progress=False)
+
+
+def test_changed_corpus_is_refused(tmp_path, built_cache, teacher_dir, corpus_dir):
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, corpus)
+    with open(corpus / "alpha.jsonl", "a") as f:
+        f.write('{"text": "one more document"}\n')
+    with pytest.raises(StoreError, match="corpus files differ"):
+        build(small_config(teacher_dir, corpus, built_cache), progress=False)
+
+
+def test_foreign_output_is_refused(tmp_path, teacher_dir, corpus_dir):
+    out = tmp_path / "notacache"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="not a ddk-cache store; choose another --out"):
+        build(small_config(teacher_dir, corpus_dir, out), progress=False)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_top_k_larger_than_vocab(tmp_path, teacher_dir, corpus_dir):
+    with pytest.raises(ConfigError, match=r"--top-k 100000 is larger than the teacher's vocabulary \(\d+\)"):
+        build(small_config(teacher_dir, corpus_dir, tmp_path / "c.zarr", top_k=100000), progress=False)
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_seq_len_longer_than_context(tmp_path, teacher_dir, corpus_dir):
+    with pytest.raises(ConfigError, match=r"--seq-len 128 is longer than the teacher's context \(64 tokens\)"):
+        build(small_config(teacher_dir, corpus_dir, tmp_path / "c.zarr", seq_len=128), progress=False)
+
+
+@pytest.mark.parametrize("field,value,message", [("top_k", 0, "--top-k must be >= 1"), ("seq_len", 1, "--seq-len must be >= 2"), ("val_sequences", 0, "--val-sequences must be >= 1")])
+def test_out_of_range_options(tmp_path, teacher_dir, corpus_dir, field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        small_config(teacher_dir, corpus_dir, tmp_path / "c.zarr", **{field: value})
+
+
+def test_teacher_that_does_not_load(tmp_path, corpus_dir):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(TeacherError, match=f"cannot load a tokenizer from '{broken}'"):
+        build(small_config(broken, corpus_dir, tmp_path / "c.zarr"), progress=False)
+
+
+def test_teacher_weights_that_do_not_load(tmp_path, teacher_dir, corpus_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(teacher_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(TeacherError, match=f"cannot load the teacher model from '{broken}'"):
+        build(small_config(broken, corpus_dir, tmp_path / "c.zarr"), progress=False)
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_domain_too_small(tmp_path, teacher_dir):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "tiny.jsonl").write_text('{"text": "hello"}\n')
+    with pytest.raises(Exception, match=r"domain 'tiny' has \d+ tokens; it needs at least 96"):
+        build(small_config(teacher_dir, corpus, tmp_path / "c.zarr"), progress=False)
+    assert not (tmp_path / "c.zarr").exists()

@@ -1,0 +1,77 @@
+"""The CLI: build + inspect through click, and one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from ddk_cache.cli.main import main
+
+
+def test_inspect_table(built_cache):
+    result = CliRunner().invoke(main, ["inspect", str(built_cache)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "state: complete" in lines[0]
+    header = next(line for line in lines if line.startswith("domain"))
+    for col in ("split", "sequences", "tokens", "teacher PPL", "on disk", "bytes/token", "top-k mass"):
+        assert col in header
+    rows = [line.split() for line in lines if line.split()[:1] in (["alpha"], ["beta"], ["gamma"])]
+    assert [r[:2] for r in rows] == [[d, s] for d in ("alpha", "beta", "gamma") for s in ("train", "val")]
+
+
+def test_inspect_json_matches_metadata(built_cache):
+    result = CliRunner().invoke(main, ["inspect", str(built_cache), "--json"])
+    data = json.loads(result.output)
+    assert data["state"] == "complete" and data["top_k"] == 8 and len(data["rows"]) == 6
+    from ddk_cache.store import Cache
+
+    meta = Cache(str(built_cache)).meta
+    for row in data["rows"]:
+        assert row["teacher_ppl"] == meta["teacher_ppl"][row["domain"]][row["split"]]["ppl"]
+        assert row["tokens"] == row["sequences"] * 32
+        assert 0 < row["mean_topk_mass"] <= 1 and row["bytes"] > 0
+
+
+def test_build_command_and_rerun(tmp_path, teacher_dir, corpus_dir):
+    args = ["build", "--teacher", str(teacher_dir), "--data", str(corpus_dir), "--out", str(tmp_path / "c.zarr"),
+            "--top-k", "4", "--seq-len", "16", "--val-sequences", "1", "--device", "cpu", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "3 domains" in result.output
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "already complete" in again.output
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path, teacher_dir):
+    result = CliRunner().invoke(main, ["build", "--teacher", str(teacher_dir), "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "c.zarr")])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: corpus path {tmp_path / 'missing'} does not exist; pass a directory or a .yaml/.toml spec to --data"
+
+
+def test_inspect_refuses_non_cache(tmp_path):
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 1 and "is not a ddk-cache store" in result.output and "Traceback" not in result.output
+
+
+def test_inspect_refuses_unknown_format_version(tmp_path, built_cache):
+    import shutil
+
+    import zarr
+
+    copy = tmp_path / "c.zarr"
+    shutil.copytree(built_cache, copy)
+    root = zarr.open_group(str(copy), mode="r+")
+    meta = dict(root.attrs["ddk_cache"])
+    meta["format_version"] = 99
+    root.update_attributes({"ddk_cache": meta})
+    result = CliRunner().invoke(main, ["inspect", str(copy)])
+    assert result.exit_code == 1
+    assert "has cache format version 99; this ddk-cache 0.1.0 reads version 1; upgrade ddk-cache" in result.output
+
+
+def test_help_explains_every_command():
+    for cmd in ("build", "inspect", "init-model"):
+        result = CliRunner().invoke(main, [cmd, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output

@@ -1,0 +1,128 @@
+"""Corpus discovery and reading: layouts, specs, and an error that names the file and line."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+
+from ddk_cache.corpus import discover_domains, iter_documents
+from ddk_cache.errors import CorpusError
+
+
+def test_directory_layout(corpus_dir):
+    domains = discover_domains(corpus_dir)
+    assert [d.name for d in domains] == ["alpha", "beta", "gamma"]
+    assert len(domains[2].files) == 30 and all(f.suffix == ".txt" for f in domains[2].files)
+    docs = {d.name: list(iter_documents(d)) for d in domains}
+    assert all(len(v) == 30 for v in docs.values())
+    assert docs["gamma"][0] == (corpus_dir / "gamma" / "000.txt").read_text()
+
+
+@pytest.mark.parametrize("fmt", ["yaml", "toml"])
+def test_spec_maps_domains_to_globs(tmp_path, corpus_dir, fmt):
+    spec = tmp_path / f"spec.{fmt}"
+    if fmt == "yaml":
+        spec.write_text(f"domains:\n  web: ['{corpus_dir}/alpha.jsonl', '{corpus_dir}/beta.jsonl.gz']\n  stories: '{corpus_dir}/gamma/*.txt'\n")
+    else:
+        spec.write_text(f'[domains]\nweb = ["{corpus_dir}/alpha.jsonl", "{corpus_dir}/beta.jsonl.gz"]\nstories = "{corpus_dir}/gamma/*.txt"\n')
+    domains = discover_domains(spec)
+    assert [d.name for d in domains] == ["stories", "web"]
+    assert len(list(iter_documents(domains[1]))) == 60
+
+
+def test_spec_globs_are_relative_to_the_spec(tmp_path, corpus_dir):
+    import shutil
+
+    shutil.copytree(corpus_dir, tmp_path / "data")
+    (tmp_path / "spec.yaml").write_text("web: data/*.jsonl\n")
+    (domain,) = discover_domains(tmp_path / "spec.yaml")
+    assert domain.name == "web" and [f.name for f in domain.files] == ["alpha.jsonl"]
+
+
+def test_text_field_option(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"content": "hello there"}\n\n{"content": "bye"}\n')
+    (domain,) = discover_domains(tmp_path)
+    assert list(iter_documents(domain, "content")) == ["hello there", "bye"]
+
+
+def errors_for(tmp_path, name: str, content: bytes) -> str:
+    path = tmp_path / name
+    if name.endswith(".gz"):
+        with gzip.open(path, "wb") as f:
+            f.write(content)
+    else:
+        path.write_bytes(content)
+    (domain,) = discover_domains(tmp_path)
+    with pytest.raises(CorpusError) as e:
+        list(iter_documents(domain))
+    return str(e.value)
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    msg = errors_for(tmp_path, "d.jsonl", b'{"text": "ok"}\n{"text": "broken\n')
+    assert msg.startswith(f"{tmp_path / 'd.jsonl'}:2: not valid JSON")
+
+
+def test_malformed_json_in_gzip(tmp_path):
+    msg = errors_for(tmp_path, "d.jsonl.gz", b'{"text": "ok"}\n\n[1, 2\n')
+    assert f"{tmp_path / 'd.jsonl.gz'}:3: not valid JSON" in msg
+
+
+def test_missing_text_field(tmp_path):
+    msg = errors_for(tmp_path, "d.jsonl", b'{"body": "x", "id": 3}\n')
+    assert msg == f"{tmp_path / 'd.jsonl'}:1: no 'text' field (found: body, id); pass --text-field to name the text field"
+
+
+def test_non_string_text(tmp_path):
+    assert "field 'text' is int, expected a string" in errors_for(tmp_path, "d.jsonl", b'{"text": 5}\n')
+
+
+def test_non_utf8_bytes(tmp_path):
+    msg = errors_for(tmp_path, "d.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    assert msg == f"{tmp_path / 'd.jsonl'}:2: not valid UTF-8 (byte 0xe9 at column 14); re-encode the file as UTF-8"
+
+
+def test_non_utf8_txt(tmp_path):
+    (tmp_path / "dom").mkdir()
+    (tmp_path / "dom" / "a.txt").write_bytes(b"\xff\xfe")
+    (domain,) = discover_domains(tmp_path)
+    with pytest.raises(CorpusError, match="a.txt: not valid UTF-8"):
+        list(iter_documents(domain))
+
+
+def test_missing_corpus(tmp_path):
+    with pytest.raises(CorpusError, match=f"corpus path {tmp_path / 'nope'} does not exist"):
+        discover_domains(tmp_path / "nope")
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "notes.md").write_text("not a corpus file")
+    with pytest.raises(CorpusError, match="holds no corpus files"):
+        discover_domains(tmp_path)
+
+
+def test_bad_domain_name(tmp_path):
+    (tmp_path / "my domain.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(CorpusError, match="domain name 'my domain' must be"):
+        discover_domains(tmp_path)
+
+
+def test_duplicate_domain(tmp_path):
+    (tmp_path / "web.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "a.txt").write_text("x")
+    with pytest.raises(CorpusError, match="domain 'web' is defined twice"):
+        discover_domains(tmp_path)
+
+
+def test_spec_glob_without_match(tmp_path):
+    (tmp_path / "spec.yaml").write_text("web: ['nothing/*.jsonl']\n")
+    with pytest.raises(CorpusError, match="glob 'nothing/\\*.jsonl' of domain 'web' matches no file"):
+        discover_domains(tmp_path / "spec.yaml")
+
+
+def test_data_is_an_unsupported_file(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(CorpusError, match="not a .csv file"):
+        discover_domains(tmp_path / "x.csv")
