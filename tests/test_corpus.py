@@ -126,3 +126,26 @@ def test_data_is_an_unsupported_file(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(CorpusError, match="not a .csv file"):
         discover_domains(tmp_path / "x.csv")
+
+
+def test_parquet_domain(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["first doc", "", "second doc"], "n": [1, 2, 3]}), tmp_path / "web.parquet")
+    (domain,) = discover_domains(tmp_path)
+    assert domain.name == "web" and list(iter_documents(domain)) == ["first doc", "second doc"]
+    with pytest.raises(CorpusError, match="no 'body' column \\(found: text, n\\); pass --text-field"):
+        list(iter_documents(domain, "body"))
+
+
+def test_domain_without_documents_fails_the_build(tmp_path, teacher_dir):
+    from ddk_cache.build import build
+
+    from .helpers import small_config, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus")
+    (corpus / "empty.jsonl").write_text('\n{"text": "   "}\n')
+    with pytest.raises(CorpusError, match="domain 'empty' has no documents"):
+        build(small_config(teacher_dir, corpus, tmp_path / "c.zarr"), progress=False)
+    assert not (tmp_path / "c.zarr").exists()
