@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ddk_cache.store import Cache
+from ddk_cache.store import Cache, describe_pending
 
 
 def _fmt_bytes(n: float) -> str:
@@ -22,7 +22,8 @@ def _fmt_bytes(n: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
 def inspect(cache: str, as_json: bool) -> None:
     """Show a cache's teacher, settings, and per domain/split: sequences, tokens, teacher PPL,
-    bytes on disk, bytes/token and mean top-k mass. Works on unfinished caches too."""
+    bytes on disk, bytes/token and mean top-k mass. An unfinished cache is shown too, then
+    refused (exit 1) with what is missing."""
     c = Cache(cache, require_complete=False)
     rows = c.summary()
     meta = c.meta
@@ -34,13 +35,12 @@ def inspect(cache: str, as_json: bool) -> None:
             "seq_len": meta["seq_len"], "encoding": meta["encoding"], "pending_shards": len(pending),
             "rows": rows,
         }, indent=2))
+        _refuse_incomplete(cache, meta, pending)
         return
     t = meta["teacher"]
     click.echo(f"{cache}  (format v{meta['format_version']}, {meta['encoding']['name']}, state: {meta['state']})")
     click.echo(f"teacher: {t['name_or_path']}  [{t['architecture']}, {t['num_parameters']:,} params, {t['dtype']}, {t['backend']}]")
     click.echo(f"top-k {meta['top_k']}, seq-len {meta['seq_len']}, vocab {meta['vocab_size']}, tokenizer {meta['tokenizer']['fingerprint'][:19]}")
-    if pending:
-        click.echo(f"INCOMPLETE: {len(pending)} shard(s) pending; rerun the same build command to finish")
     header = ("domain", "split", "sequences", "tokens", "teacher PPL", "on disk", "bytes/token", "top-k mass")
     table = [header] + [
         (
@@ -55,3 +55,13 @@ def inspect(cache: str, as_json: bool) -> None:
         click.echo("  ".join(cell.ljust(w) if j < 2 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
         if i == 0:
             click.echo("  ".join("-" * w for w in widths))
+    _refuse_incomplete(cache, meta, pending)
+
+
+def _refuse_incomplete(cache: str, meta: dict, pending: list) -> None:
+    if meta["state"] != "complete":
+        missing = describe_pending(pending) if pending else "every shard is written but the cache is not finalized"
+        raise click.ClickException(
+            f"INCOMPLETE cache {cache} ({missing}); rerun the same `ddk-cache build` command(s), "
+            f"or `ddk-cache build --out {cache} --finalize` once all shards are written"
+        )

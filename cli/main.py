@@ -30,10 +30,11 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import build, init_model, inspect
+    from . import build, init_model, inspect, verify
 
     main.add_command(build.build)
     main.add_command(inspect.inspect)
+    main.add_command(verify.verify)
     main.add_command(init_model.init_model)
 
 

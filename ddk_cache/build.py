@@ -4,9 +4,12 @@ Order of work, chosen so bad input fails fast and a crash anywhere can be resume
   1. read the corpus layout and the teacher's tokenizer (cheap errors first);
   2. check --out: new, resumable (same build fingerprint), or refused;
   3. load the teacher, check --top-k and --seq-len against it;
-  4. tokenize + pack every domain, then create the store and write tokens (skipped on resume);
-  5. score each pending shard; a background thread writes it while the next is scored;
-  6. finalize: teacher perplexity table from the stored per-sequence sums, state "complete".
+  4. worker 0 tokenizes + packs every domain, creates the store and writes the tokens
+     (skipped on resume); other workers wait for that;
+  5. each worker scores its pending shards (every N-th shard for worker I of N); a
+     background thread writes a shard while the next is scored;
+  6. whoever sees no shard pending finalizes: teacher perplexity table from the stored
+     per-sequence sums, state "complete" (also `ddk-cache build --finalize`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,8 +29,8 @@ from .corpus import corpus_fingerprint, discover_domains, iter_documents
 from .encodings import PlainEncoding
 from .errors import ConfigError, StoreError
 from .packing import pack_domain
-from .store import STATE_COMPLETE, STATE_INITIALIZING, CacheWriter, read_root_meta
-from .teachers import BACKENDS, load_teacher
+from .store import STATE_COMPLETE, STATE_INITIALIZING, CacheWriter, Shard, describe_pending, path_is_empty, read_root_meta
+from .teachers import BACKENDS, load_teacher, resolve_backend
 from .teachers.base import model_fingerprint, resolve_device, resolve_dtype
 from .tokenization import load_tokenizer, tokenize_documents, tokenizer_info
 
@@ -42,21 +45,29 @@ class BuildConfig:
 
     teacher: str  # model directory or hub id
     data: str  # corpus directory or .yaml/.toml spec
-    out: str  # cache path
+    out: str  # cache path or fsspec URL (s3://bucket/cache.zarr)
     top_k: int = 64  # entries kept per position
     seq_len: int = 2048  # tokens per packed sequence
-    backend: str = "auto"  # teacher engine
+    backend: str = "auto"  # teacher engine: vllm if installed, else hf
     text_field: str = "text"  # JSON field holding a document's text
     val_sequences: int = 8  # held-out sequences per domain (DDK evaluates on them)
     max_tokens_per_domain: int | None = None  # cap per domain, after shuffling documents
     seed: int = 0  # document shuffle seed
     dtype: str = "auto"  # teacher dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16
     device: str = "auto"  # torch device for the hf backend
-    batch_size: int = 8  # sequences per teacher forward pass
+    batch_size: int = 8  # sequences per forward pass (hf backend)
     shard_sequences: int = 0  # sequences per shard (unit of work and of resume); 0 = automatic
     revision: str | None = None  # teacher revision on a hub
     trust_remote_code: bool = False  # never run model code from the hub unless asked
     clevel: int = 5  # zstd level of the plain-v1 encoding
+    num_shards: int | None = None  # workers sharing this build; None = from torchrun/srun or 1
+    shard_index: int | None = None  # this worker's index in 0..num_shards-1
+    wait_timeout: float = 7200.0  # seconds a worker > 0 waits for worker 0 to create the store
+    tensor_parallel_size: int = 1  # vLLM
+    gpu_memory_utilization: float | None = None  # vLLM; None = 0.9 on GPU, 0.3 on the CPU build
+    max_num_batched_tokens: int | None = None  # vLLM
+    logprobs_format: str = "flat"  # vLLM prompt-logprob container: flat lists (fast) or dicts
+    engine_args: dict[str, Any] = field(default_factory=dict)  # more vLLM engine arguments
 
     # Fields that change the cache's bytes: a store built with other values is refused.
     CONTENT_FIELDS = ("top_k", "seq_len", "text_field", "val_sequences", "max_tokens_per_domain", "seed", "dtype", "shard_sequences", "clevel")
@@ -71,6 +82,10 @@ class BuildConfig:
             (self.shard_sequences >= 0, f"--shard-sequences must be >= 0 (0 = automatic), got {self.shard_sequences}"),
             (1 <= self.clevel <= 9, f"--clevel must be in 1..9, got {self.clevel}"),
             (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
+            (self.num_shards is None or self.num_shards >= 1, f"--num-shards must be >= 1, got {self.num_shards}"),
+            ((self.num_shards is None) == (self.shard_index is None), "--num-shards and --shard-index go together"),
+            (self.num_shards is None or 0 <= (self.shard_index or 0) < self.num_shards, f"--shard-index must be in 0..{(self.num_shards or 1) - 1}, got {self.shard_index}"),
+            (self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1, f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -82,15 +97,17 @@ class BuildConfig:
 
 @dataclass
 class BuildResult:
-    """What a build did: the final metadata and where the time went."""
+    """What a build (or one worker of it) did: the final metadata and where the time went."""
 
     meta: dict[str, Any]
+    worker: tuple[int, int] = (0, 1)
     shards_written: int = 0
     tokens_scored: int = 0
     seconds: float = 0.0
     teacher_seconds: float = 0.0
     write_seconds: float = 0.0
     already_complete: bool = False
+    pending_elsewhere: int = 0  # shards other workers still have to write
 
     @property
     def tokens_per_second(self) -> float:
@@ -105,8 +122,21 @@ def auto_shard_sequences(seq_len: int, top_k: int) -> int:
     return max(1, min(1024, AUTO_SHARD_BYTES // ((seq_len - 1) * top_k * 4)))
 
 
+def resolve_worker(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
+    """(index, count) of this worker: the flags, else torchrun's RANK/WORLD_SIZE, else srun's, else (0, 1)."""
+    if num_shards is not None:
+        return int(shard_index or 0), num_shards
+    for rank, size in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if size in os.environ and rank in os.environ:
+            index, count = int(os.environ[rank]), int(os.environ[size])
+            if not 0 <= index < count:
+                raise ConfigError(f"{rank}={index} is outside 0..{count - 1} ({size}={count})")
+            return index, count
+    return 0, 1
+
+
 def build_fingerprint(config: BuildConfig, corpus_fp: str, teacher_fp: str, tokenizer_fp: str, backend: str) -> str:
-    """A hash of everything that determines the cache's content (not batch size or device)."""
+    """A hash of everything that determines the cache's content (not batch size, device or workers)."""
     content = {f: getattr(config, f) for f in BuildConfig.CONTENT_FIELDS}
     blob = json.dumps({"args": content, "corpus": corpus_fp, "teacher": teacher_fp, "tokenizer": tokenizer_fp, "backend": backend}, sort_keys=True)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
@@ -114,10 +144,9 @@ def build_fingerprint(config: BuildConfig, corpus_fp: str, teacher_fp: str, toke
 
 def _existing(out: str) -> dict[str, Any] | None:
     """The metadata of the cache at `out`; None if nothing is there. Refuses anything else."""
-    local = "://" not in out
-    if local and (not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out))):
+    if path_is_empty(out):
         return None
-    if local and not os.path.isdir(out):
+    if "://" not in out and not os.path.isdir(out):
         raise StoreError(f"--out {out} is a file, not a cache; choose another --out")
     try:
         return read_root_meta(out)
@@ -142,21 +171,42 @@ def _mismatch(existing: dict[str, Any], config: BuildConfig, fingerprints: dict[
     return "; ".join(diffs) or "the build fingerprint differs"
 
 
+def _check_same_build(out: str, existing: dict[str, Any], fingerprint: str, config: BuildConfig, fps: dict[str, str]) -> None:
+    if existing.get("build_fingerprint") != fingerprint:
+        raise StoreError(f"{out} was built by another build ({_mismatch(existing, config, fps)}); use another --out or delete it")
+
+
+def _wait_for_store(out: str, worker: tuple[int, int], timeout: float) -> dict[str, Any]:
+    """Block until worker 0 has created the store and written the tokens; return its metadata."""
+    deadline = time.monotonic() + timeout
+    while True:
+        meta = None if path_is_empty(out) else _existing(out)
+        if meta is not None and meta.get("state") != STATE_INITIALIZING:
+            return meta
+        if time.monotonic() > deadline:
+            raise StoreError(
+                f"worker {worker[0]} of {worker[1]} waited {timeout:.0f}s for worker 0 to create {out}; "
+                "start worker 0 (--shard-index 0) or raise --wait-timeout"
+            )
+        time.sleep(1.0)
+
+
 def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = None) -> BuildResult:
-    """Build (or resume, or confirm complete) the cache described by `config`.
+    """Build (or resume, or confirm complete) the cache described by `config`, as one worker.
 
     `hook(event, info)` is called at "store_created", "shard_written" and "before_finalize";
     tests raise from it to simulate a crash at that point.
     """
     hook = hook or (lambda event, info: None)
     started = time.perf_counter()
+    worker = resolve_worker(config.num_shards, config.shard_index)
     domains = discover_domains(config.data)
     tok = load_tokenizer(config.teacher, revision=config.revision, trust_remote_code=config.trust_remote_code)
-    backend = "hf" if config.backend == "auto" else config.backend
-    shard_sequences = config.shard_sequences or auto_shard_sequences(config.seq_len, config.top_k)
+    backend = resolve_backend(config.backend)
     # Resolve "auto" choices first: the fingerprint must name what was actually used.
+    shard_sequences = config.shard_sequences or auto_shard_sequences(config.seq_len, config.top_k)
     dtype = resolve_dtype(config.dtype, resolve_device(config.device))
-    config = BuildConfig(**{**config.to_dict(), "shard_sequences": shard_sequences, "dtype": dtype})
+    config = BuildConfig(**{**config.to_dict(), "shard_sequences": shard_sequences, "dtype": dtype, "backend": backend})
     fps = {
         "corpus": corpus_fingerprint(domains),
         "teacher": model_fingerprint(config.teacher, config.revision),
@@ -167,14 +217,16 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
 
     existing = _existing(config.out)
     if existing is not None:
-        if existing.get("build_fingerprint") != fingerprint:
-            raise StoreError(f"{config.out} was built by another build ({_mismatch(existing, config, fps)}); use another --out or delete it")
+        _check_same_build(config.out, existing, fingerprint, config, fps)
         if existing.get("state") == STATE_COMPLETE:
-            return BuildResult(meta=existing, already_complete=True, seconds=time.perf_counter() - started)
+            return BuildResult(meta=existing, worker=worker, already_complete=True, seconds=time.perf_counter() - started)
 
     teacher = load_teacher(
-        backend, config.teacher, dtype=config.dtype, device=config.device, batch_size=config.batch_size,
-        revision=config.revision, trust_remote_code=config.trust_remote_code,
+        backend, config.teacher, top_k=config.top_k, seq_len=config.seq_len, dtype=config.dtype, device=config.device,
+        batch_size=config.batch_size, revision=config.revision, trust_remote_code=config.trust_remote_code,
+        tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=config.gpu_memory_utilization,
+        max_num_batched_tokens=config.max_num_batched_tokens, logprobs_format=config.logprobs_format,
+        engine_args=dict(config.engine_args),
     )
     try:
         if config.top_k > teacher.vocab_size:
@@ -182,57 +234,69 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
         if teacher.max_context is not None and config.seq_len > teacher.max_context:
             raise ConfigError(f"--seq-len {config.seq_len} is longer than the teacher's context ({teacher.max_context} tokens)")
 
-        if existing is None or existing.get("state") == STATE_INITIALIZING:
-            packed = {}
-            for source in domains:
-                docs = list(tokenize_documents(tok, tqdm(iter_documents(source, config.text_field), desc=f"tokenize {source.name}", unit=" docs", disable=not progress, leave=False)))
-                packed[source.name] = pack_domain(
-                    source.name, docs, seq_len=config.seq_len, val_sequences=config.val_sequences,
-                    max_tokens=config.max_tokens_per_domain, seed=config.seed,
-                )
-            meta = {
-                "teacher": teacher.info(),
-                "tokenizer": tokenizer_info(tok),
-                "vocab_size": teacher.vocab_size,
-                "seq_len": config.seq_len,
-                "domains": {
-                    name: {
-                        "train": {"sequences": len(p.train.tokens), "documents": p.train.documents},
-                        "val": {"sequences": len(p.val.tokens), "documents": p.val.documents},
-                        "tokens_read": p.tokens_read,
-                    }
-                    for name, p in packed.items()
-                },
-                "corpus": {"path": str(Path(config.data).resolve()), "fingerprint": fps["corpus"], "files": {s.name: [str(f) for f in s.files] for s in domains}},
-                "build_args": config.to_dict(),
-                "build_fingerprint": fingerprint,
-            }
-            splits = {name: {"train": p.train.tokens, "val": p.val.tokens} for name, p in packed.items()}
-            writer = CacheWriter.create(config.out, meta, splits, top_k=config.top_k, shard_sequences=shard_sequences, encoding=PlainEncoding(clevel=config.clevel))
-            del packed, splits
-        else:
-            writer = CacheWriter(config.out)
+        needs_init = existing is None or existing.get("state") == STATE_INITIALIZING
+        if needs_init and worker[0] == 0:
+            _initialize(config, domains, tok, teacher, fps, fingerprint, progress)
+        elif needs_init:
+            _check_same_build(config.out, _wait_for_store(config.out, worker, config.wait_timeout), fingerprint, config, fps)
         hook("store_created", {"path": config.out})
 
-        result = BuildResult(meta=writer.meta)
-        _score_pending(writer, teacher, config.top_k, result, progress, hook)
+        writer = CacheWriter(config.out)
+        result = BuildResult(meta=writer.meta, worker=worker)
+        mine = {s for i, s in enumerate(writer.shards()) if i % worker[1] == worker[0]}
+        _score(writer, [s for s in writer.pending() if s in mine], teacher, config.top_k, result, progress, hook)
     finally:
         teacher.close()
+
+    pending = writer.pending()
+    result.seconds = time.perf_counter() - started
+    if pending:  # other workers are still at it: the last one to finish finalizes
+        result.pending_elsewhere = len(pending)
+        return result
     hook("before_finalize", {})
     result.meta = writer.finalize()
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _score_pending(writer: CacheWriter, teacher: Any, top_k: int, result: BuildResult, progress: bool, hook: Hook) -> None:
-    """Score every pending shard; writes run in a background thread, overlapping the next shard's scoring."""
-    pending = writer.pending()
-    seq_len = writer.meta["seq_len"]
-    total_tokens = sum(s.stop - s.start for s in pending) * seq_len
-    bar = tqdm(total=total_tokens, desc="teacher", unit=" tok", unit_scale=True, disable=not progress)
-    in_flight: list[tuple[Future, Any]] = []
+def _initialize(config: BuildConfig, domains: list, tok: Any, teacher: Any, fps: dict[str, str], fingerprint: str, progress: bool) -> None:
+    """Tokenize and pack every domain, then create the store with its tokens (worker 0 only)."""
+    packed = {}
+    for source in domains:
+        docs = tqdm(iter_documents(source, config.text_field), desc=f"tokenize {source.name}", unit=" docs", disable=not progress, leave=False)
+        packed[source.name] = pack_domain(
+            source.name, list(tokenize_documents(tok, docs)), seq_len=config.seq_len,
+            val_sequences=config.val_sequences, max_tokens=config.max_tokens_per_domain, seed=config.seed,
+        )
+    meta = {
+        "teacher": teacher.info(),
+        "tokenizer": tokenizer_info(tok),
+        "vocab_size": teacher.vocab_size,
+        "seq_len": config.seq_len,
+        "domains": {
+            name: {
+                "train": {"sequences": len(p.train.tokens), "documents": p.train.documents},
+                "val": {"sequences": len(p.val.tokens), "documents": p.val.documents},
+                "tokens_read": p.tokens_read,
+            }
+            for name, p in packed.items()
+        },
+        "corpus": {"path": str(Path(config.data).resolve()), "fingerprint": fps["corpus"], "files": {s.name: [str(f) for f in s.files] for s in domains}},
+        "build_args": {k: v for k, v in config.to_dict().items() if k not in ("num_shards", "shard_index")},
+        "build_fingerprint": fingerprint,
+    }
+    splits = {name: {"train": p.train.tokens, "val": p.val.tokens} for name, p in packed.items()}
+    CacheWriter.create(config.out, meta, splits, top_k=config.top_k, shard_sequences=config.shard_sequences, encoding=PlainEncoding(clevel=config.clevel))
 
-    def timed_write(shard: Any, scores: Any) -> float:
+
+def _score(writer: CacheWriter, shards: list[Shard], teacher: Any, top_k: int, result: BuildResult, progress: bool, hook: Hook) -> None:
+    """Score `shards`; writes run in a background thread, overlapping the next shard's scoring."""
+    seq_len = writer.meta["seq_len"]
+    label = "teacher" if result.worker[1] == 1 else f"teacher (worker {result.worker[0]}/{result.worker[1]})"
+    bar = tqdm(total=sum(s.stop - s.start for s in shards) * seq_len, desc=label, unit=" tok", unit_scale=True, disable=not progress)
+    in_flight: list[tuple[Future, Shard]] = []
+
+    def timed_write(shard: Shard, scores: Any) -> float:
         t0 = time.perf_counter()
         writer.write_shard(shard, scores.topk_ids, scores.topk_logprobs, scores.target_logprob)
         return time.perf_counter() - t0
@@ -246,7 +310,7 @@ def _score_pending(writer: CacheWriter, teacher: Any, top_k: int, result: BuildR
             hook("shard_written", {"shard": shard, "count": result.shards_written})
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddk-cache-writer") as pool:
-        for shard in pending:
+        for shard in shards:
             tokens = writer.read_tokens(shard)
             t0 = time.perf_counter()
             scores = teacher.score(tokens, top_k)
@@ -259,4 +323,15 @@ def _score_pending(writer: CacheWriter, teacher: Any, top_k: int, result: BuildR
     bar.close()
 
 
-__all__ = ["BuildConfig", "BuildResult", "build", "auto_shard_sequences"]
+def finalize(out: str) -> dict[str, Any]:
+    """`ddk-cache build --finalize`: mark a cache whose shards are all written complete."""
+    writer = CacheWriter(out)
+    if writer.meta.get("state") == STATE_COMPLETE:
+        return writer.meta
+    pending = writer.pending()
+    if pending:
+        raise StoreError(f"{out} cannot be finalized: {describe_pending(pending)}; run the workers that own them again")
+    return writer.finalize()
+
+
+__all__ = ["BuildConfig", "BuildResult", "build", "finalize", "auto_shard_sequences", "resolve_worker"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,9 @@ TARGET_LOGPROB = "target_logprob"
 SEQ_NLL = "seq_nll"
 SEQ_TOPK_MASS = "seq_topk_mass"
 SHARD_DONE = "shard_done"
+
+# Chunks equal to the fill value are written too, so a missing chunk always means damage.
+WRITE_CONFIG = {"write_empty_chunks": True}
 
 # Root states: arrays being created and tokens written -> teacher shards pending -> done.
 STATE_INITIALIZING = "initializing"
@@ -72,6 +76,21 @@ class CacheBatch:
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     target_logprob: np.ndarray
+
+
+def is_url(path: str) -> bool:
+    """fsspec URLs (s3://, gs://, memory://...) go through fsspec; anything else is a local path."""
+    return "://" in path
+
+
+def path_is_empty(path: str) -> bool:
+    """True when nothing (or an empty directory) is at `path`, local or remote."""
+    if not is_url(path):
+        return not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path))
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    return not fs.exists(root) or not fs.ls(root)
 
 
 def _open_root(path: str, mode: str) -> zarr.Group:
@@ -108,6 +127,9 @@ class _CacheNode:
 
     def _group(self, domain: str, split: str) -> zarr.Group:
         return self.root[f"{domain}/{split}"]
+
+    def _array(self, domain: str, split: str, name: str) -> zarr.Array:
+        return self.root[f"{domain}/{split}/{name}"].with_config(WRITE_CONFIG)
 
     def shards(self) -> list[Shard]:
         """Every shard of the cache, in a fixed order (domain, split, index)."""
@@ -178,6 +200,7 @@ class CacheWriter(_CacheNode):
                     return group.create_array(
                         name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
                         compressors=encoding.compressors(name), fill_value=0, dimension_names=dims,
+                        config=WRITE_CONFIG,
                     )
 
                 arr(TOKENS, (n, seq_len), "int32", (s, seq_len), (1, seq_len), ("sequence", "token"))[:] = tokens
@@ -197,15 +220,18 @@ class CacheWriter(_CacheNode):
 
     def write_shard(self, shard: Shard, topk_ids: np.ndarray, topk_logprobs: np.ndarray, target_logprob: np.ndarray) -> None:
         """Write one shard's teacher arrays and per-sequence sums, then mark it done."""
-        g = self._group(shard.domain, shard.split)
         sl = slice(shard.start, shard.stop)
-        g[TOPK_IDS][sl] = topk_ids
-        g[TOPK_LOGPROBS][sl] = topk_logprobs
-        g[TARGET_LOGPROB][sl] = target_logprob
-        g[SEQ_NLL][sl] = sequence_nll(target_logprob)
-        g[SEQ_TOPK_MASS][sl] = np.exp(topk_logprobs.astype(np.float64)).sum(axis=(1, 2))
+        values = {
+            TOPK_IDS: topk_ids,
+            TOPK_LOGPROBS: topk_logprobs,
+            TARGET_LOGPROB: target_logprob,
+            SEQ_NLL: sequence_nll(target_logprob),
+            SEQ_TOPK_MASS: np.exp(topk_logprobs.astype(np.float64)).sum(axis=(1, 2)),
+        }
+        for name, value in values.items():
+            self._array(shard.domain, shard.split, name)[sl] = value
         # Written last: a crash before this line leaves the shard pending, and it is redone.
-        g[SHARD_DONE][shard.index : shard.index + 1] = 1
+        self._array(shard.domain, shard.split, SHARD_DONE)[shard.index : shard.index + 1] = 1
 
     def finalize(self) -> dict[str, Any]:
         """Compute the teacher perplexity table from `seq_nll` and mark the cache complete.

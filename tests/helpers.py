@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import sys
 from pathlib import Path
 
 from ddk_cache.build import BuildConfig
@@ -41,7 +42,17 @@ def small_config(teacher_dir: Path, corpus_dir: Path, out: Path, **overrides) ->
     """A build that takes a couple of seconds: 32-token sequences, k=8, shards of 4 sequences."""
     args = dict(
         teacher=str(teacher_dir), data=str(corpus_dir), out=str(out), top_k=8, seq_len=32,
-        val_sequences=2, shard_sequences=4, batch_size=3, device="cpu", dtype="float32",
+        val_sequences=2, shard_sequences=4, batch_size=3, device="cpu", dtype="float32", backend="hf",
     )
     args.update(overrides)
     return BuildConfig(**args)
+
+
+def build_argv(config) -> list[str]:
+    return [
+        sys.executable, "-c", "from ddk_cache.cli.main import main; main()", "build",
+        "--teacher", config.teacher, "--data", config.data, "--out", config.out,
+        "--top-k", str(config.top_k), "--seq-len", str(config.seq_len), "--val-sequences", str(config.val_sequences),
+        "--shard-sequences", str(config.shard_sequences), "--batch-size", str(config.batch_size),
+        "--device", "cpu", "--dtype", "float32", "--backend", "hf", "--quiet",
+    ]

@@ -36,7 +36,7 @@ def test_inspect_json_matches_metadata(built_cache):
 
 def test_build_command_and_rerun(tmp_path, teacher_dir, corpus_dir):
     args = ["build", "--teacher", str(teacher_dir), "--data", str(corpus_dir), "--out", str(tmp_path / "c.zarr"),
-            "--top-k", "4", "--seq-len", "16", "--val-sequences", "1", "--device", "cpu", "--quiet"]
+            "--top-k", "4", "--seq-len", "16", "--val-sequences", "1", "--device", "cpu", "--backend", "hf", "--quiet"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and "3 domains" in result.output

@@ -6,7 +6,6 @@ import glob
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,17 +14,7 @@ import pytest
 from ddk_cache.build import build
 from ddk_cache.store import SPLITS, Cache, CacheWriter
 
-from .helpers import small_config
-
-
-def build_argv(config) -> list[str]:
-    return [
-        sys.executable, "-c", "from ddk_cache.cli.main import main; main()", "build",
-        "--teacher", config.teacher, "--data", config.data, "--out", config.out,
-        "--top-k", str(config.top_k), "--seq-len", str(config.seq_len), "--val-sequences", str(config.val_sequences),
-        "--shard-sequences", str(config.shard_sequences), "--batch-size", str(config.batch_size),
-        "--device", "cpu", "--dtype", "float32", "--quiet",
-    ]
+from .helpers import build_argv, small_config
 
 
 @pytest.mark.slow
@@ -53,3 +42,84 @@ def test_sigkill_mid_build_then_resume(tmp_path, teacher_dir, corpus_dir, built_
             for name in ("tokens", "topk_ids", "topk_logprobs", "target_logprob", "seq_nll", "seq_topk_mass"):
                 np.testing.assert_array_equal(a.root[f"{d}/{s}/{name}"][:], b.root[f"{d}/{s}/{name}"][:])
     assert a.meta["teacher_ppl"] == b.meta["teacher_ppl"]
+
+
+def assert_same_cache(path, reference) -> None:
+    a, b = Cache(str(path)), Cache(str(reference))
+    for d in b.domains:
+        for s in SPLITS:
+            for name in ("tokens", "topk_ids", "topk_logprobs", "target_logprob", "seq_nll", "seq_topk_mass", "shard_done"):
+                np.testing.assert_array_equal(a.root[f"{d}/{s}/{name}"][:], b.root[f"{d}/{s}/{name}"][:], err_msg=f"{d}/{s}/{name}")
+    assert a.meta["teacher_ppl"] == b.meta["teacher_ppl"]
+    assert a.meta["build_fingerprint"] == b.meta["build_fingerprint"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [2, 3])
+def test_concurrent_workers_equal_single_process(tmp_path, teacher_dir, corpus_dir, built_cache, workers):
+    config = small_config(teacher_dir, corpus_dir, tmp_path / "c.zarr")
+    procs = [
+        subprocess.Popen(build_argv(config) + ["--num-shards", str(workers), "--shard-index", str(i)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(workers)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert sum("complete. next:" in o for o in outputs) >= 1
+    assert_same_cache(tmp_path / "c.zarr", built_cache)
+
+
+@pytest.mark.slow
+def test_worker_killed_and_restarted(tmp_path, teacher_dir, corpus_dir, built_cache):
+    out = tmp_path / "c.zarr"
+    config = small_config(teacher_dir, corpus_dir, out, batch_size=1)
+    argv = build_argv(config)
+    w0 = subprocess.Popen(argv + ["--num-shards", "2", "--shard-index", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    w1 = subprocess.Popen(argv + ["--num-shards", "2", "--shard-index", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and w1.poll() is None:
+        if len(glob.glob(str(out / "*" / "*" / "shard_done" / "c" / "*"))) >= 4:
+            break
+        time.sleep(0.02)
+    os.killpg(w1.pid, signal.SIGKILL)
+    w1.wait()
+    text = w0.communicate(timeout=300)[0]
+    assert w0.returncode == 0, text
+    # Worker 0 finished its own shards but cannot finalize while worker 1's are missing.
+    assert "still pending on other workers" in text
+    restart = subprocess.run(argv + ["--num-shards", "2", "--shard-index", "1"], capture_output=True, text=True, timeout=300)
+    assert restart.returncode == 0, restart.stdout + restart.stderr
+    assert "complete. next:" in restart.stdout
+    assert_same_cache(out, built_cache)
+
+
+def test_finalize_refuses_missing_shards(tmp_path, teacher_dir, corpus_dir):
+    from click.testing import CliRunner
+
+    from ddk_cache.cli.main import main
+
+    out = tmp_path / "c.zarr"
+    config = small_config(teacher_dir, corpus_dir, out, num_shards=2, shard_index=0)
+    result = build(config, progress=False)
+    assert result.pending_elsewhere > 0 and result.meta["state"] == "building"
+    refused = CliRunner().invoke(main, ["build", "--out", str(out), "--finalize"])
+    assert refused.exit_code == 1 and "cannot be finalized" in refused.output and "shard(s) not written" in refused.output
+    inspect = CliRunner().invoke(main, ["inspect", str(out)])
+    assert "INCOMPLETE" in inspect.output
+    build(small_config(teacher_dir, corpus_dir, out, num_shards=2, shard_index=1), progress=False)
+    assert Cache(str(out)).meta["state"] == "complete"
+    again = CliRunner().invoke(main, ["build", "--out", str(out), "--finalize"])
+    assert again.exit_code == 0 and "is complete" in again.output
+
+
+def test_workers_from_torchrun_environment(monkeypatch):
+    from ddk_cache.build import resolve_worker
+
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert resolve_worker(None, None) == (2, 4)
+    assert resolve_worker(3, 1) == (1, 3)  # flags win
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert resolve_worker(None, None) == (0, 2)

@@ -7,6 +7,7 @@ the trainer never know which engine produced a cache.
 from __future__ import annotations
 
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,11 @@ def resolve_device(device: str) -> Any:
     import torch
 
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # One GPU per worker when launched by torchrun or srun with several per node.
+        local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        return torch.device(f"cuda:{int(local) % torch.cuda.device_count()}")
     try:
         return torch.device(device)
     except RuntimeError as e:
