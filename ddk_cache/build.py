@@ -30,7 +30,7 @@ from .encodings import PlainEncoding
 from .errors import ConfigError, StoreError
 from .packing import pack_domain
 from .store import STATE_COMPLETE, STATE_INITIALIZING, CacheWriter, Shard, describe_pending, path_is_empty, read_root_meta
-from .teachers import BACKENDS, load_teacher, resolve_backend
+from .teachers import BACKENDS, Teacher, load_teacher, resolve_backend
 from .teachers.base import model_fingerprint, resolve_device, resolve_dtype
 from .tokenization import load_tokenizer, tokenize_documents, tokenizer_info
 
@@ -191,11 +191,13 @@ def _wait_for_store(out: str, worker: tuple[int, int], timeout: float) -> dict[s
         time.sleep(1.0)
 
 
-def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = None) -> BuildResult:
+def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = None, teacher: Teacher | None = None) -> BuildResult:
     """Build (or resume, or confirm complete) the cache described by `config`, as one worker.
 
     `hook(event, info)` is called at "store_created", "shard_written" and "before_finalize";
-    tests raise from it to simulate a crash at that point.
+    tests raise from it to simulate a crash at that point. `teacher`, if given, is an
+    already loaded teacher of `config.teacher` and `config.backend` (left open afterwards),
+    so several builds can share one engine.
     """
     hook = hook or (lambda event, info: None)
     started = time.perf_counter()
@@ -221,7 +223,8 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
         if existing.get("state") == STATE_COMPLETE:
             return BuildResult(meta=existing, worker=worker, already_complete=True, seconds=time.perf_counter() - started)
 
-    teacher = load_teacher(
+    own_teacher = teacher is None
+    teacher = teacher or load_teacher(
         backend, config.teacher, top_k=config.top_k, seq_len=config.seq_len, dtype=config.dtype, device=config.device,
         batch_size=config.batch_size, revision=config.revision, trust_remote_code=config.trust_remote_code,
         tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=config.gpu_memory_utilization,
@@ -246,7 +249,8 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
         mine = {s for i, s in enumerate(writer.shards()) if i % worker[1] == worker[0]}
         _score(writer, [s for s in writer.pending() if s in mine], teacher, config.top_k, result, progress, hook)
     finally:
-        teacher.close()
+        if own_teacher:
+            teacher.close()
 
     pending = writer.pending()
     result.seconds = time.perf_counter() - started

@@ -22,7 +22,8 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> Path:
     texts = [d for dom in WORDS for d in make_docs(dom, 30)]
-    spec = ModelSpec(vocab_size=400, hidden_size=32, layers=2, heads=2, max_position_embeddings=64, seed=0)
+    # head_dim 32: vLLM's CPU attention kernels support no smaller head size.
+    spec = ModelSpec(vocab_size=400, hidden_size=32, layers=2, heads=1, max_position_embeddings=64, seed=0)
     return make_model_dir(texts, tmp_path_factory.mktemp("teacher") / "model", spec)
 
 
