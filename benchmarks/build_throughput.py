@@ -9,30 +9,15 @@ writer's (encode + write, in a background thread overlapping the teacher), then 
 from __future__ import annotations
 
 import argparse
-import itertools
-import os
-import platform
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import torch
+import transformers  # noqa: F401  imported up front: its first import takes seconds and is not build time
+from common import machine, teacher as make_teacher
 
 from ddk_cache.build import BuildConfig, build
-from ddk_cache.corpus import discover_domains, iter_documents
-from ddk_cache.models import ModelSpec, make_model_dir
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{os.cpu_count()} x {cpu}{gpu}; torch {torch.__version__}"
 
 
 def main() -> None:
@@ -49,33 +34,32 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-tokens-per-domain", type=int, default=None)
+    p.add_argument("--writer-threads", type=int, default=0, help="0 = automatic (half the cores, 1 to 8)")
+    p.add_argument("--clevel", type=int, default=5)
     args = p.parse_args()
 
     work = Path(args.work)
-    teacher = work / f"teacher-v{args.vocab_size}-h{args.hidden_size}-l{args.layers}"
-    if not teacher.exists():
-        t0 = time.perf_counter()
-        texts = itertools.chain.from_iterable(iter_documents(d) for d in discover_domains(args.corpus))
-        spec = ModelSpec(vocab_size=args.vocab_size, hidden_size=args.hidden_size, layers=args.layers, heads=args.heads,
-                         max_position_embeddings=max(2048, args.seq_len))
-        make_model_dir(texts, teacher, spec)
-        print(f"made teacher {teacher} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    teacher = make_teacher(args.corpus, work, vocab_size=args.vocab_size, hidden_size=args.hidden_size, layers=args.layers,
+                           heads=args.heads, context=max(2048, args.seq_len + 1))
     out = work / "cache.zarr"
     shutil.rmtree(out, ignore_errors=True)
     config = BuildConfig(teacher=str(teacher), data=args.corpus, out=str(out), top_k=args.top_k, seq_len=args.seq_len,
                          batch_size=args.batch_size, device=args.device, dtype=args.dtype, backend="hf",
-                         max_tokens_per_domain=args.max_tokens_per_domain)
+                         max_tokens_per_domain=args.max_tokens_per_domain, writer_threads=args.writer_threads, clevel=args.clevel)
     r = build(config, progress=sys.stderr.isatty())
     t = r.meta["teacher"]
     rows = [
         ("machine", machine()),
         ("teacher", f"{t['architecture']} {t['num_parameters'] / 1e6:.1f}M params, vocab {r.meta['vocab_size']}, {t['dtype']}, {t['backend']}"),
-        ("settings", f"seq-len {args.seq_len}, top-k {args.top_k}, batch {args.batch_size}, shards of {r.meta['shard_sequences']} seqs"),
+        ("settings", f"seq-len {args.seq_len}, top-k {args.top_k}, batch {args.batch_size}, shards of {r.meta['shard_sequences']} seqs, "
+                     f"{args.writer_threads or 'auto'} writer threads, zstd level {args.clevel}"),
         ("tokens scored", f"{r.tokens_scored:,}"),
         ("build wall time", f"{r.seconds:.1f} s (tokenize + score + write + finalize)"),
         ("build throughput", f"{r.tokens_per_second:,.0f} tokens/s"),
         ("teacher time", f"{r.teacher_seconds:.1f} s ({r.tokens_scored / r.teacher_seconds:,.0f} tokens/s)"),
-        ("encode + write time", f"{r.write_seconds:.1f} s = {r.write_seconds / r.teacher_seconds:.1%} of teacher time (background thread)"),
+        ("encode + write time", f"{r.write_seconds:.1f} s summed over writer threads = {r.write_seconds / r.teacher_seconds:.1%} of teacher time"),
+        ("phases", ", ".join(f"{k} {v:.1f} s" for k, v in r.phase_seconds.items())),
+        ("teacher stalled on writers", f"{r.stall_seconds:.1f} s = {r.stall_seconds / r.teacher_seconds:.1%} of teacher time"),
     ]
     width = max(len(k) for k, _ in rows)
     print("| metric | value |\n|---|---|")

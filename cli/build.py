@@ -38,6 +38,7 @@ def _engine_args(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--num-shards", type=int, default=None, help="Split the build across this many workers (default: WORLD_SIZE under torchrun, SLURM_NTASKS under srun, else 1).")
 @click.option("--shard-index", type=int, default=None, help="This worker's index in 0..num-shards-1 (default: RANK / SLURM_PROCID). Worker 0 creates the store.")
 @click.option("--wait-timeout", default=7200.0, show_default=True, help="Seconds a worker other than 0 waits for worker 0 to create the store.")
+@click.option("--writer-threads", default=0, show_default=True, help="Shards encoded and written in parallel with the teacher; 0 = half the CPU cores (1 to 8).")
 @click.option("--finalize", "finalize_only", is_flag=True, help="Only finalize --out: compute the PPL table once every worker's shards are written.")
 @click.option("--tensor-parallel-size", default=1, show_default=True, help="vLLM: GPUs per engine.")
 @click.option("--gpu-memory-utilization", type=float, default=None, help="vLLM: share of GPU memory to use (on the CPU build, of host RAM; default 0.9 on GPU, 0.3 on CPU).")
@@ -70,12 +71,12 @@ def build(quiet: bool, finalize_only: bool, **options: object) -> None:
     if result.already_complete:
         click.echo(f"{out} is already complete ({len(meta['domains'])} domains); nothing to do.")
         return
-    share = result.write_seconds / result.teacher_seconds if result.teacher_seconds else 0.0
     who = "" if result.worker[1] == 1 else f"worker {result.worker[0]} of {result.worker[1]}: "
     click.echo(
         f"{who}wrote {result.shards_written} shards of {out} ({len(meta['domains'])} domains), "
         f"{result.tokens_scored:,} tokens in {result.seconds:.1f}s ({result.tokens_per_second:,.0f} tok/s overall; "
-        f"teacher {result.teacher_seconds:.1f}s, writing {result.write_seconds:.1f}s = {share:.1%} of teacher time, overlapped)"
+        f"teacher {result.teacher_seconds:.1f}s; writers {result.write_seconds:.1f}s in the background, "
+        f"teacher stalled on them {result.stall_seconds:.1f}s = {result.stall_seconds / max(result.teacher_seconds, 1e-9):.1%})"
     )
     if result.pending_elsewhere:
         click.echo(f"{result.pending_elsewhere} shard(s) still pending on other workers; the last worker to finish finalizes the cache.")

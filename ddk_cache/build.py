@@ -63,6 +63,7 @@ class BuildConfig:
     num_shards: int | None = None  # workers sharing this build; None = from torchrun/srun or 1
     shard_index: int | None = None  # this worker's index in 0..num_shards-1
     wait_timeout: float = 7200.0  # seconds a worker > 0 waits for worker 0 to create the store
+    writer_threads: int = 0  # shards encoded and written at once; 0 = half the CPU cores, 1 to 8
     tensor_parallel_size: int = 1  # vLLM
     gpu_memory_utilization: float | None = None  # vLLM; None = 0.9 on GPU, 0.3 on the CPU build
     max_num_batched_tokens: int | None = None  # vLLM
@@ -85,6 +86,7 @@ class BuildConfig:
             (self.num_shards is None or self.num_shards >= 1, f"--num-shards must be >= 1, got {self.num_shards}"),
             ((self.num_shards is None) == (self.shard_index is None), "--num-shards and --shard-index go together"),
             (self.num_shards is None or 0 <= (self.shard_index or 0) < self.num_shards, f"--shard-index must be in 0..{(self.num_shards or 1) - 1}, got {self.shard_index}"),
+            (0 <= self.writer_threads <= 64, f"--writer-threads must be in 0..64 (0 = automatic), got {self.writer_threads}"),
             (self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1, f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
         ]
         for ok, message in checks:
@@ -105,7 +107,9 @@ class BuildResult:
     tokens_scored: int = 0
     seconds: float = 0.0
     teacher_seconds: float = 0.0
-    write_seconds: float = 0.0
+    write_seconds: float = 0.0  # summed over writer threads (encode + write)
+    stall_seconds: float = 0.0  # time the teacher sat idle waiting for a writer
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # load, initialize, score, finalize
     already_complete: bool = False
     pending_elsewhere: int = 0  # shards other workers still have to write
 
@@ -120,6 +124,11 @@ Hook = Callable[[str, dict[str, Any]], None]
 def auto_shard_sequences(seq_len: int, top_k: int) -> int:
     """Sequences per shard so one shard's float32 top-k log-probs are about AUTO_SHARD_BYTES."""
     return max(1, min(1024, AUTO_SHARD_BYTES // ((seq_len - 1) * top_k * 4)))
+
+
+def auto_writer_threads() -> int:
+    """Half the cores, 1 to 8: the rest stay with the teacher (tokenizer, CPU forward passes)."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def resolve_worker(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
@@ -223,6 +232,8 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
         if existing.get("state") == STATE_COMPLETE:
             return BuildResult(meta=existing, worker=worker, already_complete=True, seconds=time.perf_counter() - started)
 
+    phases: dict[str, float] = {}
+    mark = time.perf_counter()
     own_teacher = teacher is None
     teacher = teacher or load_teacher(
         backend, config.teacher, top_k=config.top_k, seq_len=config.seq_len, dtype=config.dtype, device=config.device,
@@ -237,21 +248,25 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
         if teacher.max_context is not None and config.seq_len > teacher.max_context:
             raise ConfigError(f"--seq-len {config.seq_len} is longer than the teacher's context ({teacher.max_context} tokens)")
 
+        phases["load teacher"], mark = time.perf_counter() - mark, time.perf_counter()
         needs_init = existing is None or existing.get("state") == STATE_INITIALIZING
         if needs_init and worker[0] == 0:
             _initialize(config, domains, tok, teacher, fps, fingerprint, progress)
         elif needs_init:
             _check_same_build(config.out, _wait_for_store(config.out, worker, config.wait_timeout), fingerprint, config, fps)
         hook("store_created", {"path": config.out})
+        phases["tokenize + create store"], mark = time.perf_counter() - mark, time.perf_counter()
 
         writer = CacheWriter(config.out)
-        result = BuildResult(meta=writer.meta, worker=worker)
+        result = BuildResult(meta=writer.meta, worker=worker, phase_seconds=phases)
         mine = {s for i, s in enumerate(writer.shards()) if i % worker[1] == worker[0]}
-        _score(writer, [s for s in writer.pending() if s in mine], teacher, config.top_k, result, progress, hook)
+        threads = config.writer_threads or auto_writer_threads()
+        _score(writer, [s for s in writer.pending() if s in mine], teacher, config.top_k, result, progress, hook, threads)
     finally:
         if own_teacher:
             teacher.close()
 
+    phases["score + write"], mark = time.perf_counter() - mark, time.perf_counter()
     pending = writer.pending()
     result.seconds = time.perf_counter() - started
     if pending:  # other workers are still at it: the last one to finish finalizes
@@ -259,6 +274,7 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
         return result
     hook("before_finalize", {})
     result.meta = writer.finalize()
+    phases["finalize"] = time.perf_counter() - mark
     result.seconds = time.perf_counter() - started
     return result
 
@@ -293,8 +309,8 @@ def _initialize(config: BuildConfig, domains: list, tok: Any, teacher: Any, fps:
     CacheWriter.create(config.out, meta, splits, top_k=config.top_k, shard_sequences=config.shard_sequences, encoding=PlainEncoding(clevel=config.clevel))
 
 
-def _score(writer: CacheWriter, shards: list[Shard], teacher: Any, top_k: int, result: BuildResult, progress: bool, hook: Hook) -> None:
-    """Score `shards`; writes run in a background thread, overlapping the next shard's scoring."""
+def _score(writer: CacheWriter, shards: list[Shard], teacher: Any, top_k: int, result: BuildResult, progress: bool, hook: Hook, threads: int) -> None:
+    """Score `shards`; `threads` background writers encode and write while the next shards are scored."""
     seq_len = writer.meta["seq_len"]
     label = "teacher" if result.worker[1] == 1 else f"teacher (worker {result.worker[0]}/{result.worker[1]})"
     bar = tqdm(total=sum(s.stop - s.start for s in shards) * seq_len, desc=label, unit=" tok", unit_scale=True, disable=not progress)
@@ -306,14 +322,17 @@ def _score(writer: CacheWriter, shards: list[Shard], teacher: Any, top_k: int, r
         return time.perf_counter() - t0
 
     def drain(keep: int) -> None:
-        # At most `keep` writes stay queued, bounding memory to a couple of shards.
+        # At most `keep` writes stay queued, bounding memory to a few shards; waiting here is
+        # time the teacher is idle, which is what "never stall the engine" is measured by.
         while len(in_flight) > keep:
             future, shard = in_flight.pop(0)
+            t0 = time.perf_counter()
             result.write_seconds += future.result()
+            result.stall_seconds += time.perf_counter() - t0
             result.shards_written += 1
             hook("shard_written", {"shard": shard, "count": result.shards_written})
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddk-cache-writer") as pool:
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ddk-cache-writer") as pool:
         for shard in shards:
             tokens = writer.read_tokens(shard)
             t0 = time.perf_counter()
@@ -322,7 +341,7 @@ def _score(writer: CacheWriter, shards: list[Shard], teacher: Any, top_k: int, r
             in_flight.append((pool.submit(timed_write, shard, scores), shard))
             result.tokens_scored += tokens.size
             bar.update(tokens.size)
-            drain(keep=1)
+            drain(keep=threads)
         drain(keep=0)
     bar.close()
 
