@@ -26,13 +26,19 @@ def main() -> None:
       ddk-cache init-model --corpus CORPUS_DIR --out teacher/   # a small local model, if you have none
       ddk-cache build --teacher teacher/ --data CORPUS_DIR --out cache.zarr
       ddk-cache inspect cache.zarr
+      ddk-cache distill --cache cache.zarr --student student/ --out runs/s1
+      ddk-cache eval --cache cache.zarr --model runs/s1/final
+      ddk-cache report runs/s1
     """
 
 
 def _register() -> None:
-    from . import build, init_model, inspect, verify
+    from . import build, distill, init_model, inspect, verify
 
     main.add_command(build.build)
+    main.add_command(distill.distill)
+    main.add_command(distill.eval_cmd)
+    main.add_command(distill.report)
     main.add_command(inspect.inspect)
     main.add_command(verify.verify)
     main.add_command(init_model.init_model)

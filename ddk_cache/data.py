@@ -1,0 +1,154 @@
+"""Training batches from a cache: domains drawn by the mixing weights, read ahead in a thread.
+
+Sampling rule (deterministic given the seed and the weights in force at each step):
+each step draws `batch_size * world_size` domains with `rng.choice(p=weights)`; each domain
+hands out its training sequences in a permutation seeded by (seed, domain, epoch), and
+starts a new permutation (the next epoch) when it runs out. Rank r takes items
+[r*B, (r+1)*B) of the step's draw, so ranks read different sequences from one shared draw.
+
+The reader thread runs `prefetch` batches ahead. When the weights change (a DDK update),
+the queue is dropped and sampling restarts from the state after the last consumed batch,
+so which sequences a step gets never depends on how far ahead the reader had got: this
+is what makes resumed runs identical to uninterrupted ones.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .store import TOKENS, TOPK_IDS, TOPK_LOGPROBS, Cache
+
+
+@dataclass
+class Batch:
+    """One rank's share of a step: tokens [B, L], top-k targets [B, L-1, k], domain of each row."""
+
+    tokens: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    domains: np.ndarray
+    state: dict  # sampler state after drawing this batch (what a checkpoint stores)
+
+
+class DomainSampler:
+    """The sampling rule above; its whole state is JSON-serialisable."""
+
+    def __init__(self, sizes: list[int], seed: int) -> None:
+        self.sizes, self.seed = list(sizes), seed
+        self.rng = np.random.default_rng(seed)
+        self.epochs = [0] * len(sizes)
+        self.positions = [0] * len(sizes)
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def _perm(self, domain: int) -> np.ndarray:
+        key = (domain, self.epochs[domain])
+        if key not in self._perms:
+            self._perms = {k: v for k, v in self._perms.items() if k[0] != domain}  # keep one epoch per domain
+            self._perms[key] = np.random.default_rng([self.seed, domain, key[1]]).permutation(self.sizes[domain])
+        return self._perms[key]
+
+    def draw(self, weights: np.ndarray, count: int) -> list[tuple[int, int]]:
+        """`count` (domain, sequence) pairs."""
+        out = []
+        for d in self.rng.choice(len(self.sizes), size=count, p=weights).tolist():
+            out.append((d, int(self._perm(d)[self.positions[d]])))
+            self.positions[d] += 1
+            if self.positions[d] == self.sizes[d]:  # domain exhausted: cycle, reshuffled
+                self.epochs[d] += 1
+                self.positions[d] = 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "epochs": list(self.epochs), "positions": list(self.positions)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.epochs, self.positions = list(state["epochs"]), list(state["positions"])
+
+
+class CacheLoader:
+    """Iterates batches of the cache's training split for one rank, prefetching in a thread."""
+
+    def __init__(self, cache: Cache, *, batch_size: int, weights: np.ndarray, seed: int, rank: int = 0, world_size: int = 1, prefetch: int = 2) -> None:
+        self.cache, self.domains = cache, cache.domains
+        self.batch_size, self.rank, self.world_size, self.prefetch = batch_size, rank, world_size, prefetch
+        self.sampler = DomainSampler([cache.num_sequences(d, "train") for d in self.domains], seed)
+        self.weights = np.asarray(weights, float)
+        self.consumed_state = self.sampler.state_dict()
+        self._arrays = {d: {n: cache.root[f"{d}/train/{n}"] for n in (TOKENS, TOPK_IDS, TOPK_LOGPROBS)} for d in self.domains}
+        self._thread: threading.Thread | None = None
+        self._start()
+
+    def _read(self, items: list[tuple[int, int]]) -> tuple[np.ndarray, ...]:
+        """Read exactly the sequences of `items` (per domain, one orthogonal selection per array)."""
+        L, k = self.cache.seq_len, self.cache.top_k
+        tokens = np.empty((len(items), L), np.int64)
+        ids = np.empty((len(items), L - 1, k), np.int64)
+        lps = np.empty((len(items), L - 1, k), np.float32)
+        doms = np.array([d for d, _ in items])
+        for d in np.unique(doms):
+            rows = np.flatnonzero(doms == d)
+            seqs = np.array([items[r][1] for r in rows])
+            uniq, inverse = np.unique(seqs, return_inverse=True)
+            arrays = self._arrays[self.domains[d]]
+            tokens[rows] = arrays[TOKENS].get_orthogonal_selection((uniq, slice(None)))[inverse]
+            ids[rows] = arrays[TOPK_IDS].get_orthogonal_selection((uniq, slice(None), slice(None)))[inverse]
+            lps[rows] = arrays[TOPK_LOGPROBS].get_orthogonal_selection((uniq, slice(None), slice(None)))[inverse]
+        return tokens, ids, lps, doms
+
+    def _produce(self, stop: threading.Event, out: queue.Queue) -> None:
+        try:
+            while not stop.is_set():
+                draw = self.sampler.draw(self.weights, self.batch_size * self.world_size)
+                mine = draw[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+                tokens, ids, lps, doms = self._read(mine)
+                batch = Batch(torch.from_numpy(tokens), torch.from_numpy(ids), torch.from_numpy(lps), doms, self.sampler.state_dict())
+                while not stop.is_set():
+                    try:
+                        out.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # surfaced in the training thread by next()
+            out.put(e)
+
+    def _start(self) -> None:
+        self.sampler.load_state_dict(self.consumed_state)
+        self._stop, self._queue = threading.Event(), queue.Queue(maxsize=self.prefetch)
+        self._thread = threading.Thread(target=self._produce, args=(self._stop, self._queue), daemon=True, name="ddk-cache-loader")
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the reader thread and drop what it read ahead."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def next(self) -> Batch:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        self.consumed_state = item.state
+        return item
+
+    def set_weights(self, weights: np.ndarray) -> None:
+        """New mixing weights from the next batch on; read-ahead batches are discarded."""
+        self.close()
+        self.weights = np.asarray(weights, float)
+        self._start()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.consumed_state, "weights": self.weights.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.close()
+        self.consumed_state = state["sampler"]
+        self.weights = np.asarray(state["weights"], float)
+        self._start()

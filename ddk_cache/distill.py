@@ -1,0 +1,377 @@
+"""`ddk-cache distill`: train a student from a cache alone, with DDK domain mixing.
+
+One file, read top to bottom: the config, setup (cache, student, optimizer, loader, mixer),
+evaluation, checkpoints, and the loop. Per step:
+
+    loss = sum_tokens [ CE(student, next token) + kd_weight * D(teacher_T || student_T) ] / tokens
+
+with D one of `losses.KINDS` on the cached top-k targets. Every `ddk_interval` steps the
+student is evaluated per domain on the cache's validation split, and the mixer moves the
+sampling weights toward the domains where student/teacher perplexity is worst.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .data import CacheLoader
+from .errors import ConfigError, DDKCacheError
+from .evaluate import evaluate_domains
+from .losses import KDLoss, cross_entropy, sparse_kd
+from .mixing import Mixer
+from .store import Cache
+from .tokenization import load_tokenizer, tokenizer_fingerprint
+
+# Checkpoint layout (one folder per step under RUN/checkpoints/): keys are constants.
+CKPT_DIR = "checkpoints"
+CKPT_TRAINER = "trainer_state.pt"  # optimizer state + RNG states; loaded with weights_only=True
+CKPT_STATE = "state.json"  # step, tokens, sampler, mixer, config; written last = checkpoint complete
+METRICS = "metrics.jsonl"
+FINAL = "final"
+
+
+class TrainingError(DDKCacheError):
+    """Training cannot go on (non-finite loss); the message names the last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything `ddk-cache distill` takes; saved in every checkpoint and in RUN/config.json."""
+
+    cache: str = ""  # the cache to learn from
+    out: str = ""  # run directory
+    student: str = ""  # causal LM directory or hub id (pretrained, as in DDK)
+    student_config: str = ""  # or: a transformers config.json to start from random weights
+    tokenizer: str = ""  # tokenizer directory; default: --student (needed with --student-config)
+    kd_loss: str = "fkl"  # fkl, rkl, skl, srkl, jsd, akl, none (CE only: continued pre-training)
+    kd_weight: float = 0.2  # gamma: loss = CE + gamma * KD (DDK's 0.2)
+    temperature: float = 1.0  # T of teacher and student distributions in the KD term
+    tail: str = "bucket"  # mass outside the top-k: one extra category (bucket) or renormalise
+    skew_alpha: float = 0.1  # skl / srkl
+    jsd_beta: float = 0.5  # jsd
+    akl_mu: float = 0.5  # akl head mass
+    mixing: str = "ddk"  # ddk, ddk-nosmooth, uniform, natural, static:dom=w,...
+    ddk_interval: int = 1000  # steps between evaluations / DDK updates
+    ddk_alpha: float = 0.5  # DDK smoothing
+    batch_size: int = 8  # sequences per rank per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 3e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    warmup_steps: int = 100  # linear warm-up
+    weight_decay: float = 0.1  # AdamW, on matrices only
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    max_steps: int = 1000  # optimizer steps
+    max_tokens: int = 0  # if > 0, overrides max_steps: tokens over all ranks
+    seed: int = 0  # model init (student_config), sampling
+    device: str = "auto"  # cuda:LOCAL_RANK when available, else cpu
+    bf16: str = "auto"  # autocast to bfloat16: auto = on GPU only (fp32 on CPU)
+    gradient_checkpointing: bool = False
+    eval_batch_size: int = 8
+    save_every: int = 500  # checkpoint interval (steps); the final model is always saved
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    resume: bool = False  # continue from the newest checkpoint in --out
+    prefetch: int = 2  # batches the reader thread runs ahead
+
+    def __post_init__(self) -> None:
+        checks = [
+            (bool(self.cache), "--cache is required"),
+            (bool(self.out), "--out is required"),
+            (bool(self.student) != bool(self.student_config), "give exactly one of --student and --student-config"),
+            (bool(self.student) or bool(self.tokenizer), "--student-config needs --tokenizer (the cache's tokenizer)"),
+            (self.kd_weight >= 0, f"--kd-weight must be >= 0, got {self.kd_weight}"),
+            (0 < self.temperature <= 100, f"--temperature must be in (0, 100], got {self.temperature}"),
+            (0 <= self.ddk_alpha <= 1, f"--ddk-alpha must be in [0, 1], got {self.ddk_alpha}"),
+            (self.ddk_interval >= 1, f"--ddk-interval must be >= 1, got {self.ddk_interval}"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
+            (self.max_steps >= 1 or self.max_tokens > 0, "--max-steps must be >= 1 (or give --max-tokens)"),
+            (self.lr > 0 and 0 <= self.min_lr_ratio <= 1, f"--lr must be > 0 and --min-lr-ratio in [0, 1]"),
+            (self.save_every >= 1, f"--save-every must be >= 1, got {self.save_every}"),
+            (self.bf16 in ("auto", "on", "off"), f"--bf16 must be auto, on or off, got {self.bf16!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        try:
+            self.kd()
+        except ValueError as e:
+            raise ConfigError(f"--{str(e).replace('_', '-')}") from None
+
+    def kd(self) -> KDLoss:
+        return KDLoss(self.kd_loss, self.temperature, self.tail, self.skew_alpha, self.jsd_beta, self.akl_mu)
+
+    @classmethod
+    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> "DistillConfig":
+        """Defaults < YAML config file < command-line flags. Unknown config keys are errors."""
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        if config_file:
+            try:
+                raw = yaml.safe_load(Path(config_file).read_text()) or {}
+            except (OSError, yaml.YAMLError) as e:
+                raise ConfigError(f"{config_file}: cannot read the config: {e}") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{config_file}: expected a mapping of option: value")
+            for key, value in raw.items():
+                name = str(key).replace("-", "_")
+                if name not in known:
+                    raise ConfigError(f"{config_file}: unknown key {key!r}; valid keys: {', '.join(sorted(known))}")
+                values[name] = value
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        types = {f.name: f.type for f in fields(cls)}
+        for name, value in values.items():
+            expected = {"int": int, "float": (int, float), "bool": bool, "str": str}[str(types[name])]
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ConfigError(f"option {name!r} must be {types[name]}, got {value!r}")
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank), initialising torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(choice: str, local_rank: int) -> torch.device:
+    if choice == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def load_student(cfg: DistillConfig, cache: Cache) -> tuple[Any, Any]:
+    """The student model and its tokenizer, after checking both fit the cache."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok_path = cfg.tokenizer or cfg.student
+    tok = load_tokenizer(tok_path)
+    theirs = cache.meta["tokenizer"]["fingerprint"]
+    ours = tokenizer_fingerprint(tok)
+    if ours != theirs:
+        raise ConfigError(
+            f"tokenizer mismatch: the student's tokenizer ({tok_path}, {ours[:19]}) is not the cache's "
+            f"({cache.meta['teacher']['name_or_path']}, {theirs[:19]}); a student must share the teacher's tokenizer"
+        )
+    try:
+        if cfg.student:
+            model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
+        else:
+            torch.manual_seed(cfg.seed)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.student_config))
+    except Exception as e:
+        raise ConfigError(f"cannot load the student from {cfg.student or cfg.student_config!r}: {str(e).splitlines()[0]}") from None
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < len(tok):
+        raise ConfigError(f"the student's vocabulary ({rows} rows) is smaller than the tokenizer ({len(tok)} tokens)")
+    return model, tok
+
+
+def lr_at(step: int, cfg: DistillConfig, total: int) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at `total`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _optimizer(model: torch.nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=False)
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete checkpoint (its state.json exists) in a run directory."""
+    root = Path(out) / CKPT_DIR
+    done = sorted(p for p in root.glob("step_*") if (p / CKPT_STATE).is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def _save_checkpoint(run: Path, step: int, model: Any, tok: Any, opt: torch.optim.Optimizer, state: dict, keep: int) -> Path:
+    """Write into a temporary folder and rename it: a crash never leaves a half checkpoint."""
+    final = run / CKPT_DIR / f"step_{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": opt.state_dict(), "rng": rng}, tmp / CKPT_TRAINER)
+    (tmp / CKPT_STATE).write_text(json.dumps(state, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted((run / CKPT_DIR).glob("step_????????"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    steps: int
+    losses: list[float]  # total loss per optimizer step (this run's steps only)
+    final_ppl: dict[str, float]
+
+
+def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
+    """Train per `cfg`; returns where the final model is and the loss history."""
+    rank, world, local_rank = _distributed()
+    device = _device(cfg.device, local_rank)
+    cache = Cache(cfg.cache)  # refuses incomplete caches and unknown versions
+    run = Path(cfg.out)
+    ckpt = latest_checkpoint(run) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        raise ConfigError(f"--resume: no checkpoint in {run / CKPT_DIR}")
+    if not cfg.resume and (run / CKPT_DIR).exists() and rank == 0:
+        raise ConfigError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+    try:
+        mixer = Mixer(cfg.mixing, cache.domains, [cache.num_sequences(d, "train") for d in cache.domains], alpha=cfg.ddk_alpha)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model, tok = load_student(cfg, cache)
+    if ckpt is not None:  # the checkpoint's weights replace the starting ones
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    opt = _optimizer(model, cfg)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    tokens_per_step = cfg.batch_size * (cache.seq_len - 1) * cfg.grad_accum  # predicted tokens, this rank
+    total_steps = math.ceil(cfg.max_tokens / (cfg.batch_size * cache.seq_len * cfg.grad_accum * world)) if cfg.max_tokens else cfg.max_steps
+    kd = cfg.kd()
+    teacher_ppl = [cache.teacher_ppl(d, "val") for d in cache.domains]
+
+    step, tokens_seen = 0, 0
+    loader = CacheLoader(cache, batch_size=cfg.batch_size, weights=mixer.weights, seed=cfg.seed, rank=rank, world_size=world, prefetch=cfg.prefetch)
+    if ckpt is not None:
+        state = json.loads((ckpt / CKPT_STATE).read_text())
+        trainer = torch.load(ckpt / CKPT_TRAINER, weights_only=True)
+        opt.load_state_dict(trainer["optimizer"])
+        torch.set_rng_state(trainer["rng"]["torch"])
+        if "cuda" in trainer["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(trainer["rng"]["cuda"])
+        mixer.load_state_dict(state["mixer"])
+        loader.load_state_dict(state["loader"])
+        step, tokens_seen = state["step"], state["tokens"]
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        _trim_metrics(run / METRICS, step)
+
+    def log(record: dict) -> None:
+        if rank == 0:
+            with open(run / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate_and_mix() -> dict[str, float]:
+        ppl = evaluate_domains(model, cache, batch_size=cfg.eval_batch_size, device=device, autocast=autocast, rank=rank, world_size=world)
+        before = mixer.weights.copy()
+        weights = mixer.update([ppl[d] for d in cache.domains], teacher_ppl)
+        if not np.array_equal(before, weights):
+            loader.set_weights(weights)
+        log({"type": "eval", "step": step, "ppl_student": ppl, "ppl_teacher": dict(zip(cache.domains, teacher_ppl)),
+             "weights": dict(zip(cache.domains, weights.tolist()))})
+        return ppl
+
+    if step == 0:
+        evaluate_and_mix()  # DDK: the first factor comes from the untrained student
+    losses: list[float] = []
+    bar = tqdm(total=total_steps, initial=step, desc="distill", unit=" step", disable=not progress or rank != 0)
+    last_good = ckpt
+    t_last = time.perf_counter()
+    try:
+        while step < total_steps:
+            lr = lr_at(step, cfg, total_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            ddp_model.train()
+            sums = {"ce": 0.0, "kd": 0.0}
+            per_domain: dict[str, list[float]] = {}
+            for micro in range(cfg.grad_accum):
+                batch = loader.next()
+                x = batch.tokens.to(device)
+                sync = nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else ddp_model.no_sync()
+                with sync:
+                    with autocast():
+                        logits = ddp_model(input_ids=x, use_cache=False).logits[:, :-1]
+                    flat = logits.reshape(-1, logits.shape[-1])
+                    ce = cross_entropy(flat, x[:, 1:].reshape(-1))
+                    kd_tok = sparse_kd(flat, batch.topk_ids.to(device).reshape(flat.shape[0], -1), batch.topk_logprobs.to(device).reshape(flat.shape[0], -1), kd)
+                    loss = (ce.sum() + cfg.kd_weight * kd_tok.sum()) / tokens_per_step
+                    loss.backward()
+                sums["ce"] += ce.sum().item()
+                sums["kd"] += kd_tok.sum().item()
+                for d, row_ce in zip(batch.domains, ce.view(x.shape[0], -1).mean(1).tolist()):
+                    per_domain.setdefault(cache.domains[d], []).append(row_ce)
+            total = (sums["ce"] + cfg.kd_weight * sums["kd"]) / tokens_per_step
+            if not math.isfinite(total):
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                raise TrainingError(f"loss became {total} at step {step + 1}; stopped ({where}). Try a lower --lr or --temperature")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += cfg.batch_size * cache.seq_len * cfg.grad_accum * world
+            losses.append(total)
+            now = time.perf_counter()
+            tps = cfg.batch_size * cache.seq_len * cfg.grad_accum * world / (now - t_last)
+            t_last = now
+            log({"type": "step", "step": step, "loss": total, "ce": sums["ce"] / tokens_per_step, "kd": sums["kd"] / tokens_per_step,
+                 "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen, "tokens_per_s": tps,
+                 "ce_by_domain": {d: float(np.mean(v)) for d, v in per_domain.items()}})
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tps:,.0f}")
+            if step % cfg.ddk_interval == 0 and step < total_steps:
+                evaluate_and_mix()
+            if step % cfg.save_every == 0 and step < total_steps:
+                if rank == 0:
+                    state = {"step": step, "tokens": tokens_seen, "mixer": mixer.state_dict(), "loader": loader.state_dict(), "config": asdict(cfg)}
+                    last_good = _save_checkpoint(run, step, model, tok, opt, state, cfg.keep_checkpoints)
+                if world > 1:
+                    torch.distributed.barrier()
+    finally:
+        bar.close()
+        loader.close()
+    final_ppl = evaluate_and_mix()
+    if rank == 0:
+        model.save_pretrained(run / FINAL)
+        tok.save_pretrained(run / FINAL)
+    if world > 1:
+        torch.distributed.barrier()
+    return DistillResult(run / FINAL, step, losses, final_ppl)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines past the checkpoint's step (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    if step == 0:
+        keep = []
+    path.write_text("".join(line + "\n" for line in keep))

@@ -1,0 +1,152 @@
+"""Knowledge-distillation divergences on sparse (cached top-k) and dense teacher targets.
+
+Every function returns one value per token (shape [N]); callers sum over tokens and scale
+by 1/tokens at the optimizer step. Inputs are flattened positions: N tokens, vocabulary V,
+k cached entries per token. All arithmetic is float32.
+
+Sparse targets (the cache): the teacher's top-k ids S and log-probs log p_S at temperature 1.
+At temperature T:
+  teacher  p^T_S = a * softmax(log p_S / T)   where a = sum_S p (the kept mass at T = 1;
+                                             exact within S, the tail mass at T != 1 is not
+                                             recoverable, so it keeps its T = 1 value)
+  student  q^T   = softmax(z / T) over the whole vocabulary, q^T_S its entries at S
+Tail handling (`tail`):
+  "bucket" (default): both distributions get one extra category for everything outside S:
+           teacher 1 - a, student 1 - sum_S q^T. With k = V there is no tail and the sparse
+           loss equals the dense one.
+  "renorm": both are renormalised over S: p^T_S / a and q^T_S / sum_S q^T.
+Cached ids that are >= the student's vocabulary are dropped (their mass joins the tail).
+
+Divergences D(P, Q) over the resulting categories (references.md):
+  fkl   sum P (log P - log Q)                              forward KL
+  rkl   sum Q (log Q - log P)                              reverse KL (MiniLLM's single-step term)
+  skl   KL(P || a P + (1-a) Q),        a = skew_alpha      DistiLLM skew KL
+  srkl  KL(Q || (1-a) P + a Q)                             DistiLLM skew reverse KL
+  jsd   b KL(P || M) + (1-b) KL(Q || M), M = b P + (1-b) Q  generalised JSD, b = jsd_beta
+  akl   g_h/(g_h+g_t) KL(P||Q) + g_t/(g_h+g_t) KL(Q||P)     adaptive KL: head = smallest set of
+        categories (by P, top-1 always in) whose P reaches akl_mu; g = sum |P - Q| over head /
+        tail, Q detached
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("fkl", "rkl", "skl", "srkl", "jsd", "akl", "none")
+TAILS = ("bucket", "renorm")
+
+
+@dataclass(frozen=True)
+class KDLoss:
+    """Which divergence, at which temperature, with which tail rule and constants."""
+
+    kind: str = "fkl"
+    temperature: float = 1.0
+    tail: str = "bucket"
+    skew_alpha: float = 0.1
+    jsd_beta: float = 0.5
+    akl_mu: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kd loss must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.tail not in TAILS:
+            raise ValueError(f"tail must be one of {', '.join(TAILS)}, got {self.tail!r}")
+        if not 0 < self.temperature <= 100:
+            raise ValueError(f"temperature must be in (0, 100], got {self.temperature}")
+        for name in ("skew_alpha", "jsd_beta", "akl_mu"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+
+
+def _xlogy_diff(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """sum p (log p - log q) over the last axis, with 0 * anything = 0."""
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def divergence(kind: str, logp: torch.Tensor, logq: torch.Tensor, cfg: KDLoss) -> torch.Tensor:
+    """D(P, Q) per row for categorical log-distributions [N, C] (P the teacher, Q the student)."""
+    p, q = logp.exp(), logq.exp()
+    if kind == "fkl":
+        return _xlogy_diff(p, logp, logq)
+    if kind == "rkl":
+        return _xlogy_diff(q, logq, logp)
+    if kind in ("skl", "srkl", "jsd"):
+        w = {"skl": cfg.skew_alpha, "srkl": 1 - cfg.skew_alpha, "jsd": cfg.jsd_beta}[kind]
+        # log M = log(w P + (1-w) Q), computed in log space so tiny probabilities stay exact.
+        logm = torch.logaddexp(logp + math.log(w), logq + math.log(1 - w))
+        if kind == "skl":
+            return _xlogy_diff(p, logp, logm)
+        if kind == "srkl":
+            return _xlogy_diff(q, logq, logm)
+        return w * _xlogy_diff(p, logp, logm) + (1 - w) * _xlogy_diff(q, logq, logm)
+    if kind == "akl":
+        order = torch.argsort(p, dim=-1, descending=True)
+        p_sorted = p.gather(-1, order)
+        before = torch.cumsum(p_sorted, -1) - p_sorted  # mass of the categories ranked above
+        head_sorted = before < cfg.akl_mu  # top-1 has 0 before it, so it is always in the head
+        head = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
+        gap = (p - q.detach()).abs()
+        g_h = torch.where(head, gap, torch.zeros_like(gap)).sum(-1)
+        g_t = torch.where(head, torch.zeros_like(gap), gap).sum(-1)
+        total = (g_h + g_t).clamp_min(1e-12)
+        return g_h / total * _xlogy_diff(p, logp, logq) + g_t / total * _xlogy_diff(q, logq, logp)
+    raise ValueError(f"unknown divergence {kind!r}")
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Maechler 2012)."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def sparse_kd(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, cfg: KDLoss) -> torch.Tensor:
+    """Per-token divergence between cached top-k teacher targets and the student.
+
+    student_logits [N, V] (any float dtype), topk_ids [N, k] int, topk_logprobs [N, k] float
+    (teacher log-probs at temperature 1). Returns [N] float32.
+    """
+    if cfg.kind == "none":
+        return student_logits.new_zeros(student_logits.shape[0], dtype=torch.float32)
+    vocab = student_logits.shape[-1]
+    T = cfg.temperature
+    valid = topk_ids < vocab
+    ids = torch.where(valid, topk_ids, torch.zeros_like(topk_ids)).long()
+    lp = torch.where(valid, topk_logprobs.float(), torch.full_like(topk_logprobs, float("-inf"), dtype=torch.float32))
+    logq_all = torch.log_softmax(student_logits.float() / T, dim=-1)
+    logq = torch.where(valid, logq_all.gather(-1, ids), torch.full_like(lp, float("-inf")))
+    # Teacher at T: exact within S (softmax of log p / T), scaled to the kept mass a.
+    log_a = torch.logsumexp(lp, -1, keepdim=True).clamp(max=0.0)
+    logp = torch.log_softmax(lp / T, -1) + log_a if T != 1.0 else lp
+    # k = V: S is the whole vocabulary (top-k of all V ids), so there is no tail at all.
+    full = topk_ids.shape[-1] == vocab and bool(valid.all())
+    if cfg.tail == "renorm":
+        logp = logp - torch.logsumexp(logp, -1, keepdim=True)
+        logq = logq - torch.logsumexp(logq, -1, keepdim=True)
+    elif not full:
+        # One more category for the mass outside S, on both sides.
+        logp = torch.cat([logp, _log1mexp(log_a)], -1)
+        logq = torch.cat([logq, _log1mexp(torch.logsumexp(logq, -1, keepdim=True))], -1)
+    logp = torch.where(torch.isfinite(logp), logp, torch.full_like(logp, -1e30))
+    logq = torch.where(torch.isfinite(logq), logq, torch.full_like(logq, -1e30))
+    return divergence(cfg.kind, logp, logq, cfg)
+
+
+def dense_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: KDLoss) -> torch.Tensor:
+    """Per-token divergence between full teacher and student distributions, both at temperature T.
+
+    The reference for `sparse_kd` and the loss of online KD. [N, V] logits each; returns [N].
+    """
+    if cfg.kind == "none":
+        return student_logits.new_zeros(student_logits.shape[0], dtype=torch.float32)
+    logp = torch.log_softmax(teacher_logits.float() / cfg.temperature, -1)
+    logq = torch.log_softmax(student_logits.float() / cfg.temperature, -1)
+    return divergence(cfg.kind, logp, logq, cfg)
+
+
+def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token cross-entropy at temperature 1: [N, V], [N] -> [N] float32."""
+    return torch.nn.functional.cross_entropy(student_logits.float(), labels.long(), reduction="none")

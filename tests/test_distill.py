@@ -1,0 +1,231 @@
+"""The training loop: pinned loss, exact resume, two student sizes from one cache, errors, eval, report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from ddk_cache.cli.main import main
+from ddk_cache.data import CacheLoader
+from ddk_cache.distill import DistillConfig, TrainingError, distill
+from ddk_cache.errors import ConfigError
+from ddk_cache.losses import KDLoss, cross_entropy, sparse_kd
+from ddk_cache.store import Cache
+
+from .helpers import distill_config, make_student
+
+
+@pytest.fixture(scope="module")
+def student_small(tmp_path_factory, teacher_dir):
+    return make_student(teacher_dir, tmp_path_factory.mktemp("s") / "small", hidden_size=32, layers=1)
+
+
+@pytest.fixture(scope="module")
+def student_large(tmp_path_factory, teacher_dir):
+    return make_student(teacher_dir, tmp_path_factory.mktemp("s") / "large", hidden_size=64, layers=2)
+
+
+def steps(run) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "step"]
+
+
+def evals(run) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
+
+
+def test_first_step_loss_equals_a_direct_computation(tmp_path, built_cache, student_small):
+    from transformers import AutoModelForCausalLM
+
+    cfg = distill_config(built_cache, student_small, tmp_path / "run", max_steps=2, kd_loss="rkl", kd_weight=0.3)
+    distill(cfg, progress=False)
+    logged = steps(tmp_path / "run")
+    first_eval = evals(tmp_path / "run")[0]
+    cache = Cache(str(built_cache))
+    # The first batch: DDK weights from the step-0 evaluation, the sampler seeded by cfg.seed.
+    weights = np.array([first_eval["weights"][d] for d in cache.domains])
+    loader = CacheLoader(cache, batch_size=4, weights=weights, seed=0)
+    batch = loader.next()
+    loader.close()
+    model = AutoModelForCausalLM.from_pretrained(student_small, dtype=torch.float32)
+    logits = model(input_ids=batch.tokens).logits[:, :-1].reshape(-1, model.config.vocab_size)
+    ce = cross_entropy(logits, batch.tokens[:, 1:].reshape(-1))
+    kd = sparse_kd(logits, batch.topk_ids.reshape(logits.shape[0], -1), batch.topk_logprobs.reshape(logits.shape[0], -1), KDLoss("rkl"))
+    expected = (ce.sum() + 0.3 * kd.sum()).item() / ce.numel()
+    assert logged[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert logged[0]["ce"] == pytest.approx(ce.mean().item(), rel=1e-5)
+    # The first DDK factor is softmax(student/teacher PPL) of the untrained student.
+    ratio = np.array([first_eval["ppl_student"][d] / first_eval["ppl_teacher"][d] for d in cache.domains])
+    np.testing.assert_allclose(weights, np.exp(ratio - ratio.max()) / np.exp(ratio - ratio.max()).sum(), rtol=1e-9)
+    assert first_eval["ppl_teacher"] == {d: cache.teacher_ppl(d) for d in cache.domains}
+
+
+def test_resume_is_exact(tmp_path, built_cache, student_small, monkeypatch):
+    common = dict(max_steps=20, save_every=10, ddk_interval=4)
+    straight = distill(distill_config(built_cache, student_small, tmp_path / "a", **common), progress=False)
+
+    import ddk_cache.distill as mod
+
+    real_save = mod._save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        raise KeyboardInterrupt  # the process dies right after its step-10 checkpoint
+
+    monkeypatch.setattr(mod, "_save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        distill(distill_config(built_cache, student_small, tmp_path / "b", **common), progress=False)
+    monkeypatch.setattr(mod, "_save_checkpoint", real_save)
+    resumed = distill(distill_config(built_cache, student_small, tmp_path / "b", resume=True, **common), progress=False)
+
+    assert resumed.steps == 20 and len(resumed.losses) == 10
+    assert resumed.losses == straight.losses[10:]
+    assert [s["loss"] for s in steps(tmp_path / "b")] == [s["loss"] for s in steps(tmp_path / "a")]
+    assert [e["weights"] for e in evals(tmp_path / "b")] == [e["weights"] for e in evals(tmp_path / "a")]
+    a, b = load_file(tmp_path / "a" / "final" / "model.safetensors"), load_file(tmp_path / "b" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_cache_trains_two_student_sizes(tmp_path, built_cache, student_small, student_large):
+    from transformers import AutoModelForCausalLM
+
+    for name, student in (("small", student_small), ("large", student_large)):
+        result = distill(distill_config(built_cache, student, tmp_path / name, max_steps=6, lr=3e-3), progress=False)
+        assert all(math.isfinite(x) for x in result.losses)
+        model = AutoModelForCausalLM.from_pretrained(result.out)
+        assert model.config.hidden_size == {"small": 32, "large": 64}[name]
+        first, last = evals(tmp_path / name)[0], evals(tmp_path / name)[-1]
+        # Training lowers the mean validation perplexity of a random-init student.
+        assert np.mean(list(last["ppl_student"].values())) < np.mean(list(first["ppl_student"].values()))
+
+
+def test_kd_none_is_plain_language_modelling(tmp_path, built_cache, student_small):
+    distill(distill_config(built_cache, student_small, tmp_path / "ce", kd_loss="none", mixing="uniform"), progress=False)
+    for s in steps(tmp_path / "ce"):
+        assert s["kd"] == 0 and s["loss"] == s["ce"]
+    assert all(e["weights"] == {d: 1 / 3 for d in e["weights"]} for e in evals(tmp_path / "ce"))
+
+
+def test_nonfinite_loss_stops_and_names_the_checkpoint(tmp_path, built_cache, student_small, monkeypatch):
+    import ddk_cache.distill as mod
+
+    calls = {"n": 0}
+    real = mod.cross_entropy
+
+    def flaky(logits, labels):
+        calls["n"] += 1
+        out = real(logits, labels)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(mod, "cross_entropy", flaky)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 3; stopped \(the last good checkpoint is .*step_00000002\)"):
+        distill(distill_config(built_cache, student_small, tmp_path / "nan", save_every=2), progress=False)
+    assert not (tmp_path / "nan" / "final").exists()
+
+
+def test_tokenizer_mismatch_is_refused(tmp_path, built_cache):
+    from ddk_cache.models import ModelSpec, init_model, train_tokenizer
+
+    other = train_tokenizer(["some other text entirely " * 40], 320)
+    model = init_model(ModelSpec(vocab_size=320, hidden_size=32, heads=1, max_position_embeddings=64), other)
+    model.save_pretrained(tmp_path / "other")
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ConfigError, match=r"tokenizer mismatch: the student's tokenizer \(.*other, sha256:\w+\) is not the cache's"):
+        distill(distill_config(built_cache, tmp_path / "other", tmp_path / "run"), progress=False)
+
+
+def test_student_vocab_smaller_than_tokenizer(tmp_path, built_cache, teacher_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ddk_cache.tokenization import load_tokenizer
+
+    tok = load_tokenizer(str(teacher_dir))
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1)).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    with pytest.raises(ConfigError, match=rf"student's vocabulary \(100 rows\) is smaller than the tokenizer \({len(tok)} tokens\)"):
+        distill(distill_config(built_cache, tmp_path / "tiny", tmp_path / "run"), progress=False)
+
+
+def test_padded_student_vocab_is_fine(tmp_path, built_cache, teacher_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ddk_cache.tokenization import load_tokenizer
+
+    tok = load_tokenizer(str(teacher_dir))
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 37, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, max_position_embeddings=64)).save_pretrained(tmp_path / "padded")
+    tok.save_pretrained(tmp_path / "padded")
+    result = distill(distill_config(built_cache, tmp_path / "padded", tmp_path / "run", max_steps=2), progress=False)
+    assert all(math.isfinite(x) for x in result.losses)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (dict(ddk_interval=0), "--ddk-interval must be >= 1"),
+        (dict(kd_weight=-0.1), "--kd-weight must be >= 0"),
+        (dict(ddk_alpha=1.5), r"--ddk-alpha must be in \[0, 1\]"),
+        (dict(temperature=0.0), r"--temperature must be in \(0, 100\]"),
+        (dict(kd_loss="kl2"), "--kd loss must be one of"),
+    ],
+)
+def test_out_of_range_options(tmp_path, built_cache, student_small, override, message):
+    with pytest.raises(ConfigError, match=message):
+        distill_config(built_cache, student_small, tmp_path / "run", **override)
+
+
+def test_static_mixing_with_unknown_domain(tmp_path, built_cache, student_small):
+    with pytest.raises(ConfigError, match="the cache has no domain 'web'"):
+        distill(distill_config(built_cache, student_small, tmp_path / "run", mixing="static:alpha=1,web=2"), progress=False)
+
+
+def test_config_file_unknown_key_and_override(tmp_path, built_cache, student_small):
+    (tmp_path / "c.yaml").write_text(f"cache: {built_cache}\nstudent: {student_small}\nout: {tmp_path / 'r'}\nkd-loss: rkl\nlearning_rate: 1\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown key 'learning_rate'; valid keys: .*lr"):
+        DistillConfig.from_sources(str(tmp_path / "c.yaml"), {})
+    (tmp_path / "c.yaml").write_text(f"cache: {built_cache}\nstudent: {student_small}\nout: {tmp_path / 'r'}\nkd-loss: rkl\nmax_steps: 7\n")
+    cfg = DistillConfig.from_sources(str(tmp_path / "c.yaml"), {"max_steps": 3, "lr": None})
+    assert cfg.kd_loss == "rkl" and cfg.max_steps == 3 and cfg.lr == 3e-4
+
+
+def test_incomplete_cache_is_refused(tmp_path, teacher_dir, corpus_dir, student_small):
+    from ddk_cache.build import build
+
+    from .helpers import small_config
+
+    build(small_config(teacher_dir, corpus_dir, tmp_path / "c.zarr", num_shards=2, shard_index=0), progress=False)
+    result = CliRunner().invoke(main, ["distill", "--cache", str(tmp_path / "c.zarr"), "--student", str(student_small), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "is an incomplete cache" in result.output and "shard(s) not written" in result.output
+
+
+def test_existing_run_needs_resume(tmp_path, built_cache, student_small):
+    distill(distill_config(built_cache, student_small, tmp_path / "run", max_steps=2, save_every=1), progress=False)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        distill(distill_config(built_cache, student_small, tmp_path / "run", max_steps=2), progress=False)
+    with pytest.raises(ConfigError, match="--resume: no checkpoint"):
+        distill(distill_config(built_cache, student_small, tmp_path / "empty", resume=True), progress=False)
+
+
+def test_cli_distill_eval_report(tmp_path, built_cache, student_small):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    result = runner.invoke(main, ["distill", "--cache", str(built_cache), "--student", str(student_small), "--out", str(run),
+                                  "--max-steps", "4", "--ddk-interval", "2", "--batch-size", "4", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "final model:" in result.output
+    ev = runner.invoke(main, ["eval", "--cache", str(built_cache), "--model", str(run / "final"), "--json"])
+    rows = json.loads(ev.stdout)["rows"]
+    assert [r["domain"] for r in rows] == ["alpha", "beta", "gamma"]
+    assert rows[0]["teacher_ppl"] == Cache(str(built_cache)).teacher_ppl("alpha")
+    assert rows[0]["student_ppl"] == pytest.approx(evals(run)[-1]["ppl_student"]["alpha"], rel=1e-6)
+    table = runner.invoke(main, ["eval", "--cache", str(built_cache), "--model", str(run / "final")])
+    assert "student PPL" in table.output and "alpha" in table.output
+    rep = runner.invoke(main, ["report", str(run)])
+    assert rep.exit_code == 0, rep.output
+    for name in ("weights.png", "ppl.png", "loss.png", "report.md"):
+        assert (run / name).stat().st_size > 0
+    assert "| alpha |" in (run / "report.md").read_text()
