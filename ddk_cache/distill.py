@@ -244,7 +244,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
     ckpt = latest_checkpoint(run) if cfg.resume else None
     if cfg.resume and ckpt is None:
         raise ConfigError(f"--resume: no checkpoint in {run / CKPT_DIR}")
-    if not cfg.resume and (run / CKPT_DIR).exists() and rank == 0:
+    if not cfg.resume and (run / CKPT_DIR).exists():  # every rank raises, so none is left waiting
         raise ConfigError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
     try:
         mixer = Mixer(cfg.mixing, cache.domains, [cache.num_sequences(d, "train") for d in cache.domains], alpha=cfg.ddk_alpha)
@@ -342,9 +342,12 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
             now = time.perf_counter()
             tps = cfg.batch_size * cache.seq_len * cfg.grad_accum * world / (now - t_last)
             t_last = now
-            log({"type": "step", "step": step, "loss": total, "ce": sums["ce"] / tokens_per_step, "kd": sums["kd"] / tokens_per_step,
-                 "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen, "tokens_per_s": tps,
-                 "ce_by_domain": {d: float(np.mean(v)) for d, v in per_domain.items()}})
+            record = {"type": "step", "step": step, "loss": total, "ce": sums["ce"] / tokens_per_step, "kd": sums["kd"] / tokens_per_step,
+                      "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen, "tokens_per_s": tps,
+                      "ce_by_domain": {d: float(np.mean(v)) for d, v in per_domain.items()}}
+            if device.type == "cuda":
+                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tps:,.0f}")
             if step % cfg.ddk_interval == 0 and step < total_steps:

@@ -229,3 +229,46 @@ def test_cli_distill_eval_report(tmp_path, built_cache, student_small):
     for name in ("weights.png", "ppl.png", "loss.png", "report.md"):
         assert (run / name).stat().st_size > 0
     assert "| alpha |" in (run / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tmp_path, built_cache, student_small):
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m", "ddk_cache", "distill",
+           "--cache", str(built_cache), "--student", str(student_small), "--out", str(run), "--max-steps", "4",
+           "--ddk-interval", "2", "--batch-size", "2", "--device", "cpu", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (run / "final" / "model.safetensors").exists()
+    logged = steps(run)
+    assert [s["step"] for s in logged] == [1, 2, 3, 4]
+    assert logged[-1]["tokens"] == 4 * 2 * 2 * 32  # steps x ranks x batch x seq_len
+    # Evaluation is shared (all-reduced), so every logged weight vector is a proper distribution.
+    for e in evals(run):
+        assert abs(sum(e["weights"].values()) - 1) < 1e-9
+
+
+def test_ranks_read_different_sequences(built_cache):
+    cache = Cache(str(built_cache))
+    w = np.full(3, 1 / 3)
+    a = CacheLoader(cache, batch_size=3, weights=w, seed=5, rank=0, world_size=2)
+    b = CacheLoader(cache, batch_size=3, weights=w, seed=5, rank=1, world_size=2)
+    solo = CacheLoader(cache, batch_size=6, weights=w, seed=5)
+    ba, bb, bs = a.next(), b.next(), solo.next()
+    for loader in (a, b, solo):
+        loader.close()
+    # The two ranks split one shared draw: together they are the single-process batch.
+    assert torch.equal(torch.cat([ba.tokens, bb.tokens]), bs.tokens)
+
+
+def test_accumulation_checkpointing_and_max_tokens(tmp_path, built_cache, student_small):
+    # 2 micro-steps of 2 sequences == one step of 4 in tokens; max_tokens 3 steps' worth.
+    cfg = distill_config(built_cache, student_small, tmp_path / "run", batch_size=2, grad_accum=2,
+                         gradient_checkpointing=True, max_tokens=3 * 4 * 32, max_steps=1)
+    result = distill(cfg, progress=False)
+    assert result.steps == 3
+    assert steps(tmp_path / "run")[-1]["tokens"] == 3 * 4 * 32
+    assert all(math.isfinite(x) for x in result.losses)
