@@ -25,13 +25,13 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... depending on what is missing
-        raise TeacherError(f"cannot load a tokenizer from {name_or_path!r}: {_first_line(e)}") from None
+        raise TeacherError(f"cannot load a tokenizer from {name_or_path!r}: {first_line(e)}") from None
     if tok.eos_token_id is None:
         raise TeacherError(f"the tokenizer of {name_or_path!r} has no EOS token; documents could not be separated")
     return tok
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 

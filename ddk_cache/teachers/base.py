@@ -79,14 +79,31 @@ class Teacher(ABC):
     def max_context(self) -> int | None:
         """Longest sequence the model accepts, if the config says."""
 
+    _tokenizer: Any
+
     @property
-    @abstractmethod
     def tokenizer(self) -> Any:
         """The model's tokenizer (transformers), used to tokenize the corpus."""
+        return self._tokenizer
 
     @abstractmethod
     def info(self) -> dict[str, Any]:
-        """What the cache records about this teacher (JSON-serialisable)."""
+        """What the cache records about this teacher (JSON-serialisable); built by `_info`."""
+
+    def _info(self, *, name_or_path: str, revision: str | None, architecture: str, num_parameters: int | None,
+              dtype: str, backend_version: str, max_context: int | None) -> dict[str, Any]:
+        """The root metadata's `teacher` object: its keys are named here only (storage_layout.md)."""
+        return {
+            "name_or_path": name_or_path,
+            "revision": revision,
+            "fingerprint": model_fingerprint(name_or_path, revision),
+            "architecture": architecture,
+            "num_parameters": num_parameters,
+            "dtype": dtype,
+            "backend": self.backend,
+            "backend_version": backend_version,
+            "max_context": max_context,
+        }
 
     @abstractmethod
     def score(self, tokens: np.ndarray, top_k: int) -> TeacherScores:

