@@ -229,6 +229,8 @@ def _save_checkpoint(run: Path, step: int, model: Any, tok: Any, opt: torch.opti
 
 @dataclass
 class DistillResult:
+    """Where the final model is, how many steps were done, this run's losses and final per-domain PPL."""
+
     out: Path
     steps: int
     losses: list[float]  # total loss per optimizer step (this run's steps only)
