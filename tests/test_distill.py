@@ -272,3 +272,8 @@ def test_accumulation_checkpointing_and_max_tokens(tmp_path, built_cache, studen
     assert result.steps == 3
     assert steps(tmp_path / "run")[-1]["tokens"] == 3 * 4 * 32
     assert all(math.isfinite(x) for x in result.losses)
+
+
+def test_missing_cache_is_refused(tmp_path, student_small):
+    result = CliRunner().invoke(main, ["distill", "--cache", str(tmp_path / "nope.zarr"), "--student", str(student_small), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and f"{tmp_path / 'nope.zarr'} is not a ddk-cache store" in result.output and "Traceback" not in result.output
