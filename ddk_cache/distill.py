@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .data import CacheLoader
 from .errors import ConfigError, DDKCacheError
 from .evaluate import evaluate_domains
-from .losses import KDLoss, cross_entropy, sparse_kd
+from .losses import KDLoss, ce_and_sparse_kd
 from .mixing import Mixer
 from .store import Cache
 from .tokenization import load_tokenizer, tokenizer_fingerprint
@@ -323,8 +323,10 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
                     with autocast():
                         logits = ddp_model(input_ids=x, use_cache=False).logits[:, :-1]
                     flat = logits.reshape(-1, logits.shape[-1])
-                    ce = cross_entropy(flat, x[:, 1:].reshape(-1))
-                    kd_tok = sparse_kd(flat, batch.topk_ids.to(device).reshape(flat.shape[0], -1), batch.topk_logprobs.to(device).reshape(flat.shape[0], -1), kd)
+                    ce, kd_tok = ce_and_sparse_kd(
+                        flat, x[:, 1:].reshape(-1), batch.topk_ids.to(device).reshape(flat.shape[0], -1),
+                        batch.topk_logprobs.to(device).reshape(flat.shape[0], -1), kd,
+                    )
                     loss = (ce.sum() + cfg.kd_weight * kd_tok.sum()) / tokens_per_step
                     loss.backward()
                 sums["ce"] += ce.sum().item()

@@ -103,11 +103,15 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def sparse_kd(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, cfg: KDLoss) -> torch.Tensor:
+def sparse_kd(
+    student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, cfg: KDLoss,
+    *, student_logprobs: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-token divergence between cached top-k teacher targets and the student.
 
     student_logits [N, V] (any float dtype), topk_ids [N, k] int, topk_logprobs [N, k] float
-    (teacher log-probs at temperature 1). Returns [N] float32.
+    (teacher log-probs at temperature 1). `student_logprobs`, if given, is the float32
+    log_softmax(student_logits / T) already computed (see `ce_and_sparse_kd`). Returns [N] float32.
     """
     if cfg.kind == "none":
         return student_logits.new_zeros(student_logits.shape[0], dtype=torch.float32)
@@ -116,7 +120,7 @@ def sparse_kd(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprob
     valid = topk_ids < vocab
     ids = torch.where(valid, topk_ids, torch.zeros_like(topk_ids)).long()
     lp = torch.where(valid, topk_logprobs.float(), torch.full_like(topk_logprobs, float("-inf"), dtype=torch.float32))
-    logq_all = torch.log_softmax(student_logits.float() / T, dim=-1)
+    logq_all = student_logprobs if student_logprobs is not None else torch.log_softmax(student_logits.float() / T, dim=-1)
     logq = torch.where(valid, logq_all.gather(-1, ids), torch.full_like(lp, float("-inf")))
     # Teacher at T: exact within S (softmax of log p / T), scaled to the kept mass a.
     log_a = torch.logsumexp(lp, -1, keepdim=True).clamp(max=0.0)
@@ -150,3 +154,19 @@ def dense_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: KD
 def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token next-token cross-entropy at temperature 1: [N, V], [N] -> [N] float32."""
     return torch.nn.functional.cross_entropy(student_logits.float(), labels.long(), reduction="none")
+
+
+def ce_and_sparse_kd(
+    student_logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, cfg: KDLoss
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE [N], KD [N]) sharing one float32 log-softmax over the vocabulary when T = 1.
+
+    The [N, V] float32 log-softmax is the largest tensor of a training step after the logits;
+    computing it once instead of twice is what keeps cache KD's memory near plain CE's.
+    """
+    logq = torch.log_softmax(student_logits.float(), dim=-1)
+    ce = -logq.gather(-1, labels.long()[:, None]).squeeze(-1)
+    if cfg.kind == "none":
+        return ce, torch.zeros_like(ce)
+    shared = logq if cfg.temperature == 1.0 else None  # CE is always at T = 1
+    return ce, sparse_kd(student_logits, topk_ids, topk_logprobs, cfg, student_logprobs=shared)

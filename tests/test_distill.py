@@ -115,14 +115,14 @@ def test_nonfinite_loss_stops_and_names_the_checkpoint(tmp_path, built_cache, st
     import ddk_cache.distill as mod
 
     calls = {"n": 0}
-    real = mod.cross_entropy
+    real = mod.ce_and_sparse_kd
 
-    def flaky(logits, labels):
+    def flaky(*args):
         calls["n"] += 1
-        out = real(logits, labels)
-        return out * float("nan") if calls["n"] == 3 else out
+        ce, kd = real(*args)
+        return (ce * float("nan"), kd) if calls["n"] == 3 else (ce, kd)
 
-    monkeypatch.setattr(mod, "cross_entropy", flaky)
+    monkeypatch.setattr(mod, "ce_and_sparse_kd", flaky)
     with pytest.raises(TrainingError, match=r"loss became nan at step 3; stopped \(the last good checkpoint is .*step_00000002\)"):
         distill(distill_config(built_cache, student_small, tmp_path / "nan", save_every=2), progress=False)
     assert not (tmp_path / "nan" / "final").exists()

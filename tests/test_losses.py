@@ -114,3 +114,22 @@ def test_none_and_cross_entropy():
 def test_bad_settings(bad):
     with pytest.raises(ValueError):
         KDLoss(**bad)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "akl", "none"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_ce_and_kd_equal_the_separate_losses(kind, temperature):
+    from ddk_cache.losses import ce_and_sparse_kd
+
+    cfg = KDLoss(kind, temperature=temperature)
+    ids, lps = cached(logits(20), 6)
+    labels = torch.arange(N) % V
+    s1 = logits(21).requires_grad_(True)
+    s2 = s1.detach().clone().requires_grad_(True)
+    ce, kd = ce_and_sparse_kd(s1, labels, ids, lps, cfg)
+    ce_ref, kd_ref = cross_entropy(s2, labels), sparse_kd(s2, ids, lps, cfg)
+    torch.testing.assert_close(ce, ce_ref)
+    torch.testing.assert_close(kd, kd_ref)
+    (ce.sum() + 0.2 * kd.sum()).backward()
+    (ce_ref.sum() + 0.2 * kd_ref.sum()).backward()
+    torch.testing.assert_close(s1.grad, s2.grad)
