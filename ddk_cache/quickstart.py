@@ -1,0 +1,145 @@
+"""`ddk-cache quickstart`: the whole story on any machine, from text every Python installation has.
+
+1. a three-domain corpus: the standard library's source (code), pydoc's topic reference
+   (docs), and the docstrings of the standard library (docstrings);
+2. a small Llama teacher and BPE tokenizer (`init-model`), trained on the corpus with
+   `distill --kd-loss none` over a tokens-only cache (plain language modelling);
+3. the trained teacher's top-k cache (`build`);
+4. two differently sized students distilled from that one cache with DDK (`distill`);
+5. a per-domain table (teacher PPL; each student's PPL before and after) and the report plots.
+
+Each step is the same library call the matching command makes.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .build import BuildConfig, build
+from .distill import DistillConfig, distill
+from .models import ModelSpec, init_model, make_model_dir
+from .report import read_metrics, write_report
+from .tokenization import load_tokenizer
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Sizes of one quickstart run."""
+
+    corpus_bytes: int  # per domain
+    vocab: int
+    teacher: tuple[int, int]  # hidden, layers
+    students: tuple[tuple[str, int, int], ...]  # name, hidden, layers
+    seq_len: int
+    tokens_per_domain: int
+    top_k: int
+    teacher_steps: int
+    student_steps: int
+    ddk_interval: int
+    batch_size: int
+
+
+SCALES = {
+    # About 2 minutes on 2 CPU cores (BENCHMARKS.md).
+    "default": Scale(400_000, 2048, (128, 4), (("small", 64, 1), ("large", 128, 2)), 256, 60_000, 32, 250, 120, 20, 8),
+    # Seconds: for CI and for a first look.
+    "tiny": Scale(40_000, 400, (64, 1), (("small", 32, 1), ("large", 64, 1)), 64, 6_000, 8, 20, 10, 5, 4),
+}
+
+
+def stdlib_corpus(out: Path, max_bytes: int) -> Path:
+    """Write code.jsonl, docs.jsonl and docstrings.jsonl (about `max_bytes` each) into `out`."""
+    import pydoc_data.topics
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sources = sorted(stdlib.glob("*.py"))
+    domains: dict[str, list[str]] = {"code": [], "docs": [], "docstrings": []}
+    for name in sorted(pydoc_data.topics.topics):
+        domains["docs"].append(pydoc_data.topics.topics[name])
+    for path in sources:
+        try:
+            text = path.read_text(encoding="utf-8")
+            tree = ast.parse(text)
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        domains["code"].append(text)
+        docs = [ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        joined = "\n\n".join(d for d in docs if d)
+        if joined:
+            domains["docstrings"].append(joined)
+    out.mkdir(parents=True, exist_ok=True)
+    for domain, docs in domains.items():
+        size = 0
+        with open(out / f"{domain}.jsonl", "w") as f:
+            for doc in docs:
+                if size >= max_bytes:
+                    break
+                doc = doc[: max_bytes - size]
+                f.write(json.dumps({"text": doc}) + "\n")
+                size += len(doc)
+    return out
+
+
+def run(out: str | Path, scale: str = "default", say: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Run the whole story into `out` (a new or earlier quickstart folder); return the summary table."""
+    s = SCALES[scale]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    say(f"[1/5] corpus: standard library code, pydoc topics, stdlib docstrings -> {out / 'corpus'}")
+    corpus = stdlib_corpus(out / "corpus", s.corpus_bytes)
+
+    say(f"[2/5] teacher: {s.teacher[1]} x {s.teacher[0]} Llama, BPE vocab {s.vocab}, trained {s.teacher_steps} steps on the corpus")
+    if not (out / "teacher0").exists():
+        texts = (json.loads(line)["text"] for p in sorted(corpus.glob("*.jsonl")) for line in open(p))
+        make_model_dir(texts, out / "teacher0", ModelSpec(vocab_size=s.vocab, hidden_size=s.teacher[0], layers=s.teacher[1],
+                                                         heads=max(1, s.teacher[0] // 32), max_position_embeddings=max(512, s.seq_len + 1)))
+    common = dict(data=str(corpus), seq_len=s.seq_len, backend="hf", max_tokens_per_domain=s.tokens_per_domain, val_sequences=4, device="cpu", dtype="float32")
+    build(BuildConfig(teacher=str(out / "teacher0"), out=str(out / "tokens.zarr"), top_k=1, **common), progress=progress)
+    teacher = out / "runs" / "teacher" / "final"
+    if not teacher.exists():
+        distill(DistillConfig(cache=str(out / "tokens.zarr"), student=str(out / "teacher0"), out=str(out / "runs" / "teacher"),
+                              kd_loss="none", mixing="natural", max_steps=s.teacher_steps, batch_size=s.batch_size, lr=2e-3,
+                              warmup_steps=10, ddk_interval=s.teacher_steps, save_every=s.teacher_steps, device="cpu"), progress=progress)
+
+    say(f"[3/5] cache: top-{s.top_k} log-probabilities of the trained teacher -> {out / 'cache.zarr'}")
+    result = build(BuildConfig(teacher=str(teacher), out=str(out / "cache.zarr"), top_k=s.top_k, **common), progress=progress)
+    domains = list(result.meta["domains"])
+    teacher_ppl = {d: result.meta["teacher_ppl"][d]["val"]["ppl"] for d in domains}
+
+    table = {"domains": domains, "teacher_ppl": teacher_ppl, "students": {}}
+    tok = load_tokenizer(str(teacher))
+    for i, (name, hidden, layers) in enumerate(s.students):
+        say(f"[4/5] student {name}: {layers} x {hidden} Llama, {s.student_steps} steps of DDK distillation from the cache")
+        path = out / f"student-{name}"
+        if not path.exists():
+            init_model(ModelSpec(vocab_size=s.vocab, hidden_size=hidden, layers=layers, heads=max(1, hidden // 32),
+                                 max_position_embeddings=max(512, s.seq_len + 1), seed=i + 1), tok).save_pretrained(path)
+            tok.save_pretrained(path)
+        run_dir = out / "runs" / name
+        distill(DistillConfig(cache=str(out / "cache.zarr"), student=str(path), out=str(run_dir), max_steps=s.student_steps,
+                              batch_size=s.batch_size, lr=2e-3, warmup_steps=10, ddk_interval=s.ddk_interval,
+                              save_every=s.student_steps, device="cpu", resume=(run_dir / "checkpoints").exists()), progress=progress)
+        _, evals = read_metrics(run_dir)
+        table["students"][name] = {"before": evals[0]["ppl_student"], "after": evals[-1]["ppl_student"],
+                                   "plots": [str(p) for p in write_report(run_dir)]}
+    say("[5/5] done")
+    return table
+
+
+def format_table(table: dict) -> str:
+    """The per-domain summary as aligned text."""
+    names = list(table["students"])
+    header = ["domain", "teacher PPL"] + [f"{n}: before -> after" for n in names]
+    rows = [header]
+    for d in table["domains"]:
+        rows.append([d, f"{table['teacher_ppl'][d]:.2f}"] + [
+            f"{table['students'][n]['before'][d]:.1f} -> {table['students'][n]['after'][d]:.2f}" for n in names])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
