@@ -72,6 +72,14 @@ class DomainSampler:
         self.epochs, self.positions = list(state["epochs"]), list(state["positions"])
 
 
+def _normalise(weights: np.ndarray) -> np.ndarray:
+    """float64 weights summing to 1, as numpy's choice() demands (callers may pass float32)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError(f"mixing weights must be finite, >= 0 and not all 0; got {w.tolist()}")
+    return w / w.sum()
+
+
 class CacheLoader:
     """Iterates batches of the cache's training split for one rank, prefetching in a thread."""
 
@@ -79,7 +87,7 @@ class CacheLoader:
         self.cache, self.domains = cache, cache.domains
         self.batch_size, self.rank, self.world_size, self.prefetch = batch_size, rank, world_size, prefetch
         self.sampler = DomainSampler([cache.num_sequences(d, "train") for d in self.domains], seed)
-        self.weights = np.asarray(weights, float)
+        self.weights = _normalise(weights)
         self.consumed_state = self.sampler.state_dict()
         self._arrays = {d: {n: cache.root[f"{d}/train/{n}"] for n in (TOKENS, TOPK_IDS, TOPK_LOGPROBS)} for d in self.domains}
         self._thread: threading.Thread | None = None
@@ -141,7 +149,7 @@ class CacheLoader:
     def set_weights(self, weights: np.ndarray) -> None:
         """New mixing weights from the next batch on; read-ahead batches are discarded."""
         self.close()
-        self.weights = np.asarray(weights, float)
+        self.weights = _normalise(weights)
         self._start()
 
     def state_dict(self) -> dict[str, Any]:
@@ -150,5 +158,5 @@ class CacheLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.close()
         self.consumed_state = state["sampler"]
-        self.weights = np.asarray(state["weights"], float)
+        self.weights = _normalise(state["weights"])
         self._start()

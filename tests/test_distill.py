@@ -277,3 +277,12 @@ def test_accumulation_checkpointing_and_max_tokens(tmp_path, built_cache, studen
 def test_missing_cache_is_refused(tmp_path, student_small):
     result = CliRunner().invoke(main, ["distill", "--cache", str(tmp_path / "nope.zarr"), "--student", str(student_small), "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and f"{tmp_path / 'nope.zarr'} is not a ddk-cache store" in result.output and "Traceback" not in result.output
+
+
+def test_loader_accepts_float32_weights_and_refuses_bad_ones(built_cache):
+    cache = Cache(str(built_cache))
+    loader = CacheLoader(cache, batch_size=2, weights=np.full(3, 1 / 3, dtype=np.float32), seed=0)
+    assert loader.next().tokens.shape == (2, 32)
+    loader.close()
+    with pytest.raises(ValueError, match="mixing weights must be finite"):
+        CacheLoader(cache, batch_size=2, weights=np.zeros(3), seed=0)

@@ -1,0 +1,117 @@
+"""Cost of a training step: CE only vs cache KD (each loss) vs online KD with the teacher resident.
+
+    python benchmarks/cost.py --cache CACHE.zarr --student STUDENT --teacher TEACHER [--batch-size 16]
+
+Same student, same batches (read before timing), one process: every mode starts from the
+same weights with a fresh AdamW, runs warm-up steps, then timed steps (forward, backward,
+optimizer). On a GPU, CUDA events time the steps and torch.cuda.max_memory_allocated gives
+each mode's peak; on a CPU, wall time (no per-mode memory). Ratios are against CE. Then the
+loader: batches/s it sustains from the cache with prefetch vs what the CE step consumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from common import machine, print_table
+from transformers import AutoModelForCausalLM
+
+from ddk_cache.data import CacheLoader
+from ddk_cache.losses import KDLoss, ce_and_sparse_kd, cross_entropy, dense_kd
+from ddk_cache.store import Cache
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--student", required=True)
+    p.add_argument("--teacher", required=True, help="the cache's teacher, resident for online KD")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--loader-batches", type=int, default=50)
+    args = p.parse_args()
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    cache = Cache(args.cache)
+    weights = torch.full((len(cache.domains),), 1 / len(cache.domains)).numpy()
+    loader = CacheLoader(cache, batch_size=args.batch_size, weights=weights, seed=0)
+    batches = [loader.next() for _ in range(args.warmup + args.steps)]
+    loader.close()
+    initial = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32).to(device)
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.bfloat16 if cuda else torch.float32).to(device).eval()
+    print(f"machine: {machine()}")
+    print(f"student {sum(p.numel() for p in initial.parameters()) / 1e6:.1f}M params, teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M, "
+          f"batch {args.batch_size} x {cache.seq_len} tokens, top-{cache.top_k} cache, {args.steps} timed steps after {args.warmup}\n")
+
+    def run(mode: str) -> tuple[float, float]:
+        model = copy.deepcopy(initial)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i, b in enumerate(batches):
+            x = b.tokens.to(device)
+            ids, lps = b.topk_ids.to(device), b.topk_logprobs.to(device)
+            start = time.perf_counter()
+            if cuda:
+                ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                ev0.record()
+            with (torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)):
+                logits = model(input_ids=x, use_cache=False).logits[:, :-1]
+                flat = logits.reshape(-1, logits.shape[-1])
+                labels = x[:, 1:].reshape(-1)
+                if mode == "ce" or mode.startswith("cache "):
+                    # The trainer's own path: `ce` is its --kd-loss none.
+                    kind = "none" if mode == "ce" else mode.split()[1]
+                    ce, kd = ce_and_sparse_kd(flat, labels, ids.reshape(flat.shape[0], -1), lps.reshape(flat.shape[0], -1), KDLoss(kind))
+                    loss = (ce.sum() + 0.2 * kd.sum()) / ce.numel()
+                else:  # online: the teacher runs every step and its full distribution is the target
+                    with torch.no_grad():
+                        t_logits = teacher(input_ids=x, use_cache=False).logits[:, :-1].reshape(flat.shape)
+                    loss = (cross_entropy(flat, labels).sum() + 0.2 * dense_kd(flat, t_logits, KDLoss("fkl")).sum()) / flat.shape[0]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                ev1.record()
+                torch.cuda.synchronize()
+                elapsed = ev0.elapsed_time(ev1) / 1000
+            else:
+                elapsed = time.perf_counter() - start
+            if i >= args.warmup:
+                times.append(elapsed)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        del model, opt
+        return statistics.median(times), peak
+
+    modes = ["ce"] + [f"cache {k}" for k in ("fkl", "rkl", "skl", "srkl", "jsd", "akl")] + ["online fkl"]
+    results = {m: run(m) for m in modes}
+    base_t, base_m = results["ce"]
+    rows = []
+    for m, (t, mem) in results.items():
+        rows.append((m, f"{t * 1000:.1f}", f"{t / base_t:.3f}", f"{mem:.2f}" if cuda else "n/a", f"{mem / base_m:.3f}" if cuda else "n/a"))
+    print_table(("mode", "median step ms", "step / CE", "peak GiB", "peak / CE"), rows)
+
+    tokens_per_step = args.batch_size * cache.seq_len
+    demand = tokens_per_step / base_t
+    loader = CacheLoader(cache, batch_size=args.batch_size, weights=weights, seed=1, prefetch=4)
+    loader.next()
+    start = time.perf_counter()
+    for _ in range(args.loader_batches):
+        loader.next()
+    elapsed = time.perf_counter() - start
+    loader.close()
+    supply = args.loader_batches * tokens_per_step / elapsed
+    print(f"\nloader: {supply:,.0f} tokens/s supplied (prefetch 4) vs {demand:,.0f} tokens/s consumed by the CE step = {supply / demand:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
