@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .corpus import corpus_fingerprint, discover_domains, iter_documents
 from .encodings import PlainEncoding
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, StoreError, StoreVersionError
 from .packing import pack_domain
 from .store import STATE_COMPLETE, STATE_INITIALIZING, CacheWriter, Shard, describe_pending, path_is_empty, read_root_meta
 from .teachers import BACKENDS, Teacher, load_teacher, resolve_backend
@@ -159,9 +159,9 @@ def _existing(out: str) -> dict[str, Any] | None:
         raise StoreError(f"--out {out} is a file, not a cache; choose another --out")
     try:
         return read_root_meta(out)
-    except StoreError as e:
-        if "format version" in str(e) or "encoding" in str(e):
-            raise
+    except StoreVersionError:
+        raise  # a cache, but of another version: say that, not "not a cache"
+    except StoreError:
         raise StoreError(f"--out {out} holds something that is not a ddk-cache store; choose another --out or remove it") from None
 
 

@@ -156,8 +156,11 @@ def _device(choice: str, local_rank: int) -> torch.device:
     return torch.device(choice)
 
 
-def load_student(cfg: DistillConfig, cache: Cache) -> tuple[Any, Any]:
-    """The student model and its tokenizer, after checking both fit the cache."""
+def load_student(cfg: DistillConfig, cache: Cache, weights: str | Path | None = None) -> tuple[Any, Any]:
+    """The student model and its tokenizer, after checking both fit the cache.
+
+    `weights`, if given, is a checkpoint directory to load instead of --student/--student-config.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tok_path = cfg.tokenizer or cfg.student
@@ -170,8 +173,8 @@ def load_student(cfg: DistillConfig, cache: Cache) -> tuple[Any, Any]:
             f"({cache.meta['teacher']['name_or_path']}, {theirs[:19]}); a student must share the teacher's tokenizer"
         )
     try:
-        if cfg.student:
-            model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
+        if weights is not None or cfg.student:
+            model = AutoModelForCausalLM.from_pretrained(weights or cfg.student, dtype=torch.float32)
         else:
             torch.manual_seed(cfg.seed)
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.student_config))
@@ -252,11 +255,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
         mixer = Mixer(cfg.mixing, cache.domains, [cache.num_sequences(d, "train") for d in cache.domains], alpha=cfg.ddk_alpha)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    model, tok = load_student(cfg, cache)
-    if ckpt is not None:  # the checkpoint's weights replace the starting ones
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    model, tok = load_student(cfg, cache, weights=ckpt)  # on resume, the checkpoint's weights
     model.to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -12,7 +12,7 @@ from typing import Any
 
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from .errors import StoreError
+from .errors import StoreError, StoreVersionError
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def encoding_from_dict(d: dict[str, Any]) -> PlainEncoding:
     """Rebuild an encoding from a cache's metadata; refuse names this version does not know."""
     name = d.get("name")
     if name not in ENCODINGS:
-        raise StoreError(
+        raise StoreVersionError(
             f"the cache uses encoding {name!r}, which this ddk-cache does not know "
             f"(known: {', '.join(ENCODINGS)}); upgrade ddk-cache"
         )

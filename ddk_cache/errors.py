@@ -19,3 +19,7 @@ class TeacherError(DDKCacheError):
 
 class StoreError(DDKCacheError):
     """The output or input path is not a usable cache (wrong version, other build, incomplete)."""
+
+
+class StoreVersionError(StoreError):
+    """A cache written by another format version or with an unknown encoding: never "not a cache"."""

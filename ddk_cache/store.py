@@ -29,7 +29,7 @@ import zarr
 
 from . import __version__
 from .encodings import PlainEncoding, encoding_from_dict
-from .errors import StoreError
+from .errors import StoreError, StoreVersionError
 
 FORMAT_VERSION = 1
 ROOT_ATTR = "ddk_cache"
@@ -108,7 +108,7 @@ def read_root_meta(path: str) -> dict[str, Any]:
         raise StoreError(f"{path} is a Zarr group but not a ddk-cache store (no {ROOT_ATTR!r} attribute)")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise StoreError(
+        raise StoreVersionError(
             f"{path} has cache format version {version}; this ddk-cache {__version__} reads version {FORMAT_VERSION}"
             + ("; upgrade ddk-cache" if isinstance(version, int) and version > FORMAT_VERSION else "; rebuild the cache")
         )

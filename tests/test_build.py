@@ -195,3 +195,18 @@ def test_domain_too_small(tmp_path, teacher_dir):
     with pytest.raises(Exception, match=r"domain 'tiny' has \d+ tokens; it needs at least 96"):
         build(small_config(teacher_dir, corpus, tmp_path / "c.zarr"), progress=False)
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_newer_format_at_out_is_refused_as_such(tmp_path, built_cache, teacher_dir, corpus_dir):
+    import shutil
+
+    import zarr
+
+    out = tmp_path / "c.zarr"
+    shutil.copytree(built_cache, out)
+    root = zarr.open_group(str(out), mode="r+")
+    meta = dict(root.attrs["ddk_cache"])
+    meta["format_version"] = 2
+    root.update_attributes({"ddk_cache": meta})
+    with pytest.raises(StoreError, match="has cache format version 2; this ddk-cache .* reads version 1; upgrade ddk-cache"):
+        build(small_config(teacher_dir, corpus_dir, out), progress=False)
