@@ -377,7 +377,8 @@ def _trim_metrics(path: Path, step: int) -> None:
     """On resume, drop metric lines past the checkpoint's step (they will be logged again)."""
     if not path.exists():
         return
+    if step == 0:  # a fresh run: nothing earlier is kept
+        path.write_text("")
+        return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    if step == 0:
-        keep = []
     path.write_text("".join(line + "\n" for line in keep))

@@ -78,3 +78,18 @@ def distill_config(cache: Path, student: Path, out: Path, **overrides):
                 warmup_steps=2, lr=1e-3, eval_batch_size=4, save_every=100, device="cpu")
     args.update(overrides)
     return DistillConfig(**args)
+
+
+def copy_cache(src: Path, dst: Path, edit=None) -> Path:
+    """Copy a cache; `edit(meta)`, if given, changes a copy of its root metadata in place."""
+    import shutil
+
+    import zarr
+
+    shutil.copytree(src, dst)
+    if edit is not None:
+        root = zarr.open_group(str(dst), mode="r+")
+        meta = dict(root.attrs["ddk_cache"])
+        edit(meta)
+        root.update_attributes({"ddk_cache": meta})
+    return dst

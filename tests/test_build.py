@@ -13,7 +13,7 @@ from ddk_cache.build import build
 from ddk_cache.errors import ConfigError, StoreError, TeacherError
 from ddk_cache.store import SPLITS, Cache, CacheWriter
 
-from .helpers import small_config
+from .helpers import copy_cache, small_config
 
 ARRAYS = ("tokens", "topk_ids", "topk_logprobs", "target_logprob", "seq_nll", "seq_topk_mass", "shard_done")
 
@@ -198,15 +198,6 @@ def test_domain_too_small(tmp_path, teacher_dir):
 
 
 def test_newer_format_at_out_is_refused_as_such(tmp_path, built_cache, teacher_dir, corpus_dir):
-    import shutil
-
-    import zarr
-
-    out = tmp_path / "c.zarr"
-    shutil.copytree(built_cache, out)
-    root = zarr.open_group(str(out), mode="r+")
-    meta = dict(root.attrs["ddk_cache"])
-    meta["format_version"] = 2
-    root.update_attributes({"ddk_cache": meta})
+    out = copy_cache(built_cache, tmp_path / "c.zarr", edit=lambda meta: meta.update(format_version=2))
     with pytest.raises(StoreError, match="has cache format version 2; this ddk-cache .* reads version 1; upgrade ddk-cache"):
         build(small_config(teacher_dir, corpus_dir, out), progress=False)

@@ -8,6 +8,8 @@ from click.testing import CliRunner
 
 from ddk_cache.cli.main import main
 
+from .helpers import copy_cache
+
 
 def test_inspect_table(built_cache):
     result = CliRunner().invoke(main, ["inspect", str(built_cache)])
@@ -56,16 +58,7 @@ def test_inspect_refuses_non_cache(tmp_path):
 
 
 def test_inspect_refuses_unknown_format_version(tmp_path, built_cache):
-    import shutil
-
-    import zarr
-
-    copy = tmp_path / "c.zarr"
-    shutil.copytree(built_cache, copy)
-    root = zarr.open_group(str(copy), mode="r+")
-    meta = dict(root.attrs["ddk_cache"])
-    meta["format_version"] = 99
-    root.update_attributes({"ddk_cache": meta})
+    copy = copy_cache(built_cache, tmp_path / "c.zarr", edit=lambda meta: meta.update(format_version=99))
     result = CliRunner().invoke(main, ["inspect", str(copy)])
     assert result.exit_code == 1
     assert "has cache format version 99; this ddk-cache 0.1.0 reads version 1; upgrade ddk-cache" in result.output

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
-
 from click.testing import CliRunner
 
 from ddk_cache.cli.main import main
 
+from .helpers import copy_cache
 
-def copy(built_cache, tmp_path):
-    out = tmp_path / "c.zarr"
-    shutil.copytree(built_cache, out)
-    return out
+
+def copy(built_cache, tmp_path, edit=None):
+    return copy_cache(built_cache, tmp_path / "c.zarr", edit)
 
 
 def test_good_cache_verifies(built_cache):
@@ -42,12 +40,9 @@ def test_deleted_chunk_is_named(built_cache, tmp_path):
 
 
 def test_tampered_table_is_caught(built_cache, tmp_path):
-    import zarr
+    def tamper(meta):
+        meta["teacher_ppl"]["alpha"]["val"]["ppl"] *= 1.01
 
-    out = copy(built_cache, tmp_path)
-    root = zarr.open_group(str(out), mode="r+")
-    meta = dict(root.attrs["ddk_cache"])
-    meta["teacher_ppl"]["alpha"]["val"]["ppl"] *= 1.01
-    root.update_attributes({"ddk_cache": meta})
+    out = copy(built_cache, tmp_path, tamper)
     result = CliRunner().invoke(main, ["verify", str(out), "--quiet"])
     assert result.exit_code == 1 and "teacher_ppl[alpha/val]" in result.output
