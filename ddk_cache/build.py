@@ -26,11 +26,12 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from .corpus import corpus_fingerprint, discover_domains, iter_documents
-from .encodings import PlainEncoding
+from .encodings import PackEncoding, PlainEncoding
 from .errors import ConfigError, StoreError, StoreVersionError
 from .packing import pack_domain
 from .store import STATE_COMPLETE, STATE_INITIALIZING, CacheWriter, Shard, describe_pending, path_is_empty, read_root_meta
 from .teachers import BACKENDS, Teacher, load_teacher, resolve_backend
+from .targets import DEFAULT_SAMPLE_POOL, TargetSpec, shard_seed
 from .teachers.base import model_fingerprint, resolve_device, resolve_dtype
 from .tokenization import load_tokenizer, tokenize_documents, tokenizer_info
 
@@ -46,7 +47,15 @@ class BuildConfig:
     teacher: str  # model directory or hub id
     data: str  # corpus directory or .yaml/.toml spec
     out: str  # cache path or fsspec URL (s3://bucket/cache.zarr)
-    top_k: int = 64  # entries kept per position
+    top_k: int = 64  # entries kept per position (at most)
+    targets: str = "topk"  # topk (adaptive with min_mass/min_prob) or sampled (targets.py)
+    min_mass: float | None = None  # adaptive top-k: keep entries until their mass reaches this
+    min_prob: float | None = None  # adaptive top-k: drop entries below this probability
+    samples: int = 50  # sampled targets: draws per position
+    sample_temperature: float = 1.0  # sampled targets: draw from softmax(logits / this)
+    sample_pool: int | None = None  # sampled targets: draw from the top-this only; None = full (hf), 256 (vllm)
+    encoding: str = "pack"  # pack (pack-v1: small, log-probs within kl_budget) or plain (plain-v1: exact float32)
+    kl_budget: float = 1e-4  # pack-v1: quantisation KL per position, nats
     seq_len: int = 2048  # tokens per packed sequence
     backend: str = "auto"  # teacher engine: vllm if installed, else hf
     text_field: str = "text"  # JSON field holding a document's text
@@ -71,7 +80,8 @@ class BuildConfig:
     engine_args: dict[str, Any] = field(default_factory=dict)  # more vLLM engine arguments
 
     # Fields that change the cache's bytes: a store built with other values is refused.
-    CONTENT_FIELDS = ("top_k", "seq_len", "text_field", "val_sequences", "max_tokens_per_domain", "seed", "dtype", "shard_sequences", "clevel")
+    CONTENT_FIELDS = ("top_k", "seq_len", "text_field", "val_sequences", "max_tokens_per_domain", "seed", "dtype", "shard_sequences", "clevel",
+                      "targets", "min_mass", "min_prob", "samples", "sample_temperature", "sample_pool", "encoding", "kl_budget")
 
     def __post_init__(self) -> None:
         checks = [
@@ -88,10 +98,24 @@ class BuildConfig:
             (self.num_shards is None or 0 <= (self.shard_index or 0) < self.num_shards, f"--shard-index must be in 0..{(self.num_shards or 1) - 1}, got {self.shard_index}"),
             (0 <= self.writer_threads <= 64, f"--writer-threads must be in 0..64 (0 = automatic), got {self.writer_threads}"),
             (self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1, f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
+            (self.encoding in ("pack", "plain"), f"--encoding must be pack or plain, got {self.encoding!r}"),
+            (self.encoding == "pack" or self.targets == "topk", "--targets sampled needs --encoding pack (plain-v1 has no counts)"),
+            (self.sample_pool is None or self.sample_pool >= 2, f"--sample-pool must be >= 2, got {self.sample_pool}"),
+            (1e-5 <= self.kl_budget <= 1e-2, f"--kl-budget must be in 1e-05..0.01, got {self.kl_budget}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self.target_spec()  # validates the target options
+
+    def target_spec(self) -> TargetSpec:
+        """What the cache keeps per position (stored in its metadata as `targets`)."""
+        return TargetSpec(kind=self.targets, k=self.top_k, min_mass=self.min_mass, min_prob=self.min_prob, samples=self.samples,
+                          sample_temperature=self.sample_temperature, sample_pool=self.sample_pool, seed=self.seed)
+
+    def storage_encoding(self) -> PlainEncoding | PackEncoding:
+        """How the cache's arrays become bytes (encodings.py)."""
+        return PackEncoding(kl_budget=self.kl_budget) if self.encoding == "pack" else PlainEncoding(clevel=self.clevel)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -217,7 +241,10 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
     # Resolve "auto" choices first: the fingerprint must name what was actually used.
     shard_sequences = config.shard_sequences or auto_shard_sequences(config.seq_len, config.top_k)
     dtype = resolve_dtype(config.dtype, resolve_device(config.device))
-    config = BuildConfig(**{**config.to_dict(), "shard_sequences": shard_sequences, "dtype": dtype, "backend": backend})
+    # vLLM returns only top-k log-probs: sampled targets come from a top-256 pool there.
+    pool = config.sample_pool or (DEFAULT_SAMPLE_POOL if backend == "vllm" and config.targets == "sampled" else None)
+    config = BuildConfig(**{**config.to_dict(), "shard_sequences": shard_sequences, "dtype": dtype, "backend": backend, "sample_pool": pool})
+    spec = config.target_spec()
     fps = {
         "corpus": corpus_fingerprint(domains),
         "teacher": model_fingerprint(config.teacher, config.revision),
@@ -236,7 +263,7 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
     mark = time.perf_counter()
     own_teacher = teacher is None
     teacher = teacher or load_teacher(
-        backend, config.teacher, top_k=config.top_k, seq_len=config.seq_len, dtype=config.dtype, device=config.device,
+        backend, config.teacher, top_k=max(config.top_k, pool or 0), seq_len=config.seq_len, dtype=config.dtype, device=config.device,
         batch_size=config.batch_size, revision=config.revision, trust_remote_code=config.trust_remote_code,
         tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=config.gpu_memory_utilization,
         max_num_batched_tokens=config.max_num_batched_tokens, logprobs_format=config.logprobs_format,
@@ -245,6 +272,8 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
     try:
         if config.top_k > teacher.vocab_size:
             raise ConfigError(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
+        if pool is not None and pool > teacher.vocab_size:
+            raise ConfigError(f"--sample-pool {pool} is larger than the teacher's vocabulary ({teacher.vocab_size})")
         if teacher.max_context is not None and config.seq_len > teacher.max_context:
             raise ConfigError(f"--seq-len {config.seq_len} is longer than the teacher's context ({teacher.max_context} tokens)")
 
@@ -261,7 +290,7 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
         result = BuildResult(meta=writer.meta, worker=worker, phase_seconds=phases)
         mine = {s for i, s in enumerate(writer.shards()) if i % worker[1] == worker[0]}
         threads = config.writer_threads or auto_writer_threads()
-        _score(writer, [s for s in writer.pending() if s in mine], teacher, config.top_k, result, progress, hook, threads)
+        _score(writer, [s for s in writer.pending() if s in mine], teacher, spec, result, progress, hook, threads)
     finally:
         if own_teacher:
             teacher.close()
@@ -306,10 +335,10 @@ def _initialize(config: BuildConfig, domains: list, tok: Any, teacher: Any, fps:
         "build_fingerprint": fingerprint,
     }
     splits = {name: {"train": p.train.tokens, "val": p.val.tokens} for name, p in packed.items()}
-    CacheWriter.create(config.out, meta, splits, top_k=config.top_k, shard_sequences=config.shard_sequences, encoding=PlainEncoding(clevel=config.clevel))
+    CacheWriter.create(config.out, meta, splits, targets=config.target_spec(), shard_sequences=config.shard_sequences, encoding=config.storage_encoding())
 
 
-def _score(writer: CacheWriter, shards: list[Shard], teacher: Any, top_k: int, result: BuildResult, progress: bool, hook: Hook, threads: int) -> None:
+def _score(writer: CacheWriter, shards: list[Shard], teacher: Any, spec: TargetSpec, result: BuildResult, progress: bool, hook: Hook, threads: int) -> None:
     """Score `shards`; `threads` background writers encode and write while the next shards are scored."""
     seq_len = writer.meta["seq_len"]
     label = "teacher" if result.worker[1] == 1 else f"teacher (worker {result.worker[0]}/{result.worker[1]})"
@@ -318,7 +347,7 @@ def _score(writer: CacheWriter, shards: list[Shard], teacher: Any, top_k: int, r
 
     def timed_write(shard: Shard, scores: Any) -> float:
         t0 = time.perf_counter()
-        writer.write_shard(shard, scores.topk_ids, scores.topk_logprobs, scores.target_logprob)
+        writer.write_shard(shard, scores.topk_ids, scores.topk_logprobs, scores.target_logprob, scores.counts)
         return time.perf_counter() - t0
 
     def drain(keep: int) -> None:
@@ -336,7 +365,7 @@ def _score(writer: CacheWriter, shards: list[Shard], teacher: Any, top_k: int, r
         for shard in shards:
             tokens = writer.read_tokens(shard)
             t0 = time.perf_counter()
-            scores = teacher.score(tokens, top_k)
+            scores = teacher.targets(tokens, spec, shard_seed(spec, shard.domain, shard.split, shard.index))
             result.teacher_seconds += time.perf_counter() - t0
             in_flight.append((pool.submit(timed_write, shard, scores), shard))
             result.tokens_scored += tokens.size

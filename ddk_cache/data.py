@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .store import TOKENS, TOPK_IDS, TOPK_LOGPROBS, Cache
+from .store import TOKENS, Cache
 
 
 @dataclass
 class Batch:
-    """One rank's share of a step: tokens [B, L], top-k targets [B, L-1, k], domain of each row."""
+    """One rank's share of a step: tokens [B, L], sparse targets [B, L-1, k] (log-prob -inf:
+    padding), domain of each row."""
 
     tokens: torch.Tensor
     topk_ids: torch.Tensor
@@ -89,7 +90,7 @@ class CacheLoader:
         self.sampler = DomainSampler([cache.num_sequences(d, "train") for d in self.domains], seed)
         self.weights = _normalise(weights)
         self.consumed_state = self.sampler.state_dict()
-        self._arrays = {d: {n: cache.root[f"{d}/train/{n}"] for n in (TOKENS, TOPK_IDS, TOPK_LOGPROBS)} for d in self.domains}
+        self._arrays = {d: {n: cache.root[f"{d}/train/{n}"] for n in (TOKENS, *cache.target_arrays)} for d in self.domains}
         self._thread: threading.Thread | None = None
         self._start()
 
@@ -106,8 +107,9 @@ class CacheLoader:
             uniq, inverse = np.unique(seqs, return_inverse=True)
             arrays = self._arrays[self.domains[d]]
             tokens[rows] = arrays[TOKENS].get_orthogonal_selection((uniq, slice(None)))[inverse]
-            ids[rows] = arrays[TOPK_IDS].get_orthogonal_selection((uniq, slice(None), slice(None)))[inverse]
-            lps[rows] = arrays[TOPK_LOGPROBS].get_orthogonal_selection((uniq, slice(None), slice(None)))[inverse]
+            stored = {n: a.get_orthogonal_selection((uniq,) + (slice(None),) * (a.ndim - 1)) for n, a in arrays.items() if n != TOKENS}
+            d_ids, d_lps = self.cache.decode_targets(stored)
+            ids[rows], lps[rows] = d_ids[inverse], d_lps[inverse]
         return tokens, ids, lps, doms
 
     def _produce(self, stop: threading.Event, out: queue.Queue) -> None:

@@ -240,11 +240,26 @@ class DistillResult:
     final_ppl: dict[str, float]
 
 
+def _check_targets(cfg: DistillConfig, cache: Cache) -> None:
+    """Sampled targets estimate the teacher without bias only where the loss is linear in
+    the target (forward KL) and at the temperature they were drawn for (1)."""
+    if cache.targets.kind != "sampled":
+        return
+    if cfg.kd_loss not in ("fkl", "none"):
+        raise ConfigError(
+            f"--kd-loss {cfg.kd_loss} on a cache of sampled targets: only forward KL (fkl) is unbiased on "
+            "sampled ids (the others are not linear in the target); use --kd-loss fkl or a top-k cache"
+        )
+    if cfg.temperature != 1.0:
+        raise ConfigError(f"--temperature {cfg.temperature} on a cache of sampled targets: they estimate the teacher at T = 1; use --temperature 1")
+
+
 def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
     """Train per `cfg`; returns where the final model is and the loss history."""
     rank, world, local_rank = _distributed()
     device = _device(cfg.device, local_rank)
     cache = Cache(cfg.cache)  # refuses incomplete caches and unknown versions
+    _check_targets(cfg, cache)
     run = Path(cfg.out)
     ckpt = latest_checkpoint(run) if cfg.resume else None
     if cfg.resume and ckpt is None:

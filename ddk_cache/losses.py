@@ -15,7 +15,10 @@ Tail handling (`tail`):
            teacher 1 - a, student 1 - sum_S q^T. With k = V there is no tail and the sparse
            loss equals the dense one.
   "renorm": both are renormalised over S: p^T_S / a and q^T_S / sum_S q^T.
-Cached ids that are >= the student's vocabulary are dropped (their mass joins the tail).
+Cached ids that are >= the student's vocabulary are dropped (their mass joins the tail), and
+entries with log-prob -inf are padding (adaptive k, sampled targets). Sampled targets are
+weights summing to 1 (a = 1): their tail bucket is empty, and forward KL against them is the
+unbiased sampled-KD loss.
 
 Divergences D(P, Q) over the resulting categories (references.md):
   fkl   sum P (log P - log Q)                              forward KL
@@ -117,7 +120,8 @@ def sparse_kd(
         return student_logits.new_zeros(student_logits.shape[0], dtype=torch.float32)
     vocab = student_logits.shape[-1]
     T = cfg.temperature
-    valid = topk_ids < vocab
+    # Padding entries (adaptive k, sampled ids) carry log-prob -inf.
+    valid = (topk_ids < vocab) & torch.isfinite(topk_logprobs)
     ids = torch.where(valid, topk_ids, torch.zeros_like(topk_ids)).long()
     lp = torch.where(valid, topk_logprobs.float(), torch.full_like(topk_logprobs, float("-inf"), dtype=torch.float32))
     logq_all = student_logprobs if student_logprobs is not None else torch.log_softmax(student_logits.float() / T, dim=-1)

@@ -5,8 +5,9 @@ A cache is a Zarr v3 group:
     /                        attrs["ddk_cache"] = root metadata (format version, teacher, ...)
     /<domain>/<split>/       split is "train" or "val"
         tokens          int32   [N, L]        the packed sequences
-        topk_ids        int32   [N, L-1, k]   position t predicts tokens[:, t+1]
-        topk_logprobs   float32 [N, L-1, k]
+        topk_ids        int32   [N, L-1, k]   plain-v1: position t predicts tokens[:, t+1]
+        topk_logprobs   float32 [N, L-1, k]   plain-v1 (-inf: entry not kept)
+        targets         uint8   [N, C]        pack-v1: each sequence's targets, packed (codec.py)
         target_logprob  float32 [N, L-1]      log p(tokens[:, t+1] | tokens[:, :t+1])
         seq_nll         float64 [N]           -sum over positions of target_logprob
         seq_topk_mass   float64 [N]           sum over positions of sum_k exp(topk_logprobs)
@@ -28,16 +29,20 @@ import numpy as np
 import zarr
 
 from . import __version__
-from .encodings import PlainEncoding, encoding_from_dict
+from .encodings import Encoding, PackEncoding, encoding_from_dict
 from .errors import StoreError, StoreVersionError
+from .targets import TargetSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 (plain-v1 top-k only, no `targets` attribute) is still read.
+READABLE_VERSIONS = (1, 2)
 ROOT_ATTR = "ddk_cache"
 SPLITS = ("train", "val")
 
 TOKENS = "tokens"
 TOPK_IDS = "topk_ids"
 TOPK_LOGPROBS = "topk_logprobs"
+TARGETS = "targets"
 TARGET_LOGPROB = "target_logprob"
 SEQ_NLL = "seq_nll"
 SEQ_TOPK_MASS = "seq_topk_mass"
@@ -107,9 +112,10 @@ def read_root_meta(path: str) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise StoreError(f"{path} is a Zarr group but not a ddk-cache store (no {ROOT_ATTR!r} attribute)")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise StoreVersionError(
-            f"{path} has cache format version {version}; this ddk-cache {__version__} reads version {FORMAT_VERSION}"
+            f"{path} has cache format version {version}; this ddk-cache {__version__} reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
             + ("; upgrade ddk-cache" if isinstance(version, int) and version > FORMAT_VERSION else "; rebuild the cache")
         )
     encoding_from_dict(meta["encoding"])  # refuses unknown encodings
@@ -124,7 +130,33 @@ class _CacheNode:
         self.meta = read_root_meta(path)
         self.root = _open_root(path, mode)
         self.encoding = encoding_from_dict(self.meta["encoding"])
+        # Version 1 caches predate the attribute: they hold plain top-k targets.
+        self.targets = TargetSpec.from_dict(self.meta["targets"]) if "targets" in self.meta else TargetSpec(k=int(self.meta["top_k"]))
+        self.packed = isinstance(self.encoding, PackEncoding)
+        self.codec = self.encoding.codec(vocab_size=int(self.meta["vocab_size"]), max_entries=self.targets.entries) if self.packed else None
 
+    @property
+    def target_arrays(self) -> tuple[str, ...]:
+        """The arrays holding the sparse targets under this cache's encoding."""
+        return (TARGETS,) if self.packed else (TOPK_IDS, TOPK_LOGPROBS)
+
+    def decode_targets(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Stored target arrays of some sequences -> (ids int64 [n, P, K], log-probs float32 [n, P, K]).
+
+        Entries not kept are padding (log-prob -inf). For sampled targets the log-probs are
+        the log target weights (storage_layout.md, "Targets")."""
+        if not self.packed:
+            return arrays[TOPK_IDS].astype(np.int64), arrays[TOPK_LOGPROBS]
+        P = int(self.meta["seq_len"]) - 1
+        rows = arrays[TARGETS]
+        ids = np.empty((len(rows), P, self.targets.entries), np.int64)
+        lps = np.empty((len(rows), P, self.targets.entries), np.float32)
+        for i, row in enumerate(rows):
+            if self.targets.kind == "sampled":
+                ids[i], lps[i] = self.codec.decode_sampled(memoryview(row), P, self.targets.sample_temperature)
+            else:
+                ids[i], lps[i] = self.codec.decode_topk(memoryview(row), P)
+        return ids, lps
     def _group(self, domain: str, split: str) -> zarr.Group:
         return self.root[f"{domain}/{split}"]
 
@@ -166,9 +198,9 @@ class CacheWriter(_CacheNode):
         meta: dict[str, Any],
         splits: dict[str, dict[str, np.ndarray]],
         *,
-        top_k: int,
+        targets: TargetSpec,
         shard_sequences: int,
-        encoding: PlainEncoding,
+        encoding: Encoding,
     ) -> "CacheWriter":
         """Create the store at `path` (overwriting an unfinished initialization) and write the tokens.
 
@@ -183,9 +215,12 @@ class CacheWriter(_CacheNode):
             "state": STATE_INITIALIZING,
             "created_at": now(),
             "encoding": encoding.to_dict(),
-            "top_k": top_k,
+            "targets": targets.to_dict(),
+            "top_k": targets.entries,
             "shard_sequences": shard_sequences,
         }
+        top_k = targets.entries
+        capacity = encoding.codec(vocab_size=int(meta["vocab_size"]), max_entries=top_k).capacity(int(meta["seq_len"]) - 1) if isinstance(encoding, PackEncoding) else 0
         root = zarr.create_group(store=path, overwrite=True, attributes={ROOT_ATTR: root_meta})
         for domain, by_split in splits.items():
             dgroup = root.create_group(domain)
@@ -199,13 +234,16 @@ class CacheWriter(_CacheNode):
                 def arr(name: str, shape: tuple, dtype: str, shards: tuple | None, chunks: tuple, dims: tuple) -> Any:
                     return group.create_array(
                         name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
-                        compressors=encoding.compressors(name), fill_value=0, dimension_names=dims,
+                        compressors=encoding.compressors(packed=name == TARGETS), fill_value=0, dimension_names=dims,
                         config=WRITE_CONFIG,
                     )
 
                 arr(TOKENS, (n, seq_len), "int32", (s, seq_len), (1, seq_len), ("sequence", "token"))[:] = tokens
-                arr(TOPK_IDS, (n, positions, top_k), "int32", (s, positions, top_k), (1, positions, top_k), ("sequence", "position", "rank"))
-                arr(TOPK_LOGPROBS, (n, positions, top_k), "float32", (s, positions, top_k), (1, positions, top_k), ("sequence", "position", "rank"))
+                if capacity:
+                    arr(TARGETS, (n, capacity), "uint8", (s, capacity), (1, capacity), ("sequence", "byte"))
+                else:
+                    arr(TOPK_IDS, (n, positions, top_k), "int32", (s, positions, top_k), (1, positions, top_k), ("sequence", "position", "rank"))
+                    arr(TOPK_LOGPROBS, (n, positions, top_k), "float32", (s, positions, top_k), (1, positions, top_k), ("sequence", "position", "rank"))
                 arr(TARGET_LOGPROB, (n, positions), "float32", (s, positions), (1, positions), ("sequence", "position"))
                 arr(SEQ_NLL, (n,), "float64", None, (s,), ("sequence",))
                 arr(SEQ_TOPK_MASS, (n,), "float64", None, (s,), ("sequence",))
@@ -218,12 +256,15 @@ class CacheWriter(_CacheNode):
         """int32 [stop-start, L] tokens of a shard."""
         return self._group(shard.domain, shard.split)[TOKENS][shard.start : shard.stop]
 
-    def write_shard(self, shard: Shard, topk_ids: np.ndarray, topk_logprobs: np.ndarray, target_logprob: np.ndarray) -> None:
-        """Write one shard's teacher arrays and per-sequence sums, then mark it done."""
+    def write_shard(self, shard: Shard, topk_ids: np.ndarray, topk_logprobs: np.ndarray, target_logprob: np.ndarray,
+                    counts: np.ndarray | None = None) -> None:
+        """Write one shard's teacher arrays and per-sequence sums, then mark it done.
+
+        topk_ids/topk_logprobs [n, P, K] in rank order, -inf where an entry is not kept; for
+        sampled targets the unique ids, their teacher log-probs and their draw `counts`."""
         sl = slice(shard.start, shard.stop)
         values = {
-            TOPK_IDS: topk_ids,
-            TOPK_LOGPROBS: topk_logprobs,
+            **self.encode_targets(topk_ids, topk_logprobs, counts),
             TARGET_LOGPROB: target_logprob,
             SEQ_NLL: sequence_nll(target_logprob),
             SEQ_TOPK_MASS: np.exp(topk_logprobs.astype(np.float64)).sum(axis=(1, 2)),
@@ -232,6 +273,23 @@ class CacheWriter(_CacheNode):
             self._array(shard.domain, shard.split, name)[sl] = value
         # Written last: a crash before this line leaves the shard pending, and it is redone.
         self._array(shard.domain, shard.split, SHARD_DONE)[shard.index : shard.index + 1] = 1
+
+    def encode_targets(self, ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The stored arrays for [n, P, K] targets under this cache's encoding."""
+        if not self.packed:
+            return {TOPK_IDS: ids, TOPK_LOGPROBS: np.where(np.isfinite(logprobs), logprobs, -np.inf).astype(np.float32)}
+        rows = np.zeros(self._array_shape(TARGETS, len(ids)), np.uint8)
+        for i in range(len(ids)):
+            if self.targets.kind == "sampled":
+                blob = self.codec.encode_sampled(ids[i], counts[i], logprobs[i] if self.targets.sample_temperature != 1.0 else None)
+            else:
+                blob = self.codec.encode_topk(ids[i], logprobs[i])
+            rows[i, : len(blob)] = np.frombuffer(blob, np.uint8)
+        return {TARGETS: rows}
+
+    def _array_shape(self, name: str, n: int) -> tuple[int, ...]:
+        domain = next(iter(self.meta["domains"]))
+        return (n,) + tuple(self._group(domain, "train")[name].shape[1:])
 
     def finalize(self) -> dict[str, Any]:
         """Compute the teacher perplexity table from `seq_nll` and mark the cache complete.
@@ -311,7 +369,8 @@ class Cache(_CacheNode):
         if domain not in self.meta["domains"]:
             raise StoreError(f"{self.path} has no domain {domain!r} (domains: {', '.join(self.domains)})")
         g = self._group(domain, split)
-        return CacheBatch(g[TOKENS][start:stop], g[TOPK_IDS][start:stop], g[TOPK_LOGPROBS][start:stop], g[TARGET_LOGPROB][start:stop])
+        ids, lps = self.decode_targets({name: g[name][start:stop] for name in self.target_arrays})
+        return CacheBatch(g[TOKENS][start:stop], ids, lps, g[TARGET_LOGPROB][start:stop])
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per domain and split: sizes, teacher PPL, bytes on disk, mean top-k mass."""

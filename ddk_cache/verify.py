@@ -17,7 +17,7 @@ import zarr
 from zarr.core.sync import sync
 
 from .store import (
-    SEQ_NLL, SEQ_TOPK_MASS, SHARD_DONE, SPLITS, STATE_COMPLETE, TARGET_LOGPROB, TOKENS, TOPK_IDS, TOPK_LOGPROBS,
+    SEQ_NLL, SEQ_TOPK_MASS, SHARD_DONE, SPLITS, STATE_COMPLETE, TARGET_LOGPROB, TARGETS, TOKENS, TOPK_IDS, TOPK_LOGPROBS,
     Cache, perplexity_entry, sequence_nll,
 )
 
@@ -31,12 +31,16 @@ class Problem:
         return f"{self.where}: {self.what}"
 
 
-def _expected(meta: dict, n: int) -> dict[str, tuple[tuple[int, ...], str]]:
+def _expected(cache: Cache, n: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    meta = cache.meta
     L, k = meta["seq_len"], meta["top_k"]
+    if cache.packed:
+        targets = {TARGETS: ((n, cache.codec.capacity(L - 1)), "uint8")}
+    else:
+        targets = {TOPK_IDS: ((n, L - 1, k), "int32"), TOPK_LOGPROBS: ((n, L - 1, k), "float32")}
     return {
         TOKENS: ((n, L), "int32"),
-        TOPK_IDS: ((n, L - 1, k), "int32"),
-        TOPK_LOGPROBS: ((n, L - 1, k), "float32"),
+        **targets,
         TARGET_LOGPROB: ((n, L - 1), "float32"),
         SEQ_NLL: ((n,), "float64"),
         SEQ_TOPK_MASS: ((n,), "float64"),
@@ -73,7 +77,7 @@ def verify_cache(path: str, progress: Callable[[Iterator], Iterator] = iter) -> 
                 problems.append(Problem(f"{domain}/{split}", "group is missing"))
                 continue
             arrays: dict[str, np.ndarray] = {}
-            for name, (shape, dtype) in _expected(meta, n).items():
+            for name, (shape, dtype) in _expected(cache, n).items():
                 where = f"{domain}/{split}/{name}"
                 array = group.get(name)
                 if array is None:
@@ -98,6 +102,12 @@ def verify_cache(path: str, progress: Callable[[Iterator], Iterator] = iter) -> 
                     checked += 1
                 if len(problems) == before:  # value checks only on arrays that fully decoded
                     arrays[name] = data
+            if TARGETS in arrays:  # packed rows: the CRC passed, now every row must unpack
+                try:
+                    decoded = cache.decode_targets({TARGETS: arrays.pop(TARGETS)})
+                    arrays[TOPK_IDS] = decoded[0]
+                except Exception as e:
+                    problems.append(Problem(f"{domain}/{split}/{TARGETS}", f"a packed row does not decode ({type(e).__name__}: {e})"))
             problems += _check_values(f"{domain}/{split}", arrays, meta, table.get(split))
     return problems, checked
 
@@ -111,6 +121,7 @@ def _check_values(where: str, a: dict[str, np.ndarray], meta: dict, ppl: dict | 
             out.append(Problem(f"{where}/{name}", f"token ids outside 0..{meta['vocab_size'] - 1}"))
     if TARGET_LOGPROB in a and SEQ_NLL in a and not np.array_equal(sequence_nll(a[TARGET_LOGPROB]), a[SEQ_NLL]):
         out.append(Problem(f"{where}/{SEQ_NLL}", "does not equal -sum(target_logprob) per sequence"))
+    # Exact only for plain-v1 (pack-v1 quantises the log-probs; the sum was taken before).
     if TOPK_LOGPROBS in a and SEQ_TOPK_MASS in a and not np.array_equal(np.exp(a[TOPK_LOGPROBS].astype(np.float64)).sum(axis=(1, 2)), a[SEQ_TOPK_MASS]):
         out.append(Problem(f"{where}/{SEQ_TOPK_MASS}", "does not equal the summed top-k probabilities"))
     if ppl is not None and SEQ_NLL in a and perplexity_entry(a[SEQ_NLL], meta["seq_len"] - 1) != ppl:

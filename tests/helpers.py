@@ -39,10 +39,12 @@ def write_corpus(root: Path) -> Path:
 
 
 def small_config(teacher_dir: Path, corpus_dir: Path, out: Path, **overrides) -> BuildConfig:
-    """A build that takes a couple of seconds: 32-token sequences, k=8, shards of 4 sequences."""
+    """A build that takes a couple of seconds: 32-token sequences, k=8, shards of 4 sequences,
+    the exact plain-v1 encoding (tests compare it with direct forward passes bit for bit)."""
     args = dict(
         teacher=str(teacher_dir), data=str(corpus_dir), out=str(out), top_k=8, seq_len=32,
         val_sequences=2, shard_sequences=4, batch_size=3, device="cpu", dtype="float32", backend="hf",
+        encoding="plain",
     )
     args.update(overrides)
     return BuildConfig(**args)
@@ -54,7 +56,7 @@ def build_argv(config) -> list[str]:
         "--teacher", config.teacher, "--data", config.data, "--out", config.out,
         "--top-k", str(config.top_k), "--seq-len", str(config.seq_len), "--val-sequences", str(config.val_sequences),
         "--shard-sequences", str(config.shard_sequences), "--batch-size", str(config.batch_size),
-        "--device", "cpu", "--dtype", "float32", "--backend", "hf", "--quiet",
+        "--device", "cpu", "--dtype", "float32", "--backend", "hf", "--encoding", config.encoding, "--quiet",
     ]
 
 

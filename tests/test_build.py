@@ -66,7 +66,7 @@ def test_ppl_table_equals_exp_mean_nll(built_cache, teacher_dir):
 
 def test_metadata_records_the_build(built_cache, teacher_dir):
     meta = Cache(str(built_cache)).meta
-    assert meta["format_version"] == 1 and meta["state"] == "complete"
+    assert meta["format_version"] == 2 and meta["state"] == "complete"
     assert meta["teacher"]["backend"] == "hf" and meta["teacher"]["dtype"] == "float32"
     assert meta["teacher"]["name_or_path"] == str(teacher_dir)
     assert meta["tokenizer"]["fingerprint"].startswith("sha256:")
@@ -198,6 +198,6 @@ def test_domain_too_small(tmp_path, teacher_dir):
 
 
 def test_newer_format_at_out_is_refused_as_such(tmp_path, built_cache, teacher_dir, corpus_dir):
-    out = copy_cache(built_cache, tmp_path / "c.zarr", edit=lambda meta: meta.update(format_version=2))
-    with pytest.raises(StoreError, match="has cache format version 2; this ddk-cache .* reads version 1; upgrade ddk-cache"):
+    out = copy_cache(built_cache, tmp_path / "c.zarr", edit=lambda meta: meta.update(format_version=3))
+    with pytest.raises(StoreError, match="has cache format version 3; this ddk-cache .* reads versions 1, 2; upgrade ddk-cache"):
         build(small_config(teacher_dir, corpus_dir, out), progress=False)

@@ -1,4 +1,4 @@
-"""The teacher backend interface: token ids in, top-k log-probabilities out.
+"""The teacher backend interface: token ids in, top-k log-probabilities (or sampled ids) out.
 
 Every backend returns the same arrays for the same model and sequences, so the store and
 the trainer never know which engine produced a cache.
@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..targets import DEFAULT_SAMPLE_POOL, TargetSpec, adaptive_cut, sample_from_topk
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -62,6 +63,7 @@ class TeacherScores:
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     target_logprob: np.ndarray
+    counts: np.ndarray | None = None  # sampled targets: draws per id [B, L-1, k] (0 = padding)
 
 
 class Teacher(ABC):
@@ -108,6 +110,22 @@ class Teacher(ABC):
     @abstractmethod
     def score(self, tokens: np.ndarray, top_k: int) -> TeacherScores:
         """Score int32 [B, L] token ids; see TeacherScores for what comes back."""
+
+    def targets(self, tokens: np.ndarray, spec: TargetSpec, seed: list[int]) -> TeacherScores:
+        """The targets `spec` asks for (targets.py): top-k, cut adaptively, or sampled.
+
+        Sampling here draws from the top-`spec.sample_pool` log-probs, renormalised: all a
+        backend that returns only top-k (vLLM) can offer. Backends with the full
+        distribution override this for `sample_pool=None`. `seed` fixes the draws."""
+        if spec.kind == "topk":
+            s = self.score(tokens, spec.k)
+            return replace(s, topk_logprobs=adaptive_cut(s.topk_logprobs, spec))
+        pool = min(spec.sample_pool or DEFAULT_SAMPLE_POOL, self.vocab_size)
+        s = self.score(tokens, pool)
+        B, P, _ = s.topk_ids.shape
+        ids, counts, lps = sample_from_topk(s.topk_ids.reshape(B * P, pool), s.topk_logprobs.reshape(B * P, pool), spec, np.random.default_rng(seed))
+        shape = (B, P, spec.entries)
+        return TeacherScores(ids.reshape(shape).astype(np.int32), lps.reshape(shape), s.target_logprob, counts.reshape(shape).astype(np.uint8))
 
     def close(self) -> None:
         """Release the model (and engine processes, for backends that start them)."""

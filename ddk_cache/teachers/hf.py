@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import TeacherError
+from ..targets import TargetSpec, sample_from_logprobs
 from ..tokenization import first_line, load_tokenizer
 from .base import Teacher, TeacherScores, resolve_device, resolve_dtype
 
@@ -87,6 +88,29 @@ class HFTeacher(Teacher):
                 lps[start + row] = values.cpu().numpy()
                 target[start + row] = logprobs.gather(-1, nxt).squeeze(-1).cpu().numpy()
         return TeacherScores(ids, lps, target)
+
+    @torch.inference_mode()
+    def targets(self, tokens: np.ndarray, spec: TargetSpec, seed: list[int]) -> TeacherScores:
+        """Sampled targets with `sample_pool=None` are drawn from the full distribution here;
+        everything else as in Teacher.targets."""
+        if spec.kind != "sampled" or spec.sample_pool is not None:
+            return super().targets(tokens, spec, seed)
+        n, length = tokens.shape
+        shape = (n, length - 1, spec.entries)
+        ids, lps, counts = np.empty(shape, np.int32), np.empty(shape, np.float32), np.empty(shape, np.uint8)
+        target = np.empty((n, length - 1), np.float32)
+        # One generator per shard, on the logits' device: same draws on every resume.
+        generator = torch.Generator(self.device).manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+        for start in range(0, n, self.batch_size):
+            stop = min(n, start + self.batch_size)
+            input_ids = torch.from_numpy(np.ascontiguousarray(tokens[start:stop])).to(self.device, torch.long)
+            logits = self.model(input_ids=input_ids, use_cache=False).logits
+            for row in range(stop - start):
+                logprobs = torch.log_softmax(logits[row, :-1].float(), dim=-1)
+                i, c, lp = sample_from_logprobs(logprobs, spec, generator)
+                ids[start + row], counts[start + row], lps[start + row] = i, c, lp
+                target[start + row] = logprobs.gather(-1, input_ids[row, 1:, None]).squeeze(-1).cpu().numpy()
+        return TeacherScores(ids, lps, target, counts)
 
     def close(self) -> None:
         self.model = None
