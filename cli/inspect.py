@@ -20,11 +20,28 @@ def _fmt_bytes(n: float) -> str:
 @click.command()
 @click.argument("cache", metavar="CACHE")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
-def inspect(cache: str, as_json: bool) -> None:
+@click.option("--fidelity", is_flag=True, help="Re-run the teacher (transformers) on a sample of validation sequences: covered mass, coarse KL of the stored targets vs. the full distribution, bytes/token per array.")
+@click.option("--sequences", default=4, show_default=True, help="--fidelity: validation sequences per domain.")
+@click.option("--teacher", default=None, help="--fidelity: the teacher's path, if it moved since the build.")
+@click.option("--device", default="auto", show_default=True, help="--fidelity: torch device for the teacher.")
+def inspect(cache: str, as_json: bool, fidelity: bool, sequences: int, teacher: str | None, device: str) -> None:
     """Show a cache's teacher, settings, and per domain/split: sequences, tokens, teacher PPL,
-    bytes on disk, bytes/token and mean top-k mass. An unfinished cache is shown too, then
+    bytes on disk, bytes/token and mean kept mass. An unfinished cache is shown too, then
     refused (exit 1) with what is missing."""
     c = Cache(cache, require_complete=False)
+    if fidelity:
+        from ddk_cache.fidelity import fidelity as measure
+
+        report = measure(Cache(cache), sequences=sequences, device=device, teacher=teacher)
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+            return
+        click.echo(f"{cache}: {c.meta['encoding']['name']}, targets {c.targets.kind}"
+                   f"{' (adaptive)' if c.targets.adaptive else ''}, up to {c.targets.entries} per position; "
+                   f"{report['positions']:,} positions re-scored")
+        click.echo(f"covered mass {report['covered_mass']:.4f}; coarse {report['kl_direction']} {report['coarse_kl']:.3e} nats/token")
+        click.echo("bytes/token: " + ", ".join(f"{k} {v:.2f}" for k, v in report["bytes_per_token"].items()))
+        return
     rows = c.summary()
     meta = c.meta
     pending = c.pending() if meta["state"] != "complete" else []

@@ -150,6 +150,26 @@ def auto_shard_sequences(seq_len: int, top_k: int) -> int:
     return max(1, min(1024, AUTO_SHARD_BYTES // ((seq_len - 1) * top_k * 4)))
 
 
+def expected_size(meta: dict[str, Any], spec: TargetSpec, encoding: str) -> str:
+    """A rough size of the finished cache, printed before the teacher starts.
+
+    Per predicted position: plain-v1 stores 8 bytes per entry (int32 + float32, about 0.75x
+    after zstd); pack-v1 about 0.85 bytes per top-k entry + 4, or 1.5 per sampled id + 1
+    (BENCHMARKS.md, 32k-vocabulary teacher; peakier teachers need less). Plus 4 bytes
+    per token for the tokens and the target log-prob."""
+    sequences = sum(d[s]["sequences"] for d in meta["domains"].values() for s in ("train", "val"))
+    positions = sequences * (meta["seq_len"] - 1)
+    entries = spec.entries
+    if encoding == "plain":
+        per = 0.75 * 8 * entries
+    elif spec.kind == "sampled":
+        per = 1.5 * min(entries, 0.25 * spec.samples + 1) + 1
+    else:
+        per = 0.85 * entries + 4
+    total = positions * (per + 8)
+    return f"expected cache size: about {total / 2**30:.2f} GiB ({per:.0f} B/position for the targets, {positions:,} positions)"
+
+
 def auto_writer_threads() -> int:
     """Half the cores, 1 to 8: the rest stay with the teacher (tokenizer, CPU forward passes)."""
     return max(1, min(8, (os.cpu_count() or 2) // 2))
@@ -287,6 +307,8 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
         phases["tokenize + create store"], mark = time.perf_counter() - mark, time.perf_counter()
 
         writer = CacheWriter(config.out)
+        if progress and worker[0] == 0:
+            tqdm.write(expected_size(writer.meta, spec, config.encoding))
         result = BuildResult(meta=writer.meta, worker=worker, phase_seconds=phases)
         mine = {s for i, s in enumerate(writer.shards()) if i % worker[1] == worker[0]}
         threads = config.writer_threads or auto_writer_threads()

@@ -84,3 +84,20 @@ def test_vllm_needs_one_more_position(tmp_path, teacher_dir, corpus_dir):
 
     with pytest.raises(ConfigError, match=r"needs a context of --seq-len \+ 1 = 65 .* use --seq-len 63 or --backend hf"):
         build(small_config(teacher_dir, corpus_dir, tmp_path / "c.zarr", backend="vllm", seq_len=64), progress=False)
+
+
+def test_sampled_targets_come_from_the_top_pool(vllm_teacher, built_cache):
+    """vLLM has only top-k log-probs: sampled ids are drawn from that pool, reproducibly."""
+    from ddk_cache.targets import TargetSpec
+
+    tokens = Cache(str(built_cache)).read("alpha", "train", 0, 2).tokens
+    spec = TargetSpec(kind="sampled", k=10, samples=10, sample_pool=8)
+    a = vllm_teacher.targets(tokens, spec, [0, 1, 2, 3])
+    b = vllm_teacher.targets(tokens, spec, [0, 1, 2, 3])
+    pool = vllm_teacher.score(tokens, 8)
+    assert (a.counts.sum(-1) == 10).all()
+    np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+    for n in range(len(tokens)):
+        for t in range(tokens.shape[1] - 1):
+            drawn = a.topk_ids[n, t][a.counts[n, t] > 0]
+            assert set(drawn.tolist()) <= set(pool.topk_ids[n, t].tolist())
