@@ -152,3 +152,15 @@ def test_verify_reads_packed_caches(caches, tmp_path, name):
     arr[0] = row
     problems, _ = verify_cache(str(damaged))
     assert any("does not decode" in str(p) for p in problems)
+
+
+def test_fidelity_report(caches, built_cache):
+    """plain-v1 top-k is exact (coarse KL ~ 0); pack-v1 adds about its KL budget."""
+    from ddk_cache.fidelity import fidelity
+
+    exact = fidelity(Cache(str(built_cache)), sequences=2, device="cpu")
+    packed = fidelity(Cache(str(caches["pack"])), sequences=2, device="cpu")
+    assert exact["coarse_kl"] < 1e-6 and 0 < packed["coarse_kl"] < 2e-4
+    assert exact["covered_mass"] == pytest.approx(packed["covered_mass"], rel=1e-6)  # same ids
+    assert set(packed["bytes_per_token"]) >= {"targets", "tokens", "target_logprob"}
+    assert packed["bytes_per_token"]["targets"] < exact["bytes_per_token"]["topk_ids"] + exact["bytes_per_token"]["topk_logprobs"]
