@@ -29,7 +29,7 @@ def _engine_args(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--samples", default=50, show_default=True, help="--targets sampled: draws per position (1-255).")
 @click.option("--sample-temperature", default=1.0, show_default=True, help="--targets sampled: draw from softmax(logits / T); T != 1 stores log-probs for importance weights.")
 @click.option("--sample-pool", type=int, default=None, help="--targets sampled: draw from the top-N log-probs only (default: the full distribution with --backend hf, the top-256 with vllm, which returns no more).")
-@click.option("--encoding", type=click.Choice(["pack", "plain"]), default="pack", show_default=True, help="pack: the pack-v1 codec (ids exact, log-probs quantised within --kl-budget; ~10x smaller); plain: exact float32 + int32 (plain-v1).")
+@click.option("--encoding", type=click.Choice(["pack", "plain"]), default="pack", show_default=True, help="pack: the pack-v1 codec (ids exact, log-probs quantised within --kl-budget; ~4x smaller than plain at k=64); plain: exact float32 + int32 (plain-v1).")
 @click.option("--kl-budget", default=1e-4, show_default=True, help="pack: KL (nats per position) the log-prob quantisation may add.")
 @click.option("--seq-len", default=2048, show_default=True, help="Tokens per packed sequence (at most the teacher's context; vLLM needs one more).")
 @click.option("--backend", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True, help="Teacher engine; auto = vllm when installed, else hf (transformers).")

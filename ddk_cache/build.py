@@ -155,8 +155,8 @@ def expected_size(meta: dict[str, Any], spec: TargetSpec, encoding: str) -> str:
 
     Per predicted position: plain-v1 stores 8 bytes per entry (int32 + float32, about 0.75x
     after zstd); pack-v1 about 0.85 bytes per top-k entry + 4, or 1.5 per sampled id + 1
-    (BENCHMARKS.md, 32k-vocabulary teacher; peakier teachers need less). Plus 4 bytes
-    per token for the tokens and the target log-prob."""
+    (BENCHMARKS.md, 32k-vocabulary teacher; peakier teachers need less). Plus 8 raw
+    bytes per position for the token and the target log-prob."""
     sequences = sum(d[s]["sequences"] for d in meta["domains"].values() for s in ("train", "val"))
     positions = sequences * (meta["seq_len"] - 1)
     entries = spec.entries

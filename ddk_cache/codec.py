@@ -54,6 +54,11 @@ def _unplanes(buf: bytes | memoryview, count: int, nbytes: int) -> np.ndarray:
     return out
 
 
+def _starts(counts: np.ndarray) -> np.ndarray:
+    """Index of each position's first entry in the flat, position-major entry arrays."""
+    return np.cumsum(counts) - counts
+
+
 def id_bytes(vocab_size: int) -> int:
     """Byte planes an id gap needs: 2 up to 65,536 ids, else 3 (vocabularies up to 2^24)."""
     return 2 if vocab_size <= 1 << 16 else 3
@@ -102,23 +107,18 @@ class PackCodec:
         order = order[keep.ravel()[order]]
         sid = ids.ravel()[order].astype(np.int64)
         counts = keep.sum(1)
-        first = np.zeros(len(order), bool)
-        first[np.cumsum(counts)[:-1][counts[1:] > 0] if P > 1 else []] = True
-        first[0] = True
         prev = np.empty_like(sid)
-        prev[0] = -1
         prev[1:] = sid[:-1]
-        prev[first] = -1  # a position's first id is coded from 0
+        prev[_starts(counts)[counts > 0]] = -1  # a position's first id is coded from 0
         return order, counts, sid - prev - 1
 
     def _ids_from_gaps(self, counts: np.ndarray, gaps: np.ndarray) -> np.ndarray:
         """Flat ids (position-major, ascending within a position) from counts and gaps."""
         g = gaps.astype(np.int64) + 1
         csum = np.cumsum(g)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         # Each position's running sum restarts: subtract the total before its first entry.
-        base = np.repeat(np.where(starts > 0, csum[np.maximum(starts - 1, 0)], 0), counts)
-        return csum - base - 1
+        before = np.concatenate([[0], csum])[_starts(counts)]
+        return csum - np.repeat(before, counts) - 1
 
     def encode_topk(self, ids: np.ndarray, logprobs: np.ndarray) -> bytes:
         """ids int [P, K] and float32 log-probs [P, K] in rank order (entry 0 = top-1);
@@ -132,7 +132,7 @@ class PackCodec:
         lp_sorted = logprobs.ravel()[order]
         levels = np.floor(np.exp(lp_sorted[rank != 0] * 0.5) / self.step)
         levels = np.clip(levels, 0, 65535).astype(np.uint32)
-        top1_at = (np.flatnonzero(rank == 0) - np.concatenate([[0], np.cumsum(counts)[:-1]])).astype(np.uint8)
+        top1_at = (np.flatnonzero(rank == 0) - _starts(counts)).astype(np.uint8)
         top1 = np.clip(np.rint(-logprobs[:, 0].astype(np.float64) / TOP1_STEP), 0, 65535).astype(np.uint32)
         tail = 1.0 - np.exp(np.where(keep, logprobs, -np.inf).astype(np.float64)).sum(1)
         tail_code = np.where(tail > 0, np.clip(np.rint(-np.log(np.maximum(tail, 1e-300)) / TAIL_STEP), 0, NO_TAIL - 1), NO_TAIL)
@@ -149,7 +149,7 @@ class PackCodec:
         counts = np.frombuffer(s_counts, np.uint8).astype(np.int64)
         total = int(counts.sum())
         flat_ids = self._ids_from_gaps(counts, _unplanes(s_gaps, total, self.id_bytes))
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        starts = _starts(counts)
         top1_flat = starts + np.frombuffer(s_top1_at, np.uint8)
         is_rest = np.ones(total, bool)
         is_rest[top1_flat] = False
@@ -202,5 +202,5 @@ class PackCodec:
             w = w * np.exp(logp * (1.0 - 1.0 / temperature))
         pos = np.repeat(np.arange(positions), counts)
         w = w / np.bincount(pos, w, minlength=positions)[pos]
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        starts = _starts(counts)
         return self._scatter(positions, self.max_entries, counts, pos, starts, flat_ids, np.log(w))

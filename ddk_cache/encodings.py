@@ -45,8 +45,8 @@ class PackEncoding:
     """`pack-v1`: each sequence's targets packed by `codec.PackCodec` into one uint8 row.
 
     Lossy in the log-probs only, within a KL budget: quantisation adds about `kl_budget`
-    nats of KL per position (storage_layout.md gives the exact rule); ids, counts, the kept
-    mass (tail bucket) within 0.2% and the top-1 log-prob within 2^-8 nats. The row is
+    nats of KL per position (storage_layout.md gives the exact rule); ids and counts are
+    exact, the kept mass (tail bucket) within 0.2% and the top-1 log-prob within 2^-8 nats. The row is
     padded with zeros to a fixed width; the chunk codec (zstd level 1) removes the padding.
     """
 

@@ -157,6 +157,7 @@ class _CacheNode:
             else:
                 ids[i], lps[i] = self.codec.decode_topk(memoryview(row), P)
         return ids, lps
+
     def _group(self, domain: str, split: str) -> zarr.Group:
         return self.root[f"{domain}/{split}"]
 
@@ -220,6 +221,7 @@ class CacheWriter(_CacheNode):
             "shard_sequences": shard_sequences,
         }
         top_k = targets.entries
+        # pack-v1 rows are as wide as the codec's worst case (the reader derives it the same way).
         capacity = encoding.codec(vocab_size=int(meta["vocab_size"]), max_entries=top_k).capacity(int(meta["seq_len"]) - 1) if isinstance(encoding, PackEncoding) else 0
         root = zarr.create_group(store=path, overwrite=True, attributes={ROOT_ATTR: root_meta})
         for domain, by_split in splits.items():
@@ -278,7 +280,7 @@ class CacheWriter(_CacheNode):
         """The stored arrays for [n, P, K] targets under this cache's encoding."""
         if not self.packed:
             return {TOPK_IDS: ids, TOPK_LOGPROBS: np.where(np.isfinite(logprobs), logprobs, -np.inf).astype(np.float32)}
-        rows = np.zeros(self._array_shape(TARGETS, len(ids)), np.uint8)
+        rows = np.zeros((len(ids), self.codec.capacity(int(self.meta["seq_len"]) - 1)), np.uint8)
         for i in range(len(ids)):
             if self.targets.kind == "sampled":
                 blob = self.codec.encode_sampled(ids[i], counts[i], logprobs[i] if self.targets.sample_temperature != 1.0 else None)
@@ -286,10 +288,6 @@ class CacheWriter(_CacheNode):
                 blob = self.codec.encode_topk(ids[i], logprobs[i])
             rows[i, : len(blob)] = np.frombuffer(blob, np.uint8)
         return {TARGETS: rows}
-
-    def _array_shape(self, name: str, n: int) -> tuple[int, ...]:
-        domain = next(iter(self.meta["domains"]))
-        return (n,) + tuple(self._group(domain, "train")[name].shape[1:])
 
     def finalize(self) -> dict[str, Any]:
         """Compute the teacher perplexity table from `seq_nll` and mark the cache complete.

@@ -5,7 +5,7 @@ It is the reference every other backend is tested against.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -70,23 +70,28 @@ class HFTeacher(Teacher):
         )
 
     @torch.inference_mode()
+    def rows(self, tokens: np.ndarray) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(row, float32 log-softmax [L-1, V], next tokens [L-1]) for each sequence of int32
+        [B, L] `tokens`, `batch_size` sequences per forward pass, on the model's device."""
+        for start in range(0, len(tokens), self.batch_size):
+            stop = min(len(tokens), start + self.batch_size)
+            input_ids = torch.from_numpy(np.ascontiguousarray(tokens[start:stop])).to(self.device, torch.long)
+            logits = self.model(input_ids=input_ids, use_cache=False).logits
+            # One row at a time: the float32 log-softmax of a whole batch would be B*L*V*4 bytes.
+            for row in range(stop - start):
+                yield start + row, torch.log_softmax(logits[row, :-1].float(), dim=-1), input_ids[row, 1:]
+
+    @torch.inference_mode()
     def score(self, tokens: np.ndarray, top_k: int) -> TeacherScores:
         n, length = tokens.shape
         ids = np.empty((n, length - 1, top_k), np.int32)
         lps = np.empty((n, length - 1, top_k), np.float32)
         target = np.empty((n, length - 1), np.float32)
-        for start in range(0, n, self.batch_size):
-            stop = min(n, start + self.batch_size)
-            input_ids = torch.from_numpy(np.ascontiguousarray(tokens[start:stop])).to(self.device, torch.long)
-            logits = self.model(input_ids=input_ids, use_cache=False).logits
-            # One row at a time: the float32 log-softmax of a whole batch would be B*L*V*4 bytes.
-            for row in range(stop - start):
-                logprobs = torch.log_softmax(logits[row, :-1].float(), dim=-1)
-                values, indices = torch.topk(logprobs, top_k, dim=-1)
-                nxt = input_ids[row, 1:, None]
-                ids[start + row] = indices.to(torch.int32).cpu().numpy()
-                lps[start + row] = values.cpu().numpy()
-                target[start + row] = logprobs.gather(-1, nxt).squeeze(-1).cpu().numpy()
+        for row, logprobs, nxt in self.rows(tokens):
+            values, indices = torch.topk(logprobs, top_k, dim=-1)
+            ids[row] = indices.to(torch.int32).cpu().numpy()
+            lps[row] = values.cpu().numpy()
+            target[row] = logprobs.gather(-1, nxt[:, None]).squeeze(-1).cpu().numpy()
         return TeacherScores(ids, lps, target)
 
     @torch.inference_mode()
@@ -101,15 +106,9 @@ class HFTeacher(Teacher):
         target = np.empty((n, length - 1), np.float32)
         # One generator per shard, on the logits' device: same draws on every resume.
         generator = torch.Generator(self.device).manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
-        for start in range(0, n, self.batch_size):
-            stop = min(n, start + self.batch_size)
-            input_ids = torch.from_numpy(np.ascontiguousarray(tokens[start:stop])).to(self.device, torch.long)
-            logits = self.model(input_ids=input_ids, use_cache=False).logits
-            for row in range(stop - start):
-                logprobs = torch.log_softmax(logits[row, :-1].float(), dim=-1)
-                i, c, lp = sample_from_logprobs(logprobs, spec, generator)
-                ids[start + row], counts[start + row], lps[start + row] = i, c, lp
-                target[start + row] = logprobs.gather(-1, input_ids[row, 1:, None]).squeeze(-1).cpu().numpy()
+        for row, logprobs, nxt in self.rows(tokens):
+            ids[row], counts[row], lps[row] = sample_from_logprobs(logprobs, spec, generator)
+            target[row] = logprobs.gather(-1, nxt[:, None]).squeeze(-1).cpu().numpy()
         return TeacherScores(ids, lps, target, counts)
 
     def close(self) -> None:
