@@ -6,15 +6,7 @@ import json
 
 import click
 
-from ddk_cache.store import Cache, describe_pending
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+from ddk_cache.store import Cache, describe_pending, format_bytes
 
 
 @click.command()
@@ -63,7 +55,7 @@ def inspect(cache: str, as_json: bool, fidelity: bool, sequences: int, teacher: 
         (
             r["domain"], r["split"], f"{r['sequences']:,}", f"{r['tokens']:,}",
             f"{r['teacher_ppl']:.3f}" if r["teacher_ppl"] is not None else "-",
-            _fmt_bytes(r["bytes"]), f"{r['bytes_per_token']:.1f}", f"{r['mean_topk_mass']:.4f}",
+            format_bytes(r["bytes"]), f"{r['bytes_per_token']:.1f}", f"{r['mean_topk_mass']:.4f}",
         )
         for r in rows
     ]

@@ -29,7 +29,7 @@ from .corpus import corpus_fingerprint, discover_domains, iter_documents
 from .encodings import PackEncoding, PlainEncoding
 from .errors import ConfigError, StoreError, StoreVersionError
 from .packing import pack_domain
-from .store import STATE_COMPLETE, STATE_INITIALIZING, CacheWriter, Shard, describe_pending, path_is_empty, read_root_meta
+from .store import STATE_COMPLETE, STATE_INITIALIZING, CacheWriter, Shard, describe_pending, format_bytes, path_is_empty, read_root_meta
 from .teachers import BACKENDS, Teacher, load_teacher, resolve_backend
 from .targets import DEFAULT_SAMPLE_POOL, TargetSpec, shard_seed
 from .teachers.base import model_fingerprint, resolve_device, resolve_dtype
@@ -167,7 +167,7 @@ def expected_size(meta: dict[str, Any], spec: TargetSpec, encoding: str) -> str:
     else:
         per = 0.85 * entries + 4
     total = positions * (per + 8)
-    return f"expected cache size: about {total / 2**30:.2f} GiB ({per:.0f} B/position for the targets, {positions:,} positions)"
+    return f"expected cache size: about {format_bytes(total)} ({per:.0f} B/position for the targets, {positions:,} positions)"
 
 
 def auto_writer_threads() -> int:

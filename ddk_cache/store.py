@@ -321,6 +321,15 @@ def perplexity_entry(seq_nll: np.ndarray, positions: int) -> dict[str, Any]:
     return {"ppl": math.exp(nll / predicted) if predicted else float("nan"), "nll_sum": nll, "predicted_tokens": predicted}
 
 
+def format_bytes(n: float) -> str:
+    """A size for people: 812 B, 4.2 MiB, 1.3 TiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def describe_pending(pending: list[Shard], limit: int = 6) -> str:
     """A short description of missing shards, for error messages."""
     by_group: dict[str, list[int]] = {}

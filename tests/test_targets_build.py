@@ -164,3 +164,11 @@ def test_fidelity_report(caches, built_cache):
     assert exact["covered_mass"] == pytest.approx(packed["covered_mass"], rel=1e-6)  # same ids
     assert set(packed["bytes_per_token"]) >= {"targets", "tokens", "target_logprob"}
     assert packed["bytes_per_token"]["targets"] < exact["bytes_per_token"]["topk_ids"] + exact["bytes_per_token"]["topk_logprobs"]
+
+
+def test_expected_size_is_printed_in_readable_units():
+    from ddk_cache.build import expected_size
+
+    meta = {"domains": {"a": {"train": {"sequences": 100}, "val": {"sequences": 2}}}, "seq_len": 129}
+    # 102 * 128 positions * (0.85 * 16 + 4 + 8) bytes = 334,234 bytes
+    assert expected_size(meta, TargetSpec(k=16), "pack") == "expected cache size: about 326.4 KiB (18 B/position for the targets, 13,056 positions)"
