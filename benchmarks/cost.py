@@ -21,7 +21,7 @@ from common import machine, print_table
 from transformers import AutoModelForCausalLM
 
 from ddk_cache.data import CacheLoader
-from ddk_cache.losses import KDLoss, ce_and_sparse_kd, cross_entropy, dense_kd
+from ddk_cache.losses import KDLoss, ce_and_dense_kd, ce_and_sparse_kd
 from ddk_cache.store import Cache
 
 
@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--loader-batches", type=int, default=50)
+    p.add_argument("--loader-workers", type=int, nargs="+", default=[0], help="reader-process counts to measure (0: the reader thread alone)")
     args = p.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -76,7 +77,8 @@ def main() -> None:
                 else:  # online: the teacher runs every step and its full distribution is the target
                     with torch.no_grad():
                         t_logits = teacher(input_ids=x, use_cache=False).logits[:, :-1].reshape(flat.shape)
-                    loss = (cross_entropy(flat, labels).sum() + 0.2 * dense_kd(flat, t_logits, KDLoss("fkl")).sum()) / flat.shape[0]
+                    ce, kd = ce_and_dense_kd(flat, labels, t_logits, KDLoss("fkl"))  # distill --online-teacher's path
+                    loss = (ce.sum() + 0.2 * kd.sum()) / ce.numel()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -102,16 +104,19 @@ def main() -> None:
 
     tokens_per_step = args.batch_size * cache.seq_len
     demand = tokens_per_step / base_t
-    loader = CacheLoader(cache, batch_size=args.batch_size, weights=weights, seed=1, prefetch=4)
-    loader.next()
-    start = time.perf_counter()
-    for _ in range(args.loader_batches):
-        loader.next()
-    elapsed = time.perf_counter() - start
-    loader.close()
-    supply = args.loader_batches * tokens_per_step / elapsed
-    print(f"\nloader: {supply:,.0f} tokens/s supplied (prefetch 4) vs {demand:,.0f} tokens/s consumed by the CE step = {supply / demand:.1f}x")
-
+    rows = []
+    for workers in args.loader_workers:
+        loader = CacheLoader(cache, batch_size=args.batch_size, weights=weights, seed=1, prefetch=4, workers=workers)
+        loader.next()  # reader processes started and warm
+        start = time.perf_counter()
+        for _ in range(args.loader_batches):
+            loader.next()
+        elapsed = time.perf_counter() - start
+        loader.close()
+        supply = args.loader_batches * tokens_per_step / elapsed
+        rows.append((workers, f"{supply:,.0f}", f"{demand:,.0f}", f"{supply / demand:.1f}x"))
+    print()
+    print_table(("reader processes", "loader tokens/s (prefetch 4)", "CE step consumes tokens/s", "supply / demand"), rows)
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ HELP = {
     "student_config": "Or a transformers config.json: start the student from random weights.",
     "tokenizer": "Tokenizer directory (default: --student). Its fingerprint must equal the cache's.",
     "kd_loss": "fkl (forward KL), rkl (reverse KL, MiniLLM's token-level term), skl, srkl (DistiLLM skew, alpha 0.1), jsd (generalised JSD), akl (adaptive KL), none (CE only).",
+    "online_teacher": "Dense online KD instead of the cache's targets: this teacher (transformers) runs every step and its full distribution is the target; the cache gives tokens and the teacher PPL table. The baseline the cache replaces.",
     "kd_weight": "gamma in loss = CE + gamma * KD (DDK: 0.2).",
     "temperature": "T of both distributions in the KD term.",
     "tail": "Teacher mass outside the top-k: 'bucket' (one extra category on both sides) or 'renorm'.",
@@ -32,6 +33,7 @@ HELP = {
     "eval_batch_size": "Sequences per evaluation forward pass.", "save_every": "Checkpoint every N steps.",
     "keep_checkpoints": "Newest checkpoints kept.", "resume": "Continue from the newest checkpoint in --out, exactly.",
     "prefetch": "Batches the reader thread reads ahead.",
+    "loader_workers": "Reader processes that decode batches in parallel (0: the reader thread alone). Use a few on a GPU, whose student consumes more than one core decodes.",
 }
 
 

@@ -14,8 +14,11 @@ is what makes resumed runs identical to uninterrupted ones.
 
 from __future__ import annotations
 
+import collections
+import multiprocessing
 import queue
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,22 +84,21 @@ def _normalise(weights: np.ndarray) -> np.ndarray:
     return w / w.sum()
 
 
-class CacheLoader:
-    """Iterates batches of the cache's training split for one rank, prefetching in a thread."""
+class SequenceReader:
+    """Reads given (domain, sequence) items of a cache's training split into batch arrays.
 
-    def __init__(self, cache: Cache, *, batch_size: int, weights: np.ndarray, seed: int, rank: int = 0, world_size: int = 1, prefetch: int = 2) -> None:
-        self.cache, self.domains = cache, cache.domains
-        self.batch_size, self.rank, self.world_size, self.prefetch = batch_size, rank, world_size, prefetch
-        self.sampler = DomainSampler([cache.num_sequences(d, "train") for d in self.domains], seed)
-        self.weights = _normalise(weights)
-        self.consumed_state = self.sampler.state_dict()
-        self._arrays = {d: {n: cache.root[f"{d}/train/{n}"] for n in (TOKENS, *cache.target_arrays)} for d in self.domains}
-        self._thread: threading.Thread | None = None
-        self._start()
+    Lives in the loader's thread, or once per reader process (which opens the cache again
+    from its path: zarr objects are not shared across processes)."""
 
-    def _read(self, items: list[tuple[int, int]]) -> tuple[np.ndarray, ...]:
-        """Read exactly the sequences of `items` (per domain, one orthogonal selection per array)."""
-        L, k = self.cache.seq_len, self.cache.top_k
+    def __init__(self, cache: Cache, targets: bool) -> None:
+        self.cache, self.k = cache, (cache.top_k if targets else 0)
+        names = (TOKENS, *(cache.target_arrays if targets else ()))
+        self.arrays = {d: {n: cache.root[f"{d}/train/{n}"] for n in names} for d in cache.domains}
+
+    def read(self, items: list[tuple[int, int]]) -> tuple[np.ndarray, ...]:
+        """(tokens int64 [B, L], ids int64 [B, L-1, k], log-probs float32 [B, L-1, k], domains [B]):
+        per domain, one orthogonal selection per array."""
+        L, k = self.cache.seq_len, self.k
         tokens = np.empty((len(items), L), np.int64)
         ids = np.empty((len(items), L - 1, k), np.int64)
         lps = np.empty((len(items), L - 1, k), np.float32)
@@ -105,26 +107,80 @@ class CacheLoader:
             rows = np.flatnonzero(doms == d)
             seqs = np.array([items[r][1] for r in rows])
             uniq, inverse = np.unique(seqs, return_inverse=True)
-            arrays = self._arrays[self.domains[d]]
+            arrays = self.arrays[self.cache.domains[d]]
             tokens[rows] = arrays[TOKENS].get_orthogonal_selection((uniq, slice(None)))[inverse]
-            stored = {n: a.get_orthogonal_selection((uniq,) + (slice(None),) * (a.ndim - 1)) for n, a in arrays.items() if n != TOKENS}
-            d_ids, d_lps = self.cache.decode_targets(stored)
-            ids[rows], lps[rows] = d_ids[inverse], d_lps[inverse]
+            if k:
+                stored = {n: a.get_orthogonal_selection((uniq,) + (slice(None),) * (a.ndim - 1)) for n, a in arrays.items() if n != TOKENS}
+                d_ids, d_lps = self.cache.decode_targets(stored)
+                ids[rows], lps[rows] = d_ids[inverse], d_lps[inverse]
         return tokens, ids, lps, doms
+
+
+_worker_reader: SequenceReader | None = None  # one per reader process
+
+
+def _worker_init(path: str, targets: bool) -> None:
+    global _worker_reader
+    torch.set_num_threads(1)  # a reader process decodes; it must not start a thread per core
+    _worker_reader = SequenceReader(Cache(path), targets)
+
+
+def _worker_read(items: list[tuple[int, int]]) -> tuple[np.ndarray, ...]:
+    assert _worker_reader is not None
+    return _worker_reader.read(items)
+
+
+class CacheLoader:
+    """Iterates batches of the cache's training split for one rank, prefetching in a thread.
+
+    With `workers` > 0 the thread hands each batch's reads to that many reader processes
+    (decoding is Python/numpy work that one process cannot spread over cores); batches still
+    come back in draw order, so what a step gets does not depend on `workers`."""
+
+    def __init__(
+        self, cache: Cache, *, batch_size: int, weights: np.ndarray, seed: int, rank: int = 0, world_size: int = 1,
+        prefetch: int = 2, targets: bool = True, workers: int = 0,
+    ) -> None:
+        """`targets=False` reads tokens only (online KD brings its own teacher): the batch's
+        target tensors then have k = 0 columns."""
+        self.cache, self.domains = cache, cache.domains
+        self.batch_size, self.rank, self.world_size, self.prefetch = batch_size, rank, world_size, prefetch
+        self.sampler = DomainSampler([cache.num_sequences(d, "train") for d in self.domains], seed)
+        self.weights = _normalise(weights)
+        self.consumed_state = self.sampler.state_dict()
+        self.reader = SequenceReader(cache, targets)
+        self._pool: ProcessPoolExecutor | None = None
+        if workers > 0:
+            # spawn, not fork: the parent has threads (zarr's event loop, torch) a fork would copy mid-flight.
+            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_worker_init, initargs=(cache.path, targets))
+        self._depth = prefetch + workers  # reads in flight: enough to keep every process busy
+        self._thread: threading.Thread | None = None
+        self._start()
 
     def _produce(self, stop: threading.Event, out: queue.Queue) -> None:
         try:
+            pending: collections.deque = collections.deque()
             while not stop.is_set():
                 draw = self.sampler.draw(self.weights, self.batch_size * self.world_size)
                 mine = draw[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-                tokens, ids, lps, doms = self._read(mine)
-                batch = Batch(torch.from_numpy(tokens), torch.from_numpy(ids), torch.from_numpy(lps), doms, self.sampler.state_dict())
+                state = self.sampler.state_dict()
+                read = self._pool.submit(_worker_read, mine) if self._pool else None
+                pending.append((read, mine, state))
+                if self._pool and len(pending) < self._depth:
+                    continue
+                read, mine, state = pending.popleft()
+                tokens, ids, lps, doms = read.result() if read else self.reader.read(mine)
+                batch = Batch(torch.from_numpy(tokens), torch.from_numpy(ids), torch.from_numpy(lps), doms, state)
                 while not stop.is_set():
                     try:
                         out.put(batch, timeout=0.1)
                         break
                     except queue.Full:
                         continue
+            for read, _, _ in pending:
+                if read:
+                    read.cancel()
         except BaseException as e:  # surfaced in the training thread by next()
             out.put(e)
 
@@ -134,12 +190,19 @@ class CacheLoader:
         self._thread = threading.Thread(target=self._produce, args=(self._stop, self._queue), daemon=True, name="ddk-cache-loader")
         self._thread.start()
 
-    def close(self) -> None:
-        """Stop the reader thread and drop what it read ahead."""
+    def _halt(self) -> None:
+        """Stop the reader thread and drop what it read ahead (the reader processes stay)."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
             self._thread = None
+
+    def close(self) -> None:
+        """Stop reading: the thread, what it read ahead, and the reader processes."""
+        self._halt()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def next(self) -> Batch:
         item = self._queue.get()
@@ -150,7 +213,7 @@ class CacheLoader:
 
     def set_weights(self, weights: np.ndarray) -> None:
         """New mixing weights from the next batch on; read-ahead batches are discarded."""
-        self.close()
+        self._halt()
         self.weights = _normalise(weights)
         self._start()
 
@@ -158,7 +221,7 @@ class CacheLoader:
         return {"sampler": self.consumed_state, "weights": self.weights.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.close()
+        self._halt()
         self.consumed_state = state["sampler"]
         self.weights = _normalise(state["weights"])
         self._start()

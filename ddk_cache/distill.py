@@ -5,7 +5,9 @@ evaluation, checkpoints, and the loop. Per step:
 
     loss = sum_tokens [ CE(student, next token) + kd_weight * D(teacher_T || student_T) ] / tokens
 
-with D one of `losses.KINDS` on the cached top-k targets. Every `ddk_interval` steps the
+with D one of `losses.KINDS` on the cached top-k targets, or, with `--online-teacher`, on the
+full distribution of a teacher run next to the student every step (dense online KD: the
+reference a cache must match, and what the cache saves). Every `ddk_interval` steps the
 student is evaluated per domain on the cache's validation split, and the mixer moves the
 sampling weights toward the domains where student/teacher perplexity is worst.
 """
@@ -28,9 +30,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from .data import CacheLoader
-from .errors import ConfigError, DDKCacheError
+from .errors import ConfigError, DDKCacheError, TeacherError
 from .evaluate import evaluate_domains
-from .losses import KDLoss, ce_and_sparse_kd
+from .losses import KDLoss, ce_and_dense_kd, ce_and_sparse_kd
 from .mixing import Mixer
 from .store import Cache
 from .tokenization import load_tokenizer, tokenizer_fingerprint
@@ -57,6 +59,7 @@ class DistillConfig:
     student_config: str = ""  # or: a transformers config.json to start from random weights
     tokenizer: str = ""  # tokenizer directory; default: --student (needed with --student-config)
     kd_loss: str = "fkl"  # fkl, rkl, skl, srkl, jsd, akl, none (CE only: continued pre-training)
+    online_teacher: str = ""  # teacher model run every step; its full distribution replaces the cached targets
     kd_weight: float = 0.2  # gamma: loss = CE + gamma * KD (DDK's 0.2)
     temperature: float = 1.0  # T of teacher and student distributions in the KD term
     tail: str = "bucket"  # mass outside the top-k: one extra category (bucket) or renormalise
@@ -84,6 +87,7 @@ class DistillConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept
     resume: bool = False  # continue from the newest checkpoint in --out
     prefetch: int = 2  # batches the reader thread runs ahead
+    loader_workers: int = 0  # reader processes decoding batches (0: the reader thread does it)
 
     def __post_init__(self) -> None:
         checks = [
@@ -99,6 +103,7 @@ class DistillConfig:
             (self.max_steps >= 1 or self.max_tokens > 0, "--max-steps must be >= 1 (or give --max-tokens)"),
             (self.lr > 0 and 0 <= self.min_lr_ratio <= 1, f"--lr must be > 0 and --min-lr-ratio in [0, 1]"),
             (self.save_every >= 1, f"--save-every must be >= 1, got {self.save_every}"),
+            (self.prefetch >= 1 and self.loader_workers >= 0, "--prefetch must be >= 1 and --loader-workers >= 0"),
             (self.bf16 in ("auto", "on", "off"), f"--bf16 must be auto, on or off, got {self.bf16!r}"),
         ]
         for ok, message in checks:
@@ -243,7 +248,7 @@ class DistillResult:
 def _check_targets(cfg: DistillConfig, cache: Cache) -> None:
     """Sampled targets estimate the teacher without bias only where the loss is linear in
     the target (forward KL) and at the temperature they were drawn for (1)."""
-    if cache.targets.kind != "sampled":
+    if cache.targets.kind != "sampled" or cfg.online_teacher:
         return
     if cfg.kd_loss not in ("fkl", "none"):
         raise ConfigError(
@@ -252,6 +257,21 @@ def _check_targets(cfg: DistillConfig, cache: Cache) -> None:
         )
     if cfg.temperature != 1.0:
         raise ConfigError(f"--temperature {cfg.temperature} on a cache of sampled targets: they estimate the teacher at T = 1; use --temperature 1")
+
+
+def load_online_teacher(cfg: DistillConfig, cache: Cache, device: torch.device, bf16: bool) -> Any:
+    """The resident teacher of online KD (transformers), after checking it shares the cache's
+    tokenizer. The DDK factor still uses the cache's teacher PPL table: give the cache's teacher."""
+    from .teachers.hf import HFTeacher
+
+    try:
+        teacher = HFTeacher(cfg.online_teacher, device=str(device), dtype="bfloat16" if bf16 else "float32", batch_size=cfg.batch_size)
+    except TeacherError as e:
+        raise ConfigError(f"--online-teacher: {e}") from None
+    ours, theirs = tokenizer_fingerprint(teacher.tokenizer), cache.meta["tokenizer"]["fingerprint"]
+    if ours != theirs:
+        raise ConfigError(f"--online-teacher {cfg.online_teacher}: its tokenizer ({ours[:19]}) is not the cache's ({theirs[:19]})")
+    return teacher
 
 
 def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
@@ -272,11 +292,15 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
         raise ConfigError(str(e)) from None
     model, tok = load_student(cfg, cache, weights=ckpt)  # on resume, the checkpoint's weights
     model.to(device)
+    use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and device.type == "cuda")
+    teacher = load_online_teacher(cfg, cache, device, use_bf16) if cfg.online_teacher else None
+    if teacher is not None and teacher.vocab_size != model.get_output_embeddings().weight.shape[0]:
+        raise ConfigError(f"--online-teacher: its output has {teacher.vocab_size} rows, the student's "
+                          f"{model.get_output_embeddings().weight.shape[0]}; dense KD needs one vocabulary")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     opt = _optimizer(model, cfg)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     tokens_per_step = cfg.batch_size * (cache.seq_len - 1) * cfg.grad_accum  # predicted tokens, this rank
     total_steps = math.ceil(cfg.max_tokens / (cfg.batch_size * cache.seq_len * cfg.grad_accum * world)) if cfg.max_tokens else cfg.max_steps
@@ -284,7 +308,8 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
     teacher_ppl = [cache.teacher_ppl(d, "val") for d in cache.domains]
 
     step, tokens_seen = 0, 0
-    loader = CacheLoader(cache, batch_size=cfg.batch_size, weights=mixer.weights, seed=cfg.seed, rank=rank, world_size=world, prefetch=cfg.prefetch)
+    loader = CacheLoader(cache, batch_size=cfg.batch_size, weights=mixer.weights, seed=cfg.seed, rank=rank, world_size=world,
+                         prefetch=cfg.prefetch, targets=teacher is None, workers=cfg.loader_workers)
     if ckpt is not None:
         state = json.loads((ckpt / CKPT_STATE).read_text())
         trainer = torch.load(ckpt / CKPT_TRAINER, weights_only=True)
@@ -337,10 +362,15 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
                     with autocast():
                         logits = ddp_model(input_ids=x, use_cache=False).logits[:, :-1]
                     flat = logits.reshape(-1, logits.shape[-1])
-                    ce, kd_tok = ce_and_sparse_kd(
-                        flat, x[:, 1:].reshape(-1), batch.topk_ids.to(device).reshape(flat.shape[0], -1),
-                        batch.topk_logprobs.to(device).reshape(flat.shape[0], -1), kd,
-                    )
+                    labels = x[:, 1:].reshape(-1)
+                    if teacher is None:
+                        ce, kd_tok = ce_and_sparse_kd(
+                            flat, labels, batch.topk_ids.to(device).reshape(flat.shape[0], -1),
+                            batch.topk_logprobs.to(device).reshape(flat.shape[0], -1), kd,
+                        )
+                    else:
+                        t_logits = teacher.logits(x)[:, :-1].reshape(flat.shape)
+                        ce, kd_tok = ce_and_dense_kd(flat, labels, t_logits, kd)
                     loss = (ce.sum() + cfg.kd_weight * kd_tok.sum()) / tokens_per_step
                     loss.backward()
                 sums["ce"] += ce.sum().item()

@@ -143,21 +143,30 @@ def sparse_kd(
     return divergence(cfg.kind, logp, logq, cfg)
 
 
-def dense_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: KDLoss) -> torch.Tensor:
+def dense_kd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: KDLoss, *, student_logprobs: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-token divergence between full teacher and student distributions, both at temperature T.
 
     The reference for `sparse_kd` and the loss of online KD. [N, V] logits each; returns [N].
+    `student_logprobs`, if given, is log_softmax(student_logits / T) in float32, already computed.
     """
     if cfg.kind == "none":
         return student_logits.new_zeros(student_logits.shape[0], dtype=torch.float32)
     logp = torch.log_softmax(teacher_logits.float() / cfg.temperature, -1)
-    logq = torch.log_softmax(student_logits.float() / cfg.temperature, -1)
+    logq = student_logprobs if student_logprobs is not None else torch.log_softmax(student_logits.float() / cfg.temperature, -1)
     return divergence(cfg.kind, logp, logq, cfg)
 
 
 def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token next-token cross-entropy at temperature 1: [N, V], [N] -> [N] float32."""
     return torch.nn.functional.cross_entropy(student_logits.float(), labels.long(), reduction="none")
+
+
+def _ce(student_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE [N], the float32 log-softmax [N, V] it came from), for the KD term to share."""
+    logq = torch.log_softmax(student_logits.float(), dim=-1)
+    return -logq.gather(-1, labels.long()[:, None]).squeeze(-1), logq
 
 
 def ce_and_sparse_kd(
@@ -168,9 +177,19 @@ def ce_and_sparse_kd(
     The [N, V] float32 log-softmax is the largest tensor of a training step after the logits;
     computing it once instead of twice is what keeps cache KD's memory near plain CE's.
     """
-    logq = torch.log_softmax(student_logits.float(), dim=-1)
-    ce = -logq.gather(-1, labels.long()[:, None]).squeeze(-1)
+    ce, logq = _ce(student_logits, labels)
     if cfg.kind == "none":
         return ce, torch.zeros_like(ce)
     shared = logq if cfg.temperature == 1.0 else None  # CE is always at T = 1
     return ce, sparse_kd(student_logits, topk_ids, topk_logprobs, cfg, student_logprobs=shared)
+
+
+def ce_and_dense_kd(
+    student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor, cfg: KDLoss
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE [N], KD [N]) of online KD: the teacher's full [N, V] logits are the target."""
+    ce, logq = _ce(student_logits, labels)
+    if cfg.kind == "none":
+        return ce, torch.zeros_like(ce)
+    shared = logq if cfg.temperature == 1.0 else None
+    return ce, dense_kd(student_logits, teacher_logits, cfg, student_logprobs=shared)

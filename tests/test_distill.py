@@ -15,7 +15,7 @@ from ddk_cache.cli.main import main
 from ddk_cache.data import CacheLoader
 from ddk_cache.distill import DistillConfig, TrainingError, distill
 from ddk_cache.errors import ConfigError
-from ddk_cache.losses import KDLoss, cross_entropy, sparse_kd
+from ddk_cache.losses import KDLoss, cross_entropy, dense_kd, sparse_kd
 from ddk_cache.store import Cache
 
 from .helpers import distill_config, make_student
@@ -63,6 +63,44 @@ def test_first_step_loss_equals_a_direct_computation(tmp_path, built_cache, stud
     ratio = np.array([first_eval["ppl_student"][d] / first_eval["ppl_teacher"][d] for d in cache.domains])
     np.testing.assert_allclose(weights, np.exp(ratio - ratio.max()) / np.exp(ratio - ratio.max()).sum(), rtol=1e-9)
     assert first_eval["ppl_teacher"] == {d: cache.teacher_ppl(d) for d in cache.domains}
+
+
+def test_online_kd_first_step_equals_dense_kd_with_the_resident_teacher(tmp_path, built_cache, student_small, teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg = distill_config(built_cache, student_small, tmp_path / "run", max_steps=2, kd_loss="jsd", kd_weight=0.5,
+                         online_teacher=str(teacher_dir))
+    distill(cfg, progress=False)
+    logged = steps(tmp_path / "run")
+    cache = Cache(str(built_cache))
+    weights = np.array([evals(tmp_path / "run")[0]["weights"][d] for d in cache.domains])
+    loader = CacheLoader(cache, batch_size=4, weights=weights, seed=0, targets=False)
+    batch = loader.next()
+    loader.close()
+    assert batch.topk_ids.shape[-1] == 0  # online KD reads tokens only
+    student = AutoModelForCausalLM.from_pretrained(student_small, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    logits = student(input_ids=batch.tokens).logits[:, :-1].reshape(-1, student.config.vocab_size)
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch.tokens).logits[:, :-1].reshape(logits.shape)
+    ce = cross_entropy(logits, batch.tokens[:, 1:].reshape(-1))
+    kd = dense_kd(logits, t_logits, KDLoss("jsd"))
+    assert logged[0]["loss"] == pytest.approx((ce.sum() + 0.5 * kd.sum()).item() / ce.numel(), rel=1e-5)
+    assert logged[0]["kd"] == pytest.approx(kd.mean().item(), rel=1e-5)
+
+
+def test_online_teacher_must_share_tokenizer_and_vocabulary(tmp_path, built_cache, student_small, teacher_dir):
+    with pytest.raises(ConfigError, match="--online-teacher: cannot load"):
+        distill(distill_config(built_cache, student_small, tmp_path / "a", online_teacher=str(tmp_path / "nope")), progress=False)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ddk_cache.tokenization import load_tokenizer
+
+    tok = load_tokenizer(str(teacher_dir))  # the right tokenizer, one vocabulary row too many
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, max_position_embeddings=64)).save_pretrained(tmp_path / "padded")
+    tok.save_pretrained(tmp_path / "padded")
+    with pytest.raises(ConfigError, match="dense KD needs one vocabulary"):
+        distill(distill_config(built_cache, student_small, tmp_path / "b", online_teacher=str(tmp_path / "padded")), progress=False)
 
 
 def test_resume_is_exact(tmp_path, built_cache, student_small, monkeypatch):
@@ -262,6 +300,23 @@ def test_ranks_read_different_sequences(built_cache):
         loader.close()
     # The two ranks split one shared draw: together they are the single-process batch.
     assert torch.equal(torch.cat([ba.tokens, bb.tokens]), bs.tokens)
+
+
+def test_reader_processes_give_the_same_batches(built_cache):
+    cache = Cache(str(built_cache))
+    w = np.full(3, 1 / 3)
+
+    def batches(workers: int) -> list:
+        loader = CacheLoader(cache, batch_size=3, weights=w, seed=7, workers=workers)
+        got = [loader.next() for _ in range(3)]
+        loader.set_weights(np.array([0.7, 0.2, 0.1]))  # read-ahead is dropped, sampling restarts
+        got += [loader.next() for _ in range(3)]
+        loader.close()
+        return got
+
+    for a, b in zip(batches(0), batches(2)):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.topk_ids, b.topk_ids)
+        assert torch.equal(a.topk_logprobs, b.topk_logprobs) and a.state == b.state
 
 
 def test_accumulation_checkpointing_and_max_tokens(tmp_path, built_cache, student_small):

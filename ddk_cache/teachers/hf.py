@@ -69,6 +69,12 @@ class HFTeacher(Teacher):
             max_context=self.max_context,
         )
 
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Raw logits [B, L, V] of token ids already on the model's device (online KD's
+        target). no_grad rather than inference_mode: the result enters the student's loss."""
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
     @torch.inference_mode()
     def rows(self, tokens: np.ndarray) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """(row, float32 log-softmax [L-1, V], next tokens [L-1]) for each sequence of int32
