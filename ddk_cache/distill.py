@@ -104,6 +104,7 @@ class DistillConfig:
             (self.lr > 0 and 0 <= self.min_lr_ratio <= 1, f"--lr must be > 0 and --min-lr-ratio in [0, 1]"),
             (self.save_every >= 1, f"--save-every must be >= 1, got {self.save_every}"),
             (self.prefetch >= 1 and self.loader_workers >= 0, "--prefetch must be >= 1 and --loader-workers >= 0"),
+            (not (self.online_teacher and self.kd_loss == "none"), "--online-teacher with --kd-loss none would run the teacher for nothing; drop one"),
             (self.bf16 in ("auto", "on", "off"), f"--bf16 must be auto, on or off, got {self.bf16!r}"),
         ]
         for ok, message in checks:

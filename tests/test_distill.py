@@ -209,6 +209,7 @@ def test_padded_student_vocab_is_fine(tmp_path, built_cache, teacher_dir):
         (dict(ddk_alpha=1.5), r"--ddk-alpha must be in \[0, 1\]"),
         (dict(temperature=0.0), r"--temperature must be in \(0, 100\]"),
         (dict(kd_loss="kl2"), "--kd loss must be one of"),
+        (dict(kd_loss="none", online_teacher="t"), "--online-teacher with --kd-loss none"),
     ],
 )
 def test_out_of_range_options(tmp_path, built_cache, student_small, override, message):
