@@ -92,6 +92,9 @@ def main() -> None:
     p.add_argument("--ddk-interval", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="student runs in parallel, one thread each")
+    p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",
+                   help="a subset of the methods, by name (quoted)")
     p.add_argument("--plot", type=Path, help="where the DDK-weights plot goes (default: WORK/quality_weights.png)")
     args = p.parse_args()
     work = args.work.resolve()
@@ -112,8 +115,10 @@ def main() -> None:
     stage(f"top-{args.top_k} cache of the trained teacher", cache, ["build", "--teacher", str(teacher), "--out", str(cache), "--top-k", str(args.top_k), *common], work)
 
     # 5: the students: every method x size x seed, `--jobs` at a time.
-    configs = {size: student_config(teacher, work / f"student-{size}", *dims) for size, dims in SIZES.items()}
-    runs = [(size, method, seed) for seed in args.seeds for size in SIZES for method in METHODS]
+    sizes = {size: SIZES[size] for size in args.sizes}
+    methods = {m: METHODS[m] for m in METHODS if m in args.methods}
+    configs = {size: student_config(teacher, work / f"student-{size}", *dims) for size, dims in sizes.items()}
+    runs = [(size, method, seed) for seed in args.seeds for size in sizes for method in methods]
 
     def run_dir(size: str, method: str, seed: int) -> Path:
         return work / "runs" / size / method.replace(" ", "_").replace(",", "").replace("+", "and").replace("(", "").replace(")", "") / f"seed{seed}"
@@ -147,7 +152,7 @@ def main() -> None:
     tokens = args.steps * args.batch_size * args.seq_len
     print(f"machine: {machine()}")
     print(f"teacher: 4 x 256 Llama, vocab {args.vocab_size}, {args.teacher_steps} steps of 16 x {args.seq_len} tokens; "
-          f"cache top-{args.top_k}; students {', '.join(f'{s} {h}x{l}' for s, (h, l, _) in SIZES.items())}; "
+          f"cache top-{args.top_k}; students {', '.join(f'{s} {h}x{l}' for s, (h, l, _) in sizes.items())}; "
           f"{args.steps} steps x {args.batch_size} x {args.seq_len} = {tokens:,} tokens each; lr {args.lr}; DDK interval {args.ddk_interval}; "
           f"seeds {args.seeds}; validation: 16 x {args.seq_len} tokens per domain\n")
 
@@ -156,9 +161,9 @@ def main() -> None:
         return f"{statistics.mean(values):{fmt}} ± {sd:{fmt.lstrip('+')}}"
 
     summary: dict[tuple[str, str], dict[str, list[float]]] = {}
-    for size in SIZES:
+    for size in sizes:
         rows = [("teacher", *(f"{teacher_ppl[d]:.1f}" for d in domains), f"{statistics.mean(teacher_ppl.values()):.1f}", "1.000")]
-        for method in METHODS:
+        for method in methods:
             per_seed = [finals[(size, method, s)]["ppl_student"] for s in args.seeds]
             mean = [statistics.mean(ppl.values()) for ppl in per_seed]
             worst = [max(ppl[d] / teacher_ppl[d] for d in domains) for ppl in per_seed]
@@ -171,8 +176,10 @@ def main() -> None:
     print("### cache top-k KD vs dense online KD (fkl), paired by seed\n")
     rows = []
     pairs = (("DDK", "online dense KD + DDK"), ("KD, natural mix", "online dense KD, natural mix"), ("DDK, tail renorm", "online dense KD + DDK"))
-    for size in SIZES:
+    for size in sizes:
         for cached, online in pairs:
+            if (size, cached) not in summary or (size, online) not in summary:
+                continue
             cache_m, online_m = summary[(size, cached)]["mean"], summary[(size, online)]["mean"]
             rel = [100 * (c / o - 1) for c, o in zip(cache_m, online_m)]
             rows.append((size, f"{cached} vs {online}", ms(cache_m), ms(online_m), ms(rel, "+.2f") + " %"))
@@ -184,9 +191,11 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(SIZES), 2, figsize=(11, 3.6 * len(SIZES)), sharex=True, sharey=True, squeeze=False)
-    for row, size in enumerate(SIZES):
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(11, 3.6 * len(sizes)), sharex=True, sharey=True, squeeze=False)
+    for row, size in enumerate(sizes):
         for col, method in enumerate(("DDK", "DDK, no smoothing")):
+            if method not in methods:
+                continue
             evals = read_metrics(run_dir(size, method, args.seeds[0]))[1]
             ax = axes[row][col]
             for d in domains:
