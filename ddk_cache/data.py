@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .shard_rows import ShardRows
 from .store import TOKENS, Cache
 
 
@@ -94,10 +95,23 @@ class SequenceReader:
         self.cache, self.k = cache, (cache.top_k if targets else 0)
         names = (TOKENS, *(cache.target_arrays if targets else ()))
         self.arrays = {d: {n: cache.root[f"{d}/train/{n}"] for n in names} for d in cache.domains}
+        # Direct shard reads where the layout allows (local stores): ~10x less time per row than zarr.
+        self.fast = {d: {n: ShardRows.open(a) for n, a in arrays.items()} for d, arrays in self.arrays.items()}
+
+    def _rows(self, domain: str, name: str, seqs: np.ndarray) -> np.ndarray:
+        """Rows `seqs` of one array, stacked."""
+        fast, array = self.fast[domain][name], self.arrays[domain][name]
+        if fast is not None:
+            return np.stack([fast.row(int(i)) for i in seqs])
+        if name == TOKENS:
+            return array.get_orthogonal_selection((seqs, slice(None)))
+        # One basic read per sequence: zarr 3.1's orthogonal selection over these wide rows
+        # (one chunk each) is ~6x slower than reading the chunks one by one.
+        return np.stack([array[int(i)] for i in seqs])
 
     def read(self, items: list[tuple[int, int]]) -> tuple[np.ndarray, ...]:
         """(tokens int64 [B, L], ids int64 [B, L-1, k], log-probs float32 [B, L-1, k], domains [B]):
-        per domain, one orthogonal selection per array."""
+        each distinct sequence is read once."""
         L, k = self.cache.seq_len, self.k
         tokens = np.empty((len(items), L), np.int64)
         ids = np.empty((len(items), L - 1, k), np.int64)
@@ -105,14 +119,11 @@ class SequenceReader:
         doms = np.array([d for d, _ in items])
         for d in np.unique(doms):
             rows = np.flatnonzero(doms == d)
-            seqs = np.array([items[r][1] for r in rows])
-            uniq, inverse = np.unique(seqs, return_inverse=True)
-            arrays = self.arrays[self.cache.domains[d]]
-            tokens[rows] = arrays[TOKENS].get_orthogonal_selection((uniq, slice(None)))[inverse]
+            uniq, inverse = np.unique(np.array([items[r][1] for r in rows]), return_inverse=True)
+            domain = self.cache.domains[d]
+            tokens[rows] = self._rows(domain, TOKENS, uniq)[inverse]
             if k:
-                # One basic read per sequence: zarr 3.1's orthogonal selection over these wide
-                # rows (one chunk each) is ~6x slower than reading the chunks one by one.
-                stored = {n: np.stack([a[int(i)] for i in uniq]) for n, a in arrays.items() if n != TOKENS}
+                stored = {n: self._rows(domain, n, uniq) for n in self.arrays[domain] if n != TOKENS}
                 d_ids, d_lps = self.cache.decode_targets(stored)
                 ids[rows], lps[rows] = d_ids[inverse], d_lps[inverse]
         return tokens, ids, lps, doms
