@@ -185,17 +185,18 @@ def main() -> None:
             rows.append((size, f"{cached} vs {online}", ms(cache_m), ms(online_m), ms(rel, "+.2f") + " %"))
     print_table(("student", "cache vs online", "cache mean PPL", "online mean PPL", "cache / online - 1"), rows)
 
-    # 7: DDK weights over time (seed of the first run), with and without smoothing.
+    # 7: DDK weights over time (seed of the first run): with and without smoothing where both ran.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(sizes), 2, figsize=(11, 3.6 * len(sizes)), sharex=True, sharey=True, squeeze=False)
+    panels = [m for m in ("DDK", "DDK, no smoothing", "DDK, tail renorm") if m in methods][:2]
+    if not panels:
+        return
+    fig, axes = plt.subplots(len(sizes), len(panels), figsize=(5.5 * len(panels), 3.6 * len(sizes)), sharex=True, sharey=True, squeeze=False)
     for row, size in enumerate(sizes):
-        for col, method in enumerate(("DDK", "DDK, no smoothing")):
-            if method not in methods:
-                continue
+        for col, method in enumerate(panels):
             evals = read_metrics(run_dir(size, method, args.seeds[0]))[1]
             ax = axes[row][col]
             for d in domains:
