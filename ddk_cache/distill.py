@@ -295,9 +295,10 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
     model.to(device)
     use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and device.type == "cuda")
     teacher = load_online_teacher(cfg, cache, device, use_bf16) if cfg.online_teacher else None
-    if teacher is not None and teacher.vocab_size != model.get_output_embeddings().weight.shape[0]:
+    student_rows = model.get_output_embeddings().weight.shape[0]
+    if teacher is not None and teacher.vocab_size != student_rows:
         raise ConfigError(f"--online-teacher: its output has {teacher.vocab_size} rows, the student's "
-                          f"{model.get_output_embeddings().weight.shape[0]}; dense KD needs one vocabulary")
+                          f"{student_rows}; dense KD needs one vocabulary")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     opt = _optimizer(model, cfg)

@@ -20,6 +20,7 @@ import zarr
 from numcodecs import CRC32C, Blosc, Zstd
 
 from .errors import StoreError
+from .store import object_key
 
 _EMPTY = 2**64 - 1  # offset and nbytes of an inner chunk that was never written
 _COMPRESSORS = {"blosc": Blosc, "zstd": Zstd}  # both decode from self-describing frames
@@ -47,7 +48,6 @@ class ShardRows:
         self.shard_rows = shard_rows
         self.decompress = _COMPRESSORS[compressor]().decode if compressor else None
         self.crc = CRC32C(location="end")
-        self.tail = "/0" * (len(shape) - 1)  # shard key: c/<shard>/0[/0]: one shard across the other dims
         self.indexes: dict[int, np.ndarray | None] = {}
 
     @classmethod
@@ -80,10 +80,13 @@ class ShardRows:
         dtype = np.dtype(array.dtype).newbyteorder("<")
         return cls(directory, tuple(array.shape), dtype, array.fill_value, shard_shape[0], compressor)
 
+    def _path(self, shard: int) -> Path:
+        return self.directory / object_key(len(self.shape), shard)
+
     def _index(self, shard: int) -> np.ndarray | None:
         """[rows, 2] uint64 (offset, nbytes) of a shard's chunks; None if the shard file is absent."""
         if shard not in self.indexes:
-            path = self.directory / "c" / f"{shard}{self.tail}"
+            path = self._path(shard)
             size = self.shard_rows * 16 + 4
             try:
                 with open(path, "rb") as f:
@@ -109,7 +112,7 @@ class ShardRows:
         if index is None or index[within, 0] == _EMPTY:
             return self.fill.copy()
         offset, nbytes = (int(v) for v in index[within])
-        path = self.directory / "c" / f"{shard}{self.tail}"
+        path = self._path(shard)
         fd = os.open(path, os.O_RDONLY)
         try:
             raw = os.pread(fd, nbytes, offset)

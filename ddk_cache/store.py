@@ -321,6 +321,12 @@ def perplexity_entry(seq_nll: np.ndarray, positions: int) -> dict[str, Any]:
     return {"ppl": math.exp(nll / predicted) if predicted else float("nan"), "nll_sum": nll, "predicted_tokens": predicted}
 
 
+def object_key(ndim: int, index: int) -> str:
+    """Key, relative to an array, of the index-th object along the sequence axis (a shard, or
+    a chunk if unsharded): Zarr v3's default chunk keys, one object across the other axes."""
+    return "c/" + "/".join([str(index)] + ["0"] * (ndim - 1))
+
+
 def format_bytes(n: float) -> str:
     """A size for people: 812 B, 4.2 MiB, 1.3 TiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -18,7 +18,7 @@ from zarr.core.sync import sync
 
 from .store import (
     SEQ_NLL, SEQ_TOPK_MASS, SHARD_DONE, SPLITS, STATE_COMPLETE, TARGET_LOGPROB, TARGETS, TOKENS, TOPK_IDS, TOPK_LOGPROBS,
-    Cache, perplexity_entry, sequence_nll,
+    Cache, object_key, perplexity_entry, sequence_nll,
 )
 
 
@@ -56,8 +56,8 @@ def _stored_keys(array: zarr.Array) -> set[str]:
 
 
 def _chunk_key(array: zarr.Array, index: int) -> str:
-    """Key of the index-th object along the sequence axis (a shard, or a chunk if unsharded)."""
-    return f"{array.path}/c/" + "/".join([str(index)] + ["0"] * (array.ndim - 1))
+    """Store key of the index-th object along the sequence axis (a shard, or a chunk if unsharded)."""
+    return f"{array.path}/{object_key(array.ndim, index)}"
 
 
 def verify_cache(path: str, progress: Callable[[Iterator], Iterator] = iter) -> tuple[list[Problem], int]:
