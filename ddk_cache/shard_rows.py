@@ -1,9 +1,9 @@
 """Reads single rows of the cache's sharded arrays straight from their shard files.
 
-Why: training reads random sequences, one chunk (= one row) each. zarr 3.1 spends about
-1.2 ms of Python per such read (indexing, codec pipeline, a hop to its event-loop thread)
-while reading, checking and decompressing the chunk's bytes takes about 0.1 ms, so zarr
-capped the loader. This module decodes exactly the layout `store.CacheWriter` writes (Zarr
+Why: training reads random sequences, one chunk (= one row) each. zarr 3.1 spends 1.7-2.6
+ms per such read, mostly Python (indexing, codec pipeline, a hop to its event-loop thread),
+while reading, checking and decompressing the chunk's bytes takes 0.11-0.15 ms
+(`benchmarks/row_read.py`), so zarr capped the loader. This module decodes exactly the layout `store.CacheWriter` writes (Zarr
 v3 `sharding_indexed`, one row per inner chunk, index at the shard's end behind a crc32c,
 inner codecs bytes -> blosc or zstd -> crc32c, default "/" chunk keys, a local store) and
 answers None for anything else, so callers fall back to zarr. The layout is the Zarr v3
