@@ -16,10 +16,10 @@ from pathlib import Path
 
 from common import machine, print_table, teacher as make_teacher
 
-from ddk_cache.build import BuildConfig, build
-from ddk_cache.store import Cache
-from ddk_cache.teachers import load_teacher
-from ddk_cache.teachers.vllm import dict_to_arrays, flat_to_arrays
+from ddk_cache.capture.build import BuildConfig, build
+from ddk_cache.store.cache import Cache
+from ddk_cache.capture.teachers import load_teacher
+from ddk_cache.capture.teachers.vllm import dict_to_arrays, flat_to_arrays
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import transformers  # noqa: F401  imported up front: its first import takes seconds and is not build time
 from common import machine, teacher as make_teacher
 
-from ddk_cache.build import BuildConfig, build
+from ddk_cache.capture.build import BuildConfig, build
 
 
 def main() -> None:

@@ -25,10 +25,10 @@ import zarr
 from common import machine, print_table
 from numcodecs import Blosc, Zstd
 
-from ddk_cache.encodings import PackEncoding
-from ddk_cache.fidelity import coarse_kl
-from ddk_cache.targets import TargetSpec, adaptive_cut, sample_from_logprobs
-from ddk_cache.teachers.hf import HFTeacher
+from ddk_cache.store.encodings import PackEncoding
+from ddk_cache.capture.fidelity import coarse_kl
+from ddk_cache.store.targets import TargetSpec, adaptive_cut, sample_from_logprobs
+from ddk_cache.capture.teachers.hf import HFTeacher
 
 
 def timed(repeats: int, fn, *args):  # noqa: ANN001, ANN202

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from common import machine, teacher
 
-from ddk_cache.build import BuildConfig, build
-from ddk_cache.distill import DistillConfig, distill
-from ddk_cache.report import read_metrics
+from ddk_cache.capture.build import BuildConfig, build
+from ddk_cache.train.distill import DistillConfig, distill
+from ddk_cache.train.report import read_metrics
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ddk_cache.corpus import discover_domains, iter_documents
+from ddk_cache.capture.corpus import discover_domains, iter_documents
 from ddk_cache.models import ModelSpec, make_model_dir
 
 

@@ -11,7 +11,7 @@ python3 -m ddk_cache build --teacher teacher --data "$CORPUS" --out cache.zarr -
     --max-tokens-per-domain 300000 --batch-size 16 --quiet
 python3 - <<'PY'
 from ddk_cache.models import ModelSpec, init_model
-from ddk_cache.tokenization import load_tokenizer
+from ddk_cache.capture.tokenization import load_tokenizer
 tok = load_tokenizer("teacher")
 init_model(ModelSpec(vocab_size=32768, hidden_size=512, layers=8, heads=8, seed=1), tok).save_pretrained("student")
 tok.save_pretrained("student")

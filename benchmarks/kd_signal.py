@@ -20,9 +20,9 @@ import torch
 from common import machine, print_table
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ddk_cache.data import CacheLoader
-from ddk_cache.losses import KDLoss, ce_and_dense_kd, ce_and_sparse_kd
-from ddk_cache.store import Cache
+from ddk_cache.train.data import CacheLoader
+from ddk_cache.train.losses import KDLoss, ce_and_dense_kd, ce_and_sparse_kd
+from ddk_cache.store.cache import Cache
 
 
 def load_student(spec: str) -> tuple[str, torch.nn.Module]:

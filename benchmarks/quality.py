@@ -28,7 +28,7 @@ from pathlib import Path
 
 from common import machine, print_table
 
-from ddk_cache.report import read_metrics
+from ddk_cache.train.report import read_metrics
 
 # name -> distill flags; every method gets the same steps, batch and schedule (equal tokens).
 METHODS = {
@@ -69,7 +69,7 @@ def stage(name: str, out: Path, args: list[str], work: Path) -> None:
 def student_config(teacher: Path, out: Path, hidden: int, layers: int, heads: int) -> Path:
     """config.json of a random-init student sharing the teacher's tokenizer (weights come from --seed)."""
     from ddk_cache.models import ModelSpec, init_model
-    from ddk_cache.tokenization import load_tokenizer
+    from ddk_cache.capture.tokenization import load_tokenizer
 
     if not (out / "config.json").exists():
         tok = load_tokenizer(str(teacher))

@@ -1,4 +1,4 @@
-"""Time to read one sequence's row: zarr's `array[i]` vs `ddk_cache.shard_rows` (the loader's path).
+"""Time to read one sequence's row: zarr's `array[i]` vs `ddk_cache.store.shard_rows` (the loader's path).
 
     python benchmarks/row_read.py --cache C.zarr --rows 300
 
@@ -15,8 +15,8 @@ import time
 import numpy as np
 from common import machine, print_table
 
-from ddk_cache.shard_rows import ShardRows
-from ddk_cache.store import TOKENS, Cache
+from ddk_cache.store.shard_rows import ShardRows
+from ddk_cache.store.cache import TOKENS, Cache
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import yaml
 
-from ddk_cache.build import BuildConfig, build as run_build, finalize
+from ddk_cache.capture.build import BuildConfig, build as run_build, finalize
 
 
 def _engine_args(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict:

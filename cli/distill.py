@@ -7,7 +7,7 @@ import json
 
 import click
 
-from ddk_cache.distill import DistillConfig, distill as run_distill
+from ddk_cache.train.distill import DistillConfig, distill as run_distill
 
 HELP = {
     "cache": "The cache to learn from (complete; see `ddk-cache inspect`).",
@@ -80,9 +80,9 @@ def eval_cmd(cache: str, model_path: str, batch_size: int, device: str, as_json:
     """Per-domain perplexity of MODEL on the cache's validation split, beside the teacher's."""
     import torch
 
-    from ddk_cache.distill import load_student
-    from ddk_cache.evaluate import evaluate_domains
-    from ddk_cache.store import Cache
+    from ddk_cache.train.distill import load_student
+    from ddk_cache.train.evaluate import evaluate_domains
+    from ddk_cache.store.cache import Cache
 
     c = Cache(cache)
     cfg = DistillConfig(cache=cache, out="-", student=model_path)
@@ -103,7 +103,7 @@ def eval_cmd(cache: str, model_path: str, batch_size: int, device: str, as_json:
 def report(run: str) -> None:
     """Plot a distill run (domain weights, per-domain student/teacher PPL, loss) as PNGs and
     write report.md with the per-domain table, all inside RUN_DIR."""
-    from ddk_cache.report import write_report
+    from ddk_cache.train.report import write_report
 
     for path in write_report(run):
         click.echo(f"wrote {path}")

@@ -6,7 +6,7 @@ import itertools
 
 import click
 
-from ddk_cache.corpus import discover_domains, iter_documents
+from ddk_cache.capture.corpus import discover_domains, iter_documents
 from ddk_cache.models import ModelSpec, make_model_dir
 
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ddk_cache.store import Cache, describe_pending, format_bytes
+from ddk_cache.store.cache import Cache, describe_pending, format_bytes
 
 
 @click.command()
@@ -22,7 +22,7 @@ def inspect(cache: str, as_json: bool, fidelity: bool, sequences: int, teacher: 
     refused (exit 1) with what is missing."""
     c = Cache(cache, require_complete=False)
     if fidelity:
-        from ddk_cache.fidelity import fidelity as measure
+        from ddk_cache.capture.fidelity import fidelity as measure
 
         report = measure(Cache(cache), sequences=sequences, device=device, teacher=teacher)
         if as_json:

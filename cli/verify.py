@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from tqdm.auto import tqdm
 
-from ddk_cache.verify import verify_cache
+from ddk_cache.store.verify import verify_cache
 
 
 @click.command()

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .build import BuildConfig, build
-from .distill import DistillConfig, distill
+from .capture.build import BuildConfig, build
+from .train.distill import DistillConfig, distill
 from .models import ModelSpec, init_model, make_model_dir
-from .report import read_metrics, write_report
-from .tokenization import load_tokenizer
+from .train.report import read_metrics, write_report
+from .capture.tokenization import load_tokenizer
 
 
 @dataclass(frozen=True)

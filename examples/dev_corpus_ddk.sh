@@ -25,7 +25,7 @@ for spec in "small 128 2" "large 192 3"; do
   [ -d student-$1 ] || python - "$1" "$2" "$3" <<'PY'
 import sys
 from ddk_cache.models import ModelSpec, init_model
-from ddk_cache.tokenization import load_tokenizer
+from ddk_cache.capture.tokenization import load_tokenizer
 name, hidden, layers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 tok = load_tokenizer("runs/teacher/final")
 init_model(ModelSpec(vocab_size=4096, hidden_size=hidden, layers=layers, heads=hidden // 32, seed=1), tok).save_pretrained(f"student-{name}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ddk_cache.build import build
+from ddk_cache.capture.build import build
 from ddk_cache.models import ModelSpec, make_model_dir
 
 from .helpers import WORDS, make_docs, small_config, write_corpus

@@ -8,7 +8,7 @@ import random
 import sys
 from pathlib import Path
 
-from ddk_cache.build import BuildConfig
+from ddk_cache.capture.build import BuildConfig
 
 WORDS = {
     "alpha": "the market rose as investors weighed rates and the central bank held steady on inflation".split(),
@@ -63,7 +63,7 @@ def build_argv(config) -> list[str]:
 def make_student(teacher_dir: Path, out: Path, hidden_size: int, layers: int, seed: int = 1) -> Path:
     """A random-init Llama student sharing the teacher's tokenizer (head_dim 32 like the teacher)."""
     from ddk_cache.models import ModelSpec, init_model
-    from ddk_cache.tokenization import load_tokenizer
+    from ddk_cache.capture.tokenization import load_tokenizer
 
     tok = load_tokenizer(str(teacher_dir))
     spec = ModelSpec(vocab_size=400, hidden_size=hidden_size, layers=layers, heads=hidden_size // 32, max_position_embeddings=64, seed=seed)
@@ -74,7 +74,7 @@ def make_student(teacher_dir: Path, out: Path, hidden_size: int, layers: int, se
 
 
 def distill_config(cache: Path, student: Path, out: Path, **overrides):
-    from ddk_cache.distill import DistillConfig
+    from ddk_cache.train.distill import DistillConfig
 
     args = dict(cache=str(cache), student=str(student), out=str(out), batch_size=4, max_steps=4, ddk_interval=2,
                 warmup_steps=2, lr=1e-3, eval_batch_size=4, save_every=100, device="cpu")

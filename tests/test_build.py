@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ddk_cache.build import build
+from ddk_cache.capture.build import build
 from ddk_cache.errors import ConfigError, StoreError, TeacherError
-from ddk_cache.store import SPLITS, Cache, CacheWriter
+from ddk_cache.store.cache import SPLITS, Cache, CacheWriter
 
 from .helpers import copy_cache, small_config
 

@@ -27,7 +27,7 @@ def test_inspect_json_matches_metadata(built_cache):
     result = CliRunner().invoke(main, ["inspect", str(built_cache), "--json"])
     data = json.loads(result.output)
     assert data["state"] == "complete" and data["top_k"] == 8 and len(data["rows"]) == 6
-    from ddk_cache.store import Cache
+    from ddk_cache.store.cache import Cache
 
     meta = Cache(str(built_cache)).meta
     for row in data["rows"]:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddk_cache.codec import TAIL_STEP, TOP1_STEP, PackCodec, step_for_budget
-from ddk_cache.targets import TargetSpec, adaptive_cut, sample_from_logprobs
+from ddk_cache.store.codec import TAIL_STEP, TOP1_STEP, PackCodec, step_for_budget
+from ddk_cache.store.targets import TargetSpec, adaptive_cut, sample_from_logprobs
 
 
 def teacher_topk(P=50, V=5000, K=32, seed=0, peak=2.0):

@@ -6,7 +6,7 @@ import gzip
 
 import pytest
 
-from ddk_cache.corpus import discover_domains, iter_documents
+from ddk_cache.capture.corpus import discover_domains, iter_documents
 from ddk_cache.errors import CorpusError
 
 
@@ -140,7 +140,7 @@ def test_parquet_domain(tmp_path):
 
 
 def test_domain_without_documents_fails_the_build(tmp_path, teacher_dir):
-    from ddk_cache.build import build
+    from ddk_cache.capture.build import build
 
     from .helpers import small_config, write_corpus
 

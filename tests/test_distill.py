@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from ddk_cache.cli.main import main
-from ddk_cache.data import CacheLoader
-from ddk_cache.distill import DistillConfig, TrainingError, distill
+from ddk_cache.train.data import CacheLoader
+from ddk_cache.train.distill import DistillConfig, TrainingError, distill
 from ddk_cache.errors import ConfigError
-from ddk_cache.losses import KDLoss, cross_entropy, dense_kd, sparse_kd
-from ddk_cache.store import Cache
+from ddk_cache.train.losses import KDLoss, cross_entropy, dense_kd, sparse_kd
+from ddk_cache.store.cache import Cache
 
 from .helpers import distill_config, make_student
 
@@ -94,7 +94,7 @@ def test_online_teacher_must_share_tokenizer_and_vocabulary(tmp_path, built_cach
         distill(distill_config(built_cache, student_small, tmp_path / "a", online_teacher=str(tmp_path / "nope")), progress=False)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ddk_cache.tokenization import load_tokenizer
+    from ddk_cache.capture.tokenization import load_tokenizer
 
     tok = load_tokenizer(str(teacher_dir))  # the right tokenizer, one vocabulary row too many
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, max_position_embeddings=64)).save_pretrained(tmp_path / "padded")
@@ -107,7 +107,7 @@ def test_resume_is_exact(tmp_path, built_cache, student_small, monkeypatch):
     common = dict(max_steps=20, save_every=10, ddk_interval=4)
     straight = distill(distill_config(built_cache, student_small, tmp_path / "a", **common), progress=False)
 
-    import ddk_cache.distill as mod
+    import ddk_cache.train.distill as mod
 
     real_save = mod._save_checkpoint
 
@@ -150,7 +150,7 @@ def test_kd_none_is_plain_language_modelling(tmp_path, built_cache, student_smal
 
 
 def test_nonfinite_loss_stops_and_names_the_checkpoint(tmp_path, built_cache, student_small, monkeypatch):
-    import ddk_cache.distill as mod
+    import ddk_cache.train.distill as mod
 
     calls = {"n": 0}
     real = mod.ce_and_sparse_kd
@@ -180,7 +180,7 @@ def test_tokenizer_mismatch_is_refused(tmp_path, built_cache):
 def test_student_vocab_smaller_than_tokenizer(tmp_path, built_cache, teacher_dir):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ddk_cache.tokenization import load_tokenizer
+    from ddk_cache.capture.tokenization import load_tokenizer
 
     tok = load_tokenizer(str(teacher_dir))
     LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1)).save_pretrained(tmp_path / "tiny")
@@ -192,7 +192,7 @@ def test_student_vocab_smaller_than_tokenizer(tmp_path, built_cache, teacher_dir
 def test_padded_student_vocab_is_fine(tmp_path, built_cache, teacher_dir):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ddk_cache.tokenization import load_tokenizer
+    from ddk_cache.capture.tokenization import load_tokenizer
 
     tok = load_tokenizer(str(teacher_dir))
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 37, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, max_position_embeddings=64)).save_pretrained(tmp_path / "padded")
@@ -232,7 +232,7 @@ def test_config_file_unknown_key_and_override(tmp_path, built_cache, student_sma
 
 
 def test_incomplete_cache_is_refused(tmp_path, teacher_dir, corpus_dir, student_small):
-    from ddk_cache.build import build
+    from ddk_cache.capture.build import build
 
     from .helpers import small_config
 

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from ddk_cache.build import build
-from ddk_cache.store import SPLITS, Cache, CacheWriter
+from ddk_cache.capture.build import build
+from ddk_cache.store.cache import SPLITS, Cache, CacheWriter
 
 from .helpers import build_argv, small_config
 
@@ -112,7 +112,7 @@ def test_finalize_refuses_missing_shards(tmp_path, teacher_dir, corpus_dir):
 
 
 def test_workers_from_torchrun_environment(monkeypatch):
-    from ddk_cache.build import resolve_worker
+    from ddk_cache.capture.build import resolve_worker
 
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "4")

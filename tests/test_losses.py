@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddk_cache.losses import KINDS, KDLoss, cross_entropy, dense_kd, sparse_kd
+from ddk_cache.train.losses import KINDS, KDLoss, cross_entropy, dense_kd, sparse_kd
 
 V, N = 50, 12
 
@@ -119,7 +119,7 @@ def test_bad_settings(bad):
 @pytest.mark.parametrize("kind", ["fkl", "rkl", "akl", "none"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_fused_ce_and_kd_equal_the_separate_losses(kind, temperature):
-    from ddk_cache.losses import ce_and_sparse_kd
+    from ddk_cache.train.losses import ce_and_sparse_kd
 
     cfg = KDLoss(kind, temperature=temperature)
     ids, lps = cached(logits(20), 6)
@@ -145,7 +145,7 @@ def coarse_dense(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 def test_adaptive_padding_equals_the_dense_tail_bucket(kind):
     """Ragged targets (padding = -inf): the loss is the divergence between teacher and student
     each coarsened to (kept ids, one tail bucket), computed densely; gradients agree too."""
-    from ddk_cache.targets import TargetSpec, adaptive_cut
+    from ddk_cache.store.targets import TargetSpec, adaptive_cut
 
     cfg = KDLoss(kind=kind)
     t = logits(1)
@@ -159,7 +159,7 @@ def test_adaptive_padding_equals_the_dense_tail_bucket(kind):
     sparse = sparse_kd(s1, ids, lps, cfg)
     logp = coarse_dense(torch.softmax(t, -1), keep)
     logq = coarse_dense(torch.softmax(s2, -1), keep)
-    from ddk_cache.losses import divergence
+    from ddk_cache.train.losses import divergence
 
     dense = divergence(kind, torch.where(torch.isfinite(logp), logp, -1e30), torch.where(torch.isfinite(logq), logq, -1e30), cfg)
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
@@ -171,7 +171,7 @@ def test_adaptive_padding_equals_the_dense_tail_bucket(kind):
 def test_sampled_targets_equal_dense_fkl_against_the_empirical_distribution():
     """counts/N as the target: sparse forward KL = dense forward KL against counts/N spread
     over the vocabulary (zeros elsewhere), values and gradients."""
-    from ddk_cache.targets import TargetSpec, sample_from_logprobs
+    from ddk_cache.store.targets import TargetSpec, sample_from_logprobs
 
     spec = TargetSpec(kind="sampled", samples=50, k=64)
     t = logits(1)

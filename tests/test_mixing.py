@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ddk_cache.mixing import Mixer, parse_static
+from ddk_cache.train.mixing import Mixer, parse_static
 
 DOMAINS = ["a", "b", "c"]
 

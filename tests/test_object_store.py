@@ -10,9 +10,9 @@ moto_server = pytest.importorskip("moto.server", reason="the S3 test server need
 
 from click.testing import CliRunner  # noqa: E402
 
-from ddk_cache.build import build  # noqa: E402
+from ddk_cache.capture.build import build  # noqa: E402
 from ddk_cache.cli.main import main  # noqa: E402
-from ddk_cache.store import SPLITS, Cache  # noqa: E402
+from ddk_cache.store.cache import SPLITS, Cache  # noqa: E402
 
 from .helpers import small_config  # noqa: E402
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ddk_cache.errors import CorpusError
-from ddk_cache.packing import domain_rng, pack_domain
+from ddk_cache.capture.packing import domain_rng, pack_domain
 
 EOS = 0
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import zarr
 
-from ddk_cache.build import build
-from ddk_cache.data import SequenceReader
-from ddk_cache.encodings import PlainEncoding
+from ddk_cache.capture.build import build
+from ddk_cache.train.data import SequenceReader
+from ddk_cache.store.encodings import PlainEncoding
 from ddk_cache.errors import StoreError
-from ddk_cache.shard_rows import ShardRows
-from ddk_cache.store import SPLITS, WRITE_CONFIG, Cache
+from ddk_cache.store.shard_rows import ShardRows
+from ddk_cache.store.cache import SPLITS, WRITE_CONFIG, Cache
 
 from .helpers import small_config
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ddk_cache.encodings import PlainEncoding, encoding_from_dict
+from ddk_cache.store.encodings import PlainEncoding, encoding_from_dict
 from ddk_cache.errors import StoreError
-from ddk_cache.store import Cache
+from ddk_cache.store.cache import Cache
 
 LAYOUT = Path(__file__).resolve().parents[1] / "storage_layout.md"
 

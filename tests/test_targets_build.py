@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ddk_cache.build import build
-from ddk_cache.codec import TOP1_STEP
-from ddk_cache.distill import distill
+from ddk_cache.capture.build import build
+from ddk_cache.store.codec import TOP1_STEP
+from ddk_cache.train.distill import distill
 from ddk_cache.errors import ConfigError
-from ddk_cache.report import read_metrics
-from ddk_cache.store import SPLITS, TARGETS, Cache
-from ddk_cache.targets import TargetSpec, adaptive_cut
+from ddk_cache.train.report import read_metrics
+from ddk_cache.store.cache import SPLITS, TARGETS, Cache
+from ddk_cache.store.targets import TargetSpec, adaptive_cut
 
 from .helpers import copy_cache, distill_config, make_student, small_config
 from .test_build import reference
@@ -138,7 +138,7 @@ def test_bad_target_options(tmp_path, teacher_dir, corpus_dir, options, message)
 
 @pytest.mark.parametrize("name", ["pack", "sampled"])
 def test_verify_reads_packed_caches(caches, tmp_path, name):
-    from ddk_cache.verify import verify_cache
+    from ddk_cache.store.verify import verify_cache
 
     problems, checked = verify_cache(str(caches[name]))
     assert problems == [] and checked > 0
@@ -156,7 +156,7 @@ def test_verify_reads_packed_caches(caches, tmp_path, name):
 
 def test_fidelity_report(caches, built_cache):
     """plain-v1 top-k is exact (coarse KL ~ 0); pack-v1 adds about its KL budget."""
-    from ddk_cache.fidelity import fidelity
+    from ddk_cache.capture.fidelity import fidelity
 
     exact = fidelity(Cache(str(built_cache)), sequences=2, device="cpu")
     packed = fidelity(Cache(str(caches["pack"])), sequences=2, device="cpu")
@@ -167,7 +167,7 @@ def test_fidelity_report(caches, built_cache):
 
 
 def test_expected_size_is_printed_in_readable_units():
-    from ddk_cache.build import expected_size
+    from ddk_cache.capture.build import expected_size
 
     meta = {"domains": {"a": {"train": {"sequences": 100}, "val": {"sequences": 2}}}, "seq_len": 129}
     # 102 * 128 positions * (0.85 * 16 + 4 + 8) bytes = 334,234 bytes

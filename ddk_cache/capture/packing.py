@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CorpusError
+from ..errors import CorpusError
 
 
 @dataclass(frozen=True)

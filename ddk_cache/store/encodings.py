@@ -13,7 +13,7 @@ from typing import Any
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from .codec import MAX_ENTRIES, PackCodec, step_for_budget
-from .errors import StoreError, StoreVersionError
+from ..errors import StoreError, StoreVersionError
 
 
 @dataclass(frozen=True)

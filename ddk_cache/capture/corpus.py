@@ -19,7 +19,7 @@ from typing import Iterator
 
 import yaml
 
-from .errors import CorpusError
+from ..errors import CorpusError
 
 # Suffixes a domain file may have, longest first so `.jsonl.gz` wins over `.gz`.
 DOCUMENT_SUFFIXES = (".jsonl.gz", ".jsonl", ".txt", ".parquet")

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 KINDS = ("topk", "sampled")
 # vLLM returns at most this many log-probs per position; sampling there draws from them.

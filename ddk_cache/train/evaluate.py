@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from .store import Cache
+from ..store.cache import Cache
 
 
 @torch.no_grad()

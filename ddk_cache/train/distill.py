@@ -30,12 +30,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from .data import CacheLoader
-from .errors import ConfigError, DDKCacheError, TeacherError
+from ..errors import ConfigError, DDKCacheError, TeacherError
 from .evaluate import evaluate_domains
 from .losses import KDLoss, ce_and_dense_kd, ce_and_sparse_kd
 from .mixing import Mixer
-from .store import Cache
-from .tokenization import load_tokenizer, tokenizer_fingerprint
+from ..store.cache import Cache
+from ..capture.tokenization import load_tokenizer, tokenizer_fingerprint
 
 # Checkpoint layout (one folder per step under RUN/checkpoints/): keys are constants.
 CKPT_DIR = "checkpoints"
@@ -263,7 +263,7 @@ def _check_targets(cfg: DistillConfig, cache: Cache) -> None:
 def load_online_teacher(cfg: DistillConfig, cache: Cache, device: torch.device, bf16: bool) -> Any:
     """The resident teacher of online KD (transformers), after checking it shares the cache's
     tokenizer. The DDK factor still uses the cache's teacher PPL table: give the cache's teacher."""
-    from .teachers.hf import HFTeacher
+    from ..capture.teachers.hf import HFTeacher
 
     try:
         teacher = HFTeacher(cfg.online_teacher, device=str(device), dtype="bfloat16" if bf16 else "float32", batch_size=cfg.batch_size)

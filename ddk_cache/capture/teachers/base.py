@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..targets import DEFAULT_SAMPLE_POOL, TargetSpec, adaptive_cut, sample_from_topk
+from ...errors import ConfigError
+from ...store.targets import DEFAULT_SAMPLE_POOL, TargetSpec, adaptive_cut, sample_from_topk
 
 DTYPES = ("float32", "bfloat16", "float16")
 

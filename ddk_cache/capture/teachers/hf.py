@@ -10,8 +10,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..errors import TeacherError
-from ..targets import TargetSpec, sample_from_logprobs
+from ...errors import TeacherError
+from ...store.targets import TargetSpec, sample_from_logprobs
 from ..tokenization import first_line, load_tokenizer
 from .base import Teacher, TeacherScores, resolve_device, resolve_dtype
 

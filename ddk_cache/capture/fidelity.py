@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import SPLITS, Cache
+from ..store.cache import SPLITS, Cache
 
 
 def coarse_kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:

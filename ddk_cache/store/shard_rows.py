@@ -19,8 +19,8 @@ import numpy as np
 import zarr
 from numcodecs import CRC32C, Blosc, Zstd
 
-from .errors import StoreError
-from .store import object_key
+from ..errors import StoreError
+from .cache import object_key
 
 _EMPTY = 2**64 - 1  # offset and nbytes of an inner chunk that was never written
 _COMPRESSORS = {"blosc": Blosc, "zstd": Zstd}  # both decode from self-describing frames

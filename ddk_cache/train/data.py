@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .shard_rows import ShardRows
-from .store import TOKENS, Cache
+from ..store.shard_rows import ShardRows
+from ..store.cache import TOKENS, Cache
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from .store import (
+from .cache import (
     SEQ_NLL, SEQ_TOPK_MASS, SHARD_DONE, SPLITS, STATE_COMPLETE, TARGET_LOGPROB, TARGETS, TOKENS, TOPK_IDS, TOPK_LOGPROBS,
     Cache, object_key, perplexity_entry, sequence_nll,
 )

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, TeacherError
+from ...errors import ConfigError, TeacherError
 from ..tokenization import first_line, load_tokenizer
 from .base import Teacher, TeacherScores
 

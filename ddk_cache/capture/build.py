@@ -26,12 +26,12 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from .corpus import corpus_fingerprint, discover_domains, iter_documents
-from .encodings import PackEncoding, PlainEncoding
-from .errors import ConfigError, StoreError, StoreVersionError
+from ..store.encodings import PackEncoding, PlainEncoding
+from ..errors import ConfigError, StoreError, StoreVersionError
 from .packing import pack_domain
-from .store import STATE_COMPLETE, STATE_INITIALIZING, CacheWriter, Shard, describe_pending, format_bytes, path_is_empty, read_root_meta
+from ..store.cache import STATE_COMPLETE, STATE_INITIALIZING, CacheWriter, Shard, describe_pending, format_bytes, path_is_empty, read_root_meta
 from .teachers import BACKENDS, Teacher, load_teacher, resolve_backend
-from .targets import DEFAULT_SAMPLE_POOL, TargetSpec, shard_seed
+from ..store.targets import DEFAULT_SAMPLE_POOL, TargetSpec, shard_seed
 from .teachers.base import model_fingerprint, resolve_device, resolve_dtype
 from .tokenization import load_tokenizer, tokenize_documents, tokenizer_info
 

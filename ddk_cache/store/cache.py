@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from . import __version__
+from .. import __version__
 from .encodings import Encoding, PackEncoding, encoding_from_dict
-from .errors import StoreError, StoreVersionError
+from ..errors import StoreError, StoreVersionError
 from .targets import TargetSpec
 
 FORMAT_VERSION = 2

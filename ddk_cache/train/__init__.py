@@ -1,0 +1,1 @@
+"""Stage 2, `ddk-cache distill`: batches from a cache, KD losses, DDK mixing, the training loop."""
