@@ -6,13 +6,13 @@ import json
 
 import click
 
-from ddk_cache.store.cache import Cache, describe_pending, format_bytes
+from ddk_cache.store.cache import STATE_BUILDING, Cache, describe_pending, format_bytes
 
 
 @click.command()
 @click.argument("cache", metavar="CACHE")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
-@click.option("--fidelity", is_flag=True, help="Re-run the teacher (transformers) on a sample of validation sequences: covered mass, coarse KL of the stored targets vs. the full distribution, bytes/token per array.")
+@click.option("--fidelity", is_flag=True, help="Re-run the teacher (transformers) on a sample of validation sequences: covered mass, per-position coarse KL of the stored targets vs. the full distribution (mean, p99, max), invalid rows, bytes/token per array.")
 @click.option("--sequences", default=4, show_default=True, help="--fidelity: validation sequences per domain.")
 @click.option("--teacher", default=None, help="--fidelity: the teacher's path, if it moved since the build.")
 @click.option("--device", default="auto", show_default=True, help="--fidelity: torch device for the teacher.")
@@ -21,6 +21,7 @@ def inspect(cache: str, as_json: bool, fidelity: bool, sequences: int, teacher: 
     bytes on disk, bytes/token and mean kept mass. An unfinished cache is shown too, then
     refused (exit 1) with what is missing."""
     c = Cache(cache, require_complete=False)
+    meta = c.meta
     if fidelity:
         from ddk_cache.capture.fidelity import fidelity as measure
 
@@ -28,34 +29,42 @@ def inspect(cache: str, as_json: bool, fidelity: bool, sequences: int, teacher: 
         if as_json:
             click.echo(json.dumps(report, indent=2))
             return
-        click.echo(f"{cache}: {c.meta['encoding']['name']}, targets {c.targets.kind}"
-                   f"{' (adaptive)' if c.targets.adaptive else ''}, up to {c.targets.entries} per position; "
-                   f"{report['positions']:,} positions re-scored")
-        click.echo(f"covered mass {report['covered_mass']:.4f}; coarse {report['kl_direction']} {report['coarse_kl']:.3e} nats/token")
+        click.echo(f"{cache}: {meta.encoding.name}, {report['targets']}; {report['positions']:,} positions re-scored")
+        budget = f" (budget {report['kl_budget']:.1e} per position)" if report["kl_budget"] else ""
+        click.echo(f"coarse {report['kl_direction']}: mean {report['coarse_kl']:.3e}, p99 {report['coarse_kl_p99']:.3e}, "
+                   f"max {report['coarse_kl_max']:.3e} nats{budget}")
+        click.echo(f"covered mass {report['covered_mass']:.4f}; invalid rows {report['invalid_share']:.2%}")
         click.echo("bytes/token: " + ", ".join(f"{k} {v:.2f}" for k, v in report["bytes_per_token"].items()))
         return
+    if not meta.domains:
+        if as_json:
+            click.echo(json.dumps({"path": cache, "state": meta.state, "format_version": meta.format_version}, indent=2))
+        else:
+            click.echo(f"{cache}  (format v{meta.format_version}, state: {meta.state}): the corpus is still being tokenized; no sequences yet")
+        _refuse_incomplete(cache, meta.state, [])
+        return
     rows = c.summary()
-    meta = c.meta
-    pending = c.pending() if meta["state"] != "complete" else []
+    pending = c.pending() if meta.state == STATE_BUILDING else []
     if as_json:
         click.echo(json.dumps({
-            "path": cache, "state": meta["state"], "format_version": meta["format_version"],
-            "teacher": meta["teacher"], "tokenizer": meta["tokenizer"], "top_k": meta["top_k"],
-            "seq_len": meta["seq_len"], "encoding": meta["encoding"], "pending_shards": len(pending),
+            "path": cache, "state": meta.state, "format_version": meta.format_version, "teacher": meta.teacher,
+            "tokenizer": meta.tokenizer, "top_k": meta.top_k, "seq_len": meta.seq_len, "encoding": meta.encoding.to_dict(),
+            "targets": meta.targets.to_dict(), "targets_description": meta.targets.describe(), "pending_shards": len(pending),
             "rows": rows,
         }, indent=2))
-        _refuse_incomplete(cache, meta, pending)
+        _refuse_incomplete(cache, meta.state, pending)
         return
-    t = meta["teacher"]
-    click.echo(f"{cache}  (format v{meta['format_version']}, {meta['encoding']['name']}, state: {meta['state']})")
-    click.echo(f"teacher: {t['name_or_path']}  [{t['architecture']}, {t['num_parameters']:,} params, {t['dtype']}, {t['backend']}]")
-    click.echo(f"top-k {meta['top_k']}, seq-len {meta['seq_len']}, vocab {meta['vocab_size']}, tokenizer {meta['tokenizer']['fingerprint'][:19]}")
-    header = ("domain", "split", "sequences", "tokens", "teacher PPL", "on disk", "bytes/token", "top-k mass")
+    t = meta.teacher
+    click.echo(f"{cache}  (format v{meta.format_version}, {meta.encoding.name}, state: {meta.state})")
+    if c.has_targets:
+        click.echo(f"teacher: {t['name_or_path']}  [{t.get('architecture')}, {t.get('num_parameters') or 0:,} params, {t.get('dtype')}, {t.get('backend')}]")
+    click.echo(f"targets: {meta.targets.describe()}; seq-len {meta.seq_len}, vocab {meta.vocab_size}, tokenizer {meta.tokenizer['fingerprint'][:19]}")
+    header = ("domain", "split", "sequences", "tokens", "teacher PPL", "on disk", "bytes/token", "kept mass")
     table = [header] + [
         (
-            r["domain"], r["split"], f"{r['sequences']:,}", f"{r['tokens']:,}",
+            r["domain"] + (" (chat)" if c.is_chat(r["domain"]) else ""), r["split"], f"{r['sequences']:,}", f"{r['tokens']:,}",
             f"{r['teacher_ppl']:.3f}" if r["teacher_ppl"] is not None else "-",
-            format_bytes(r["bytes"]), f"{r['bytes_per_token']:.1f}", f"{r['mean_topk_mass']:.4f}",
+            format_bytes(r["bytes"]), f"{r['bytes_per_token']:.1f}", f"{r['mean_topk_mass']:.4f}" if r["mean_topk_mass"] is not None else "-",
         )
         for r in rows
     ]
@@ -64,12 +73,13 @@ def inspect(cache: str, as_json: bool, fidelity: bool, sequences: int, teacher: 
         click.echo("  ".join(cell.ljust(w) if j < 2 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
         if i == 0:
             click.echo("  ".join("-" * w for w in widths))
-    _refuse_incomplete(cache, meta, pending)
+    _refuse_incomplete(cache, meta.state, pending)
 
 
-def _refuse_incomplete(cache: str, meta: dict, pending: list) -> None:
-    if meta["state"] != "complete":
-        missing = describe_pending(pending) if pending else "every shard is written but the cache is not finalized"
+def _refuse_incomplete(cache: str, state: str, pending: list) -> None:
+    if state != "complete":
+        missing = describe_pending(pending) if pending else (
+            "the corpus is still being tokenized" if state == "initializing" else "every shard is written but the cache is not finalized")
         raise click.ClickException(
             f"INCOMPLETE cache {cache} ({missing}); rerun the same `ddk-cache build` command(s), "
             f"or `ddk-cache build --out {cache} --finalize` once all shards are written"

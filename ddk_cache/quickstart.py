@@ -3,7 +3,7 @@
 1. a three-domain corpus: the standard library's source (code), pydoc's topic reference
    (docs), and the docstrings of the standard library (docstrings);
 2. a small Llama teacher and BPE tokenizer (`init-model`), trained on the corpus with
-   `distill --kd-loss none` over a tokens-only cache (plain language modelling);
+   `distill --kd-loss none` over a tokens-only cache (`build --top-k 0`: plain language modelling);
 3. the trained teacher's top-k cache (`build`);
 4. two differently sized students distilled from that one cache with DDK (`distill`);
 5. a per-domain table (teacher PPL; each student's PPL before and after) and the report plots.
@@ -98,8 +98,10 @@ def run(out: str | Path, scale: str = "default", say: Callable[[str], None] = pr
         texts = (json.loads(line)["text"] for p in sorted(corpus.glob("*.jsonl")) for line in open(p))
         make_model_dir(texts, out / "teacher0", ModelSpec(vocab_size=s.vocab, hidden_size=s.teacher[0], layers=s.teacher[1],
                                                          heads=max(1, s.teacher[0] // 32), max_position_embeddings=max(512, s.seq_len + 1)))
-    common = dict(data=str(corpus), seq_len=s.seq_len, backend="hf", max_tokens_per_domain=s.tokens_per_domain, val_sequences=4, device="cpu", dtype="float32")
-    build(BuildConfig(teacher=str(out / "teacher0"), out=str(out / "tokens.zarr"), top_k=1, **common), progress=progress)
+    common = dict(data=str(corpus), seq_len=s.seq_len, backend="hf", max_tokens_per_domain=s.tokens_per_domain, val_tokens=4 * s.seq_len,
+                  device="cpu", dtype="float32")
+    # The teacher learns from a tokens-only cache (--top-k 0): no teacher runs for it.
+    build(BuildConfig(tokenizer=str(out / "teacher0"), out=str(out / "tokens.zarr"), top_k=0, **common), progress=progress)
     teacher = out / "runs" / "teacher" / "final"
     if not teacher.exists():
         distill(DistillConfig(cache=str(out / "tokens.zarr"), student=str(out / "teacher0"), out=str(out / "runs" / "teacher"),
@@ -108,8 +110,8 @@ def run(out: str | Path, scale: str = "default", say: Callable[[str], None] = pr
 
     say(f"[3/5] cache: top-{s.top_k} log-probabilities of the trained teacher -> {out / 'cache.zarr'}")
     result = build(BuildConfig(teacher=str(teacher), out=str(out / "cache.zarr"), top_k=s.top_k, **common), progress=progress)
-    domains = list(result.meta["domains"])
-    teacher_ppl = {d: result.meta["teacher_ppl"][d]["val"]["ppl"] for d in domains}
+    domains = list(result.meta.domains)
+    teacher_ppl = {d: result.meta.ppl(d, "val").ppl for d in domains}
 
     table = {"domains": domains, "teacher_ppl": teacher_ppl, "students": {}}
     tok = load_tokenizer(str(teacher))

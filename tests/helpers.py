@@ -40,11 +40,12 @@ def write_corpus(root: Path) -> Path:
 
 def small_config(teacher_dir: Path, corpus_dir: Path, out: Path, **overrides) -> BuildConfig:
     """A build that takes a couple of seconds: 32-token sequences, k=8, shards of 4 sequences,
-    the exact plain-v1 encoding (tests compare it with direct forward passes bit for bit)."""
+    2 validation sequences per domain, the exact plain-v1 encoding (tests compare it with
+    direct forward passes bit for bit), and small tokenization pieces (several per domain)."""
     args = dict(
         teacher=str(teacher_dir), data=str(corpus_dir), out=str(out), top_k=8, seq_len=32,
-        val_sequences=2, shard_sequences=4, batch_size=3, device="cpu", dtype="float32", backend="hf",
-        encoding="plain",
+        val_tokens=64, shard_sequences=4, batch_size=3, device="cpu", dtype="float32", backend="hf",
+        encoding="plain", piece_mb=0.002,
     )
     args.update(overrides)
     return BuildConfig(**args)
@@ -54,8 +55,8 @@ def build_argv(config) -> list[str]:
     return [
         sys.executable, "-c", "from ddk_cache.cli.main import main; main()", "build",
         "--teacher", config.teacher, "--data", config.data, "--out", config.out,
-        "--top-k", str(config.top_k), "--seq-len", str(config.seq_len), "--val-sequences", str(config.val_sequences),
-        "--shard-sequences", str(config.shard_sequences), "--batch-size", str(config.batch_size),
+        "--top-k", str(config.top_k), "--seq-len", str(config.seq_len), "--val-tokens", str(config.val_tokens),
+        "--shard-sequences", str(config.shard_sequences), "--batch-size", str(config.batch_size), "--piece-mb", str(config.piece_mb),
         "--device", "cpu", "--dtype", "float32", "--backend", "hf", "--encoding", config.encoding, "--quiet",
     ]
 
@@ -95,3 +96,21 @@ def copy_cache(src: Path, dst: Path, edit=None) -> Path:
         edit(meta)
         root.update_attributes({"ddk_cache": meta})
     return dst
+
+
+def partial_cache(teacher_dir: Path, corpus_dir: Path, out: Path, shards: int = 3, **overrides) -> Path:
+    """A cache whose build stopped (as if killed) after `shards` shards: state building."""
+    from ddk_cache.capture.build import build
+
+    class Stop(Exception):
+        pass
+
+    def stop(event, info):
+        if event == "shard_written" and info["count"] == shards:
+            raise Stop
+
+    try:
+        build(small_config(teacher_dir, corpus_dir, out, **overrides), progress=False, hook=stop)
+    except Stop:
+        pass
+    return out

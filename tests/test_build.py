@@ -15,7 +15,7 @@ from ddk_cache.store.cache import SPLITS, Cache, CacheWriter
 
 from .helpers import copy_cache, small_config
 
-ARRAYS = ("tokens", "topk_ids", "topk_logprobs", "target_logprob", "seq_nll", "seq_topk_mass", "shard_done")
+ARRAYS = ("tokens", "topk_ids", "topk_logprobs", "target_logprob")
 
 
 def reference(teacher_dir, tokens: np.ndarray, k: int):
@@ -34,8 +34,12 @@ def reference(teacher_dir, tokens: np.ndarray, k: int):
 
 
 def all_arrays(path) -> dict:
+    """Every array of a cache as zarr reads it (what any Zarr v3 reader sees)."""
+    import zarr
+
     c = Cache(str(path), require_complete=False)
-    return {(d, s, a): c.root[f"{d}/{s}/{a}"][:] for d in c.domains for s in SPLITS for a in ARRAYS}
+    root = zarr.open_group(str(path), mode="r")
+    return {(d, s, a): root[f"{d}/{s}/{a}"][:] for d in c.domains for s in SPLITS for a in c.array_names(d)}
 
 
 def test_cache_equals_direct_forward_pass(built_cache, teacher_dir):
@@ -58,35 +62,41 @@ def test_ppl_table_equals_exp_mean_nll(built_cache, teacher_dir):
             tokens = cache.read(domain, split, 0, cache.num_sequences(domain, split)).tokens
             _, _, tgt = reference(teacher_dir, tokens, cache.top_k)
             expected = math.exp(-tgt.astype(np.float64).mean())
-            entry = cache.meta["teacher_ppl"][domain][split]
-            assert entry["ppl"] == pytest.approx(expected, rel=1e-12)
-            assert entry["predicted_tokens"] == tgt.size
-            assert cache.teacher_ppl(domain, split) == entry["ppl"]
+            entry = cache.meta.ppl(domain, split)
+            assert entry.ppl == pytest.approx(expected, rel=1e-12)
+            assert entry.predicted_tokens == tgt.size
+            assert cache.teacher_ppl(domain, split) == entry.ppl
 
 
 def test_metadata_records_the_build(built_cache, teacher_dir):
     meta = Cache(str(built_cache)).meta
-    assert meta["format_version"] == 2 and meta["state"] == "complete"
-    assert meta["teacher"]["backend"] == "hf" and meta["teacher"]["dtype"] == "float32"
-    assert meta["teacher"]["name_or_path"] == str(teacher_dir)
-    assert meta["tokenizer"]["fingerprint"].startswith("sha256:")
-    assert meta["top_k"] == 8 and meta["seq_len"] == 32 and meta["vocab_size"] > 8
-    assert meta["build_args"]["top_k"] == 8 and meta["encoding"]["name"] == "plain-v1"
+    assert meta.format_version == 3 and meta.state == "complete"
+    assert meta.teacher["backend"] == "hf" and meta.teacher["dtype"] == "float32"
+    assert meta.teacher["name_or_path"] == str(teacher_dir)
+    assert meta.tokenizer["fingerprint"].startswith("sha256:")
+    assert meta.top_k == 8 and meta.seq_len == 32 and meta.vocab_size > 8
+    assert meta.build_args["top_k"] == 8 and meta.encoding.name == "plain-v1"
+    assert len(meta.corpus["sha256"]) == 64 and {f["domain"] for f in meta.corpus["files"]} == {"alpha", "beta", "gamma"}
     for d in ("alpha", "beta", "gamma"):
-        assert meta["domains"][d]["val"]["sequences"] == 2
-        assert meta["domains"][d]["train"]["sequences"] >= 1
+        assert meta.domains[d].val.sequences == 2  # --val-tokens 64 = 2 sequences of 32
+        assert meta.domains[d].train.sequences >= 1
 
 
 class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("event,count", [("store_created", 0), ("shard_written", 1), ("shard_written", 5), ("before_finalize", 0)])
+@pytest.mark.parametrize("event,count", [("piece_tokenized", 2), ("tokenized", 0), ("store_created", 0), ("shard_written", 1),
+                                         ("shard_written", 5), ("before_finalize", 0)])
 def test_resume_after_crash_is_value_identical(tmp_path, teacher_dir, corpus_dir, built_cache, event, count):
     out = tmp_path / "c.zarr"
     config = small_config(teacher_dir, corpus_dir, out)
 
+    before: list = []
+
     def crash(ev, info):
+        if ev == "piece_tokenized":
+            before.append(info["piece"])
         if ev == event and info.get("count", 0) == count:
             raise Crash(ev)
 
@@ -94,19 +104,31 @@ def test_resume_after_crash_is_value_identical(tmp_path, teacher_dir, corpus_dir
         build(config, progress=False, hook=crash)
     with pytest.raises(StoreError, match="incomplete cache"):
         Cache(str(out))
-    pending = CacheWriter(str(out)).pending()
+    writer = CacheWriter(str(out))
+    pending = writer.pending() if writer.meta.domains else None
     if event == "shard_written":
-        assert count <= len(Cache(str(out), require_complete=False).shards()) - len(pending)
-    written = []
-    result = build(config, progress=False, hook=lambda ev, info: written.append(info["shard"]) if ev == "shard_written" else None)
-    # Only the shards that were pending are scored again: finished work is never redone.
-    assert written == pending
-    assert result.meta["state"] == "complete"
+        assert count <= len(writer.shards()) - len(pending)
+    written, tokenized = [], []
+
+    def record(ev, info):
+        if ev == "shard_written":
+            written.append(info["shard"])
+        elif ev == "piece_tokenized":
+            tokenized.append(info["piece"])
+
+    result = build(config, progress=False, hook=record)
+    # Only what was pending is done again: finished pieces and shards are never redone.
+    assert not set(tokenized) & set(before)
+    if event == "piece_tokenized":
+        assert len(before) == count and tokenized  # the rest of the pieces, and only those
+    if pending is not None:
+        assert sorted(written, key=lambda s: s.key) == sorted(pending, key=lambda s: s.key)
+    assert result.meta.state == "complete"
     expected, got = all_arrays(built_cache), all_arrays(out)
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key], err_msg=str(key))
     assert got.keys() == expected.keys()
-    assert result.meta["teacher_ppl"] == Cache(str(built_cache)).meta["teacher_ppl"]
+    assert result.meta.teacher_ppl == Cache(str(built_cache)).meta.teacher_ppl
 
 
 def test_rerun_of_complete_cache_does_nothing(built_cache, teacher_dir, corpus_dir):
@@ -122,9 +144,11 @@ def test_batch_size_and_device_may_change_on_resume(built_cache, teacher_dir, co
 @pytest.mark.parametrize(
     "override,message",
     [
-        ({"seq_len": 16}, r"seq_len: 16 here, 32 in the cache"),
-        ({"top_k": 4}, r"top_k: 4 here, 8 in the cache"),
-        ({"seed": 1}, r"seed: 1 here, 0 in the cache"),
+        ({"seq_len": 16}, r"--seq-len: 32 in the cache, 16 here"),
+        ({"top_k": 4}, r"--top-k: 8 in the cache, 4 here"),
+        ({"seed": 1}, r"--seed: 0 in the cache, 1 here"),
+        ({"max_num_batched_tokens": 512}, r"--max-num-batched-tokens: None in the cache, 512 here"),
+        ({"engine_args": {"quantization": "fp8"}}, r"--engine-arg: \{\} in the cache, \{'quantization': 'fp8'\} here"),
     ],
 )
 def test_store_of_another_build_is_refused(built_cache, teacher_dir, corpus_dir, override, message):
@@ -141,6 +165,32 @@ def test_changed_corpus_is_refused(tmp_path, built_cache, teacher_dir, corpus_di
         f.write('{"text": "one more document"}\n')
     with pytest.raises(StoreError, match="corpus files differ"):
         build(small_config(teacher_dir, corpus, built_cache), progress=False)
+
+
+def test_corpus_edited_in_place_is_refused(tmp_path, teacher_dir, corpus_dir):
+    """Same names and sizes, new bytes: the modification time gives it away (no rehashing)."""
+    import os
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, corpus)
+    out = tmp_path / "c.zarr"
+
+    class Stop(Exception):
+        pass
+
+    def stop(ev, info):
+        if ev == "tokenized":
+            raise Stop
+
+    with pytest.raises(Stop):
+        build(small_config(teacher_dir, corpus, out), progress=False, hook=stop)
+    text = (corpus / "alpha.jsonl").read_text()
+    (corpus / "alpha.jsonl").write_text(text.replace("market", "garden"))  # same length
+    st = os.stat(corpus / "alpha.jsonl")
+    os.utime(corpus / "alpha.jsonl", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(StoreError, match=r"corpus file alpha.jsonl \(domain alpha\) changed since this cache's build started"):
+        build(small_config(teacher_dir, corpus, out), progress=False)
 
 
 def test_foreign_output_is_refused(tmp_path, teacher_dir, corpus_dir):
@@ -163,7 +213,8 @@ def test_seq_len_longer_than_context(tmp_path, teacher_dir, corpus_dir):
         build(small_config(teacher_dir, corpus_dir, tmp_path / "c.zarr", seq_len=128), progress=False)
 
 
-@pytest.mark.parametrize("field,value,message", [("top_k", 0, "--top-k must be >= 1"), ("seq_len", 1, "--seq-len must be >= 2"), ("val_sequences", 0, "--val-sequences must be >= 1")])
+@pytest.mark.parametrize("field,value,message", [("top_k", -1, "--top-k must be >= 1"), ("seq_len", 1, "--seq-len must be >= 2"),
+                                                 ("val_tokens", 0, "--val-tokens must be >= 1"), ("piece_mb", 0, "--piece-mb must be in")])
 def test_out_of_range_options(tmp_path, teacher_dir, corpus_dir, field, value, message):
     with pytest.raises(ConfigError, match=message):
         small_config(teacher_dir, corpus_dir, tmp_path / "c.zarr", **{field: value})
@@ -192,12 +243,12 @@ def test_domain_too_small(tmp_path, teacher_dir):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "tiny.jsonl").write_text('{"text": "hello"}\n')
-    with pytest.raises(Exception, match=r"domain 'tiny' has \d+ tokens; it needs at least 96"):
+    with pytest.raises(Exception, match=r"domain 'tiny' has \d+ tokens; it needs at least 64 \(1 validation \+ 1 training sequence of 32 tokens\)"):
         build(small_config(teacher_dir, corpus, tmp_path / "c.zarr"), progress=False)
     assert not (tmp_path / "c.zarr").exists()
 
 
 def test_newer_format_at_out_is_refused_as_such(tmp_path, built_cache, teacher_dir, corpus_dir):
-    out = copy_cache(built_cache, tmp_path / "c.zarr", edit=lambda meta: meta.update(format_version=3))
-    with pytest.raises(StoreError, match="has cache format version 3; this ddk-cache .* reads versions 1, 2; upgrade ddk-cache"):
+    out = copy_cache(built_cache, tmp_path / "c.zarr", edit=lambda meta: meta.update(format_version=4))
+    with pytest.raises(StoreError, match="has cache format version 4; this ddk-cache .* reads versions 1, 2, 3; upgrade ddk-cache"):
         build(small_config(teacher_dir, corpus_dir, out), progress=False)

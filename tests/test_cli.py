@@ -17,7 +17,7 @@ def test_inspect_table(built_cache):
     lines = result.output.splitlines()
     assert "state: complete" in lines[0]
     header = next(line for line in lines if line.startswith("domain"))
-    for col in ("split", "sequences", "tokens", "teacher PPL", "on disk", "bytes/token", "top-k mass"):
+    for col in ("split", "sequences", "tokens", "teacher PPL", "on disk", "bytes/token", "kept mass"):
         assert col in header
     rows = [line.split() for line in lines if line.split()[:1] in (["alpha"], ["beta"], ["gamma"])]
     assert [r[:2] for r in rows] == [[d, s] for d in ("alpha", "beta", "gamma") for s in ("train", "val")]
@@ -31,19 +31,39 @@ def test_inspect_json_matches_metadata(built_cache):
 
     meta = Cache(str(built_cache)).meta
     for row in data["rows"]:
-        assert row["teacher_ppl"] == meta["teacher_ppl"][row["domain"]][row["split"]]["ppl"]
+        assert row["teacher_ppl"] == meta.ppl(row["domain"], row["split"]).ppl
         assert row["tokens"] == row["sequences"] * 32
         assert 0 < row["mean_topk_mass"] <= 1 and row["bytes"] > 0
 
 
 def test_build_command_and_rerun(tmp_path, teacher_dir, corpus_dir):
     args = ["build", "--teacher", str(teacher_dir), "--data", str(corpus_dir), "--out", str(tmp_path / "c.zarr"),
-            "--top-k", "4", "--seq-len", "16", "--val-sequences", "1", "--device", "cpu", "--backend", "hf", "--quiet"]
+            "--top-k", "4", "--seq-len", "16", "--val-tokens", "16", "--device", "cpu", "--backend", "hf", "--quiet"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and "3 domains" in result.output
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and "already complete" in again.output
+
+
+def test_build_config_file_and_flags(tmp_path, teacher_dir, corpus_dir):
+    """--config takes the same keys as the flags (generated from BuildConfig); flags win;
+    an unknown key is named."""
+    from ddk_cache.store.cache import Cache
+
+    out = tmp_path / "c.zarr"
+    (tmp_path / "build.yaml").write_text(
+        f"teacher: {teacher_dir}\ndata: {corpus_dir}\nout: {out}\ntop-k: 4\nseq_len: 16\nval-tokens: 16\n"
+        "backend: hf\ndevice: cpu\nencoding: plain\n")
+    result = CliRunner().invoke(main, ["build", "--config", str(tmp_path / "build.yaml"), "--top-k", "3", "--quiet"])
+    assert result.exit_code == 0, result.output
+    meta = Cache(str(out)).meta
+    assert meta.top_k == 3 and meta.seq_len == 16 and meta.encoding.name == "plain-v1"
+    (tmp_path / "bad.yaml").write_text("teacher: x\ntopk: 3\n")
+    bad = CliRunner().invoke(main, ["build", "--config", str(tmp_path / "bad.yaml")])
+    assert bad.exit_code == 1 and "unknown key 'topk'" in bad.output
+    wrong = CliRunner().invoke(main, ["build", "--config", str(tmp_path / "build.yaml"), "--top-k", "x"])
+    assert wrong.exit_code == 2 and "'x' is not a valid integer" in wrong.output
 
 
 def test_user_error_is_one_line_without_traceback(tmp_path, teacher_dir):
@@ -61,7 +81,7 @@ def test_inspect_refuses_unknown_format_version(tmp_path, built_cache):
     copy = copy_cache(built_cache, tmp_path / "c.zarr", edit=lambda meta: meta.update(format_version=99))
     result = CliRunner().invoke(main, ["inspect", str(copy)])
     assert result.exit_code == 1
-    assert "has cache format version 99; this ddk-cache 0.1.0 reads versions 1, 2; upgrade ddk-cache" in result.output
+    assert "has cache format version 99; this ddk-cache 0.1.0 reads versions 1, 2, 3; upgrade ddk-cache" in result.output
 
 
 def test_help_explains_every_command():

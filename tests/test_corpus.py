@@ -71,7 +71,28 @@ def test_malformed_json_in_gzip(tmp_path):
 
 def test_missing_text_field(tmp_path):
     msg = errors_for(tmp_path, "d.jsonl", b'{"body": "x", "id": 3}\n')
-    assert msg == f"{tmp_path / 'd.jsonl'}:1: no 'text' field (found: body, id); pass --text-field to name the text field"
+    assert msg == (f"{tmp_path / 'd.jsonl'}:1: no 'text' field (found: body, id); pass --text-field to name the text field, "
+                   "or give chat records with 'messages' (or 'prompt' and 'response')")
+
+
+def test_json_array_file_is_named_as_such(tmp_path):
+    """A .jsonl holding one JSON array: --text-field cannot help, so the message says what can."""
+    msg = errors_for(tmp_path, "d.jsonl", b'[{"text": "a"}, {"text": "b"}]\n')
+    assert msg.startswith(f"{tmp_path / 'd.jsonl'}:1: a JSON list, not an object: ddk-cache reads JSON Lines")
+    assert "--text-field" not in msg
+
+
+def test_errors_in_a_piece_that_starts_mid_file_name_the_line(tmp_path):
+    from ddk_cache.capture.corpus import discover_domains, plan_pieces, read_piece
+    from ddk_cache.errors import CorpusError
+
+    lines = [b'{"text": "fine %d"}\n' % i for i in range(40)] + [b'{"text": broken}\n']
+    (tmp_path / "d.jsonl").write_bytes(b"".join(lines))
+    (source,) = discover_domains(tmp_path)
+    pieces = plan_pieces(source, 100)
+    with pytest.raises(CorpusError, match=f"{tmp_path / 'd.jsonl'}:41: not valid JSON"):
+        for piece in pieces:
+            list(read_piece(source, piece, "text", None))
 
 
 def test_non_string_text(tmp_path):
@@ -87,7 +108,7 @@ def test_non_utf8_txt(tmp_path):
     (tmp_path / "dom").mkdir()
     (tmp_path / "dom" / "a.txt").write_bytes(b"\xff\xfe")
     (domain,) = discover_domains(tmp_path)
-    with pytest.raises(CorpusError, match="a.txt: not valid UTF-8"):
+    with pytest.raises(CorpusError, match=r"a.txt \(the part at byte 0\): not valid UTF-8"):
         list(iter_documents(domain))
 
 

@@ -112,7 +112,7 @@ def test_resume_is_exact(tmp_path, built_cache, student_small, monkeypatch):
     real_save = mod._save_checkpoint
 
     def save_then_crash(*args, **kwargs):
-        path = real_save(*args, **kwargs)
+        real_save(*args, **kwargs)
         raise KeyboardInterrupt  # the process dies right after its step-10 checkpoint
 
     monkeypatch.setattr(mod, "_save_checkpoint", save_then_crash)
@@ -232,11 +232,9 @@ def test_config_file_unknown_key_and_override(tmp_path, built_cache, student_sma
 
 
 def test_incomplete_cache_is_refused(tmp_path, teacher_dir, corpus_dir, student_small):
-    from ddk_cache.capture.build import build
+    from .helpers import partial_cache
 
-    from .helpers import small_config
-
-    build(small_config(teacher_dir, corpus_dir, tmp_path / "c.zarr", num_shards=2, shard_index=0), progress=False)
+    partial_cache(teacher_dir, corpus_dir, tmp_path / "c.zarr")
     result = CliRunner().invoke(main, ["distill", "--cache", str(tmp_path / "c.zarr"), "--student", str(student_small), "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "is an incomplete cache" in result.output and "shard(s) not written" in result.output
 

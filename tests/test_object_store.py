@@ -41,14 +41,14 @@ def s3_endpoint():
 def test_build_inspect_verify_on_s3(s3_endpoint, teacher_dir, corpus_dir, built_cache):
     url = "s3://caches/runs/c.zarr"
     result = build(small_config(teacher_dir, corpus_dir, url), progress=False)
-    assert result.meta["state"] == "complete"
+    assert result.meta.state == "complete"
     remote, local = Cache(url), Cache(str(built_cache))
     for d in local.domains:
         for s in SPLITS:
             a, b = remote.read(d, s, 0, remote.num_sequences(d, s)), local.read(d, s, 0, local.num_sequences(d, s))
             np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
             np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
-    assert remote.meta["teacher_ppl"] == local.meta["teacher_ppl"]
+    assert remote.meta.teacher_ppl == local.meta.teacher_ppl
 
     runner = CliRunner()
     inspect = runner.invoke(main, ["inspect", url])
@@ -70,8 +70,8 @@ def test_s3_resume_after_crash(s3_endpoint, teacher_dir, corpus_dir, built_cache
     with pytest.raises(KeyboardInterrupt):
         build(config, progress=False, hook=crash)
     result = build(config, progress=False)
-    assert result.meta["state"] == "complete" and result.shards_written < len(Cache(url).shards())
-    assert Cache(url).meta["teacher_ppl"] == Cache(str(built_cache)).meta["teacher_ppl"]
+    assert result.meta.state == "complete" and result.shards_written < len(Cache(url).shards())
+    assert Cache(url).meta.teacher_ppl == Cache(str(built_cache)).meta.teacher_ppl
 
 
 def test_foreign_s3_prefix_is_refused(s3_endpoint, teacher_dir, corpus_dir):

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from ddk_cache.store.encodings import PlainEncoding, encoding_from_dict
 from ddk_cache.errors import StoreError
 from ddk_cache.store.cache import Cache
+from ddk_cache.store.encodings import ENCODINGS, PackV2, PlainV1, TokensOnly, encoding_from_dict
+from ddk_cache.store.meta import CacheMeta
+from ddk_cache.store.targets import TargetSpec
 
 LAYOUT = Path(__file__).resolve().parents[1] / "storage_layout.md"
 
@@ -20,16 +22,31 @@ def test_layout_reader_snippet_runs_on_a_real_cache(built_cache):
     exec(compile(snippet, str(LAYOUT), "exec"), {})
 
 
-def test_layout_documents_every_array(built_cache):
+def test_layout_documents_every_array_and_encoding():
+    from ddk_cache.store.encodings import Layout
+
     text = LAYOUT.read_text()
-    group = Cache(str(built_cache)).root["alpha/train"]
-    for name in group.array_keys():
+    layout = Layout(positions=7, entries=4, vocab_size=100, targets=TargetSpec(k=4))
+    for name, cls in ENCODINGS.items():
         assert f"`{name}`" in text
+        for array in cls().arrays(layout):
+            assert f"`{array}`" in text
+    for array in ("tokens", "loss_mask"):
+        assert f"`{array}`" in text
+    for key in CacheMeta.__dataclass_fields__:
+        if key != "extra":
+            assert f"`{key}`" in text, key
 
 
-def test_encoding_round_trip():
-    enc = PlainEncoding(clevel=3)
+@pytest.mark.parametrize("enc", [PlainV1(clevel=3), PackV2(kl_budget=3e-4, zstd_level=5, exact_target=True), TokensOnly()])
+def test_encoding_round_trip(enc):
     assert encoding_from_dict(enc.to_dict()) == enc
+
+
+def test_metadata_round_trip(built_cache):
+    meta = Cache(str(built_cache)).meta
+    again = CacheMeta.from_dict(meta.to_dict())
+    assert again == meta and again.to_dict() == meta.to_dict()
 
 
 def test_unknown_encoding_is_refused():

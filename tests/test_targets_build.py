@@ -1,20 +1,25 @@
-"""Builds with the pack-v1 codec, adaptive k and sampled targets: what they store, and that the trainer takes them."""
+"""Builds with pack-v2, adaptive k, sampled targets and tokens only: what they store, that
+the trainer takes them, and that format-1 and -2 caches still read."""
 
 from __future__ import annotations
+
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ddk_cache.capture.build import build
-from ddk_cache.store.codec import TOP1_STEP
-from ddk_cache.train.distill import distill
 from ddk_cache.errors import ConfigError
-from ddk_cache.train.report import read_metrics
-from ddk_cache.store.cache import SPLITS, TARGETS, Cache
+from ddk_cache.store.cache import SPLITS, Cache
 from ddk_cache.store.targets import TargetSpec, adaptive_cut
+from ddk_cache.train.distill import distill
+from ddk_cache.train.report import read_metrics
 
 from .helpers import copy_cache, distill_config, make_student, small_config
 from .test_build import reference
+
+LEGACY = Path(__file__).parent / "data" / "legacy"
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +29,8 @@ def caches(tmp_path_factory, teacher_dir, corpus_dir):
         "pack": dict(encoding="pack"),
         "adaptive-plain": dict(encoding="plain", min_mass=0.5, min_prob=0.01),
         "adaptive-pack": dict(encoding="pack", min_mass=0.5, min_prob=0.01),
-        "sampled": dict(encoding="pack", targets="sampled", samples=20, top_k=20),
+        "sampled": dict(encoding="pack", targets="sampled", samples=20),
+        "tokens": dict(top_k=0, teacher="", tokenizer=str(teacher_dir)),
     }
     for name, options in kinds.items():
         build(small_config(teacher_dir, corpus_dir, root / f"{name}.zarr", **options), progress=False)
@@ -37,21 +43,30 @@ def each_split(cache: Cache):
             yield cache.read(domain, split, 0, cache.num_sequences(domain, split))
 
 
-def test_pack_keeps_ids_exact_and_log_probs_close(caches, teacher_dir, built_cache):
+def coarse_kl_rows(ids, lps, d_ids, d_lps):
+    """Per position KL(teacher kept + tail || decoded kept + tail), entries matched by id."""
+    p = np.exp(np.take_along_axis(lps.astype(np.float64), np.argsort(ids, -1), -1))
+    q = np.exp(d_lps.astype(np.float64))
+    tp, tq = np.clip(1 - p.sum(-1), 0, 1), np.clip(1 - q.sum(-1), 0, 1)
+    return (p * np.log(p / q)).sum(-1) + np.where(tp > 0, tp * np.log(tp / np.maximum(tq, 1e-300)), 0)
+
+
+def test_pack_keeps_ids_exact_and_every_position_within_the_budget(caches, teacher_dir, built_cache):
     cache, plain = Cache(str(caches["pack"])), Cache(str(built_cache))
-    assert cache.meta["encoding"]["name"] == "pack-v1" and TARGETS in cache.root["alpha/train"]
+    assert cache.meta.encoding.name == "pack-v2" and cache.target_arrays == ("targets",)
+    budget = cache.meta.encoding.kl_budget
     for batch in each_split(cache):
         ids, lps, tgt = reference(teacher_dir, batch.tokens, 8)
-        order = np.argsort(ids, -1)
-        np.testing.assert_array_equal(batch.topk_ids, np.take_along_axis(ids, order, -1))
-        np.testing.assert_array_equal(batch.target_logprob, tgt)  # exact: the teacher PPL comes from it
-        top = np.take_along_axis(batch.topk_logprobs, np.argsort(order, -1)[..., :1], -1)[..., 0]
-        assert np.abs(top - lps[..., 0]).max() <= TOP1_STEP / 2 + 1e-6
-        p, q = np.exp(np.take_along_axis(lps, order, -1).astype(np.float64)), np.exp(batch.topk_logprobs.astype(np.float64))
-        tp, tq = 1 - p.sum(-1), 1 - q.sum(-1)
-        kl = (p * np.log(p / q)).sum(-1) + tp * np.log(tp / tq)
-        assert kl.mean() < 2e-4
-    assert cache.meta["teacher_ppl"] == plain.meta["teacher_ppl"]
+        np.testing.assert_array_equal(batch.topk_ids, np.sort(ids, -1))
+        kl = coarse_kl_rows(ids, lps, batch.topk_ids, batch.topk_logprobs)
+        assert kl.max() <= budget * 1.001 + 1e-6  # per position, not on average
+        assert (np.exp(batch.topk_logprobs.astype(np.float64)).sum(-1) <= 1 + 1e-6).all()
+        # The target's log-prob: its kept entry where kept, else exact.
+        kept = (ids == batch.tokens[:, 1:, None]).any(-1)
+        np.testing.assert_array_equal(batch.target_logprob[~kept], tgt[~kept])
+        assert np.abs(batch.target_logprob[kept] - tgt[kept]).max(initial=0) < 0.5
+    # The perplexity table comes from the exact values, whatever the encoding.
+    assert cache.meta.teacher_ppl == plain.meta.teacher_ppl
     stored = {r["domain"] + r["split"]: r["bytes"] for r in cache.summary()}
     assert sum(stored.values()) < 0.6 * sum(r["bytes"] for r in plain.summary())
 
@@ -77,19 +92,36 @@ def test_adaptive_keeps_what_the_rule_says(caches, teacher_dir, name):
 
 def test_sampled_targets_are_counts_of_teacher_draws(caches, tmp_path, teacher_dir, corpus_dir):
     cache = Cache(str(caches["sampled"]))
-    assert cache.targets == TargetSpec(kind="sampled", k=20, samples=20, sample_pool=None)
+    assert cache.targets == TargetSpec(kind="sampled", k=8, samples=20, sample_pool=None)
+    assert cache.top_k == 20  # every unique id is kept (--top-k does not cap sampled ids)
+    assert cache.targets.unbiased and "unbiased" in cache.targets.describe()
     for batch in each_split(cache):
         w = np.exp(batch.topk_logprobs.astype(np.float64))
         np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
         counts = np.rint(w * 20)
         np.testing.assert_allclose(counts / 20, w, atol=1e-6)  # weights are counts / N
         valid = np.isfinite(batch.topk_logprobs)
-        assert (batch.topk_ids[valid] < cache.meta["vocab_size"]).all()
-    # Seeded per shard: a second build draws exactly the same ids.
-    build(small_config(teacher_dir, corpus_dir, tmp_path / "again.zarr", encoding="pack", targets="sampled", samples=20, top_k=20), progress=False)
+        assert (batch.topk_ids[valid] < cache.meta.vocab_size).all()
+        _, _, tgt = reference(teacher_dir, batch.tokens, 8)
+        np.testing.assert_array_equal(batch.target_logprob, tgt)  # exact for sampled caches
+    # Seeded per sequence: a second build (other shards) draws exactly the same ids.
+    build(small_config(teacher_dir, corpus_dir, tmp_path / "again.zarr", encoding="pack", targets="sampled", samples=20,
+                       shard_sequences=3), progress=False)
     other = Cache(str(tmp_path / "again.zarr"))
     for d in cache.domains:
-        np.testing.assert_array_equal(cache.root[f"{d}/train/{TARGETS}"][:], other.root[f"{d}/train/{TARGETS}"][:])
+        a, b = cache.read(d, "train", 0, 6), other.read(d, "train", 0, 6)
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
+
+
+def test_tokens_only_cache(caches, built_cache):
+    cache = Cache(str(caches["tokens"]))
+    assert not cache.has_targets and cache.meta.teacher_ppl is None and cache.meta.encoding.name == "none"
+    assert cache.target_arrays == () and cache.targets.describe().startswith("tokens only")
+    full = Cache(str(built_cache))
+    for d in full.domains:  # the same sequences as the teacher's cache of the same corpus
+        np.testing.assert_array_equal(cache.read(d, "train", 0, 5).tokens, full.read(d, "train", 0, 5).tokens)
+    assert cache.read("alpha", "val", 0, 1).topk_ids is None
 
 
 @pytest.mark.parametrize("name", ["pack", "adaptive-pack", "sampled"])
@@ -100,14 +132,52 @@ def test_trainer_takes_every_target_kind(caches, tmp_path, teacher_dir, name):
     assert len(result.losses) == 3 and np.isfinite(result.losses).all() and min(kd) > 0
 
 
+def test_tokens_only_cache_trains_with_kd_none_only(caches, tmp_path, teacher_dir):
+    student = make_student(teacher_dir, tmp_path / "student", 32, 1)
+    result = distill(distill_config(caches["tokens"], student, tmp_path / "run", max_steps=3, kd_loss="none", mixing="natural"), progress=False)
+    assert len(result.losses) == 3 and np.isfinite(result.losses).all()
+    with pytest.raises(ConfigError, match="is a tokens-only cache .* use --kd-loss none"):
+        distill(distill_config(caches["tokens"], student, tmp_path / "r2", mixing="natural"), progress=False)
+    with pytest.raises(ConfigError, match="--mixing ddk needs the teacher perplexity table"):
+        distill(distill_config(caches["tokens"], student, tmp_path / "r3", kd_loss="none"), progress=False)
+
+
 @pytest.mark.parametrize("option,message", [
     (dict(kd_loss="rkl"), "--kd-loss rkl on a cache of sampled targets: only forward KL"),
     (dict(temperature=2.0), "--temperature 2.0 on a cache of sampled targets"),
+    (dict(tail="renorm"), "--tail renorm on a cache of sampled targets: renormalising the student over randomly drawn ids biases"),
 ])
 def test_sampled_cache_refuses_biased_losses(caches, tmp_path, teacher_dir, option, message):
     student = make_student(teacher_dir, tmp_path / "student", 32, 1)
     with pytest.raises(ConfigError, match=message):
         distill(distill_config(caches["sampled"], student, tmp_path / "run", **option), progress=False)
+
+
+@pytest.mark.parametrize("name", ["v2-plain", "v2-pack", "v2-sampled"])
+def test_format_2_caches_still_read(name):
+    """Caches written by ddk-cache 0.1.0 (format 2, before pack-v2 and build logs) read as they
+    did: every array equals what that version read (recorded beside the fixture)."""
+    cache = Cache(str(LEGACY / f"{name}.zarr"))
+    assert cache.meta.format_version == 2 and cache.meta.state == "complete"
+    expected = np.load(LEGACY / f"{name}.expected.npz")
+    for d in cache.domains:
+        for s in SPLITS:
+            batch = cache.read(d, s, 0, cache.num_sequences(d, s))
+            for key in ("tokens", "topk_ids", "topk_logprobs", "target_logprob"):
+                np.testing.assert_array_equal(getattr(batch, key), expected[f"{d}/{s}/{key}"], err_msg=f"{name} {d}/{s}/{key}")
+    assert math.isfinite(cache.teacher_ppl("alpha", "val"))
+
+
+def test_format_2_cache_trains_a_student(tmp_path):
+    from ddk_cache.models import ModelSpec, init_model
+    from ddk_cache.capture.tokenization import load_tokenizer
+
+    tok = load_tokenizer(str(LEGACY / "teacher"))
+    student = tmp_path / "student"
+    init_model(ModelSpec(vocab_size=400, hidden_size=32, layers=1, heads=1, max_position_embeddings=64), tok).save_pretrained(student)
+    tok.save_pretrained(student)
+    result = distill(distill_config(LEGACY / "v2-pack.zarr", student, tmp_path / "run", max_steps=2, batch_size=2), progress=False)
+    assert len(result.losses) == 2 and np.isfinite(result.losses).all()
 
 
 def test_version_1_caches_still_read(built_cache, tmp_path):
@@ -116,8 +186,8 @@ def test_version_1_caches_still_read(built_cache, tmp_path):
         meta["format_version"] = 1
         del meta["targets"]
 
-    old = Cache(str(copy_cache(built_cache, tmp_path / "v1.zarr", edit=to_v1)))
-    new = Cache(str(built_cache))
+    old = Cache(str(copy_cache(LEGACY / "v2-plain.zarr", tmp_path / "v1.zarr", edit=to_v1)))
+    new = Cache(str(LEGACY / "v2-plain.zarr"))
     assert old.targets == TargetSpec(kind="topk", k=8)
     a, b = old.read("alpha", "train", 0, 3), new.read("alpha", "train", 0, 3)
     np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
@@ -127,48 +197,55 @@ def test_version_1_caches_still_read(built_cache, tmp_path):
 @pytest.mark.parametrize("options,message", [
     (dict(targets="sampled", encoding="plain"), "--targets sampled needs --encoding pack"),
     (dict(min_mass=1.5), r"--min-mass must be in \(0, 1\]"),
-    (dict(samples=300, targets="sampled", encoding="pack"), "--samples must be in 1..255"),
-    (dict(kl_budget=1.0), "--kl-budget must be in 1e-05..0.01"),
+    (dict(samples=5000, targets="sampled", encoding="pack"), "--samples must be in 1..4096"),
+    (dict(kl_budget=1.0), "--kl-budget must be in 1e-06..0.1"),
     (dict(targets="sampled", min_prob=0.1, encoding="pack"), "--min-mass/--min-prob apply to --targets topk only"),
+    (dict(teacher="", top_k=8), "--teacher is required"),
 ])
 def test_bad_target_options(tmp_path, teacher_dir, corpus_dir, options, message):
     with pytest.raises(ConfigError, match=message):
         small_config(teacher_dir, corpus_dir, tmp_path / "c.zarr", **options)
 
 
-@pytest.mark.parametrize("name", ["pack", "sampled"])
-def test_verify_reads_packed_caches(caches, tmp_path, name):
+@pytest.mark.parametrize("name", ["pack", "sampled", "tokens"])
+def test_verify_reads_every_kind(caches, tmp_path, name):
     from ddk_cache.store.verify import verify_cache
 
     problems, checked = verify_cache(str(caches[name]))
     assert problems == [] and checked > 0
-    # A packed row that passes its CRC but does not unpack is reported (here: a bad frame).
-    import zarr
 
-    damaged = copy_cache(caches[name], tmp_path / "d.zarr")
-    arr = zarr.open_array(str(damaged / "alpha/train/targets"), mode="r+")
-    row = arr[0]
-    row[0] = 200  # stream count
-    arr[0] = row
-    problems, _ = verify_cache(str(damaged))
-    assert any("does not decode" in str(p) for p in problems)
+
+def test_verify_names_a_packed_row_that_is_not_a_distribution(caches, tmp_path):
+    """A row whose CRC passes but whose targets are invalid (here: a row of another cache's
+    frame rewritten so its kept mass exceeds 1) is reported."""
+    from ddk_cache.store.pack2 import Pack2Codec
+    from ddk_cache.store.verify import check_targets
+
+    ids = np.arange(4, dtype=np.int32)[None].repeat(3, 0)
+    assert check_targets(ids[None], np.log(np.full((1, 3, 4), 0.3)), 100) == "a position's kept mass is 1.200000 > 1 (negative tail)"
+    assert check_targets(ids[None], np.full((1, 3, 4), np.nan), 100) == "decoded log-probs contain NaN or +inf"
+    assert Pack2Codec  # the codec itself never produces such rows (tests/test_pack2.py)
 
 
 def test_fidelity_report(caches, built_cache):
-    """plain-v1 top-k is exact (coarse KL ~ 0); pack-v1 adds about its KL budget."""
+    """plain-v1 top-k is exact (coarse KL ~ 0); pack-v2 stays within its budget at every position."""
     from ddk_cache.capture.fidelity import fidelity
 
     exact = fidelity(Cache(str(built_cache)), sequences=2, device="cpu")
     packed = fidelity(Cache(str(caches["pack"])), sequences=2, device="cpu")
-    assert exact["coarse_kl"] < 1e-6 and 0 < packed["coarse_kl"] < 2e-4
+    assert exact["coarse_kl"] < 1e-6 and 0 < packed["coarse_kl"] <= packed["coarse_kl_p99"] <= packed["coarse_kl_max"] <= 1.001e-4 + 1e-6
+    assert exact["invalid_share"] == packed["invalid_share"] == 0
     assert exact["covered_mass"] == pytest.approx(packed["covered_mass"], rel=1e-6)  # same ids
-    assert set(packed["bytes_per_token"]) >= {"targets", "tokens", "target_logprob"}
+    assert set(packed["bytes_per_token"]) >= {"targets", "tokens"}
     assert packed["bytes_per_token"]["targets"] < exact["bytes_per_token"]["topk_ids"] + exact["bytes_per_token"]["topk_logprobs"]
 
 
 def test_expected_size_is_printed_in_readable_units():
     from ddk_cache.capture.build import expected_size
+    from ddk_cache.store.encodings import PackV2
+    from ddk_cache.store.meta import CacheMeta, DomainInfo, SplitInfo
 
-    meta = {"domains": {"a": {"train": {"sequences": 100}, "val": {"sequences": 2}}}, "seq_len": 129}
-    # 102 * 128 positions * (0.85 * 16 + 4 + 8) bytes = 334,234 bytes
-    assert expected_size(meta, TargetSpec(k=16), "pack") == "expected cache size: about 326.4 KiB (18 B/position for the targets, 13,056 positions)"
+    meta = CacheMeta(format_version=3, state="building", encoding=PackV2(), targets=TargetSpec(k=16), seq_len=129, shard_sequences=8,
+                     vocab_size=100, top_k=16, teacher={}, tokenizer={}, domains={"a": DomainInfo(SplitInfo(100), SplitInfo(2))})
+    # 102 * 128 positions * (0.85 * 16 + 4 + 2.5) bytes = 262,426 bytes
+    assert expected_size(meta, PackV2()) == "expected cache size: about 256.3 KiB (18 B/position for the targets, 13,056 positions)"

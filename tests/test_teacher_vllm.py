@@ -37,7 +37,7 @@ def vllm_cache(tmp_path_factory, vllm_teacher, teacher_dir, corpus_dir):
 
 def test_vllm_cache_equals_hf_cache(vllm_cache, built_cache):
     v, h = Cache(str(vllm_cache)), Cache(str(built_cache))
-    assert v.meta["teacher"]["backend"] == "vllm" and v.meta["teacher"]["backend_version"].startswith("vllm ")
+    assert v.meta.teacher["backend"] == "vllm" and v.meta.teacher["backend_version"].startswith("vllm ")
     assert v.domains == h.domains
     for d in h.domains:
         for s in SPLITS:
@@ -53,9 +53,9 @@ def test_vllm_cache_equals_hf_cache(vllm_cache, built_cache):
             untied = gap > 2e-4
             assert untied.mean() > 0.5
             np.testing.assert_array_equal(a.topk_ids[untied], b.topk_ids[untied])
-            pv, ph = v.meta["teacher_ppl"][d][s], h.meta["teacher_ppl"][d][s]
-            assert pv["predicted_tokens"] == ph["predicted_tokens"]
-            assert math.isclose(pv["ppl"], ph["ppl"], rel_tol=1e-4)
+            pv, ph = v.meta.ppl(d, s), h.meta.ppl(d, s)
+            assert pv.predicted_tokens == ph.predicted_tokens
+            assert math.isclose(pv.ppl, ph.ppl, rel_tol=1e-4)
 
 
 def test_dict_and_flat_conversions_agree(vllm_teacher, built_cache):
@@ -92,12 +92,29 @@ def test_sampled_targets_come_from_the_top_pool(vllm_teacher, built_cache):
 
     tokens = Cache(str(built_cache)).read("alpha", "train", 0, 2).tokens
     spec = TargetSpec(kind="sampled", k=10, samples=10, sample_pool=8)
-    a = vllm_teacher.targets(tokens, spec, [0, 1, 2, 3])
-    b = vllm_teacher.targets(tokens, spec, [0, 1, 2, 3])
+    a = vllm_teacher.targets(tokens, spec)
+    b = vllm_teacher.targets(tokens, spec)
     pool = vllm_teacher.score(tokens, 8)
-    assert (a.counts.sum(-1) == 10).all()
-    np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
     for n in range(len(tokens)):
+        assert (a[n].counts.sum(-1) == 10).all()
+        np.testing.assert_array_equal(a[n].ids, b[n].ids)
         for t in range(tokens.shape[1] - 1):
-            drawn = a.topk_ids[n, t][a.counts[n, t] > 0]
+            drawn = a[n].ids[t][a[n].counts[t] > 0]
             assert set(drawn.tolist()) <= set(pool.topk_ids[n, t].tolist())
+
+
+def test_the_engine_is_fed_as_one_stream(vllm_teacher, built_cache):
+    """Jobs stream into one engine (no drain between them) and come back whole, each row once."""
+    from ddk_cache.capture.teachers.base import Job
+    from ddk_cache.store.targets import TargetSpec
+
+    cache = Cache(str(built_cache))
+    jobs = [Job(i, cache.read(d, "train", 0, 3).tokens, np.arange(3), [0, 0, 0]) for i, d in enumerate(cache.domains)]
+    seen = {}
+    for job, row, finish in vllm_teacher.stream(jobs, TargetSpec(k=8)):
+        seen[(job.key, row)] = finish()
+    assert sorted(seen) == [(i, r) for i in range(len(jobs)) for r in range(3)]
+    direct = vllm_teacher.score(jobs[1].tokens, 8)
+    np.testing.assert_allclose(seen[(1, 2)].logprobs, direct.topk_logprobs[2], atol=1e-5)
+    stats = vllm_teacher.stats
+    assert stats.rows == 9 and 0 <= stats.idle_share < 1 and stats.wall >= stats.busy > 0

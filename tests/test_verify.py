@@ -36,7 +36,19 @@ def test_deleted_chunk_is_named(built_cache, tmp_path):
     (out / "gamma" / "val" / "target_logprob" / "c" / "0" / "0").unlink()
     result = CliRunner().invoke(main, ["verify", str(out), "--quiet"])
     assert result.exit_code == 1
-    assert "BAD gamma/val/target_logprob/c/0/0: chunk is missing" in result.output
+    assert "BAD gamma/val/target_logprob/c/0/0: object is missing" in result.output
+
+
+def test_unrecorded_shard_is_named(built_cache, tmp_path):
+    """A shard whose log record is gone (its objects may be half-written) is not trusted."""
+    import glob
+
+    out = copy(built_cache, tmp_path)
+    (log,) = glob.glob(str(out / "_build" / "log" / "*.jsonl"))
+    lines = open(log).read().splitlines()
+    open(log, "w").write("\n".join(line for line in lines if '"alpha/train/1"' not in line) + "\n")
+    result = CliRunner().invoke(main, ["verify", str(out), "--quiet"])
+    assert result.exit_code == 1 and "BAD alpha/train/1: shard not recorded as written in the build logs" in result.output
 
 
 def test_tampered_table_is_caught(built_cache, tmp_path):

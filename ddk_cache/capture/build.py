@@ -1,139 +1,178 @@
-"""`ddk-cache build`: corpus -> packed sequences -> teacher top-k -> a complete cache.
+"""`ddk-cache build`: corpus -> staged tokens -> plan -> teacher targets -> a complete cache.
 
-Order of work, chosen so bad input fails fast and a crash anywhere can be resumed:
-  1. read the corpus layout and the teacher's tokenizer (cheap errors first);
-  2. check --out: new, resumable (same build fingerprint), or refused;
-  3. load the teacher, check --top-k and --seq-len against it;
-  4. worker 0 tokenizes + packs every domain, creates the store and writes the tokens
-     (skipped on resume); other workers wait for that;
-  5. each worker scores its pending shards (every N-th shard for worker I of N); a
-     background thread writes a shard while the next is scored;
-  6. whoever sees no shard pending finalizes: teacher perplexity table from the stored
-     per-sequence sums, state "complete" (also `ddk-cache build --finalize`).
+One worker's run, in order (every step resumable, and safe to run in several workers,
+processes or machines at once; any worker can be killed and restarted):
+
+  1. check the inputs (corpus layout, tokenizer, options) and --out: new, resumable (same
+     build fingerprint, corpus files unchanged) or refused; cheap errors first;
+  2. load the teacher (not for tokens-only caches) and check it against the options;
+  3. tokenize this worker's pieces of the corpus and stage them (packing.py), then wait,
+     showing progress, until every worker's pieces are staged;
+  4. make the plan (which tokens go into which sequence) and the arrays, once;
+  5. score this worker's pending shards: the teacher streams, a pool of writer threads
+     converts, encodes and writes (stores.py's shard objects, then a log record);
+  6. whoever sees no shard pending finalizes: the teacher perplexity table from the
+     logged sums, state "complete" (also `ddk-cache build --finalize`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import queue
+import threading
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator
 
+import numpy as np
 from tqdm.auto import tqdm
 
-from .corpus import corpus_fingerprint, discover_domains, iter_documents
-from ..store.encodings import PackEncoding, PlainEncoding
-from ..errors import ConfigError, StoreError, StoreVersionError
-from .packing import pack_domain
-from ..store.cache import STATE_COMPLETE, STATE_INITIALIZING, CacheWriter, Shard, describe_pending, format_bytes, path_is_empty, read_root_meta
+from .. import config as cfgmod
+from ..config import option, validate
+from ..errors import ConfigError, CorpusError, StoreError, StoreVersionError
+from ..runtime import Worker, assign_gpus, resolve_device, resolve_worker
+from ..store.cache import (
+    LOSS_MASK, STATE_COMPLETE, STATE_INITIALIZING, TOKENS, CacheWriter, Shard, describe_pending, format_bytes, read_root_meta,
+)
+from ..store.encodings import Encoding, PackV2, PlainV1, RowScores, TokensOnly
+from ..store.log import ShardRecord
+from ..store.meta import CHAT, CacheMeta
+from ..store.objects import Objects, is_url
+from ..store.targets import DEFAULT_SAMPLE_POOL, TargetSpec
+from .corpus import DomainSource, Piece, corpus_layout, discover_domains, plan_pieces
+from .packing import (
+    PLAN_KEY, Candidates, Gatherer, PackingConfig, Plan, done_pieces, make_plan, read_index, tokenize_piece, write_summary,
+)
 from .teachers import BACKENDS, Teacher, load_teacher, resolve_backend
-from ..store.targets import DEFAULT_SAMPLE_POOL, TargetSpec, shard_seed
-from .teachers.base import model_fingerprint, resolve_device, resolve_dtype
-from .tokenization import load_tokenizer, tokenize_documents, tokenizer_info
+from .teachers.base import EngineStats, Job, model_fingerprint, resolve_dtype
+from .tokenization import document_tokenizer, load_tokenizer, tokenizer_info
 
-# Raw bytes of one shard's top-k log-probs the automatic --shard-sequences aims at: big
-# enough for good compression and few files, small enough to resume at a fine grain.
-AUTO_SHARD_BYTES = 16 << 20
+ENCODINGS = ("pack", "plain")
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Everything `ddk-cache build` takes. Written into the cache as `build_args`."""
+    """Everything `ddk-cache build` takes. Written into the cache as `build_args`; every field
+    not marked fingerprint=False is part of the build fingerprint (a resume must agree)."""
 
-    teacher: str  # model directory or hub id
-    data: str  # corpus directory or .yaml/.toml spec
-    out: str  # cache path or fsspec URL (s3://bucket/cache.zarr)
-    top_k: int = 64  # entries kept per position (at most)
-    targets: str = "topk"  # topk (adaptive with min_mass/min_prob) or sampled (targets.py)
-    min_mass: float | None = None  # adaptive top-k: keep entries until their mass reaches this
-    min_prob: float | None = None  # adaptive top-k: drop entries below this probability
-    samples: int = 50  # sampled targets: draws per position
-    sample_temperature: float = 1.0  # sampled targets: draw from softmax(logits / this)
-    sample_pool: int | None = None  # sampled targets: draw from the top-this only; None = full (hf), 256 (vllm)
-    encoding: str = "pack"  # pack (pack-v1: small, log-probs within kl_budget) or plain (plain-v1: exact float32)
-    kl_budget: float = 1e-4  # pack-v1: quantisation KL per position, nats
-    seq_len: int = 2048  # tokens per packed sequence
-    backend: str = "auto"  # teacher engine: vllm if installed, else hf
-    text_field: str = "text"  # JSON field holding a document's text
-    val_sequences: int = 8  # held-out sequences per domain (DDK evaluates on them)
-    max_tokens_per_domain: int | None = None  # cap per domain, after shuffling documents
-    seed: int = 0  # document shuffle seed
-    dtype: str = "auto"  # teacher dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16
-    device: str = "auto"  # torch device for the hf backend
-    batch_size: int = 8  # sequences per forward pass (hf backend)
-    shard_sequences: int = 0  # sequences per shard (unit of work and of resume); 0 = automatic
-    revision: str | None = None  # teacher revision on a hub
-    trust_remote_code: bool = False  # never run model code from the hub unless asked
-    clevel: int = 5  # zstd level of the plain-v1 encoding
-    num_shards: int | None = None  # workers sharing this build; None = from torchrun/srun or 1
-    shard_index: int | None = None  # this worker's index in 0..num_shards-1
-    wait_timeout: float = 7200.0  # seconds a worker > 0 waits for worker 0 to create the store
-    writer_threads: int = 0  # shards encoded and written at once; 0 = half the CPU cores, 1 to 8
-    tensor_parallel_size: int = 1  # vLLM
-    gpu_memory_utilization: float | None = None  # vLLM; None = 0.9 on GPU, 0.3 on the CPU build
-    max_num_batched_tokens: int | None = None  # vLLM
-    logprobs_format: str = "flat"  # vLLM prompt-logprob container: flat lists (fast) or dicts
-    engine_args: dict[str, Any] = field(default_factory=dict)  # more vLLM engine arguments
-
-    # Fields that change the cache's bytes: a store built with other values is refused.
-    CONTENT_FIELDS = ("top_k", "seq_len", "text_field", "val_sequences", "max_tokens_per_domain", "seed", "dtype", "shard_sequences", "clevel",
-                      "targets", "min_mass", "min_prob", "samples", "sample_temperature", "sample_pool", "encoding", "kl_budget")
+    teacher: str = option("", "Teacher model: a local transformers directory or a hub id (not needed for a tokens-only cache given --tokenizer).")
+    data: str = option("", "Corpus directory (one domain per .jsonl/.jsonl.gz/.txt/.parquet file or sub-folder) or a .yaml/.toml spec mapping domain -> globs. JSON Lines may hold chat records ('messages', or 'prompt' + 'response').", fingerprint=False)
+    out: str = option("", "Cache path (a .zarr directory) or fsspec URL (s3://bucket/c.zarr). An unfinished cache of the same build is resumed.", fingerprint=False)
+    tokenizer: str = option("", "Tokenizer directory or hub id (default: the teacher's). With --top-k 0 it is all the build needs.")
+    top_k: int = option(64, "Log-probabilities kept per position (at most, with --min-mass/--min-prob); 0 = a tokens-only cache (no teacher run), for plain language modelling.")
+    targets: str = option("topk", "topk: the most probable ids and a tail bucket; sampled: --samples ids drawn from the teacher per position, stored with counts.", choices=("topk", "sampled"))
+    min_mass: float | None = option(None, "Adaptive top-k: keep entries until their probability sums to this (0-1], at most --top-k; the top-1 is always kept.")
+    min_prob: float | None = option(None, "Adaptive top-k: drop entries with probability below this (the top-1 is always kept).")
+    samples: int = option(50, "--targets sampled: draws per position; every unique id is kept.")
+    sample_temperature: float = option(1.0, "--targets sampled: draw from softmax(logits / T); T != 1 stores log-probs for importance weights (then consistent, not unbiased).")
+    sample_pool: int | None = option(None, "--targets sampled: draw from the top-N log-probs only (default: the whole distribution with --backend hf, the top-256 with vllm, which returns no more; a pool makes the targets biased).")
+    encoding: str = option("pack", "pack: pack-v2 (ids exact, log-probs within --kl-budget per position, ~4x smaller than plain); plain: exact float32 + int32 (plain-v1).", choices=ENCODINGS)
+    kl_budget: float = option(1e-4, "pack: the most KL (nats) quantisation may add at any position (a hard bound, checked by the encoder).")
+    seq_len: int = option(2048, "Tokens per sequence (at most the teacher's context; vLLM needs one more).")
+    backend: str = option("auto", "Teacher engine: auto = vllm when installed, else hf (transformers). The engine used is part of the fingerprint.", choices=BACKENDS, fingerprint=False)
+    text_field: str = option("text", "JSON/parquet field holding each document's text.")
+    chat_template: str = option("", "Chat records: a Jinja chat template (a file, or the template itself) instead of the tokenizer's.")
+    val_tokens: int = option(1 << 20, "Validation tokens per domain, in whole sequences (default ~500 sequences of 2,048, DDK's 500 samples per domain), at most --val-max-fraction of the domain.")
+    val_max_fraction: float = option(0.1, "The validation split takes at most this share of a domain (at least one sequence).")
+    max_tokens_per_domain: int | None = option(None, "Cap each domain at this many tokens (validation included), in shuffled order.")
+    seed: int = option(0, "Seed of the document shuffle (and of sampled targets).")
+    dtype: str = option("auto", "Teacher dtype; auto = bfloat16 on GPU, float32 on CPU.", choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = option("auto", "Torch device for the hf backend (cpu, cuda, cuda:1; auto = this worker's GPU when present).", fingerprint=False)
+    batch_size: int = option(8, "Sequences per forward pass (hf backend).", fingerprint=False)
+    shard_mb: int = option(128, "Aim for shards (the unit of work, resume and storage) of about this many MB of encoded targets.", fingerprint=False)
+    shard_sequences: int = option(0, "Sequences per shard; 0 = from --shard-mb and the encoding's expected size.")
+    piece_mb: float = option(64.0, "Tokenization pieces: the corpus is cut into pieces of about this many MB of text, the unit of tokenization work (changes the shuffle order).")
+    max_document_chars: int = option(1 << 20, "Longer documents are tokenized (and shuffled) as parts of about this many characters, cut at line breaks.")
+    revision: str | None = option(None, "Teacher revision (hub ids only).")
+    trust_remote_code: bool = option(False, "Allow the teacher's own Python code to run (off unless you ask).", fingerprint=False)
+    clevel: int = option(5, "plain: blosc-zstd level.")
+    num_shards: int | None = option(None, "Split the build across this many workers (default: WORLD_SIZE under torchrun, SLURM_NTASKS under srun, else 1).", fingerprint=False)
+    shard_index: int | None = option(None, "This worker's index in 0..num-shards-1 (default: RANK / SLURM_PROCID).", fingerprint=False)
+    wait_timeout: float = option(7200.0, "Seconds a worker waits for other workers' tokenization without seeing any progress before it gives up.", fingerprint=False)
+    writer_threads: int = option(0, "Threads converting, encoding and writing shards beside the teacher; 0 = half the CPU cores (1 to 8).", fingerprint=False)
+    tensor_parallel_size: int = option(1, "vLLM: GPUs per engine (worker with local rank r gets GPUs [r*t, (r+1)*t)).")
+    gpu_memory_utilization: float | None = option(None, "vLLM: share of GPU memory to use (on the CPU build, of host RAM; default 0.9 on GPU, 0.3 on CPU).", fingerprint=False)
+    max_num_batched_tokens: int | None = option(None, "vLLM: tokens per engine step (can change results in the last bits).")
+    logprobs_format: str = option("flat", "vLLM: how prompt log-probs come back; flat lists convert far faster (same values).", choices=("flat", "dict"), fingerprint=False)
+    engine_args: dict[str, Any] = option({}, "vLLM: any other engine argument, repeatable (e.g. --engine-arg quantization=fp8); part of the fingerprint.", flag="--engine-arg")
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.top_k >= 1, f"--top-k must be >= 1, got {self.top_k}"),
+        validate([
+            (self.top_k >= 0, f"--top-k must be >= 1 (or 0 for a tokens-only cache), got {self.top_k}"),
             (self.seq_len >= 2, f"--seq-len must be >= 2, got {self.seq_len}"),
-            (self.val_sequences >= 1, f"--val-sequences must be >= 1 (DDK evaluates every domain on it), got {self.val_sequences}"),
+            (self.val_tokens >= 1, f"--val-tokens must be >= 1 (DDK evaluates every domain on it), got {self.val_tokens}"),
+            (0 < self.val_max_fraction <= 0.5, f"--val-max-fraction must be in (0, 0.5], got {self.val_max_fraction}"),
             (self.max_tokens_per_domain is None or self.max_tokens_per_domain >= 1, f"--max-tokens-per-domain must be >= 1, got {self.max_tokens_per_domain}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.shard_sequences >= 0, f"--shard-sequences must be >= 0 (0 = automatic), got {self.shard_sequences}"),
+            (1 <= self.shard_mb <= 1 << 14, f"--shard-mb must be in 1..16384, got {self.shard_mb}"),
+            (1e-4 <= self.piece_mb <= 1 << 14, f"--piece-mb must be in 0.0001..16384, got {self.piece_mb}"),
+            (self.max_document_chars >= 1024, f"--max-document-chars must be >= 1024, got {self.max_document_chars}"),
             (1 <= self.clevel <= 9, f"--clevel must be in 1..9, got {self.clevel}"),
             (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
             (self.num_shards is None or self.num_shards >= 1, f"--num-shards must be >= 1, got {self.num_shards}"),
             ((self.num_shards is None) == (self.shard_index is None), "--num-shards and --shard-index go together"),
             (self.num_shards is None or 0 <= (self.shard_index or 0) < self.num_shards, f"--shard-index must be in 0..{(self.num_shards or 1) - 1}, got {self.shard_index}"),
             (0 <= self.writer_threads <= 64, f"--writer-threads must be in 0..64 (0 = automatic), got {self.writer_threads}"),
+            (self.wait_timeout > 0, f"--wait-timeout must be > 0, got {self.wait_timeout}"),
+            (self.tensor_parallel_size >= 1, f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}"),
             (self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1, f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
-            (self.encoding in ("pack", "plain"), f"--encoding must be pack or plain, got {self.encoding!r}"),
-            (self.encoding == "pack" or self.targets == "topk", "--targets sampled needs --encoding pack (plain-v1 has no counts)"),
+            (self.encoding in ENCODINGS, f"--encoding must be pack or plain, got {self.encoding!r}"),
+            (self.encoding == "pack" or self.targets == "topk", "--targets sampled needs --encoding pack (plain-v1 stores no draw counts)"),
             (self.sample_pool is None or self.sample_pool >= 2, f"--sample-pool must be >= 2, got {self.sample_pool}"),
-            (1e-5 <= self.kl_budget <= 1e-2, f"--kl-budget must be in 1e-05..0.01, got {self.kl_budget}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+            (1e-6 <= self.kl_budget <= 1e-1, f"--kl-budget must be in 1e-06..0.1, got {self.kl_budget}"),
+            (bool(self.teacher) or (self.top_k == 0 and bool(self.tokenizer)), "--teacher is required (a tokens-only cache, --top-k 0, needs only --tokenizer)"),
+        ])
         self.target_spec()  # validates the target options
+
+    @property
+    def tokens_only(self) -> bool:
+        return self.top_k == 0
 
     def target_spec(self) -> TargetSpec:
         """What the cache keeps per position (stored in its metadata as `targets`)."""
+        if self.tokens_only:
+            return TargetSpec(kind="none", k=0, seed=self.seed)
         return TargetSpec(kind=self.targets, k=self.top_k, min_mass=self.min_mass, min_prob=self.min_prob, samples=self.samples,
                           sample_temperature=self.sample_temperature, sample_pool=self.sample_pool, seed=self.seed)
 
-    def storage_encoding(self) -> PlainEncoding | PackEncoding:
-        """How the cache's arrays become bytes (encodings.py)."""
-        return PackEncoding(kl_budget=self.kl_budget) if self.encoding == "pack" else PlainEncoding(clevel=self.clevel)
+    def storage_encoding(self) -> Encoding:
+        """How the cache's targets become bytes (encodings.py)."""
+        if self.tokens_only:
+            return TokensOnly()
+        return PackV2(kl_budget=self.kl_budget) if self.encoding == "pack" else PlainV1(clevel=self.clevel)
 
     def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
         return asdict(self)
+
+    @classmethod
+    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> "BuildConfig":
+        return cfgmod.from_sources(cls, config_file, overrides)
 
 
 @dataclass
 class BuildResult:
     """What a build (or one worker of it) did: the final metadata and where the time went."""
 
-    meta: dict[str, Any]
+    meta: CacheMeta
     worker: tuple[int, int] = (0, 1)
     shards_written: int = 0
     tokens_scored: int = 0
+    pieces_tokenized: int = 0
     seconds: float = 0.0
-    teacher_seconds: float = 0.0
-    write_seconds: float = 0.0  # summed over writer threads (encode + write)
-    stall_seconds: float = 0.0  # time the teacher sat idle waiting for a writer
-    phase_seconds: dict[str, float] = field(default_factory=dict)  # load, initialize, score, finalize
+    teacher_seconds: float = 0.0  # the engine busy
+    write_seconds: float = 0.0  # summed over writer threads (convert + encode + write)
+    stall_seconds: float = 0.0  # time the scoring loop waited for writers
+    engine_idle_share: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     already_complete: bool = False
     pending_elsewhere: int = 0  # shards other workers still have to write
 
@@ -145,267 +184,463 @@ class BuildResult:
 Hook = Callable[[str, dict[str, Any]], None]
 
 
-def auto_shard_sequences(seq_len: int, top_k: int) -> int:
-    """Sequences per shard so one shard's float32 top-k log-probs are about AUTO_SHARD_BYTES."""
-    return max(1, min(1024, AUTO_SHARD_BYTES // ((seq_len - 1) * top_k * 4)))
-
-
-def expected_size(meta: dict[str, Any], spec: TargetSpec, encoding: str) -> str:
-    """A rough size of the finished cache, printed before the teacher starts.
-
-    Per predicted position: plain-v1 stores 8 bytes per entry (int32 + float32, about 0.75x
-    after zstd); pack-v1 about 0.85 bytes per top-k entry + 4, or 1.5 per sampled id + 1
-    (BENCHMARKS.md, 32k-vocabulary teacher; peakier teachers need less). Plus 8 raw
-    bytes per position for the token and the target log-prob."""
-    sequences = sum(d[s]["sequences"] for d in meta["domains"].values() for s in ("train", "val"))
-    positions = sequences * (meta["seq_len"] - 1)
-    entries = spec.entries
-    if encoding == "plain":
-        per = 0.75 * 8 * entries
-    elif spec.kind == "sampled":
-        per = 1.5 * min(entries, 0.25 * spec.samples + 1) + 1
-    else:
-        per = 0.85 * entries + 4
-    total = positions * (per + 8)
-    return f"expected cache size: about {format_bytes(total)} ({per:.0f} B/position for the targets, {positions:,} positions)"
-
-
 def auto_writer_threads() -> int:
     """Half the cores, 1 to 8: the rest stay with the teacher (tokenizer, CPU forward passes)."""
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-def resolve_worker(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
-    """(index, count) of this worker: the flags, else torchrun's RANK/WORLD_SIZE, else srun's, else (0, 1)."""
-    if num_shards is not None:
-        return int(shard_index or 0), num_shards
-    for rank, size in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if size in os.environ and rank in os.environ:
-            index, count = int(os.environ[rank]), int(os.environ[size])
-            if not 0 <= index < count:
-                raise ConfigError(f"{rank}={index} is outside 0..{count - 1} ({size}={count})")
-            return index, count
-    return 0, 1
+def auto_shard_sequences(config: BuildConfig, spec: TargetSpec, encoding: Encoding) -> int:
+    """Sequences per shard so a shard's targets object is about --shard-mb (tokens-only:
+    its tokens object); between 1 and 65,536 sequences."""
+    P = config.seq_len - 1
+    per_sequence = encoding.bytes_per_position(spec) * P + 2.5 * config.seq_len
+    return max(1, min(1 << 16, int(config.shard_mb * (1 << 20) // per_sequence)))
 
 
-def build_fingerprint(config: BuildConfig, corpus_fp: str, teacher_fp: str, tokenizer_fp: str, backend: str) -> str:
+def expected_size(meta: CacheMeta, encoding: Encoding) -> str:
+    """A rough size of the finished cache, printed before the teacher starts."""
+    sequences = sum(info.split(s).sequences for info in meta.domains.values() for s in ("train", "val"))
+    positions = sequences * (meta.seq_len - 1)
+    per = encoding.bytes_per_position(meta.targets)
+    total = positions * (per + 2.5)
+    return f"expected cache size: about {format_bytes(total)} ({per:.0f} B/position for the targets, {positions:,} positions)"
+
+
+def build_fingerprint(config: BuildConfig, corpus: list[dict], teacher_fp: str, tokenizer_fp: str, backend: str) -> str:
     """A hash of everything that determines the cache's content (not batch size, device or workers)."""
-    content = {f: getattr(config, f) for f in BuildConfig.CONTENT_FIELDS}
-    blob = json.dumps({"args": content, "corpus": corpus_fp, "teacher": teacher_fp, "tokenizer": tokenizer_fp, "backend": backend}, sort_keys=True)
+    blob = json.dumps({"args": cfgmod.fingerprint_values(config), "corpus": corpus, "teacher": teacher_fp,
+                       "tokenizer": tokenizer_fp, "backend": backend}, sort_keys=True, default=str)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _existing(out: str) -> dict[str, Any] | None:
+def _existing(out: str, objects: Objects) -> CacheMeta | None:
     """The metadata of the cache at `out`; None if nothing is there. Refuses anything else."""
-    if path_is_empty(out):
-        return None
-    if "://" not in out and not os.path.isdir(out):
+    if not is_url(out) and os.path.exists(out) and not os.path.isdir(out):
         raise StoreError(f"--out {out} is a file, not a cache; choose another --out")
+    if objects.get("zarr.json") is None:
+        if objects.list("") and not set(objects.list("")) <= {k for k in objects.list("_build")}:
+            raise StoreError(f"--out {out} holds something that is not a ddk-cache store; choose another --out or remove it")
+        return None
     try:
-        return read_root_meta(out)
+        return read_root_meta(out, objects)
     except StoreVersionError:
         raise  # a cache, but of another version: say that, not "not a cache"
     except StoreError:
         raise StoreError(f"--out {out} holds something that is not a ddk-cache store; choose another --out or remove it") from None
 
 
-def _mismatch(existing: dict[str, Any], config: BuildConfig, fingerprints: dict[str, str]) -> str:
+def _mismatch(existing: CacheMeta, config: BuildConfig, fps: dict[str, Any]) -> str:
     """Name what differs between an existing cache and this build."""
-    old_args = existing.get("build_args", {})
-    diffs = [f"{f}: {getattr(config, f)!r} here, {old_args.get(f)!r} in the cache" for f in BuildConfig.CONTENT_FIELDS if old_args.get(f) != getattr(config, f)]
-    if existing.get("corpus", {}).get("fingerprint") != fingerprints["corpus"]:
-        diffs.append("the corpus files differ")
-    if existing.get("teacher", {}).get("fingerprint") != fingerprints["teacher"]:
-        diffs.append(f"the teacher differs (cache: {existing.get('teacher', {}).get('name_or_path')})")
-    if existing.get("tokenizer", {}).get("fingerprint") != fingerprints["tokenizer"]:
+    diffs = [d.replace(" before, ", " in the cache, ").replace(" now", " here") for d in cfgmod.changed(existing.build_args, config)]
+    if existing.corpus.get("layout") != fps["corpus"]:
+        diffs.append("the corpus files differ (names or sizes)")
+    if existing.teacher.get("fingerprint") != fps["teacher"]:
+        diffs.append(f"the teacher differs (cache: {existing.teacher.get('name_or_path')})")
+    if existing.tokenizer.get("fingerprint") != fps["tokenizer"]:
         diffs.append("the tokenizer differs")
-    if existing.get("teacher", {}).get("backend") != fingerprints["backend"]:
-        diffs.append(f"backend: {fingerprints['backend']} here, {existing.get('teacher', {}).get('backend')} in the cache")
+    if existing.teacher.get("backend") != fps["backend"]:
+        diffs.append(f"backend: {fps['backend']} here, {existing.teacher.get('backend')} in the cache")
     return "; ".join(diffs) or "the build fingerprint differs"
 
 
-def _check_same_build(out: str, existing: dict[str, Any], fingerprint: str, config: BuildConfig, fps: dict[str, str]) -> None:
-    if existing.get("build_fingerprint") != fingerprint:
-        raise StoreError(f"{out} was built by another build ({_mismatch(existing, config, fps)}); use another --out or delete it")
+def _check_unchanged(existing: CacheMeta, domains: list[DomainSource]) -> None:
+    """A corpus file edited since the build started (size or modification time) is refused:
+    its pieces may already be staged from the old bytes."""
+    recorded = {(f["domain"], f["path"]): f for f in existing.corpus.get("files", [])}
+    for source in domains:
+        for stat in source.stats():
+            old = recorded.get((source.name, stat["path"]))
+            if old is not None and (old["size"], old["mtime_ns"]) != (stat["size"], stat["mtime_ns"]):
+                raise StoreError(
+                    f"corpus file {stat['path']} (domain {source.name}) changed since this cache's build started "
+                    f"(size or modification time); restore it, or build into another --out"
+                )
 
 
-def _wait_for_store(out: str, worker: tuple[int, int], timeout: float) -> dict[str, Any]:
-    """Block until worker 0 has created the store and written the tokens; return its metadata."""
-    deadline = time.monotonic() + timeout
-    while True:
-        meta = None if path_is_empty(out) else _existing(out)
-        if meta is not None and meta.get("state") != STATE_INITIALIZING:
-            return meta
-        if time.monotonic() > deadline:
-            raise StoreError(
-                f"worker {worker[0]} of {worker[1]} waited {timeout:.0f}s for worker 0 to create {out}; "
-                "start worker 0 (--shard-index 0) or raise --wait-timeout"
-            )
-        time.sleep(1.0)
+class _TokensOnlyTeacher:
+    """Stands in for a teacher in tokens-only builds: every sequence's targets are empty."""
+
+    stats = EngineStats()
+
+    def stream(self, jobs: Any, spec: TargetSpec) -> Iterator[tuple[Job, int, Callable[[], None]]]:
+        for job in jobs:
+            for row in range(len(job.tokens)):
+                yield job, row, (lambda: None)
+
+    def close(self) -> None:
+        pass
 
 
 def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = None, teacher: Teacher | None = None) -> BuildResult:
     """Build (or resume, or confirm complete) the cache described by `config`, as one worker.
 
-    `hook(event, info)` is called at "store_created", "shard_written" and "before_finalize";
-    tests raise from it to simulate a crash at that point. `teacher`, if given, is an
-    already loaded teacher of `config.teacher` and `config.backend` (left open afterwards),
-    so several builds can share one engine.
-    """
+    `hook(event, info)` is called at "piece_tokenized", "tokenized", "store_created",
+    "shard_written" and "before_finalize" (in this thread); tests raise from it to
+    simulate a crash there.
+    `teacher`, if given, is an already loaded teacher of `config.teacher` and
+    `config.backend` (left open afterwards), so several builds can share one engine."""
     hook = hook or (lambda event, info: None)
     started = time.perf_counter()
     worker = resolve_worker(config.num_shards, config.shard_index)
+    backend = "none" if config.tokens_only else resolve_backend(config.backend)
+    # Before anything touches CUDA: this worker's GPU set (vLLM's engine uses the first t visible GPUs).
+    if backend == "vllm" or (config.device == "auto" and worker.local_world_size > 1):
+        assign_gpus(worker, config.tensor_parallel_size if backend == "vllm" else 1)
     domains = discover_domains(config.data)
-    tok = load_tokenizer(config.teacher, revision=config.revision, trust_remote_code=config.trust_remote_code)
-    backend = resolve_backend(config.backend)
+    tok_source = config.tokenizer or config.teacher
+    tok = load_tokenizer(tok_source, revision=config.revision if not config.tokenizer else None, trust_remote_code=config.trust_remote_code)
+    spec0 = config.target_spec()
+    encoding = config.storage_encoding()
     # Resolve "auto" choices first: the fingerprint must name what was actually used.
-    shard_sequences = config.shard_sequences or auto_shard_sequences(config.seq_len, config.top_k)
-    dtype = resolve_dtype(config.dtype, resolve_device(config.device))
-    # vLLM returns only top-k log-probs: sampled targets come from a top-256 pool there.
+    dtype = config.dtype if config.tokens_only else resolve_dtype(config.dtype, resolve_device(config.device, worker))
     pool = config.sample_pool or (DEFAULT_SAMPLE_POOL if backend == "vllm" and config.targets == "sampled" else None)
-    config = BuildConfig(**{**config.to_dict(), "shard_sequences": shard_sequences, "dtype": dtype, "backend": backend, "sample_pool": pool})
+    config = replace(config, dtype=dtype, backend=config.backend if config.tokens_only else backend, sample_pool=pool)
+    config = replace(config, shard_sequences=config.shard_sequences or auto_shard_sequences(config, spec0, encoding))
     spec = config.target_spec()
+    layout = corpus_layout(domains)
     fps = {
-        "corpus": corpus_fingerprint(domains),
-        "teacher": model_fingerprint(config.teacher, config.revision),
+        "corpus": layout,
+        "teacher": model_fingerprint(config.teacher, config.revision) if config.teacher else "",
         "tokenizer": tokenizer_info(tok)["fingerprint"],
         "backend": backend,
     }
-    fingerprint = build_fingerprint(config, fps["corpus"], fps["teacher"], fps["tokenizer"], backend)
-
-    existing = _existing(config.out)
+    fingerprint = build_fingerprint(config, layout, fps["teacher"], fps["tokenizer"], backend)
+    objects = Objects.open(config.out)
+    existing = _existing(config.out, objects)
     if existing is not None:
-        _check_same_build(config.out, existing, fingerprint, config, fps)
-        if existing.get("state") == STATE_COMPLETE:
-            return BuildResult(meta=existing, worker=worker, already_complete=True, seconds=time.perf_counter() - started)
+        if existing.build_fingerprint != fingerprint:
+            raise StoreError(f"{config.out} was built by another build ({_mismatch(existing, config, fps)}); use another --out or delete it")
+        _check_unchanged(existing, domains)
+        if existing.state == STATE_COMPLETE:
+            return BuildResult(meta=existing, worker=tuple(worker), already_complete=True, seconds=time.perf_counter() - started)
 
     phases: dict[str, float] = {}
     mark = time.perf_counter()
-    own_teacher = teacher is None
-    teacher = teacher or load_teacher(
-        backend, config.teacher, top_k=max(config.top_k, pool or 0), seq_len=config.seq_len, dtype=config.dtype, device=config.device,
-        batch_size=config.batch_size, revision=config.revision, trust_remote_code=config.trust_remote_code,
-        tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=config.gpu_memory_utilization,
-        max_num_batched_tokens=config.max_num_batched_tokens, logprobs_format=config.logprobs_format,
-        engine_args=dict(config.engine_args),
-    )
-    try:
-        if config.top_k > teacher.vocab_size:
-            raise ConfigError(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
-        if pool is not None and pool > teacher.vocab_size:
-            raise ConfigError(f"--sample-pool {pool} is larger than the teacher's vocabulary ({teacher.vocab_size})")
-        if teacher.max_context is not None and config.seq_len > teacher.max_context:
-            raise ConfigError(f"--seq-len {config.seq_len} is longer than the teacher's context ({teacher.max_context} tokens)")
-
-        phases["load teacher"], mark = time.perf_counter() - mark, time.perf_counter()
-        needs_init = existing is None or existing.get("state") == STATE_INITIALIZING
-        if needs_init and worker[0] == 0:
-            _initialize(config, domains, tok, teacher, fps, fingerprint, progress)
-        elif needs_init:
-            _check_same_build(config.out, _wait_for_store(config.out, worker, config.wait_timeout), fingerprint, config, fps)
-        hook("store_created", {"path": config.out})
-        phases["tokenize + create store"], mark = time.perf_counter() - mark, time.perf_counter()
-
-        writer = CacheWriter(config.out)
-        if progress and worker[0] == 0:
-            tqdm.write(expected_size(writer.meta, spec, config.encoding))
-        result = BuildResult(meta=writer.meta, worker=worker, phase_seconds=phases)
-        mine = {s for i, s in enumerate(writer.shards()) if i % worker[1] == worker[0]}
-        threads = config.writer_threads or auto_writer_threads()
-        _score(writer, [s for s in writer.pending() if s in mine], teacher, spec, result, progress, hook, threads)
-    finally:
+    result = BuildResult(meta=existing, worker=tuple(worker), phase_seconds=phases)  # type: ignore[arg-type]
+    with ExitStack() as stack:
+        own_teacher = teacher is None
+        if config.tokens_only:
+            teacher = _TokensOnlyTeacher()  # type: ignore[assignment]
+        elif teacher is None:
+            teacher = load_teacher(
+                backend, config.teacher, top_k=max(config.top_k, config.samples if config.targets == "sampled" else 0, pool or 0),
+                seq_len=config.seq_len, dtype=config.dtype, device=config.device, batch_size=config.batch_size,
+                revision=config.revision, trust_remote_code=config.trust_remote_code,
+                tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=config.gpu_memory_utilization,
+                max_num_batched_tokens=config.max_num_batched_tokens, logprobs_format=config.logprobs_format,
+                engine_args=dict(config.engine_args),
+            )
         if own_teacher:
-            teacher.close()
+            stack.callback(teacher.close)
+        vocab = len(tok) if config.tokens_only else teacher.vocab_size
+        if not config.tokens_only:
+            if spec.kind == "topk" and config.top_k > vocab:
+                raise ConfigError(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab})")
+            if pool is not None and pool > vocab:
+                raise ConfigError(f"--sample-pool {pool} is larger than the teacher's vocabulary ({vocab})")
+            if teacher.max_context is not None and config.seq_len > teacher.max_context:
+                raise ConfigError(f"--seq-len {config.seq_len} is longer than the teacher's context ({teacher.max_context} tokens)")
+            encoding.check(spec)
+        created = False
+        phases["load teacher"], mark = time.perf_counter() - mark, time.perf_counter()
+        # One process per worker slot: a second identical command refuses instead of racing
+        # (local stores; the lock dies with its process, so a crash never leaves it stuck).
+        # Taken after the cheap checks, so a refused command leaves no trace in --out.
+        stack.enter_context(objects.lock(f"_build/locks/worker-{worker.rank}-of-{worker.world_size}.lock",
+                                         f"a build of {config.out} as worker {worker.rank} of {worker.world_size}"))
 
+        if existing is None:
+            files = [{"domain": s.name, **stat} for s in domains for stat in s.stats()]
+            meta = CacheMeta(
+                format_version=0, state=STATE_INITIALIZING, encoding=encoding, targets=spec, seq_len=config.seq_len,
+                shard_sequences=config.shard_sequences, vocab_size=vocab, top_k=spec.entries,
+                teacher=teacher.info() if not config.tokens_only else {"name_or_path": tok_source, "backend": "none", "fingerprint": ""},
+                tokenizer=tokenizer_info(tok), corpus={"path": config.data if is_url(config.data) else os.path.abspath(config.data), "layout": layout, "files": files},
+                build_args={k: v for k, v in config.to_dict().items() if k not in ("num_shards", "shard_index")},
+                build_fingerprint=fingerprint,
+            )
+            existing, created = CacheWriter.initialize(config.out, meta)
+            if existing.build_fingerprint != fingerprint:  # another build won a race for this --out
+                raise StoreError(f"{config.out} was just created by another build ({_mismatch(existing, config, fps)})")
+        writer = CacheWriter(config.out, objects)
+
+        packing = PackingConfig(seq_len=config.seq_len, seed=config.seed, text_field=config.text_field, val_tokens=config.val_tokens,
+                                val_max_fraction=config.val_max_fraction, max_tokens=config.max_tokens_per_domain,
+                                part_chars=config.max_document_chars, vocab_size=vocab,
+                                pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        pieces = {s.name: plan_pieces(s, max(1, int(config.piece_mb * (1 << 20)))) for s in domains}
+        if writer.meta.state == STATE_INITIALIZING:
+            result.pieces_tokenized = _tokenize(writer.objects, domains, pieces, document_tokenizer(tok, config.chat_template or None, tok_source),
+                                                packing, worker, progress, config.wait_timeout, hook)
+            hook("tokenized", {})
+            phases["tokenize"], mark = time.perf_counter() - mark, time.perf_counter()
+            try:
+                plan = _plan(writer.objects, domains, pieces, packing)
+            except CorpusError:
+                # A corpus too small for its split sizes: nothing was scored. A single worker that
+                # created this store removes it, so the fixed command starts clean.
+                if created and worker.world_size == 1:
+                    stack.close()
+                    objects.delete("")
+                raise
+            if writer.meta.state == STATE_INITIALIZING:
+                meta = writer.meta
+                meta.corpus["sha256"] = plan.corpus_sha256()
+                writer.meta = meta
+                writer.create_arrays({name: p.info() for name, p in plan.domains.items()})
+            phases["plan + create store"], mark = time.perf_counter() - mark, time.perf_counter()
+        else:
+            plan = Plan.from_bytes(_need(writer.objects.get(PLAN_KEY), f"{config.out}: the build plan is missing"))
+        writer = CacheWriter(config.out, objects)  # re-read: the arrays and domains now exist
+        hook("store_created", {"path": config.out})
+        if progress and worker.rank == 0:
+            tqdm.write(expected_size(writer.meta, encoding))
+
+        records = writer.records()
+        all_shards = writer.shards()
+        mine = [s for i, s in enumerate(all_shards) if i % worker.world_size == worker.rank and s.key not in records]
+        threads = config.writer_threads or auto_writer_threads()
+        _score(writer, plan, mine, teacher, spec, result, progress, hook, threads, tuple(worker))
+        stats = teacher.stats
+        result.teacher_seconds, result.engine_idle_share = stats.busy, stats.idle_share
     phases["score + write"], mark = time.perf_counter() - mark, time.perf_counter()
-    pending = writer.pending()
+    records = writer.records()
+    pending = writer.pending(records)
+    result.meta = writer.meta
     result.seconds = time.perf_counter() - started
     if pending:  # other workers are still at it: the last one to finish finalizes
         result.pending_elsewhere = len(pending)
         return result
     hook("before_finalize", {})
-    result.meta = writer.finalize()
+    result.meta = writer.finalize(records)
     phases["finalize"] = time.perf_counter() - mark
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _initialize(config: BuildConfig, domains: list, tok: Any, teacher: Any, fps: dict[str, str], fingerprint: str, progress: bool) -> None:
-    """Tokenize and pack every domain, then create the store with its tokens (worker 0 only)."""
-    packed = {}
-    for source in domains:
-        docs = tqdm(iter_documents(source, config.text_field), desc=f"tokenize {source.name}", unit=" docs", disable=not progress, leave=False)
-        packed[source.name] = pack_domain(
-            source.name, list(tokenize_documents(tok, docs)), seq_len=config.seq_len,
-            val_sequences=config.val_sequences, max_tokens=config.max_tokens_per_domain, seed=config.seed,
-        )
-    meta = {
-        "teacher": teacher.info(),
-        "tokenizer": tokenizer_info(tok),
-        "vocab_size": teacher.vocab_size,
-        "seq_len": config.seq_len,
-        "domains": {
-            name: {
-                "train": {"sequences": len(p.train.tokens), "documents": p.train.documents},
-                "val": {"sequences": len(p.val.tokens), "documents": p.val.documents},
-                "tokens_read": p.tokens_read,
-            }
-            for name, p in packed.items()
-        },
-        "corpus": {"path": str(Path(config.data).resolve()), "fingerprint": fps["corpus"], "files": {s.name: [str(f) for f in s.files] for s in domains}},
-        "build_args": {k: v for k, v in config.to_dict().items() if k not in ("num_shards", "shard_index")},
-        "build_fingerprint": fingerprint,
-    }
-    splits = {name: {"train": p.train.tokens, "val": p.val.tokens} for name, p in packed.items()}
-    CacheWriter.create(config.out, meta, splits, targets=config.target_spec(), shard_sequences=config.shard_sequences, encoding=config.storage_encoding())
+def _need(raw: bytes | None, message: str) -> bytes:
+    if raw is None:
+        raise StoreError(message + "; the cache is damaged: delete it and build again")
+    return raw
 
 
-def _score(writer: CacheWriter, shards: list[Shard], teacher: Any, spec: TargetSpec, result: BuildResult, progress: bool, hook: Hook, threads: int) -> None:
-    """Score `shards`; `threads` background writers encode and write while the next shards are scored."""
-    seq_len = writer.meta["seq_len"]
-    label = "teacher" if result.worker[1] == 1 else f"teacher (worker {result.worker[0]}/{result.worker[1]})"
-    bar = tqdm(total=sum(s.stop - s.start for s in shards) * seq_len, desc=label, unit=" tok", unit_scale=True, disable=not progress)
-    in_flight: list[tuple[Future, Shard]] = []
+def _tokenize(objects: Objects, domains: list[DomainSource], pieces: dict[str, list[Piece]], tokenize: Any, cfg: PackingConfig,
+              worker: Worker, progress: bool, wait_timeout: float, hook: Hook) -> int:
+    """Tokenize and stage this worker's pieces (resuming: pieces already staged are skipped),
+    write its summary, then wait until every worker's pieces are staged."""
+    everything = [(s, p) for s in domains for p in pieces[s.name]]
+    done = done_pieces(objects)
+    mine = [(s, p) for i, (s, p) in enumerate(everything) if i % worker.world_size == worker.rank]
+    todo = [(s, p) for s, p in mine if (s.name, p.index) not in done]
+    label = "tokenize" if worker.world_size == 1 else f"tokenize (worker {worker.rank}/{worker.world_size})"
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=label, unit=" piece", disable=not progress)
+    stats: dict[str, dict[int, dict]] = {}
+    count = 0
+    per_seq = cfg.seq_len
+    cands = {s.name: Candidates(limit=-(-cfg.val_tokens // per_seq) * per_seq) for s in domains}
+    for source, piece in mine:
+        if (source.name, piece.index) in done:
+            index = read_index(objects, source.name, piece.index)
+        else:
+            tokenize_piece(objects, source, piece, tokenize, cfg)
+            index = read_index(objects, source.name, piece.index)
+            bar.update(1)
+            count += 1
+            hook("piece_tokenized", {"piece": (source.name, piece.index), "count": count})
+        stats.setdefault(source.name, {})[piece.index] = index.stats
+        c = cands[source.name]
+        if index.stats.get("data") == CHAT and not c.chat:
+            c.chat, c.limit = True, -(-cfg.val_tokens // per_seq)
+        c.add(piece.index, index)
+    bar.close()
+    write_summary(objects, tuple(worker), stats, cands)
+    _wait_for_pieces(objects, everything, worker, progress, wait_timeout)
+    return len(todo)
 
-    def timed_write(shard: Shard, scores: Any) -> float:
+
+def _wait_for_pieces(objects: Objects, everything: list[tuple[DomainSource, Piece]], worker: Worker, progress: bool, timeout: float) -> None:
+    """Until every piece is staged; shows which workers are behind. Gives up only after
+    `timeout` seconds without any new piece (a worker that died and was not restarted)."""
+    wanted = {(s.name, p.index): i % worker.world_size for i, (s, p) in enumerate(everything)}
+    last, last_change = -1, time.monotonic()
+    bar = None
+    while True:
+        done = done_pieces(objects) & set(wanted)
+        if len(done) == len(wanted):
+            break
+        if len(done) != last:
+            last, last_change = len(done), time.monotonic()
+        if bar is None and progress:
+            bar = tqdm(total=len(wanted), desc="waiting for other workers' pieces", unit=" piece")
+        behind: dict[int, int] = {}
+        for key, w in wanted.items():
+            if key not in done:
+                behind[w] = behind.get(w, 0) + 1
+        if bar is not None:
+            bar.n = len(done)
+            bar.set_postfix_str(", ".join(f"worker {w}: {n} left" for w, n in sorted(behind.items())[:4]))
+            bar.refresh()
+        if time.monotonic() - last_change > timeout:
+            raise StoreError(
+                f"waited {timeout:.0f}s without any new tokenized piece; still missing: "
+                + ", ".join(f"worker {w} ({n} pieces)" for w, n in sorted(behind.items()))
+                + "; start (or restart) those workers with the same command, or raise --wait-timeout"
+            )
+        time.sleep(1.0)
+    if bar is not None:
+        bar.close()
+
+
+def _plan(objects: Objects, domains: list[DomainSource], pieces: dict[str, list[Piece]], cfg: PackingConfig) -> Plan:
+    """The build's plan: made once (by whichever worker gets there first; the content is
+    deterministic, so a concurrent second one writes the same bytes)."""
+    raw = objects.get(PLAN_KEY)
+    if raw is not None:
+        return Plan.from_bytes(raw)
+    plan = make_plan(objects, domains, pieces, cfg)
+    objects.put_if_absent(PLAN_KEY, plan.to_bytes())
+    return Plan.from_bytes(objects.get(PLAN_KEY) or plan.to_bytes())
+
+
+@dataclass
+class _ShardState:
+    """A shard being finished: its rows' chunks and sums, filled in any order by the writers."""
+
+    shard: Shard
+    chunks: dict[str, list[bytes | None]]
+    left: int
+    nll: list[float] = field(default_factory=list)  # per row; summed exactly (fsum): the same
+    positions: list[int] = field(default_factory=list)  # record whatever order rows finish in
+    mass: list[float] = field(default_factory=list)
+
+
+def _score(writer: CacheWriter, plan: Plan, shards: list[Shard], teacher: Any, spec: TargetSpec, result: BuildResult,
+           progress: bool, hook: Hook, threads: int, worker: tuple[int, int]) -> None:
+    """Score `shards`: the teacher streams, `threads` writer threads finish, encode and write."""
+    if not shards:
+        return
+    gather = Gatherer(writer.objects, plan)
+    layout = writer.layout
+    encoding = writer.encoding
+    seq_len = writer.seq_len
+    bar = tqdm(total=sum(s.stop - s.start for s in shards) * seq_len, desc="teacher" if worker[1] == 1 else f"teacher (worker {worker[0]}/{worker[1]})",
+               unit=" tok", unit_scale=True, disable=not progress)
+    log = writer.log_writer(worker)
+    log_guard = threading.Lock()
+    states: dict[str, _ShardState] = {}
+    masks: dict[str, np.ndarray | None] = {}
+    guard = threading.Lock()
+    written: queue.Queue = queue.Queue()
+
+    def jobs() -> Iterator[Job]:
+        # Gathering a shard's tokens is I/O: a thread stays one shard ahead of the engine.
+        ahead: queue.Queue = queue.Queue(maxsize=2)
+
+        def produce() -> None:
+            try:
+                for shard in shards:
+                    tokens, mask = gather.sequences(shard.domain, shard.split, shard.start, shard.stop)
+                    ahead.put((shard, tokens, mask))
+                ahead.put(None)
+            except BaseException as e:  # surfaced in the scoring thread
+                ahead.put(e)
+
+        threading.Thread(target=produce, daemon=True, name="ddk-cache-gather").start()
+        while True:
+            item = ahead.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            shard, tokens, mask = item
+            arrays = writer.array_names(shard.domain)
+            with guard:
+                n = len(tokens)
+                states[shard.key] = _ShardState(shard, {a: [None] * n for a in arrays}, n, [0.0] * n, [0] * n, [0.0] * n)
+                masks[shard.key] = mask
+            seed = [spec.seed, zlib.crc32(shard.domain.encode()), zlib.crc32(shard.split.encode())]
+            yield Job(shard, tokens, np.arange(shard.start, shard.stop), seed)
+
+    def finish_row(job: Job, row: int, finish: Callable[[], RowScores | None]) -> float:
         t0 = time.perf_counter()
-        writer.write_shard(shard, scores.topk_ids, scores.topk_logprobs, scores.target_logprob, scores.counts)
+        shard: Shard = job.key
+        scores = finish()
+        mask = masks[shard.key]
+        tokens = job.tokens[row]
+        chunks = {TOKENS: writer.array(shard.domain, shard.split, TOKENS).encode_row(tokens)}
+        # Positions that carry loss: all of them, or where the next token is a label (chat).
+        carry = np.ones(seq_len - 1, bool) if mask is None else mask[row, 1:].astype(bool)
+        if mask is not None:
+            chunks[LOSS_MASK] = writer.array(shard.domain, shard.split, LOSS_MASK).encode_row(mask[row])
+        nll = mass = 0.0
+        if scores is not None:
+            for name, value in encoding.encode(scores, layout).items():
+                chunks[name] = writer.array(shard.domain, shard.split, name).encode_row(value)
+            nll = -math.fsum(scores.target_logprob.astype(np.float64)[carry].tolist())
+            with np.errstate(under="ignore"):
+                kept = np.exp(scores.logprobs.astype(np.float64)).sum(1)
+            mass = float(np.sum(kept[carry]))
+        with guard:
+            state = states[shard.key]
+            for name, chunk in chunks.items():
+                state.chunks[name][row] = chunk
+            state.nll[row], state.positions[row], state.mass[row] = nll, int(carry.sum()), mass
+            state.left -= 1
+            complete = state.left == 0
+        if complete:
+            sizes = writer.put_shard(shard, state.chunks)  # type: ignore[arg-type]
+            record = ShardRecord(shard.key, shard.stop - shard.start, math.fsum(state.nll), sum(state.positions), math.fsum(state.mass), sizes)
+            with log_guard:
+                log.append(record)
+            with guard:
+                del states[shard.key], masks[shard.key]
+            written.put(shard)
         return time.perf_counter() - t0
 
+    in_flight: list[Future] = []
+    limit = 4 * threads + 16  # rows finishing at once: bounds what waits in memory
+
     def drain(keep: int) -> None:
-        # At most `keep` writes stay queued, bounding memory to a few shards; waiting here is
-        # time the teacher is idle, which is what "never stall the engine" is measured by.
         while len(in_flight) > keep:
-            future, shard = in_flight.pop(0)
+            future = in_flight.pop(0)
             t0 = time.perf_counter()
             result.write_seconds += future.result()
             result.stall_seconds += time.perf_counter() - t0
+        while not written.empty():
+            shard = written.get()
             result.shards_written += 1
             hook("shard_written", {"shard": shard, "count": result.shards_written})
 
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ddk-cache-writer") as pool:
-        for shard in shards:
-            tokens = writer.read_tokens(shard)
-            t0 = time.perf_counter()
-            scores = teacher.targets(tokens, spec, shard_seed(spec, shard.domain, shard.split, shard.index))
-            result.teacher_seconds += time.perf_counter() - t0
-            in_flight.append((pool.submit(timed_write, shard, scores), shard))
-            result.tokens_scored += tokens.size
-            bar.update(tokens.size)
-            drain(keep=threads)
-        drain(keep=0)
-    bar.close()
+    try:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ddk-cache-writer") as pool:
+            try:
+                for job, row, finish in teacher.stream(jobs(), spec):
+                    in_flight.append(pool.submit(finish_row, job, row, finish))
+                    result.tokens_scored += seq_len
+                    bar.update(seq_len)
+                    drain(keep=limit)
+                drain(keep=0)
+            except BaseException:
+                for f in in_flight:
+                    f.cancel()
+                raise
+    finally:
+        log.close()
+        bar.close()
 
 
-def finalize(out: str) -> dict[str, Any]:
+def finalize(out: str) -> CacheMeta:
     """`ddk-cache build --finalize`: mark a cache whose shards are all written complete."""
     writer = CacheWriter(out)
-    if writer.meta.get("state") == STATE_COMPLETE:
+    if writer.meta.state == STATE_COMPLETE:
         return writer.meta
-    pending = writer.pending()
+    if writer.meta.state == STATE_INITIALIZING:
+        raise StoreError(f"{out} cannot be finalized: its corpus is still being tokenized; run the build workers")
+    records = writer.records()
+    pending = writer.pending(records)
     if pending:
         raise StoreError(f"{out} cannot be finalized: {describe_pending(pending)}; run the workers that own them again")
-    return writer.finalize()
+    return writer.finalize(records)
 
 
 __all__ = ["BuildConfig", "BuildResult", "build", "finalize", "auto_shard_sequences", "resolve_worker"]

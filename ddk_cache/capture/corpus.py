@@ -1,21 +1,35 @@
-"""Find a corpus's domains and read their documents.
+"""Find a corpus's domains, cut them into pieces, and read their documents.
 
 A corpus is either a directory (one domain per file or per sub-folder; the domain is the
 file stem or folder name) or a YAML/TOML spec mapping each domain to a list of globs.
 Every error names the file (and line) at fault and says what to do.
+
+Pieces. A domain's files, in order, are cut into pieces of about `piece_bytes` (storage
+layout, "Packing"): a large file into byte ranges, small files grouped. A piece is the
+unit of tokenization work, so one big file is shared by many workers. The cut never
+depends on the number of workers. A byte range [start, end) of a JSON Lines or text
+file owns the lines (text: the parts) that *start* inside it. `.jsonl.gz` files cannot
+be cut (a gzip stream has no random access) and parquet files are cut by row group.
+
+Long documents. Text is tokenized in parts of at most about `part_chars` characters: a
+`.txt` file is cut at the first line break at or after every multiple of `part_chars`
+bytes (at the multiple itself, moved forward to a UTF-8 character boundary, if no line
+break follows within `part_chars`), and a JSON document's text likewise by characters.
+Each part is a document of its own (its own end-of-text token, its own shuffle key), so
+no document, file or line, however large, is held whole in memory beyond one JSON line.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
-import hashlib
 import json
+import os
 import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import yaml
 
@@ -28,12 +42,51 @@ SPEC_SUFFIXES = (".yaml", ".yml", ".toml")
 DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
+PART_CHARS = 1 << 20  # long documents are tokenized in parts of about this many characters
+
+
 @dataclass(frozen=True)
 class DomainSource:
     """One domain: its name and the files (sorted) that hold its documents."""
 
     name: str
     files: tuple[Path, ...]
+    root: Path | None = None  # file names in shuffle keys and metadata are relative to it
+
+    def relative(self, path: Path) -> str:
+        try:
+            return str(path.resolve().relative_to(self.root.resolve())) if self.root else path.name
+        except ValueError:
+            return str(path)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per file: relative path, size and modification time (what a resume checks)."""
+        out = []
+        for f in self.files:
+            st = os.stat(f)
+            out.append({"path": self.relative(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        return out
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document (or part of one): its shuffle key, where it came from, and its content:
+    `text`, or for chat data `messages` ([{"role", "content"}, ...])."""
+
+    key: str
+    origin: str  # "path:line" or "path@byte" for messages
+    text: str | None = None
+    messages: list[dict[str, str]] | None = None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One unit of tokenization work: byte ranges of a domain's files (`end` None: to the
+    end of the file; parquet ranges are row groups)."""
+
+    domain: str
+    index: int
+    segments: tuple[tuple[int, int, int | None], ...]  # (file index, start, end)
 
 
 def _suffix(path: Path) -> str | None:
@@ -93,7 +146,7 @@ def discover_domains(data: str | Path) -> list[DomainSource]:
             raise CorpusError(
                 f"{path}: domain {name!r} is defined twice ({domains[name].files[0]} and {files[0]}); rename one"
             )
-        domains[name] = DomainSource(name, files)
+        domains[name] = DomainSource(name, files, path)
     if not domains:
         raise CorpusError(
             f"{path} holds no corpus files: expected one domain per {', '.join(DOCUMENT_SUFFIXES)} file "
@@ -128,89 +181,266 @@ def _domains_from_spec(spec: Path) -> list[DomainSource]:
                 if not _suffix(p):
                     raise CorpusError(f"{spec}: {p} (domain {name!r}) is not a {', '.join(DOCUMENT_SUFFIXES)} file")
                 files.add(p)
-        domains.append(DomainSource(str(name), tuple(sorted(files))))
+        domains.append(DomainSource(str(name), tuple(sorted(files)), spec.parent))
     return domains
 
 
 def iter_documents(source: DomainSource, text_field: str = "text") -> Iterator[str]:
-    """Yield the non-empty documents of a domain, file by file, in file order.
+    """Yield the non-empty text documents of a domain, file by file, in file order (no
+    splitting of long documents): for training a tokenizer, or a quick look."""
+    for i, path in enumerate(source.files):
+        for doc in read_segment(source, i, 0, None, text_field, part_chars=None):
+            if doc.text is not None:
+                yield doc.text
 
-    `.jsonl`/`.jsonl.gz`: one JSON object per line, the text under `text_field`.
-    `.txt`: the whole file is one document. `.parquet`: the `text_field` column (needs pyarrow).
-    """
-    for path in source.files:
+
+def plan_pieces(source: DomainSource, piece_bytes: int) -> list[Piece]:
+    """Cut a domain's files into pieces of about `piece_bytes` (see the module docstring)."""
+    pieces: list[Piece] = []
+    current: list[tuple[int, int, int | None]] = []
+    fill = 0
+
+    def emit() -> None:
+        nonlocal current, fill
+        if current:
+            pieces.append(Piece(source.name, len(pieces), tuple(current)))
+        current, fill = [], 0
+
+    for i, path in enumerate(source.files):
         suffix = _suffix(path)
-        if suffix in (".jsonl", ".jsonl.gz"):
-            yield from _read_jsonl(path, text_field)
-        elif suffix == ".txt":
-            text = _decode(path.read_bytes(), path, None)
-            if text.strip():
-                yield text
-        elif suffix == ".parquet":
-            yield from _read_parquet(path, text_field)
+        if suffix == ".jsonl.gz":
+            emit()
+            current, fill = [(i, 0, None)], piece_bytes
+            emit()
+            continue
+        if suffix == ".parquet":
+            emit()
+            for group in range(_parquet_row_groups(path)):
+                current, fill = [(i, group, group + 1)], piece_bytes
+                emit()
+            continue
+        size = path.stat().st_size
+        at = 0
+        while at < size:
+            take = min(size - at, piece_bytes - fill)
+            current.append((i, at, at + take if at + take < size else None))
+            at += take
+            fill += take
+            if fill >= piece_bytes:
+                emit()
+    emit()
+    return pieces
 
 
-def _decode(raw: bytes, path: Path, line: int | None) -> str:
+def read_piece(source: DomainSource, piece: Piece, text_field: str, part_chars: int | None, digest: Any = None) -> Iterator[Document]:
+    """The documents a piece owns, in file order; `digest` (a hashlib object) is fed every byte read."""
+    for i, start, end in piece.segments:
+        yield from read_segment(source, i, start, end, text_field, part_chars, digest)
+
+
+def read_segment(source: DomainSource, file_index: int, start: int, end: int | None, text_field: str,
+                 part_chars: int | None = PART_CHARS, digest: Any = None) -> Iterator[Document]:
+    """Documents owned by bytes [start, end) of one file (see the module docstring)."""
+    path = source.files[file_index]
+    rel = source.relative(path)
+    suffix = _suffix(path)
+    if suffix in (".jsonl", ".jsonl.gz"):
+        yield from _read_jsonl(path, rel, start, end, text_field, part_chars, digest)
+    elif suffix == ".txt":
+        yield from _read_txt(path, rel, start, end, part_chars, digest)
+    elif suffix == ".parquet":
+        yield from _read_parquet(path, rel, start, end, text_field, part_chars, digest)
+
+
+def _decode(raw: bytes, path: Path, line: int | str | None) -> str:
+    """`raw` as UTF-8; the error names the file and the line (an int) or place (a str)."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        where = f"{path}:{line}" if line is not None else str(path)
+        where = f"{path}:{line}" if isinstance(line, int) else f"{path} ({line})" if line else str(path)
         raise CorpusError(
             f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-encode the file as UTF-8"
         ) from None
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+def _line_number(path: Path, offset: int) -> int:
+    """1-based number of the line starting at byte `offset` (only for error messages)."""
+    n = 1
+    with open(path, "rb") as f:
+        left = offset
+        while left > 0:
+            block = f.read(min(left, 1 << 20))
+            if not block:
+                break
+            n += block.count(b"\n")
+            left -= len(block)
+    return n
+
+
+def split_parts(text: str, part_chars: int | None) -> list[str]:
+    """`text` cut at the first line break at or after every multiple of `part_chars`
+    characters (at the multiple itself if no line break follows within `part_chars`)."""
+    if part_chars is None or len(text) <= part_chars:
+        return [text]
+    cuts = [0]
+    for j in range(1, (len(text) - 1) // part_chars + 1):
+        at = j * part_chars
+        nl = text.find("\n", at, at + part_chars)
+        cut = nl + 1 if nl >= 0 else at
+        if cut > cuts[-1] and cut < len(text):
+            cuts.append(cut)
+    cuts.append(len(text))
+    return [text[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def _chat_messages(record: dict, where: str) -> list[dict[str, str]] | None:
+    """Chat records: {"messages": [{"role", "content"}, ...]} or {"prompt", "response"|"completion"}."""
+    if "messages" in record:
+        messages = record["messages"]
+        ok = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
+        if not ok:
+            raise CorpusError(f"{where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}} objects")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise CorpusError(f"{where}: the conversation has no assistant message, so no token would carry loss; drop it or add one")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    response = record.get("response", record.get("completion"))
+    if "prompt" in record and response is not None:
+        if not isinstance(record["prompt"], str) or not isinstance(response, str):
+            raise CorpusError(f"{where}: 'prompt' and 'response' must be strings")
+        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": response}]
+    return None
+
+
+def _record(line: bytes, path: Path, rel: str, offset: int, text_field: str, part_chars: int | None,
+            line_no: int | Any) -> Iterator[Document]:
+    """The documents of one JSON line at byte `offset` (`line_no`: its number, or a function
+    computing it: pieces that start mid-file count lines only to report an error)."""
+
+    def where() -> str:
+        return f"{path}:{line_no() if callable(line_no) else line_no}"
+
     try:
-        with opener(path, "rb") as f:
-            for line_no, raw in enumerate(f, 1):
-                line = _decode(raw, path, line_no).strip()
+        text = line.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        text = _decode(line, path, line_no() if callable(line_no) else line_no)
+    if not text:
+        return
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"{where()}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+    if not isinstance(record, dict):
+        raise CorpusError(
+            f"{where()}: a JSON {type(record).__name__}, not an object: ddk-cache reads JSON Lines, one object per line "
+            '(e.g. {"text": "..."}); convert the file (for a JSON array: one element per line)'
+        )
+    if text_field in record:
+        value = record[text_field]
+        if not isinstance(value, str):
+            raise CorpusError(f"{where()}: field {text_field!r} is {type(value).__name__}, expected a string")
+        if value.strip():
+            for j, part in enumerate(split_parts(value, part_chars)):
+                yield Document(f"{rel}\0{offset}\0{j}", f"{path}@{offset}", text=part)
+        return
+    messages = _chat_messages(record, where())
+    if messages is not None:
+        yield Document(f"{rel}\0{offset}\00", f"{path}@{offset}", messages=messages)
+        return
+    raise CorpusError(
+        f"{where()}: no {text_field!r} field (found: {', '.join(map(str, record)) or 'nothing'}); pass --text-field to name "
+        "the text field, or give chat records with 'messages' (or 'prompt' and 'response')"
+    )
+
+
+def _read_jsonl(path: Path, rel: str, start: int, end: int | None, text_field: str, part_chars: int | None, digest: Any) -> Iterator[Document]:
+    gz = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            pos = start
+            if start > 0:  # the line that starts before `start` belongs to the previous range
+                f.seek(start - 1)
+                if f.read(1) != b"\n":
+                    pos = start + len(f.readline())
+            line_no = None if start > 0 else 0
+            while end is None or pos < end:
+                line = f.readline()
                 if not line:
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CorpusError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-                    raise CorpusError(
-                        f"{path}:{line_no}: no {text_field!r} field (found: {keys}); pass --text-field to name the text field"
-                    )
-                text = record[text_field]
-                if not isinstance(text, str):
-                    raise CorpusError(f"{path}:{line_no}: field {text_field!r} is {type(text).__name__}, expected a string")
-                if text.strip():
-                    yield text
+                    break
+                if digest is not None:
+                    digest.update(line)
+                if line_no is not None:
+                    line_no += 1
+                lazy = (lambda p=pos: _line_number(path, p)) if line_no is None else line_no
+                yield from _record(line, path, rel, pos, text_field, part_chars, lazy)
+                pos += len(line)
     except (OSError, EOFError) as e:
         raise CorpusError(f"{path}: cannot read: {e}") from None
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+def _txt_part_start(f: Any, j: int, part_chars: int, size: int) -> int:
+    """Where part j (>= 1) of a text file starts (module docstring)."""
+    at = j * part_chars
+    f.seek(at)
+    block = f.read(part_chars)
+    nl = block.find(b"\n")
+    if nl >= 0:
+        return at + nl + 1
+    while at < size and block[:1] and (block[0] & 0xC0) == 0x80:  # not inside a UTF-8 character
+        at += 1
+        block = block[1:]
+    return at
+
+
+def _read_txt(path: Path, rel: str, start: int, end: int | None, part_chars: int | None, digest: Any) -> Iterator[Document]:
+    size = path.stat().st_size
+    end = size if end is None else end
+    step = part_chars or max(size, 1)
+    with open(path, "rb") as f:
+        # Part boundaries near [start, end): b_0 = 0, b_j for j >= 1 per the rule.
+        first = max(0, start // step - 1)
+        bounds = [0 if j == 0 else _txt_part_start(f, j, step, size) for j in range(first, (end - 1) // step + 2) if j * step < size]
+        bounds = sorted(set(b for b in bounds if b < size)) + [size]
+        for a, b in zip(bounds, bounds[1:]):
+            if not start <= a < end:
+                continue
+            f.seek(a)
+            raw = f.read(b - a)
+            if digest is not None:
+                digest.update(raw)
+            text = _decode(raw, path, f"the part at byte {a}")
+            if text.strip():
+                yield Document(f"{rel}\0{a}\00", f"{path}@{a}", text=text)
+
+
+def _parquet_file(path: Path) -> Any:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise CorpusError(f"{path}: reading .parquet needs pyarrow: pip install 'ddk-cache[parquet]'") from None
-    table = pq.ParquetFile(path)
+    return pq.ParquetFile(path)
+
+
+def _parquet_row_groups(path: Path) -> int:
+    return _parquet_file(path).num_row_groups
+
+
+def _read_parquet(path: Path, rel: str, start: int, end: int | None, text_field: str, part_chars: int | None, digest: Any) -> Iterator[Document]:
+    table = _parquet_file(path)
     if text_field not in table.schema_arrow.names:
         raise CorpusError(f"{path}: no {text_field!r} column (found: {', '.join(table.schema_arrow.names)}); pass --text-field")
-    for batch in table.iter_batches(columns=[text_field]):
-        for text in batch.column(0).to_pylist():
+    groups = range(start, table.num_row_groups if end is None else end)
+    for g in groups:
+        column = table.read_row_group(g, columns=[text_field]).column(0).to_pylist()
+        for row, text in enumerate(column):
             if isinstance(text, str) and text.strip():
-                yield text
+                if digest is not None:
+                    digest.update(text.encode())
+                for j, part in enumerate(split_parts(text, part_chars)):
+                    yield Document(f"{rel}\0{g}:{row}\0{j}", f"{path} row group {g} row {row}", text=part)
 
 
-def corpus_fingerprint(domains: list[DomainSource]) -> str:
-    """A content hash of every file of every domain (and which domain it belongs to).
-
-    Used to refuse resuming a build whose corpus changed underneath it.
-    """
-    h = hashlib.sha256()
-    for source in domains:
-        h.update(f"domain:{source.name}\n".encode())
-        for path in source.files:
-            h.update(f"file:{path.name}\n".encode())
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()
+def corpus_layout(domains: list[DomainSource]) -> list[dict[str, Any]]:
+    """What the build fingerprint covers of the corpus: per domain its files' relative paths
+    and sizes (cheap to check at every start; the content is hashed once, while tokenized)."""
+    return [{"domain": d.name, "files": [{"path": s["path"], "size": s["size"]} for s in d.stats()]} for d in domains]

@@ -6,10 +6,13 @@ S the stored ids:
   coarse KL      KL(P || T) over the categories (ids in S, one tail bucket):
                  P = p coarsened (p on S, 1 - covered mass), T = the stored targets
                  (decoded log-probs on S, 1 - their sum). Includes truncation to S and
-                 the codec's quantisation; 0 for exact top-V.
+                 the codec's quantisation; 0 for exact top-V. Reported as mean, p99 and
+                 max over positions: pack-v2 bounds every position by its KL budget.
+  invalid        positions whose decoded targets are not a distribution (kept mass > 1,
+                 non-finite values); must be 0.
   sampled caches: T has no tail (the weights sum to 1), so the coarse KL is reported the
                  other way, KL(T || P), the divergence of the sampled target from the teacher.
-Plus the bytes per token of every stored array (whole cache).
+Plus the bytes per token of every stored array (whole cache, from one listing).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..store.cache import SPLITS, Cache
+from ..store.verify import MASS_SLACK
 
 
 def coarse_kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -38,31 +42,37 @@ def fidelity(cache: Cache, *, sequences: int = 4, device: str = "auto", teacher:
 
     from .teachers.hf import HFTeacher
 
-    t = HFTeacher(teacher or cache.meta["teacher"]["name_or_path"], device=device, dtype=cache.meta["teacher"]["dtype"])
+    if not cache.has_targets:
+        raise ValueError(f"{cache.path} is a tokens-only cache: it stores no teacher targets to compare")
+    t = HFTeacher(teacher or cache.meta.teacher["name_or_path"], device=device, dtype=cache.meta.teacher["dtype"])
     sampled = cache.targets.kind == "sampled"
-    mass, kl = [], []
+    mass, kl, invalid = [], [], 0
     for domain in cache.domains:
         batch = cache.read(domain, "val", 0, min(sequences, cache.num_sequences(domain, "val")))
         for row, logprobs, _ in t.rows(batch.tokens):
-            ids, lps = batch.topk_ids[row], batch.topk_logprobs[row].astype(np.float64)
+            ids, lps = batch.topk_ids[row].astype(np.int64), batch.topk_logprobs[row].astype(np.float64)
             valid = np.isfinite(lps)
             full = torch.gather(logprobs, -1, torch.from_numpy(ids).to(logprobs.device)).double().cpu().numpy()
             p = np.where(valid, np.exp(full), 0.0)
             q = np.where(valid, np.exp(lps), 0.0)
+            invalid += int(((q.sum(1) > 1 + MASS_SLACK) | np.isnan(lps).any(1)).sum())
             kl.append(coarse_kl(q, p) if sampled else coarse_kl(p, q))
             mass.append(p.sum(1))
     t.close()
+    kl_all = np.concatenate(kl)
     tokens = sum(cache.num_sequences(d, s) * cache.seq_len for d in cache.domains for s in SPLITS)
     per_array: dict[str, int] = {}
-    for d in cache.domains:
-        for s in SPLITS:
-            g = cache.root[f"{d}/{s}"]
-            for name in g.array_keys():
-                per_array[name] = per_array.get(name, 0) + int(g[name].nbytes_stored())
+    for (_, _, name), size in cache.stored_bytes().items():
+        per_array[name] = per_array.get(name, 0) + size
     return {
-        "positions": int(sum(len(m) for m in mass)),
+        "positions": int(len(kl_all)),
         "covered_mass": float(np.concatenate(mass).mean()),
-        "coarse_kl": float(np.concatenate(kl).mean()),
+        "coarse_kl": float(kl_all.mean()),
+        "coarse_kl_p99": float(np.quantile(kl_all, 0.99)),
+        "coarse_kl_max": float(kl_all.max()),
+        "invalid_share": invalid / max(1, len(kl_all)),
         "kl_direction": "KL(target || teacher)" if sampled else "KL(teacher || target)",
-        "bytes_per_token": {name: b / tokens for name, b in per_array.items()},
+        "kl_budget": cache.encoding.to_dict().get("kl_budget"),
+        "targets": cache.targets.describe(),
+        "bytes_per_token": {name: b / tokens for name, b in sorted(per_array.items())},
     }

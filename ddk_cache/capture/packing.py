@@ -1,111 +1,438 @@
-"""Split a domain's documents into validation and training streams and pack them into sequences.
+"""From documents to sequences at corpus scale: staged tokens, the plan, the gather.
 
-The rule (also in storage_layout.md, "Packing"):
+The rule (storage_layout.md, "Packing"), in bounded memory and independent of how many
+workers share the build:
 
-1. Shuffle the domain's documents with `np.random.default_rng([seed, crc32(domain)])`.
-2. With `max_tokens`, keep documents in that order until the cap; the document crossing
-   the cap is cut there.
-3. Validation takes whole documents from the front of the order until it holds
-   `val_sequences * seq_len` tokens; the last one is cut and its rest discarded, so no
-   document contributes to both splits.
-4. The remaining documents are concatenated and cut into `seq_len` sequences; the tail
-   shorter than one sequence is dropped. Sequences cross document boundaries (each
-   document ends with EOS), as in standard LM pre-training packing.
+1. Each domain is cut into pieces (corpus.plan_pieces). Workers tokenize whole pieces
+   (worker i of N takes pieces j with j % N == i, counting over all domains) and stage
+   each one under `_build/pieces/<domain>/<piece>`: its documents' tokens, ordered by the
+   document's shuffle key h = blake2b-64(seed, domain, file, offset, part), and an index
+   of (h, length). A piece's index is written last: it marks the piece done.
+2. Validation: the documents with the smallest h over the whole domain, in h order,
+   until they hold the validation size (`val_tokens`, at most `val_max_fraction` of the
+   domain, in whole sequences); the last one is cut and its rest discarded, so no
+   document is in both splits. Text: their tokens concatenated and cut into sequences.
+3. Training: the pieces in the order permutation(seed, crc32(domain)), each contributing
+   its remaining documents in h order; text documents are concatenated and cut into
+   `seq_len` sequences (crossing document boundaries; a final partial sequence is
+   dropped), capped at `max_tokens_per_domain` tokens in all. Chat samples are not packed:
+   each is one sequence, truncated to `seq_len`, padded with the pad token (EOS if none),
+   loss mask 0 on padding and on everything but the assistant's turns.
+
+Memory: a worker holds one piece's tokens at a time; the plan holds a few numbers per
+piece and the validation documents; a gather holds the sequences it returns.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import io
+import json
+import threading
 import zlib
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ..errors import CorpusError
+from ..store.cache import PIECES_DIR
+from ..store.meta import CHAT, TEXT, DomainInfo, SplitInfo
+from ..store.objects import Objects
+from .corpus import DomainSource, Piece, read_piece
+
+SUMMARY_DIR = "_build/summary"
+PLAN_KEY = "_build/plan.json"
 
 
-@dataclass(frozen=True)
-class PackedSplit:
-    """Sequences of one split: `tokens` is int32 [sequences, seq_len]."""
-
-    tokens: np.ndarray
-    documents: int  # documents that contributed at least one token
-
-
-@dataclass(frozen=True)
-class PackedDomain:
-    name: str
-    train: PackedSplit
-    val: PackedSplit
-    tokens_read: int  # tokens after the cap, before dropping the packing tail
+def doc_hash(seed: int, domain: str, key: str) -> int:
+    """A document's shuffle key: 64 bits of blake2b over (seed, domain, file, offset, part)."""
+    digest = hashlib.blake2b(f"{seed}\0{domain}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def domain_rng(seed: int, domain: str) -> np.random.Generator:
-    """The generator a domain's shuffle uses: stable across runs, machines and domain order."""
+    """The generator of a domain's piece order: stable across runs, machines and domain order."""
     return np.random.default_rng([seed, zlib.crc32(domain.encode())])
 
 
-def pack_domain(
-    name: str,
-    documents: list[np.ndarray],
-    *,
-    seq_len: int,
-    val_sequences: int,
-    max_tokens: int | None = None,
-    seed: int = 0,
-) -> PackedDomain:
-    """Apply the packing rule above to one domain's tokenized documents.
+def piece_key(domain: str, index: int) -> str:
+    return f"{PIECES_DIR}/{domain}/{index:07d}"
 
-    Raises CorpusError when the domain has no documents or too few tokens for
-    `val_sequences` validation sequences plus one training sequence.
-    """
-    if not documents:
-        raise CorpusError(f"domain {name!r} has no documents")
-    order = domain_rng(seed, name).permutation(len(documents))
-    docs = [documents[i] for i in order]
-    if max_tokens is not None:
-        docs = _cap(docs, max_tokens)
-    total = sum(len(d) for d in docs)
-    need_val = val_sequences * seq_len
-    if total < need_val + seq_len:
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Staged tokens: uint16 while the ids fit (half the bytes), else uint32."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+@dataclass
+class PieceIndex:
+    """A staged piece: its documents in shuffle-key order."""
+
+    hashes: np.ndarray  # uint64 [D], ascending
+    lengths: np.ndarray  # int64 [D] tokens
+    stats: dict[str, Any]  # tokens, docs, sha256 of the bytes read, data kind (text or chat)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths)])[:-1]
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, hashes=self.hashes, lengths=self.lengths, stats=np.frombuffer(json.dumps(self.stats).encode(), np.uint8))
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "PieceIndex":
+        z = np.load(io.BytesIO(raw))
+        return cls(z["hashes"], z["lengths"], json.loads(bytes(z["stats"])))
+
+
+@dataclass
+class PackingConfig:
+    """The build settings the packing rule depends on (all part of the build fingerprint)."""
+
+    seq_len: int
+    seed: int
+    text_field: str
+    val_tokens: int
+    val_max_fraction: float
+    max_tokens: int | None
+    part_chars: int
+    vocab_size: int
+    pad_id: int
+
+
+# ---------------------------------------------------------------------------- step 1: tokenize
+
+
+def tokenize_piece(objects: Objects, source: DomainSource, piece: Piece, tokenize: Any, cfg: PackingConfig) -> dict[str, Any]:
+    """Read, tokenize and stage one piece; return its stats. `tokenize(docs)` turns a list of
+    corpus Documents into (token arrays, mask arrays or None), one per document."""
+    digest = hashlib.sha256()
+    keys, tokens, masks = [], [], []
+    kind = None
+    batch: list = []
+
+    def flush() -> None:
+        ids, ms = tokenize(batch)
+        tokens.extend(ids)
+        if ms is not None:
+            masks.extend(ms)
+        batch.clear()
+
+    for doc in read_piece(source, piece, cfg.text_field, cfg.part_chars, digest):
+        doc_kind = CHAT if doc.messages is not None else TEXT
+        if kind is None:
+            kind = doc_kind
+        elif doc_kind != kind or (batch and (batch[0].messages is None) != (doc.messages is None)):
+            raise CorpusError(f"{doc.origin}: domain {source.name!r} mixes plain-text and chat records; give each kind its own domain")
+        keys.append(doc_hash(cfg.seed, source.name, doc.key))
+        batch.append(doc)
+        if len(batch) >= 256:
+            flush()
+    if batch:
+        flush()
+    order = np.argsort(np.array(keys, np.uint64), kind="stable")
+    hashes = np.array(keys, np.uint64)[order]
+    lengths = np.array([len(tokens[i]) for i in order], np.int64)
+    dtype = token_dtype(cfg.vocab_size)
+    stream = np.concatenate([tokens[i] for i in order]).astype(dtype) if len(order) else np.zeros(0, dtype)
+    key = piece_key(source.name, piece.index)
+    objects.put(f"{key}.tok", stream.tobytes())
+    if masks:
+        objects.put(f"{key}.msk", np.concatenate([masks[i] for i in order]).astype(np.uint8).tobytes())
+    stats = {"docs": int(len(order)), "tokens": int(lengths.sum()), "sha256": digest.hexdigest(), "data": kind or TEXT}
+    index = PieceIndex(hashes, lengths, stats)
+    objects.put(f"{key}.idx", index.to_bytes())  # last: the piece is done
+    return stats
+
+
+def done_pieces(objects: Objects) -> set[tuple[str, int]]:
+    """(domain, piece) of every staged piece, from one listing."""
+    out = set()
+    for key in objects.list(PIECES_DIR):
+        if key.endswith(".idx"):
+            domain, name = key[len(PIECES_DIR) + 1 : -4].rsplit("/", 1)
+            out.add((domain, int(name)))
+    return out
+
+
+def read_index(objects: Objects, domain: str, index: int) -> PieceIndex:
+    raw = objects.get(f"{piece_key(domain, index)}.idx")
+    if raw is None:
+        raise CorpusError(f"staged piece {domain}/{index} is missing; rerun the build to tokenize it again")
+    return PieceIndex.from_bytes(raw)
+
+
+@dataclass
+class Candidates:
+    """A worker's smallest-key documents of one domain: enough for any validation split."""
+
+    limit: int  # tokens (text) or documents (chat) the validation split can need at most
+    chat: bool = False
+    docs: list[tuple[int, int, int, int]] = field(default_factory=list)  # (hash, piece, offset, length)
+
+    def add(self, piece: int, index: PieceIndex) -> None:
+        offsets = index.offsets
+        merged = sorted(self.docs + [(int(h), piece, int(o), int(n)) for h, o, n in zip(index.hashes, offsets, index.lengths)])
+        kept, total = [], 0
+        for doc in merged:
+            if total >= self.limit:
+                break
+            kept.append(doc)
+            total += 1 if self.chat else doc[3]
+        self.docs = kept
+
+
+def write_summary(objects: Objects, worker: tuple[int, int], pieces: dict[str, dict[int, dict]], candidates: dict[str, Candidates]) -> None:
+    """What this worker staged, and its validation candidates: the plan reads O(workers) of these."""
+    body = {"pieces": {d: {str(k): v for k, v in p.items()} for d, p in pieces.items()},
+            "val": {d: [[str(h), p, o, n] for h, p, o, n in c.docs] for d, c in candidates.items()}}
+    objects.put(f"{SUMMARY_DIR}/w{worker[0]:05d}-of-{worker[1]:05d}.json", json.dumps(body).encode())
+
+
+# ---------------------------------------------------------------------------- step 2: the plan
+
+
+@dataclass
+class DomainPlan:
+    """Where every sequence of a domain comes from (see the module docstring)."""
+
+    data: str
+    order: list[int]  # piece ids in training order
+    tokens: list[int]  # per piece (by id): staged tokens
+    docs: list[int]  # per piece: staged documents
+    val_prefix: list[int]  # per piece: tokens (text) or documents (chat) taken by validation
+    val_docs: list[list[int]]  # [piece, offset, length] in shuffle-key order
+    n_train: int
+    n_val: int
+    tokens_read: int
+    train_documents: int
+    sha256: str
+
+    def info(self) -> DomainInfo:
+        return DomainInfo(SplitInfo(self.n_train, self.train_documents), SplitInfo(self.n_val, len(self.val_docs)), self.tokens_read, self.data)
+
+
+@dataclass
+class Plan:
+    seq_len: int
+    itemsize: int
+    pad_id: int
+    domains: dict[str, DomainPlan]
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"seq_len": self.seq_len, "itemsize": self.itemsize, "pad_id": self.pad_id,
+                           "domains": {k: asdict(v) for k, v in self.domains.items()}}, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "Plan":
+        d = json.loads(raw)
+        return cls(d["seq_len"], d["itemsize"], d["pad_id"], {k: DomainPlan(**v) for k, v in d["domains"].items()})
+
+    def corpus_sha256(self) -> str:
+        """One hash of every corpus byte read, by domain (each piece's sha256 in piece order)."""
+        return hashlib.sha256("".join(f"{d}:{p.sha256}" for d, p in sorted(self.domains.items())).encode()).hexdigest()
+
+
+def _val_size(total: int, cfg: PackingConfig, chat: bool, name: str) -> int:
+    """Validation sequences: val_tokens in whole sequences, at most val_max_fraction of the domain, at least 1."""
+    L = cfg.seq_len
+    units = total if chat else total // L  # what the domain holds, in sequences
+    n = max(1, min(-(-cfg.val_tokens // L), int(cfg.val_max_fraction * units)))
+    if units < n + 1:
         raise CorpusError(
-            f"domain {name!r} has {total:,} tokens{' (after --max-tokens-per-domain)' if max_tokens else ''}; "
-            f"it needs at least {need_val + seq_len:,} ({val_sequences} validation + 1 training sequence of "
-            f"{seq_len} tokens): add text, or lower --seq-len or --val-sequences"
+            f"domain {name!r} has {total:,} {'samples' if chat else 'tokens'}; it needs at least "
+            f"{(n + 1) if chat else (n + 1) * L:,} ({n} validation + 1 training sequence of {L} tokens): "
+            "add text, or lower --seq-len or --val-tokens"
         )
-
-    val_parts, used, n_val_docs = [], 0, 0
-    while used < need_val:
-        doc = docs[n_val_docs][: need_val - used]
-        val_parts.append(doc)
-        used += len(doc)
-        n_val_docs += 1
-    train_docs = docs[n_val_docs:]
-    train_stream = np.concatenate(train_docs) if train_docs else np.zeros(0, np.int32)
-    n_train = len(train_stream) // seq_len
-    if n_train == 0:
-        raise CorpusError(
-            f"domain {name!r}: after {val_sequences} validation sequences only {len(train_stream):,} tokens are left, "
-            f"fewer than one training sequence of {seq_len}: add text, or lower --seq-len or --val-sequences"
-        )
-    train = train_stream[: n_train * seq_len].reshape(n_train, seq_len)
-    # A document counts for train if any of its tokens made it into a kept sequence.
-    lengths = np.cumsum([len(d) for d in train_docs])
-    n_train_docs = int(np.searchsorted(lengths, n_train * seq_len, side="left")) + 1
-    val = (np.concatenate(val_parts) if val_parts else np.zeros(0, np.int32)).reshape(val_sequences, seq_len)
-    return PackedDomain(
-        name=name,
-        train=PackedSplit(train.astype(np.int32, copy=False), min(n_train_docs, len(train_docs))),
-        val=PackedSplit(val.astype(np.int32, copy=False), n_val_docs),
-        tokens_read=total,
-    )
+    return n
 
 
-def _cap(docs: list[np.ndarray], max_tokens: int) -> list[np.ndarray]:
-    kept, used = [], 0
-    for doc in docs:
-        if used >= max_tokens:
-            break
-        doc = doc[: max_tokens - used]
-        kept.append(doc)
-        used += len(doc)
-    return kept
+def make_plan(objects: Objects, sources: list[DomainSource], pieces: dict[str, list[Piece]], cfg: PackingConfig) -> Plan:
+    """The plan, from the workers' summaries (O(workers) reads), reading the index of any
+    piece no summary covers (a build restarted with another worker count)."""
+    per_domain: dict[str, dict[int, dict]] = {s.name: {} for s in sources}
+    cands: dict[str, list] = {s.name: [] for s in sources}
+    for key in sorted(objects.list(SUMMARY_DIR)):
+        body = json.loads(objects.get(key) or b"{}")
+        for d, found in body.get("pieces", {}).items():
+            if d in per_domain:
+                for k, v in found.items():
+                    per_domain[d].setdefault(int(k), v)
+        for d, docs in body.get("val", {}).items():
+            if d in cands:
+                cands[d] += [(int(h), p, o, n) for h, p, o, n in docs]
+    domains = {}
+    for source in sources:
+        name = source.name
+        n_pieces = len(pieces[name])
+        missing = [i for i in range(n_pieces) if i not in per_domain[name]]
+        chat_guess = any(v.get("data") == CHAT for v in per_domain[name].values())
+        extra = Candidates(limit=0, chat=chat_guess)
+        for i in missing:  # pieces no summary covers: read their indexes
+            index = read_index(objects, name, i)
+            per_domain[name][i] = index.stats
+            extra.limit = 1 << 62
+            extra.add(i, index)
+        stats = [per_domain[name][i] for i in range(n_pieces)]
+        kinds = {s["data"] for s in stats if s["docs"]}
+        if len(kinds) > 1:
+            raise CorpusError(f"domain {name!r} mixes plain-text and chat records; give each kind its own domain")
+        data = kinds.pop() if kinds else TEXT
+        chat = data == CHAT
+        tokens = [int(s["tokens"]) for s in stats]
+        docs = [int(s["docs"]) for s in stats]
+        total = sum(docs) if chat else sum(tokens)
+        if total == 0:
+            raise CorpusError(f"domain {name!r} has no documents")
+        n_val = _val_size(total, cfg, chat, name)
+        # Validation: the smallest keys over the whole domain (dedup: a piece may appear in two summaries).
+        pool = sorted(set(cands[name] + extra.docs))
+        need = n_val if chat else n_val * cfg.seq_len
+        val_docs, got = [], 0
+        for h, p, o, n in pool:
+            if got >= need:
+                break
+            val_docs.append([p, o, n])
+            got += 1 if chat else n
+        if got < need:
+            raise CorpusError(f"domain {name!r}: the staged pieces hold too few documents for {n_val} validation sequences; "
+                              "rerun the build (a summary may be stale)")
+        val_prefix = [0] * n_pieces
+        for p, _, n in val_docs:
+            val_prefix[p] += 1 if chat else n
+        order = domain_rng(cfg.seed, name).permutation(n_pieces).tolist()
+        remaining = sum((docs[p] if chat else tokens[p]) - val_prefix[p] for p in range(n_pieces))
+        if chat:
+            n_train = remaining
+            if cfg.max_tokens is not None:
+                n_train = min(n_train, max(0, cfg.max_tokens // cfg.seq_len - n_val))
+        else:
+            train_tokens = remaining if cfg.max_tokens is None else min(remaining, max(0, cfg.max_tokens - n_val * cfg.seq_len))
+            n_train = train_tokens // cfg.seq_len
+        if n_train == 0:
+            raise CorpusError(
+                f"domain {name!r}: after {n_val} validation sequences fewer than one training sequence of "
+                f"{cfg.seq_len} tokens is left: add text, or lower --seq-len or --val-tokens"
+            )
+        used = n_train if chat else n_train * cfg.seq_len
+        train_documents, left = 0, used
+        for p in order:  # documents in the training stream (pieces used whole, and part of the last)
+            avail = (docs[p] if chat else tokens[p]) - val_prefix[p]
+            if left <= 0:
+                break
+            if chat:
+                take = min(avail, left)
+                train_documents += take
+            elif avail <= left:
+                train_documents += docs[p] - sum(1 for q, _, _ in val_docs if q == p)
+            else:
+                index = read_index(objects, name, p)
+                ends = np.cumsum(index.lengths) - val_prefix[p]
+                train_documents += int(np.searchsorted(ends[ends > 0], left, side="left")) + 1
+            left -= avail
+        sha = hashlib.sha256("".join(s["sha256"] for s in stats).encode()).hexdigest()
+        tokens_read = sum(tokens) if cfg.max_tokens is None else min(sum(tokens), cfg.max_tokens)
+        domains[name] = DomainPlan(data, order, tokens, docs, val_prefix, val_docs, n_train, n_val, tokens_read, train_documents, sha)
+    return Plan(cfg.seq_len, token_dtype(cfg.vocab_size).itemsize, cfg.pad_id, domains)
+
+
+# ---------------------------------------------------------------------------- step 3: gather
+
+
+class Gatherer:
+    """Reads the tokens (and loss masks) of planned sequences from the staged pieces."""
+
+    def __init__(self, objects: Objects, plan: Plan) -> None:
+        self.objects, self.plan = objects, plan
+        self.dtype = np.dtype("<u2") if plan.itemsize == 2 else np.dtype("<u4")
+        self._indexes: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._guard = threading.Lock()
+        self._train_cum = {d: np.cumsum([0] + [self._avail(p, i) for i in p.order]).tolist() for d, p in plan.domains.items()}
+
+    @staticmethod
+    def _avail(p: DomainPlan, piece: int) -> int:
+        return (p.docs[piece] if p.data == CHAT else p.tokens[piece]) - p.val_prefix[piece]
+
+    def _read(self, requests: list[tuple[str, int, int]], suffix: str, itemsize: int, dtype: np.dtype) -> list[np.ndarray]:
+        """(domain, piece, token start, token stop) ranges -> arrays."""
+        keys = [(f"{piece_key(d, p)}{suffix}", a * itemsize, b * itemsize) for d, p, a, b in requests]  # type: ignore[misc]
+        out = []
+        for (key, a, b), raw in zip(keys, self.objects.get_ranges(keys)):
+            if raw is None or len(raw) != b - a:
+                raise CorpusError(f"staged tokens {key} are missing or short; rerun the build (it re-tokenizes missing pieces)")
+            out.append(np.frombuffer(raw, dtype))
+        return out
+
+    def _offsets(self, domain: str, piece: int) -> np.ndarray:
+        """Start offsets (and total) of a piece's documents, from its index (kept a while)."""
+        key = (domain, piece)
+        with self._guard:
+            if key in self._indexes:
+                self._indexes.move_to_end(key)
+                return self._indexes[key]
+        index = read_index(self.objects, domain, piece)
+        bounds = np.concatenate([[0], np.cumsum(index.lengths)])
+        with self._guard:
+            self._indexes[key] = bounds
+            while len(self._indexes) > 64:
+                self._indexes.popitem(last=False)
+        return bounds
+
+    def sequences(self, domain: str, split: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(int32 tokens [n, L], uint8 loss mask [n, L] or None) of sequences [start, stop)."""
+        p = self.plan.domains[domain]
+        L = self.plan.seq_len
+        if p.data == CHAT:
+            return self._chat(domain, p, split, start, stop, L)
+        if split == "val":
+            segments, at = [], 0
+            want_a, want_b = start * L, stop * L
+            for piece, offset, length in p.val_docs:
+                a, b = max(at, want_a), min(at + length, want_b)
+                if a < b:
+                    segments.append((domain, piece, offset + a - at, offset + b - at))
+                at += length
+        else:
+            segments = self._train_segments(domain, p, start * L, stop * L)
+        parts = self._read(segments, ".tok", self.plan.itemsize, self.dtype)
+        flat = np.concatenate(parts) if parts else np.zeros(0, self.dtype)
+        return flat.astype(np.int32).reshape(stop - start, L), None
+
+    def _train_segments(self, domain: str, p: DomainPlan, a: int, b: int) -> list[tuple[str, int, int, int]]:
+        cum = self._train_cum[domain]
+        out = []
+        k = bisect.bisect_right(cum, a) - 1
+        while a < b:
+            piece = p.order[k]
+            lo, hi = a - cum[k], min(b, cum[k + 1]) - cum[k]
+            out.append((domain, piece, p.val_prefix[piece] + lo, p.val_prefix[piece] + hi))
+            a = cum[k + 1]
+            k += 1
+        return out
+
+    def _chat(self, domain: str, p: DomainPlan, split: str, start: int, stop: int, L: int) -> tuple[np.ndarray, np.ndarray]:
+        docs = []  # (piece, offset, length) of each sample
+        if split == "val":
+            docs = [tuple(v) for v in p.val_docs[start:stop]]
+        else:
+            cum = self._train_cum[domain]
+            for s in range(start, stop):
+                k = bisect.bisect_right(cum, s) - 1
+                piece = p.order[k]
+                j = p.val_prefix[piece] + s - cum[k]
+                bounds = self._offsets(domain, piece)
+                docs.append((piece, int(bounds[j]), int(bounds[j + 1] - bounds[j])))
+        reqs = [(domain, piece, off, off + min(n, L)) for piece, off, n in docs]
+        toks = self._read(reqs, ".tok", self.plan.itemsize, self.dtype)
+        masks = self._read(reqs, ".msk", 1, np.dtype(np.uint8))
+        tokens = np.full((len(docs), L), self.plan.pad_id, np.int32)
+        mask = np.zeros((len(docs), L), np.uint8)
+        for i, (t, m) in enumerate(zip(toks, masks)):
+            tokens[i, : len(t)] = t
+            mask[i, : len(m)] = m
+        return tokens, mask

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import TeacherError
+from ..errors import CorpusError, TeacherError
 
 
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
@@ -93,3 +93,77 @@ def tokenize_documents(tok: Any, documents: Iterable[str], batch_size: int = 256
             yield from flush()
     if batch:
         yield from flush()
+
+
+def load_chat_template(option: str | None, tok: Any, name: str) -> str:
+    """The chat template to format chat records: --chat-template (a file, or the template
+    text itself), else the tokenizer's own. CorpusError when there is none."""
+    from pathlib import Path
+
+    if option:
+        path = Path(option)
+        if len(option) < 4096 and path.is_file():
+            return path.read_text(encoding="utf-8")
+        return option
+    template = getattr(tok, "chat_template", None)
+    if not template:
+        raise CorpusError(
+            f"the corpus has chat records but the tokenizer of {name!r} has no chat template; "
+            "pass --chat-template FILE (a Jinja template, as in tokenizer_config.json)"
+        )
+    return template if isinstance(template, str) else template.get("default", next(iter(template.values())))
+
+
+def chat_tokens(tok: Any, messages: list[dict[str, str]], template: str, origin: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """(token ids int32, loss mask uint8) of one conversation formatted by `template`.
+
+    The mask is 1 on the tokens of every assistant turn, from the end of the prompt that
+    precedes it (the template's generation prompt) to the end of its rendered message, so
+    the end-of-turn marker the model must learn to emit carries loss too. Found by
+    rendering the conversation's prefixes and mapping characters to tokens through the
+    fast tokenizer's offsets; a template whose prefixes are not prefixes of the whole
+    (rare) is refused with the record's place."""
+    def render(msgs: list[dict[str, str]], prompt: bool) -> str:
+        if not msgs:
+            return ""
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt, chat_template=template)
+
+    try:
+        text = render(messages, False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before, through = render(messages[:i], True), render(messages[: i + 1], False)
+            if not (text.startswith(through) and through.startswith(before)):
+                raise CorpusError(f"{origin}: the chat template does not render this conversation's prefixes as prefixes "
+                                  "of the whole; ddk-cache cannot tell which tokens are the assistant's (pass another --chat-template)")
+            spans.append((len(before), len(through)))
+    except CorpusError:
+        raise
+    except Exception as e:  # jinja2 errors: the template rejects the conversation
+        raise CorpusError(f"{origin}: the chat template fails on this conversation: {first_line(e)}") from None
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], np.int32)
+    starts = np.asarray([a for a, _ in enc["offset_mapping"]], np.int64)
+    mask = np.zeros(len(ids), np.uint8)
+    for a, b in spans:
+        mask |= ((starts >= a) & (starts < b)).astype(np.uint8)
+    return ids, mask
+
+
+def document_tokenizer(tok: Any, chat_template: str | None, name: str) -> Any:
+    """A function turning a batch of corpus Documents into (token arrays, mask arrays or None):
+    text documents batched through the tokenizer with EOS appended, chat records through
+    the chat template with their loss masks."""
+    template: list[str] = []
+
+    def tokenize(docs: list) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        if docs and docs[0].messages is not None:
+            if not template:
+                template.append(load_chat_template(chat_template, tok, name))
+            pairs = [chat_tokens(tok, d.messages, template[0], d.origin) for d in docs]
+            return [p[0] for p in pairs], [p[1] for p in pairs]
+        return list(tokenize_documents(tok, [d.text for d in docs], batch_size=len(docs) or 1)), None
+
+    return tokenize

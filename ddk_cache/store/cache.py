@@ -1,60 +1,51 @@
-"""The on-disk cache format: every array and attribute name lives here (see storage_layout.md).
+"""The on-disk cache: every array and attribute name lives here (see storage_layout.md).
 
-A cache is a Zarr v3 group:
+A cache (format 3) is a Zarr v3 group:
 
-    /                        attrs["ddk_cache"] = root metadata (format version, teacher, ...)
+    /                        attrs["ddk_cache"] = root metadata (meta.CacheMeta)
     /<domain>/<split>/       split is "train" or "val"
-        tokens          int32   [N, L]        the packed sequences
-        topk_ids        int32   [N, L-1, k]   plain-v1: position t predicts tokens[:, t+1]
-        topk_logprobs   float32 [N, L-1, k]   plain-v1 (-inf: entry not kept)
-        targets         uint8   [N, C]        pack-v1: each sequence's targets, packed (codec.py)
-        target_logprob  float32 [N, L-1]      log p(tokens[:, t+1] | tokens[:, :t+1])
-        seq_nll         float64 [N]           -sum over positions of target_logprob
-        seq_topk_mass   float64 [N]           sum over positions of sum_k exp(topk_logprobs)
-        shard_done      uint8   [ceil(N/S)]   1 once shard s of the arrays above is written
+        tokens          int32 [N, L]    the packed (or padded) sequences
+        loss_mask       uint8 [N, L]    chat domains only: 1 where tokens[t] is a label
+        <target arrays>                 as the encoding declares (encodings.py): pack-v2's
+                                        `targets` rows, or plain-v1's three arrays
+    /_build/                 build state: logs of finished shards, staged tokens
 
-The builder writes whole shards of S sequences, one writer per shard, and marks a shard
-done only after its data is written, so a build can stop anywhere and resume.
+Every array is a row array (shards.py): one object per S sequences, one compressed chunk
+per sequence. The builder writes whole shards, one writer per shard, and records a shard
+in its log only after its objects exist, so a build can stop anywhere and resume.
+Readers go through `Cache`; nothing else opens the arrays.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zarr
 
-from .. import __version__
-from .encodings import Encoding, PackEncoding, encoding_from_dict
 from ..errors import StoreError, StoreVersionError
+from .encodings import Encoding, Targets
+from .log import LOG_DIR, LogWriter, ShardRecord, read_records, shard_key
+from .meta import (
+    CHAT, FORMAT_VERSION, SPLITS, STATE_BUILDING, STATE_COMPLETE, STATE_INITIALIZING, CacheMeta, DomainInfo, PPLEntry,
+)
+from .objects import Objects, is_url
+from .shards import ArraySpec, RowArray, RowReader, damaged, read_zarr_json
 from .targets import TargetSpec
 
-FORMAT_VERSION = 2
-# Version 1 (plain-v1 top-k only, no `targets` attribute) is still read.
-READABLE_VERSIONS = (1, 2)
 ROOT_ATTR = "ddk_cache"
-SPLITS = ("train", "val")
-
 TOKENS = "tokens"
-TOPK_IDS = "topk_ids"
-TOPK_LOGPROBS = "topk_logprobs"
-TARGETS = "targets"
-TARGET_LOGPROB = "target_logprob"
-SEQ_NLL = "seq_nll"
-SEQ_TOPK_MASS = "seq_topk_mass"
-SHARD_DONE = "shard_done"
+LOSS_MASK = "loss_mask"
+BUILD_DIR = "_build"
+PIECES_DIR = "_build/pieces"
+# Format 1-2 only: per-shard completion flags (format 3 keeps build logs instead).
+LEGACY_SHARD_DONE = "shard_done"
 
-# Chunks equal to the fill value are written too, so a missing chunk always means damage.
-WRITE_CONFIG = {"write_empty_chunks": True}
-
-# Root states: arrays being created and tokens written -> teacher shards pending -> done.
-STATE_INITIALIZING = "initializing"
-STATE_BUILDING = "building"
-STATE_COMPLETE = "complete"
+__all__ = ["Cache", "CacheBatch", "CacheWriter", "Shard", "SPLITS", "TOKENS", "LOSS_MASK", "ROOT_ATTR", "FORMAT_VERSION",
+           "STATE_BUILDING", "STATE_COMPLETE", "STATE_INITIALIZING", "is_url", "format_bytes", "describe_pending", "read_root_meta"]
 
 
 def now() -> str:
@@ -72,259 +63,45 @@ class Shard:
     start: int
     stop: int
 
+    @property
+    def key(self) -> str:
+        return shard_key(self.domain, self.split, self.index)
+
 
 @dataclass(frozen=True)
 class CacheBatch:
-    """Sequences [start, stop) of one split with their teacher targets (see module docstring)."""
+    """Sequences [start, stop) of one split with their teacher targets.
+
+    tokens int32 [n, L]; topk_ids int32 / topk_logprobs float32 [n, L-1, K] (None for a
+    tokens-only cache); target_logprob float32 [n, L-1]; loss_mask uint8 [n, L] or None
+    (every position carries loss)."""
 
     tokens: np.ndarray
-    topk_ids: np.ndarray
-    topk_logprobs: np.ndarray
-    target_logprob: np.ndarray
+    topk_ids: np.ndarray | None
+    topk_logprobs: np.ndarray | None
+    target_logprob: np.ndarray | None
+    loss_mask: np.ndarray | None = None
 
 
-def is_url(path: str) -> bool:
-    """fsspec URLs (s3://, gs://, memory://...) go through fsspec; anything else is a local path."""
-    return "://" in path
+def group_json(attributes: dict[str, Any] | None = None) -> bytes:
+    """A Zarr v3 group's zarr.json."""
+    return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes or {}}, indent=1).encode()
 
 
-def path_is_empty(path: str) -> bool:
-    """True when nothing (or an empty directory) is at `path`, local or remote."""
-    if not is_url(path):
-        return not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path))
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(path)
-    return not fs.exists(root) or not fs.ls(root)
-
-
-def _open_root(path: str, mode: str) -> zarr.Group:
-    try:
-        return zarr.open_group(store=path, mode=mode)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as e:
-        raise StoreError(f"{path} is not a ddk-cache store ({type(e).__name__}: no Zarr group there)") from None
-
-
-def read_root_meta(path: str) -> dict[str, Any]:
+def read_root_meta(path: str, objects: Objects | None = None) -> CacheMeta:
     """The root metadata of the cache at `path`, after checking it is a cache this version reads."""
-    attrs = dict(_open_root(path, "r").attrs)
-    meta = attrs.get(ROOT_ATTR)
+    objects = objects or Objects.open(path)
+    raw = objects.get("zarr.json")
+    if raw is None:
+        raise StoreError(f"{path} is not a ddk-cache store (no Zarr group there)")
+    try:
+        node = json.loads(raw)
+    except ValueError:
+        raise StoreError(f"{path}/zarr.json is not valid JSON: the cache is damaged or not a ddk-cache store") from None
+    meta = (node.get("attributes") or {}).get(ROOT_ATTR) if isinstance(node, dict) else None
     if not isinstance(meta, dict):
         raise StoreError(f"{path} is a Zarr group but not a ddk-cache store (no {ROOT_ATTR!r} attribute)")
-    version = meta.get("format_version")
-    if version not in READABLE_VERSIONS:
-        raise StoreVersionError(
-            f"{path} has cache format version {version}; this ddk-cache {__version__} reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))}"
-            + ("; upgrade ddk-cache" if isinstance(version, int) and version > FORMAT_VERSION else "; rebuild the cache")
-        )
-    encoding_from_dict(meta["encoding"])  # refuses unknown encodings
-    return meta
-
-
-class _CacheNode:
-    """What reader and writer share: the root metadata and the shard bookkeeping."""
-
-    def __init__(self, path: str, mode: str) -> None:
-        self.path = path
-        self.meta = read_root_meta(path)
-        self.root = _open_root(path, mode)
-        self.encoding = encoding_from_dict(self.meta["encoding"])
-        # Version 1 caches predate the attribute: they hold plain top-k targets.
-        self.targets = TargetSpec.from_dict(self.meta["targets"]) if "targets" in self.meta else TargetSpec(k=int(self.meta["top_k"]))
-        self.packed = isinstance(self.encoding, PackEncoding)
-        self.codec = self.encoding.codec(vocab_size=int(self.meta["vocab_size"]), max_entries=self.targets.entries) if self.packed else None
-
-    @property
-    def target_arrays(self) -> tuple[str, ...]:
-        """The arrays holding the sparse targets under this cache's encoding."""
-        return (TARGETS,) if self.packed else (TOPK_IDS, TOPK_LOGPROBS)
-
-    def decode_targets(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Stored target arrays of some sequences -> (ids int64 [n, P, K], log-probs float32 [n, P, K]).
-
-        Entries not kept are padding (log-prob -inf). For sampled targets the log-probs are
-        the log target weights (storage_layout.md, "Targets")."""
-        if not self.packed:
-            return arrays[TOPK_IDS].astype(np.int64), arrays[TOPK_LOGPROBS]
-        P = int(self.meta["seq_len"]) - 1
-        rows = arrays[TARGETS]
-        ids = np.empty((len(rows), P, self.targets.entries), np.int64)
-        lps = np.empty((len(rows), P, self.targets.entries), np.float32)
-        for i, row in enumerate(rows):
-            if self.targets.kind == "sampled":
-                ids[i], lps[i] = self.codec.decode_sampled(memoryview(row), P, self.targets.sample_temperature)
-            else:
-                ids[i], lps[i] = self.codec.decode_topk(memoryview(row), P)
-        return ids, lps
-
-    def _group(self, domain: str, split: str) -> zarr.Group:
-        return self.root[f"{domain}/{split}"]
-
-    def _array(self, domain: str, split: str, name: str) -> zarr.Array:
-        return self.root[f"{domain}/{split}/{name}"].with_config(WRITE_CONFIG)
-
-    def shards(self) -> list[Shard]:
-        """Every shard of the cache, in a fixed order (domain, split, index)."""
-        out = []
-        s = self.meta["shard_sequences"]
-        for domain in self.meta["domains"]:
-            for split in SPLITS:
-                n = self.meta["domains"][domain][split]["sequences"]
-                out += [Shard(domain, split, i, i * s, min(n, (i + 1) * s)) for i in range(math.ceil(n / s))]
-        return out
-
-    def pending(self) -> list[Shard]:
-        """Shards whose `shard_done` entry is not set, in `shards()` order."""
-        done = {
-            (d, sp): self._group(d, sp)[SHARD_DONE][:].astype(bool) for d in self.meta["domains"] for sp in SPLITS
-        }
-        return [s for s in self.shards() if not done[(s.domain, s.split)][s.index]]
-
-
-class CacheWriter(_CacheNode):
-    """Creates a cache, writes teacher shards into it and finalizes it.
-
-    Several CacheWriters (processes or machines) may write one store as long as each
-    writes distinct shards: a shard's arrays and its `shard_done` entry are whole chunks.
-    """
-
-    def __init__(self, path: str) -> None:
-        super().__init__(path, "r+")
-
-    @classmethod
-    def create(
-        cls,
-        path: str,
-        meta: dict[str, Any],
-        splits: dict[str, dict[str, np.ndarray]],
-        *,
-        targets: TargetSpec,
-        shard_sequences: int,
-        encoding: Encoding,
-    ) -> "CacheWriter":
-        """Create the store at `path` (overwriting an unfinished initialization) and write the tokens.
-
-        `meta` is the build's root metadata; `splits[domain][split]` the int32 [N, L] tokens.
-        The root's state moves to "building" only once every array exists and every token
-        is written, so a crash here leaves a store that the next run re-initializes.
-        """
-        root_meta = {
-            **meta,
-            "format_version": FORMAT_VERSION,
-            "tool_version": __version__,
-            "state": STATE_INITIALIZING,
-            "created_at": now(),
-            "encoding": encoding.to_dict(),
-            "targets": targets.to_dict(),
-            "top_k": targets.entries,
-            "shard_sequences": shard_sequences,
-        }
-        top_k = targets.entries
-        # pack-v1 rows are as wide as the codec's worst case (the reader derives it the same way).
-        capacity = encoding.codec(vocab_size=int(meta["vocab_size"]), max_entries=top_k).capacity(int(meta["seq_len"]) - 1) if isinstance(encoding, PackEncoding) else 0
-        root = zarr.create_group(store=path, overwrite=True, attributes={ROOT_ATTR: root_meta})
-        for domain, by_split in splits.items():
-            dgroup = root.create_group(domain)
-            for split in SPLITS:
-                tokens = by_split[split]
-                n, seq_len = tokens.shape
-                group = dgroup.create_group(split)
-                s = shard_sequences
-                positions = seq_len - 1
-
-                def arr(name: str, shape: tuple, dtype: str, shards: tuple | None, chunks: tuple, dims: tuple) -> Any:
-                    return group.create_array(
-                        name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
-                        compressors=encoding.compressors(packed=name == TARGETS), fill_value=0, dimension_names=dims,
-                        config=WRITE_CONFIG,
-                    )
-
-                arr(TOKENS, (n, seq_len), "int32", (s, seq_len), (1, seq_len), ("sequence", "token"))[:] = tokens
-                if capacity:
-                    arr(TARGETS, (n, capacity), "uint8", (s, capacity), (1, capacity), ("sequence", "byte"))
-                else:
-                    arr(TOPK_IDS, (n, positions, top_k), "int32", (s, positions, top_k), (1, positions, top_k), ("sequence", "position", "rank"))
-                    arr(TOPK_LOGPROBS, (n, positions, top_k), "float32", (s, positions, top_k), (1, positions, top_k), ("sequence", "position", "rank"))
-                arr(TARGET_LOGPROB, (n, positions), "float32", (s, positions), (1, positions), ("sequence", "position"))
-                arr(SEQ_NLL, (n,), "float64", None, (s,), ("sequence",))
-                arr(SEQ_TOPK_MASS, (n,), "float64", None, (s,), ("sequence",))
-                arr(SHARD_DONE, (math.ceil(n / s),), "uint8", None, (1,), ("shard",))
-        root_meta["state"] = STATE_BUILDING
-        root.update_attributes({ROOT_ATTR: root_meta})
-        return cls(path)
-
-    def read_tokens(self, shard: Shard) -> np.ndarray:
-        """int32 [stop-start, L] tokens of a shard."""
-        return self._group(shard.domain, shard.split)[TOKENS][shard.start : shard.stop]
-
-    def write_shard(self, shard: Shard, topk_ids: np.ndarray, topk_logprobs: np.ndarray, target_logprob: np.ndarray,
-                    counts: np.ndarray | None = None) -> None:
-        """Write one shard's teacher arrays and per-sequence sums, then mark it done.
-
-        topk_ids/topk_logprobs [n, P, K] in rank order, -inf where an entry is not kept; for
-        sampled targets the unique ids, their teacher log-probs and their draw `counts`."""
-        sl = slice(shard.start, shard.stop)
-        values = {
-            **self.encode_targets(topk_ids, topk_logprobs, counts),
-            TARGET_LOGPROB: target_logprob,
-            SEQ_NLL: sequence_nll(target_logprob),
-            SEQ_TOPK_MASS: np.exp(topk_logprobs.astype(np.float64)).sum(axis=(1, 2)),
-        }
-        for name, value in values.items():
-            self._array(shard.domain, shard.split, name)[sl] = value
-        # Written last: a crash before this line leaves the shard pending, and it is redone.
-        self._array(shard.domain, shard.split, SHARD_DONE)[shard.index : shard.index + 1] = 1
-
-    def encode_targets(self, ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray | None) -> dict[str, np.ndarray]:
-        """The stored arrays for [n, P, K] targets under this cache's encoding."""
-        if not self.packed:
-            return {TOPK_IDS: ids, TOPK_LOGPROBS: np.where(np.isfinite(logprobs), logprobs, -np.inf).astype(np.float32)}
-        rows = np.zeros((len(ids), self.codec.capacity(int(self.meta["seq_len"]) - 1)), np.uint8)
-        for i in range(len(ids)):
-            if self.targets.kind == "sampled":
-                blob = self.codec.encode_sampled(ids[i], counts[i], logprobs[i] if self.targets.sample_temperature != 1.0 else None)
-            else:
-                blob = self.codec.encode_topk(ids[i], logprobs[i])
-            rows[i, : len(blob)] = np.frombuffer(blob, np.uint8)
-        return {TARGETS: rows}
-
-    def finalize(self) -> dict[str, Any]:
-        """Compute the teacher perplexity table from `seq_nll` and mark the cache complete.
-
-        Raises StoreError if any shard is still pending. Returns the final root metadata.
-        """
-        pending = self.pending()
-        if pending:
-            raise StoreError(f"{self.path}: cannot finalize, {describe_pending(pending)}")
-        table: dict[str, dict[str, Any]] = {}
-        for domain in self.meta["domains"]:
-            table[domain] = {}
-            for split in SPLITS:
-                g = self._group(domain, split)
-                table[domain][split] = perplexity_entry(g[SEQ_NLL][:], g[TOKENS].shape[1] - 1)
-        meta = {**self.meta, "state": STATE_COMPLETE, "completed_at": now(), "teacher_ppl": table}
-        self.root.update_attributes({ROOT_ATTR: meta})
-        self.meta = meta
-        return meta
-
-
-def sequence_nll(target_logprob: np.ndarray) -> np.ndarray:
-    """float64 [N]: each sequence's summed negative log-likelihood, from float32 [N, P] targets."""
-    return -target_logprob.astype(np.float64).sum(axis=1)
-
-
-def perplexity_entry(seq_nll: np.ndarray, positions: int) -> dict[str, Any]:
-    """One row of the teacher perplexity table: exp(total NLL / predicted tokens)."""
-    predicted = int(len(seq_nll) * positions)
-    nll = float(np.sum(seq_nll, dtype=np.float64))
-    return {"ppl": math.exp(nll / predicted) if predicted else float("nan"), "nll_sum": nll, "predicted_tokens": predicted}
-
-
-def object_key(ndim: int, index: int) -> str:
-    """Key, relative to an array, of the index-th object along the sequence axis (a shard, or
-    a chunk if unsharded): Zarr v3's default chunk keys, one object across the other axes."""
-    return "c/" + "/".join([str(index)] + ["0"] * (ndim - 1))
+    return CacheMeta.from_dict(meta, where=path)
 
 
 def format_bytes(n: float) -> str:
@@ -345,61 +122,274 @@ def describe_pending(pending: list[Shard], limit: int = 6) -> str:
     return f"{len(pending)} shard(s) not written ({'; '.join(parts)})"
 
 
+class _CacheNode:
+    """What reader and writer share: the metadata, the arrays and the shard bookkeeping."""
+
+    def __init__(self, path: str, objects: Objects | None = None) -> None:
+        self.path = str(path)
+        self.objects = objects or Objects.open(self.path)
+        self.meta = read_root_meta(self.path, self.objects)
+        self.reader = RowReader(self.objects)
+        self._arrays: dict[tuple[str, str, str], RowArray] = {}
+
+    @property
+    def encoding(self) -> Encoding:
+        return self.meta.encoding
+
+    @property
+    def targets(self) -> TargetSpec:
+        return self.meta.targets
+
+    @property
+    def layout(self) -> Any:
+        return self.meta.layout()
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.meta.domains)
+
+    @property
+    def seq_len(self) -> int:
+        return self.meta.seq_len
+
+    @property
+    def top_k(self) -> int:
+        return self.meta.top_k
+
+    @property
+    def has_targets(self) -> bool:
+        return bool(self.target_arrays)
+
+    @property
+    def target_arrays(self) -> tuple[str, ...]:
+        """The arrays holding the teacher targets under this cache's encoding."""
+        return tuple(self.encoding.arrays(self.layout))
+
+    def is_chat(self, domain: str) -> bool:
+        return self.meta.domains[domain].data == CHAT
+
+    def num_sequences(self, domain: str, split: str) -> int:
+        return self.meta.domains[domain].split(split).sequences
+
+    def array_names(self, domain: str) -> list[str]:
+        """Every array of a domain's splits: tokens, the loss mask (chat), the target arrays."""
+        return [TOKENS] + ([LOSS_MASK] if self.is_chat(domain) else []) + list(self.target_arrays)
+
+    def array(self, domain: str, split: str, name: str) -> RowArray:
+        """The RowArray `<domain>/<split>/<name>`, from its zarr.json (read once)."""
+        key = (domain, split, name)
+        if key not in self._arrays:
+            if domain not in self.meta.domains:
+                raise StoreError(f"{self.path} has no domain {domain!r} (domains: {', '.join(self.domains)})")
+            path = f"{domain}/{split}/{name}"
+            meta = read_zarr_json(self.objects, path)
+            if meta is None:
+                raise damaged(f"{self.objects.describe(path + '/zarr.json')} is missing")
+            self._arrays[key] = RowArray.from_zarr_json(path, meta)
+        return self._arrays[key]
+
+    def shards(self) -> list[Shard]:
+        """Every shard of the cache, in a fixed order (domain, split, index)."""
+        out = []
+        s = self.meta.shard_sequences
+        for domain, info in self.meta.domains.items():
+            for split in SPLITS:
+                n = info.split(split).sequences
+                out += [Shard(domain, split, i, i * s, min(n, (i + 1) * s)) for i in range(math.ceil(n / s))]
+        return out
+
+    def records(self) -> dict[str, ShardRecord]:
+        """Finished shards (format 3: from the build logs), by shard key."""
+        return read_records(self.objects)
+
+    def pending(self, records: dict[str, ShardRecord] | None = None) -> list[Shard]:
+        """Shards not yet written, in `shards()` order."""
+        if self.meta.format_version < 3:
+            return self._legacy_pending()
+        done = self.records() if records is None else records
+        return [s for s in self.shards() if s.key not in done]
+
+    def _legacy_pending(self) -> list[Shard]:
+        import zarr
+
+        root = zarr.open_group(store=self.path, mode="r")
+        done = {(d, sp): root[f"{d}/{sp}/{LEGACY_SHARD_DONE}"][:].astype(bool) for d in self.domains for sp in SPLITS}
+        return [s for s in self.shards() if not done[(s.domain, s.split)][s.index]]
+
+
 class Cache(_CacheNode):
-    """Read-only access to a cache: its metadata, domains, sequences and teacher targets."""
+    """Read-only access to a cache: its metadata, domains, sequences and teacher targets.
+
+    Every read checks what it reads: a missing object or row, or a chunk whose checksum
+    fails, raises StoreError naming it (never fill values)."""
 
     def __init__(self, path: str, *, require_complete: bool = True) -> None:
-        super().__init__(path, "r")
-        state = self.meta.get("state")
+        super().__init__(path)
+        state = self.meta.state
         if require_complete and state != STATE_COMPLETE:
-            missing = describe_pending(self.pending()) if state == STATE_BUILDING else "tokens not yet written"
+            missing = describe_pending(self.pending()) if state == STATE_BUILDING else "its inputs are still being tokenized"
             raise StoreError(
                 f"{path} is an incomplete cache (state {state!r}: {missing}); "
                 "rerun the same `ddk-cache build` command to finish it"
             )
 
-    @property
-    def domains(self) -> list[str]:
-        return list(self.meta["domains"])
-
-    @property
-    def top_k(self) -> int:
-        return int(self.meta["top_k"])
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.meta["seq_len"])
-
-    def num_sequences(self, domain: str, split: str) -> int:
-        return int(self.meta["domains"][domain][split]["sequences"])
-
     def teacher_ppl(self, domain: str, split: str = "val") -> float:
         """The teacher's perplexity on a domain's split, from the stored table."""
-        return float(self.meta["teacher_ppl"][domain][split]["ppl"])
+        return self.meta.ppl(domain, split).ppl
+
+    def tokens(self, domain: str, split: str, rows: np.ndarray | list[int], out: np.ndarray | None = None) -> np.ndarray:
+        """int32 [len(rows), L] token ids."""
+        return self.reader.rows(self.array(domain, split, TOKENS), rows, out=out)
+
+    def loss_mask(self, domain: str, split: str, rows: np.ndarray | list[int]) -> np.ndarray | None:
+        """uint8 [len(rows), L], 1 where tokens[t] is a label; None for text domains (all are)."""
+        if not self.is_chat(domain):
+            return None
+        return self.reader.rows(self.array(domain, split, LOSS_MASK), rows)
+
+    def targets_of(self, domain: str, split: str, rows: np.ndarray | list[int], out: Targets | None = None) -> Targets | None:
+        """The decoded teacher targets of `rows` (None for a tokens-only cache)."""
+        if not self.has_targets:
+            return None
+        raw = {name: self.reader.raw_rows(self.array(domain, split, name), rows) for name in self.target_arrays}
+        return self.encoding.decode(raw, self.layout, out=out)
 
     def read(self, domain: str, split: str, start: int, stop: int) -> CacheBatch:
         """Sequences [start, stop) of one split with their teacher targets."""
-        if domain not in self.meta["domains"]:
+        if domain not in self.meta.domains:
             raise StoreError(f"{self.path} has no domain {domain!r} (domains: {', '.join(self.domains)})")
-        g = self._group(domain, split)
-        ids, lps = self.decode_targets({name: g[name][start:stop] for name in self.target_arrays})
-        return CacheBatch(g[TOKENS][start:stop], ids, lps, g[TARGET_LOGPROB][start:stop])
+        rows = np.arange(start, min(stop, self.num_sequences(domain, split)))
+        t = self.targets_of(domain, split, rows)
+        return CacheBatch(self.tokens(domain, split, rows), t.ids if t else None, t.logprobs if t else None,
+                          t.target_logprob if t else None, self.loss_mask(domain, split, rows))
+
+    def stored_bytes(self) -> dict[tuple[str, str, str], int]:
+        """Bytes on disk per (domain, split, array), from one listing of the store."""
+        sizes: dict[tuple[str, str, str], int] = {}
+        for key, size in self.objects.list("").items():
+            parts = key.split("/")
+            if len(parts) >= 3 and parts[0] in self.meta.domains and parts[1] in SPLITS:
+                k = (parts[0], parts[1], parts[2])
+                sizes[k] = sizes.get(k, 0) + size
+        return sizes
 
     def summary(self) -> list[dict[str, Any]]:
-        """One row per domain and split: sizes, teacher PPL, bytes on disk, mean top-k mass."""
+        """One row per domain and split: sizes, teacher PPL, bytes on disk, mean kept mass."""
+        stored = self.stored_bytes()
         rows = []
         for domain in self.domains:
             for split in SPLITS:
-                g = self._group(domain, split)
                 n = self.num_sequences(domain, split)
-                positions = self.seq_len - 1
                 tokens = n * self.seq_len
-                stored = sum(g[name].nbytes_stored() for name in g.array_keys())
-                mass = float(g[SEQ_TOPK_MASS][:].sum() / max(1, n * positions))
-                ppl = self.meta.get("teacher_ppl", {}).get(domain, {}).get(split, {}).get("ppl")
+                nbytes = sum(v for (d, s, _), v in stored.items() if d == domain and s == split)
+                entry = (self.meta.teacher_ppl or {}).get(domain, {}).get(split)
                 rows.append({
                     "domain": domain, "split": split, "sequences": n, "tokens": tokens,
-                    "teacher_ppl": ppl, "bytes": int(stored), "bytes_per_token": stored / max(1, tokens),
-                    "mean_topk_mass": mass,
+                    "teacher_ppl": entry.ppl if entry else None, "bytes": int(nbytes),
+                    "bytes_per_token": nbytes / max(1, tokens),
+                    "mean_topk_mass": entry.kept_mass if entry else None,
                 })
         return rows
+
+
+class CacheWriter(_CacheNode):
+    """Creates a cache, writes teacher shards into it and finalizes it.
+
+    Several writers (processes or machines) may write one store as long as each writes
+    distinct shards; two writing the same shard write the same bytes (builds are
+    deterministic), so even that only wastes work."""
+
+    @staticmethod
+    def initialize(path: str, meta: CacheMeta) -> tuple[CacheMeta, bool]:
+        """Create the root of a new cache (state initializing) unless one exists; return
+        the metadata that is there now (this one, or an earlier or concurrent writer's) and
+        whether this call created it."""
+        objects = Objects.open(path)
+        meta.format_version, meta.state = FORMAT_VERSION, STATE_INITIALIZING
+        meta.created_at = meta.created_at or now()
+        created = objects.put_if_absent("zarr.json", group_json({ROOT_ATTR: meta.to_dict()}))
+        objects.put_if_absent(f"{BUILD_DIR}/zarr.json", group_json({"ddk_cache_build_state": "logs and staged tokens; see storage_layout.md"}))
+        return read_root_meta(path, objects), created
+
+    def write_meta(self, meta: CacheMeta) -> None:
+        self.objects.put("zarr.json", group_json({ROOT_ATTR: meta.to_dict()}))
+        self.meta = meta
+
+    def array_specs(self, domain: str) -> dict[str, ArraySpec]:
+        L = self.seq_len
+        specs = {TOKENS: ArraySpec("int32", (L,), "blosc", 5, ("token",))}
+        if self.is_chat(domain):
+            specs[LOSS_MASK] = ArraySpec("uint8", (L,), "blosc", 5, ("token",))
+        specs.update(self.encoding.arrays(self.layout))
+        return specs
+
+    def create_arrays(self, domains: dict[str, DomainInfo]) -> None:
+        """Create every domain's groups and arrays (idempotent: arrays already there must
+        match), then record the domains and move the state to building."""
+        import zarr
+
+        meta = self.meta
+        meta.domains = domains
+        root = zarr.open_group(store=self.path, mode="a")
+        S = meta.shard_sequences
+        for domain in domains:
+            for split in SPLITS:
+                group = root.require_group(f"{domain}/{split}")
+                n = domains[domain].split(split).sequences
+                for name, spec in self.array_specs(domain).items():
+                    shape = (n, *spec.row_shape)
+                    existing = read_zarr_json(self.objects, f"{domain}/{split}/{name}")
+                    if existing is not None:
+                        if tuple(existing["shape"]) != shape:
+                            raise StoreError(f"{self.path}: {domain}/{split}/{name} has shape {tuple(existing['shape'])}, this build needs {shape}")
+                        continue
+                    try:
+                        group.create_array(name, shape=shape, dtype=spec.dtype, chunks=(1, *spec.row_shape), shards=(S, *spec.row_shape),
+                                           compressors=spec.codecs(), fill_value=0, dimension_names=("sequence", *spec.dims))
+                    except zarr.errors.ContainsArrayError:
+                        pass  # a concurrent worker made it a moment ago
+        if meta.state == STATE_INITIALIZING:
+            meta.state = STATE_BUILDING
+        self.write_meta(meta)
+
+    def put_shard(self, shard: Shard, chunks: dict[str, list[bytes]]) -> dict[str, int]:
+        """Write one shard's objects (inner chunks per array, in row order); their sizes."""
+        sizes = {}
+        for name, rows in chunks.items():
+            array = self.array(shard.domain, shard.split, name)
+            blob = array.assemble(shard.index, rows)
+            self.objects.put(array.object_key(shard.index), blob)
+            sizes[name] = len(blob)
+        return sizes
+
+    def log_writer(self, worker: tuple[int, int]) -> LogWriter:
+        return LogWriter(self.objects, worker)
+
+    def finalize(self, records: dict[str, ShardRecord] | None = None) -> CacheMeta:
+        """Compute the teacher perplexity table from the shard records and mark the cache
+        complete; then delete the staged tokens. Raises StoreError if a shard is pending."""
+        records = self.records() if records is None else records
+        pending = self.pending(records)
+        if pending:
+            raise StoreError(f"{self.path}: cannot finalize, {describe_pending(pending)}")
+        meta = self.meta
+        table: dict[str, dict[str, PPLEntry]] = {}
+        for domain, info in meta.domains.items():
+            table[domain] = {}
+            for split in SPLITS:
+                mine = [records[s.key] for s in self.shards() if s.domain == domain and s.split == split]
+                nll = math.fsum(r.nll_sum for r in mine)
+                positions = sum(r.positions for r in mine)
+                mass = math.fsum(r.kept_mass_sum for r in mine)
+                info.split(split).loss_positions = positions
+                table[domain][split] = PPLEntry(
+                    ppl=math.exp(nll / positions) if positions and self.has_targets else float("nan"), nll_sum=nll,
+                    predicted_tokens=positions, kept_mass=mass / positions if positions and self.has_targets else None)
+        meta.teacher_ppl = table if self.has_targets else None
+        meta.state, meta.completed_at = STATE_COMPLETE, now()
+        self.write_meta(meta)
+        self.objects.delete(PIECES_DIR)
+        return meta
+
+
+__all__ += ["LOG_DIR", "StoreVersionError"]

@@ -1,81 +1,247 @@
-"""Named, versioned encodings: how each cache array is turned into bytes.
+"""Named, versioned encodings: how a sequence's teacher targets become stored rows, and back.
 
-An encoding is a small frozen value object that becomes a JSON dict (stored in the cache's
-root metadata) and back. Its name changes whenever the bytes it writes would change, so a
-reader can always tell whether it understands a cache.
+An encoding is one small frozen object. It declares the arrays it stores per sequence
+(`arrays`: name -> dtype, row shape, compression), turns one scored sequence into one row
+per array (`encode`), turns a batch of stored rows back into targets (`decode`), and
+becomes a JSON dict in the cache's metadata (`to_dict`, `encoding_from_dict`). The store,
+verify, the loader and the trainer only ever call these four things: adding an encoding
+means one class here, its codec, and its section in storage_layout.md.
+
+  plain-v1   exact int32 ids + float32 log-probs + float32 target log-probs (3 arrays)
+  pack-v2    one packed row per sequence (pack2.py): log-probs within a per-position KL
+             bound, ids and counts exact, top-k or sampled targets, the target's
+             log-prob as a reference into the kept entries. The default.
+  pack-v1    format 2's packed rows (codec.py) + float32 target log-probs; read only
+  none       tokens-only caches (`--top-k 0`): no teacher targets at all
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+import numpy as np
 
-from .codec import MAX_ENTRIES, PackCodec, step_for_budget
 from ..errors import StoreError, StoreVersionError
+from .shards import ArraySpec
+from .targets import TargetSpec
 
 
 @dataclass(frozen=True)
-class PlainEncoding:
-    """`plain-v1`: values as they are (int32 ids, float32 log-probs), Blosc-zstd, CRC32C.
+class Layout:
+    """What every row of a cache's targets shares."""
 
-    Every chunk goes through Blosc (zstd at `clevel`, byte shuffle so the slowly varying
-    high bytes of ids and floats compress together) and ends with a CRC32C checksum, so a
-    corrupted chunk fails to decode instead of returning wrong values.
-    """
+    positions: int  # P = seq_len - 1
+    entries: int  # K: the most entries a position holds
+    vocab_size: int
+    targets: TargetSpec
+
+
+@dataclass(frozen=True)
+class RowScores:
+    """One sequence as the teacher scored it (what `encode` takes).
+
+    ids, logprobs [P, K] in rank order (entry 0 = top-1), -inf where an entry is not kept;
+    for sampled targets the unique ids, their teacher log-probs and their draw `counts`
+    (0 = padding). target_logprob [P]: the teacher's log-prob of next_tokens [P]."""
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+    target_logprob: np.ndarray
+    next_tokens: np.ndarray
+    counts: np.ndarray | None = None
+
+
+@dataclass
+class Targets:
+    """A decoded batch of B sequences (what `decode` returns).
+
+    ids int32 [B, P, K]; logprobs float32 [B, P, K], -inf for padding (for sampled targets
+    the log target weights, which sum to 1: no tail); target_logprob float32 [B, P]."""
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+    target_logprob: np.ndarray
+
+
+class Encoding(ABC):
+    """See the module docstring."""
+
+    name: ClassVar[str]
+    writable: ClassVar[bool] = True  # False: kept to read caches written by older versions
+
+    @abstractmethod
+    def arrays(self, layout: Layout) -> dict[str, ArraySpec]:
+        """The per-sequence arrays this encoding stores (beside `tokens`)."""
+
+    @abstractmethod
+    def encode(self, row: RowScores, layout: Layout) -> dict[str, np.ndarray | bytes]:
+        """One sequence's row for each of `arrays`."""
+
+    @abstractmethod
+    def decode(self, rows: dict[str, list], layout: Layout, out: Targets | None = None) -> Targets | None:
+        """Stored rows (uncompressed bytes per array, B each) -> their targets."""
+
+    def bytes_per_position(self, spec: TargetSpec) -> float:
+        """A rough stored size per predicted position, for shard sizing and the size estimate."""
+        return 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **{k: v for k, v in asdict(self).items() if k != "name"}}  # type: ignore[call-overload]
+
+    def check(self, spec: TargetSpec) -> None:
+        """Refuse target kinds this encoding cannot store (ConfigError-style message)."""
+
+
+def empty_targets(B: int, layout: Layout) -> Targets:
+    P, K = layout.positions, layout.entries
+    return Targets(np.empty((B, P, K), np.int32), np.empty((B, P, K), np.float32), np.empty((B, P), np.float32))
+
+
+@dataclass(frozen=True)
+class PlainV1(Encoding):
+    """Values as the teacher gave them: int32 ids, float32 log-probs (-inf: not kept) in rank order."""
 
     clevel: int = 5
-    name: str = "plain-v1"
+    name: ClassVar[str] = "plain-v1"
 
     def __post_init__(self) -> None:
         if not 1 <= self.clevel <= 9:
             raise StoreError(f"plain-v1 encoding: clevel must be in 1..9, got {self.clevel}")
 
-    def compressors(self, packed: bool = False) -> list[Any]:
-        """Bytes-to-bytes codecs for the (inner) chunks of an array (`packed`: pack-v1's rows)."""
-        return [BloscCodec(cname="zstd", clevel=self.clevel, shuffle="shuffle"), Crc32cCodec()]
+    def check(self, spec: TargetSpec) -> None:
+        if spec.kind == "sampled":
+            raise StoreError("--targets sampled needs --encoding pack (plain-v1 stores no draw counts)")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def arrays(self, layout: Layout) -> dict[str, ArraySpec]:
+        P, K = layout.positions, layout.entries
+        return {
+            "topk_ids": ArraySpec("int32", (P, K), "blosc", self.clevel, ("position", "rank")),
+            "topk_logprobs": ArraySpec("float32", (P, K), "blosc", self.clevel, ("position", "rank")),
+            "target_logprob": ArraySpec("float32", (P,), "blosc", self.clevel, ("position",)),
+        }
+
+    def encode(self, row: RowScores, layout: Layout) -> dict[str, np.ndarray | bytes]:
+        return {"topk_ids": row.ids.astype(np.int32), "topk_logprobs": row.logprobs.astype(np.float32),
+                "target_logprob": row.target_logprob.astype(np.float32)}
+
+    def decode(self, rows: dict[str, list], layout: Layout, out: Targets | None = None) -> Targets:
+        P, K = layout.positions, layout.entries
+        out = out or empty_targets(len(rows["topk_ids"]), layout)
+        for i, (a, b, c) in enumerate(zip(rows["topk_ids"], rows["topk_logprobs"], rows["target_logprob"])):
+            out.ids[i] = np.frombuffer(a, "<i4", P * K).reshape(P, K)
+            out.logprobs[i] = np.frombuffer(b, "<f4", P * K).reshape(P, K)
+            out.target_logprob[i] = np.frombuffer(c, "<f4", P)
+        return out
+
+    def bytes_per_position(self, spec: TargetSpec) -> float:
+        return 0.75 * 8 * spec.entries + 3.5  # float32 + int32, ~0.75x after blosc-zstd
 
 
 @dataclass(frozen=True)
-class PackEncoding:
-    """`pack-v1`: each sequence's targets packed by `codec.PackCodec` into one uint8 row.
+class PackV2(Encoding):
+    """pack2.Pack2Codec rows: see that module and storage_layout.md, "Encoding pack-v2"."""
 
-    Lossy in the log-probs only, within a KL budget: quantisation adds about `kl_budget`
-    nats of KL per position (storage_layout.md gives the exact rule); ids and counts are
-    exact, the kept mass (tail bucket) within 0.2% and the top-1 log-prob within 2^-8 nats. The row is
-    padded with zeros to a fixed width; the chunk codec (zstd level 1) removes the padding.
-    """
+    kl_budget: float = 1e-4
+    zstd_level: int = 7  # of the id stream (the others use 3)
+    exact_target: bool = False  # store every target log-prob exactly (not as a reference)
+    name: ClassVar[str] = "pack-v2"
+
+    def __post_init__(self) -> None:
+        if not 1e-6 <= self.kl_budget <= 1e-1:
+            raise StoreError(f"pack-v2 encoding: kl_budget must be in 1e-06..0.1, got {self.kl_budget}")
+        if not 1 <= self.zstd_level <= 19:
+            raise StoreError(f"pack-v2 encoding: zstd_level must be in 1..19, got {self.zstd_level}")
+
+    def codec(self, layout: Layout) -> Any:
+        from .pack2 import Pack2Codec
+
+        key = (layout.vocab_size, layout.entries, layout.targets)
+        cache = self.__dict__.setdefault("_codecs", {})
+        if key not in cache:
+            spec = layout.targets
+            cache[key] = Pack2Codec(vocab_size=layout.vocab_size, max_entries=layout.entries, kl_budget=self.kl_budget,
+                                    sampled=spec.kind == "sampled", sample_logp=spec.kind == "sampled" and spec.sample_temperature != 1.0,
+                                    exact_target=self.exact_target, id_level=self.zstd_level)
+        return cache[key]
+
+    def arrays(self, layout: Layout) -> dict[str, ArraySpec]:
+        # Rows are padded to the codec's worst case; zstd (level 1) squeezes the padding out.
+        return {"targets": ArraySpec("uint8", (self.codec(layout).capacity(layout.positions),), "zstd", 1, ("byte",))}
+
+    def encode(self, row: RowScores, layout: Layout) -> dict[str, np.ndarray | bytes]:
+        codec = self.codec(layout)
+        if layout.targets.kind == "sampled":
+            logp = row.logprobs if layout.targets.sample_temperature != 1.0 else None
+            return {"targets": codec.encode_sampled(row.ids, row.counts, logp, row.target_logprob)}
+        return {"targets": codec.encode_topk(row.ids, row.logprobs, row.target_logprob, row.next_tokens)}
+
+    def decode(self, rows: dict[str, list], layout: Layout, out: Targets | None = None) -> Targets:
+        out = out or empty_targets(len(rows["targets"]), layout)
+        self.codec(layout).decode(rows["targets"], layout.positions, layout.targets.sample_temperature,
+                                  out=(out.ids, out.logprobs, out.target_logprob))
+        return out
+
+    def bytes_per_position(self, spec: TargetSpec) -> float:
+        if spec.kind == "sampled":
+            return 1.5 * min(spec.entries, 0.25 * spec.samples + 1) + 4
+        return 0.85 * spec.entries + 4  # measured on flat teachers; peaked ones need less
+
+
+@dataclass(frozen=True)
+class PackV1(Encoding):
+    """Format 2's packed rows (codec.py) and float32 target log-probs. Read only."""
 
     kl_budget: float = 1e-4
     zstd_level: int = 7
-    name: str = "pack-v1"
+    name: ClassVar[str] = "pack-v1"
+    writable: ClassVar[bool] = False
 
-    def __post_init__(self) -> None:
-        if not 1e-5 <= self.kl_budget <= 1e-2:
-            raise StoreError(f"pack-v1 encoding: kl_budget must be in 1e-5..1e-2, got {self.kl_budget}")
-        if not 1 <= self.zstd_level <= 19:
-            raise StoreError(f"pack-v1 encoding: zstd_level must be in 1..19, got {self.zstd_level}")
+    def codec(self, layout: Layout) -> Any:
+        from .codec import PackCodec, step_for_budget
 
-    def codec(self, *, vocab_size: int, max_entries: int) -> PackCodec:
-        """The codec for a cache with this vocabulary and at most `max_entries` per position."""
-        if max_entries > MAX_ENTRIES:
-            raise StoreError(f"pack-v1 keeps at most {MAX_ENTRIES} entries per position, got {max_entries}; use --encoding plain")
-        return PackCodec(vocab_size=vocab_size, max_entries=max_entries, step=step_for_budget(self.kl_budget, max_entries), level=self.zstd_level)
+        return PackCodec(vocab_size=layout.vocab_size, max_entries=layout.entries,
+                         step=step_for_budget(self.kl_budget, layout.entries), level=self.zstd_level)
 
-    def compressors(self, packed: bool = False) -> list[Any]:
-        """Packed rows are already compressed: zstd level 1 only squeezes out the zero padding."""
-        return [ZstdCodec(level=1), Crc32cCodec()] if packed else PlainEncoding().compressors()
+    def arrays(self, layout: Layout) -> dict[str, ArraySpec]:
+        return {"targets": ArraySpec("uint8", (self.codec(layout).capacity(layout.positions),), "zstd", 1, ("byte",)),
+                "target_logprob": ArraySpec("float32", (layout.positions,), "blosc", 5, ("position",))}
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def encode(self, row: RowScores, layout: Layout) -> dict[str, np.ndarray | bytes]:
+        raise StoreError("pack-v1 is read only (format 2 caches); new caches use pack-v2")
+
+    def decode(self, rows: dict[str, list], layout: Layout, out: Targets | None = None) -> Targets:
+        P = layout.positions
+        codec = self.codec(layout)
+        out = out or empty_targets(len(rows["targets"]), layout)
+        for i, (blob, tgt) in enumerate(zip(rows["targets"], rows["target_logprob"])):
+            if layout.targets.kind == "sampled":
+                ids, lps = codec.decode_sampled(memoryview(blob), P, layout.targets.sample_temperature)
+            else:
+                ids, lps = codec.decode_topk(memoryview(blob), P)
+            out.ids[i], out.logprobs[i] = ids, lps
+            out.target_logprob[i] = np.frombuffer(tgt, "<f4", P)
+        return out
 
 
-Encoding = PlainEncoding | PackEncoding
-ENCODINGS: dict[str, type] = {"plain-v1": PlainEncoding, "pack-v1": PackEncoding}
+@dataclass(frozen=True)
+class TokensOnly(Encoding):
+    """No teacher targets (`--top-k 0`): the cache holds tokens (and loss masks) only."""
+
+    name: ClassVar[str] = "none"
+
+    def arrays(self, layout: Layout) -> dict[str, ArraySpec]:
+        return {}
+
+    def encode(self, row: RowScores, layout: Layout) -> dict[str, np.ndarray | bytes]:
+        return {}
+
+    def decode(self, rows: dict[str, list], layout: Layout, out: Targets | None = None) -> None:
+        return None
+
+
+ENCODINGS: dict[str, type[Encoding]] = {c.name: c for c in (PlainV1, PackV2, PackV1, TokensOnly)}
 
 
 def encoding_from_dict(d: dict[str, Any]) -> Encoding:
@@ -86,4 +252,8 @@ def encoding_from_dict(d: dict[str, Any]) -> Encoding:
             f"the cache uses encoding {name!r}, which this ddk-cache does not know "
             f"(known: {', '.join(ENCODINGS)}); upgrade ddk-cache"
         )
-    return ENCODINGS[name](**d)
+    return ENCODINGS[name](**{k: v for k, v in d.items() if k != "name"})
+
+
+__all__ = ["ENCODINGS", "Encoding", "Layout", "PackV1", "PackV2", "PlainV1", "RowScores", "Targets", "TokensOnly",
+           "encoding_from_dict"]

@@ -1,12 +1,16 @@
-"""Which teacher targets a cache keeps per position: top-k, adaptive top-k, or sampled ids.
+"""Which teacher targets a cache keeps per position: top-k, adaptive top-k, sampled ids, or none.
 
+  none      tokens only (`--top-k 0`): no teacher at all; for plain language modelling.
   topk      the k most probable ids and their log-probs; the rest is one tail bucket.
   adaptive  top-k cut short per position (`min_mass`: stop once the kept probability
             reaches it; `min_prob`: drop entries below it), capped at k, top-1 always kept.
   sampled   N ids drawn from the teacher (at `sample_temperature` tau), stored as unique
             ids with counts; the trainer's target is counts/N, or with tau != 1 the
             importance-weighted counts * p^(1 - 1/tau), normalised (Sparse Logit Sampling,
-            arXiv 2503.16870). Unbiased: E[counts/N] = p.
+            arXiv 2503.16870). Unbiased, E[counts/N] = p, only when the draws come
+            from the whole distribution at tau = 1 (`unbiased`); drawn from a top-k
+            pool (vLLM) or at tau != 1 (self-normalised weights) the estimate is only
+            consistent. Every unique id is kept: a position holds up to N of them.
 
 The backends score; this module turns their output into targets, so both backends feed one
 encoder. Dropped entries are marked by a log-prob of -inf (and count 0).
@@ -21,7 +25,8 @@ import numpy as np
 
 from ..errors import ConfigError
 
-KINDS = ("topk", "sampled")
+KINDS = ("none", "topk", "sampled")
+MAX_SAMPLES = 4096
 # vLLM returns at most this many log-probs per position; sampling there draws from them.
 DEFAULT_SAMPLE_POOL = 256
 
@@ -42,10 +47,10 @@ class TargetSpec:
     def __post_init__(self) -> None:
         checks = [
             (self.kind in KINDS, f"--targets must be one of {', '.join(KINDS)}, got {self.kind!r}"),
-            (self.k >= 1, f"--top-k must be >= 1, got {self.k}"),
+            (self.k >= 1 or self.kind == "none", f"--top-k must be >= 1 (0: a tokens-only cache), got {self.k}"),
             (self.min_mass is None or 0 < self.min_mass <= 1, f"--min-mass must be in (0, 1], got {self.min_mass}"),
             (self.min_prob is None or 0 < self.min_prob < 1, f"--min-prob must be in (0, 1), got {self.min_prob}"),
-            (1 <= self.samples <= 255, f"--samples must be in 1..255 (counts are stored as uint8), got {self.samples}"),
+            (1 <= self.samples <= MAX_SAMPLES, f"--samples must be in 1..{MAX_SAMPLES}, got {self.samples}"),
             (0.1 <= self.sample_temperature <= 10, f"--sample-temperature must be in 0.1..10, got {self.sample_temperature}"),
             (self.kind == "topk" or (self.min_mass is None and self.min_prob is None), "--min-mass/--min-prob apply to --targets topk only"),
         ]
@@ -59,8 +64,27 @@ class TargetSpec:
 
     @property
     def entries(self) -> int:
-        """Most entries a position can hold: k, or for sampled targets min(k, samples)."""
-        return self.k if self.kind == "topk" else min(self.k, self.samples)
+        """Most entries a position can hold: k; for sampled targets every unique id (up to
+        `samples`: keeping fewer would bias the estimate); 0 for tokens-only caches."""
+        return {"topk": self.k, "sampled": self.samples, "none": 0}[self.kind]
+
+    @property
+    def unbiased(self) -> bool:
+        """Sampled targets whose expectation is the teacher's distribution: drawn from the
+        whole vocabulary at temperature 1 (not from a top-k pool, not reweighted)."""
+        return self.kind == "sampled" and self.sample_pool is None and self.sample_temperature == 1.0
+
+    def describe(self) -> str:
+        """One line for `inspect` and the README's table."""
+        if self.kind == "none":
+            return "tokens only (no teacher targets)"
+        if self.kind == "topk":
+            cut = ([f"min-mass {self.min_mass}"] if self.min_mass is not None else []) + ([f"min-prob {self.min_prob}"] if self.min_prob is not None else [])
+            return f"top-{self.k}" + (f" (adaptive: {', '.join(cut)})" if cut else "") + " + tail bucket"
+        source = "the whole distribution" if self.sample_pool is None else f"the top-{self.sample_pool} pool, renormalised"
+        weight = "counts / N" if self.sample_temperature == 1.0 else f"importance-weighted counts (T = {self.sample_temperature})"
+        verdict = "unbiased" if self.unbiased else "consistent but biased (" + ("truncated pool" if self.sample_pool else "self-normalised weights") + ")"
+        return f"sampled: {self.samples} draws from {source}, target = {weight}; {verdict}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,9 +1,12 @@
-"""`ddk-cache verify`: is every chunk of a cache present, intact and consistent with its metadata?
+"""`ddk-cache verify`: is every object of a cache present, intact and consistent with its metadata?
 
-Checks, in order: the root metadata (version, encoding, state); every array's shape and
-dtype; every chunk (shard) object present; every chunk decodes (each inner chunk carries a
-CRC32C, so flipped bytes fail here); per-sequence sums recompute from the stored
-log-probabilities; the teacher perplexity table recomputes from the sums.
+Streams the cache one shard at a time (memory: one shard), in order: the root metadata
+(version, encoding, state); every array's metadata (shape, dtype); every shard object
+present (one listing of the store); every row's chunk decodes (each carries a CRC32C, so
+flipped bytes fail here); every decoded target row is a distribution (finite, ids in the
+vocabulary, probabilities in (0, 1], kept mass <= 1); tokens in the vocabulary; each
+shard's recorded sums recompute from its rows (exactly for exact encodings; within the
+quantisation for pack-v2); the teacher perplexity table recomputes from the records.
 """
 
 from __future__ import annotations
@@ -13,117 +16,147 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
-import zarr
-from zarr.core.sync import sync
 
-from .cache import (
-    SEQ_NLL, SEQ_TOPK_MASS, SHARD_DONE, SPLITS, STATE_COMPLETE, TARGET_LOGPROB, TARGETS, TOKENS, TOPK_IDS, TOPK_LOGPROBS,
-    Cache, object_key, perplexity_entry, sequence_nll,
-)
+from ..errors import StoreError
+from .cache import LOSS_MASK, SPLITS, STATE_COMPLETE, TOKENS, Cache, Shard
+from .log import ShardRecord
+
+# pack-v2 stores a kept target's log-prob as a reference to its quantised entry: the
+# recomputed NLL may differ from the exact one by the quantisation (nats per position).
+PACKED_NLL_TOLERANCE = 0.05
+MASS_SLACK = 1e-5  # float32 rounding of decoded probabilities
 
 
 @dataclass(frozen=True)
 class Problem:
-    where: str  # array path and chunk key, or "metadata"
+    where: str  # array path and object key, or "metadata"
     what: str
 
     def __str__(self) -> str:
         return f"{self.where}: {self.what}"
 
 
-def _expected(cache: Cache, n: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    meta = cache.meta
-    L, k = meta["seq_len"], meta["top_k"]
-    if cache.packed:
-        targets = {TARGETS: ((n, cache.codec.capacity(L - 1)), "uint8")}
-    else:
-        targets = {TOPK_IDS: ((n, L - 1, k), "int32"), TOPK_LOGPROBS: ((n, L - 1, k), "float32")}
-    return {
-        TOKENS: ((n, L), "int32"),
-        **targets,
-        TARGET_LOGPROB: ((n, L - 1), "float32"),
-        SEQ_NLL: ((n,), "float64"),
-        SEQ_TOPK_MASS: ((n,), "float64"),
-        SHARD_DONE: ((math.ceil(n / meta["shard_sequences"]),), "uint8"),
-    }
+def _reason(e: Exception) -> str:
+    """A read error without the advice to run verify (this is verify)."""
+    return str(e).split(": the cache is damaged")[0]
 
 
-def _stored_keys(array: zarr.Array) -> set[str]:
-    async def collect() -> set[str]:
-        return {key async for key in array.store_path.store.list_prefix(array.path + "/c/")}
-
-    return sync(collect())
-
-
-def _chunk_key(array: zarr.Array, index: int) -> str:
-    """Store key of the index-th object along the sequence axis (a shard, or a chunk if unsharded)."""
-    return f"{array.path}/{object_key(array.ndim, index)}"
+def check_targets(ids: np.ndarray, logprobs: np.ndarray, vocab: int) -> str | None:
+    """Why decoded targets [n, P, K] are not valid distributions, or None if they are."""
+    kept = np.isfinite(logprobs)
+    if np.isnan(logprobs).any() or (logprobs == np.inf).any():
+        return "decoded log-probs contain NaN or +inf"
+    if (ids[kept] < 0).any() or (ids[kept] >= vocab).any():
+        return f"decoded ids outside 0..{vocab - 1}"
+    if (logprobs[kept] > 1e-6).any():
+        return "a decoded probability exceeds 1"
+    if not kept[..., :1].all():
+        return "a position keeps no entry"
+    mass = np.where(kept, np.exp(logprobs.astype(np.float64)), 0.0).sum(-1)
+    if (mass > 1 + MASS_SLACK).any():
+        return f"a position's kept mass is {mass.max():.6f} > 1 (negative tail)"
+    return None
 
 
 def verify_cache(path: str, progress: Callable[[Iterator], Iterator] = iter) -> tuple[list[Problem], int]:
-    """Check the cache at `path`; return the problems found and the number of chunks read."""
+    """Check the cache at `path`; return the problems found and the number of objects read."""
     cache = Cache(path, require_complete=False)
     meta = cache.meta
     problems: list[Problem] = []
-    if meta.get("state") != STATE_COMPLETE:
-        problems.append(Problem("metadata", f"state is {meta.get('state')!r}, not complete"))
+    if meta.state != STATE_COMPLETE:
+        problems.append(Problem("metadata", f"state is {meta.state!r}, not complete"))
+    legacy = meta.format_version < 3
+    records: dict[str, ShardRecord] = {} if legacy else cache.records()
+    stored = cache.objects.list("")
     checked = 0
-    for domain in progress(cache.domains):
-        table = meta.get("teacher_ppl", {}).get(domain, {})
+    arrays_ok: dict[tuple[str, str], bool] = {}
+    for domain in cache.domains:
         for split in SPLITS:
-            n = cache.num_sequences(domain, split)
-            group = cache.root.get(f"{domain}/{split}")
-            if group is None:
-                problems.append(Problem(f"{domain}/{split}", "group is missing"))
-                continue
-            arrays: dict[str, np.ndarray] = {}
-            for name, (shape, dtype) in _expected(cache, n).items():
-                where = f"{domain}/{split}/{name}"
-                array = group.get(name)
-                if array is None:
-                    problems.append(Problem(where, "array is missing"))
-                    continue
-                if array.shape != shape or str(array.dtype) != dtype:
-                    problems.append(Problem(where, f"shape {array.shape} {array.dtype}, expected {shape} {dtype}"))
-                    continue
-                step = array.shards[0] if array.shards else array.chunks[0]
-                keys = _stored_keys(array)
-                data = np.zeros(shape, dtype)
-                before = len(problems)
-                for i in range(math.ceil(shape[0] / step)):
-                    key = _chunk_key(array, i)
-                    if key not in keys:
-                        problems.append(Problem(key, "chunk is missing"))
-                        continue
-                    try:
-                        data[i * step : (i + 1) * step] = array[i * step : (i + 1) * step]
-                    except Exception as e:  # crc32c mismatch, truncated blosc frame, bad shard index...
-                        problems.append(Problem(key, f"does not decode ({type(e).__name__}: {e})"))
-                    checked += 1
-                if len(problems) == before:  # value checks only on arrays that fully decoded
-                    arrays[name] = data
-            if TARGETS in arrays:  # packed rows: the CRC passed, now every row must unpack
+            ok = True
+            for name in cache.array_names(domain):
                 try:
-                    decoded = cache.decode_targets({TARGETS: arrays.pop(TARGETS)})
-                    arrays[TOPK_IDS] = decoded[0]
-                except Exception as e:
-                    problems.append(Problem(f"{domain}/{split}/{TARGETS}", f"a packed row does not decode ({type(e).__name__}: {e})"))
-            problems += _check_values(f"{domain}/{split}", arrays, meta, table.get(split))
+                    array = cache.array(domain, split, name)
+                except StoreError as e:
+                    problems.append(Problem(f"{domain}/{split}/{name}", str(e)))
+                    ok = False
+                    continue
+                n = cache.num_sequences(domain, split)
+                if array.n_rows != n or array.shard_rows != meta.shard_sequences:
+                    problems.append(Problem(f"{domain}/{split}/{name}", f"{array.n_rows} rows in shards of {array.shard_rows}, "
+                                            f"expected {n} in shards of {meta.shard_sequences}"))
+                    ok = False
+            arrays_ok[(domain, split)] = ok
+    sums: dict[tuple[str, str], list[ShardRecord]] = {}
+    for shard in progress(cache.shards()):
+        if not arrays_ok[(shard.domain, shard.split)]:
+            continue
+        record = records.get(shard.key)
+        if not legacy and record is None:
+            problems.append(Problem(shard.key, "shard not recorded as written in the build logs"))
+            continue
+        _, n = _check_shard(cache, shard, stored, record, problems)
+        checked += n
+        if record is not None:
+            sums.setdefault((shard.domain, shard.split), []).append(record)
+    if meta.teacher_ppl and not legacy:
+        for domain in cache.domains:
+            for split in SPLITS:
+                mine = sums.get((domain, split), [])
+                entry = meta.teacher_ppl.get(domain, {}).get(split)
+                if entry is None:
+                    problems.append(Problem(f"metadata teacher_ppl[{domain}/{split}]", "missing"))
+                    continue
+                nll, positions = math.fsum(r.nll_sum for r in mine), sum(r.positions for r in mine)
+                ppl = math.exp(nll / positions) if positions else float("nan")
+                if positions != entry.predicted_tokens or nll != entry.nll_sum or not math.isclose(ppl, entry.ppl, rel_tol=1e-12):
+                    problems.append(Problem(f"metadata teacher_ppl[{domain}/{split}]", "does not recompute from the shard records"))
     return problems, checked
 
 
-def _check_values(where: str, a: dict[str, np.ndarray], meta: dict, ppl: dict | None) -> list[Problem]:
-    out = []
-    if SHARD_DONE in a and not a[SHARD_DONE].all():
-        out.append(Problem(f"{where}/{SHARD_DONE}", f"shards {np.flatnonzero(a[SHARD_DONE] == 0).tolist()[:10]} not marked written"))
-    for name in (TOKENS, TOPK_IDS):
-        if name in a and a[name].size and (a[name].min() < 0 or a[name].max() >= meta["vocab_size"]):
-            out.append(Problem(f"{where}/{name}", f"token ids outside 0..{meta['vocab_size'] - 1}"))
-    if TARGET_LOGPROB in a and SEQ_NLL in a and not np.array_equal(sequence_nll(a[TARGET_LOGPROB]), a[SEQ_NLL]):
-        out.append(Problem(f"{where}/{SEQ_NLL}", "does not equal -sum(target_logprob) per sequence"))
-    # Exact only for plain-v1 (pack-v1 quantises the log-probs; the sum was taken before).
-    if TOPK_LOGPROBS in a and SEQ_TOPK_MASS in a and not np.array_equal(np.exp(a[TOPK_LOGPROBS].astype(np.float64)).sum(axis=(1, 2)), a[SEQ_TOPK_MASS]):
-        out.append(Problem(f"{where}/{SEQ_TOPK_MASS}", "does not equal the summed top-k probabilities"))
-    if ppl is not None and SEQ_NLL in a and perplexity_entry(a[SEQ_NLL], meta["seq_len"] - 1) != ppl:
-        out.append(Problem(f"metadata teacher_ppl[{where}]", "does not recompute from seq_nll"))
-    return out
+def _check_shard(cache: Cache, shard: Shard, stored: dict[str, int], record: ShardRecord | None, problems: list[Problem]) -> tuple[bool, int]:
+    """Check one shard's objects and values; (all present and decodable, objects read)."""
+    rows = np.arange(shard.start, shard.stop)
+    before = len(problems)
+    raw: dict[str, list] = {}
+    for name in cache.array_names(shard.domain):
+        array = cache.array(shard.domain, shard.split, name)
+        key = array.object_key(shard.index)
+        if key not in stored:
+            problems.append(Problem(key, "object is missing"))
+            continue
+        try:
+            raw[name] = cache.reader.raw_rows(array, rows)
+        except StoreError as e:
+            problems.append(Problem(key, f"does not decode ({_reason(e)})"))
+    if len(problems) > before:
+        return False, len(raw)
+    vocab = cache.meta.vocab_size
+    tokens = np.stack([np.frombuffer(r, "<i4") for r in raw[TOKENS]])
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+        problems.append(Problem(f"{shard.key}/tokens", f"token ids outside 0..{vocab - 1}"))
+    carry = np.ones((len(rows), cache.seq_len - 1), bool)
+    if LOSS_MASK in raw:
+        mask = np.stack([np.frombuffer(r, np.uint8) for r in raw[LOSS_MASK]])
+        if (mask > 1).any():
+            problems.append(Problem(f"{shard.key}/loss_mask", "values other than 0 and 1"))
+        carry = mask[:, 1:].astype(bool)
+    if cache.has_targets:
+        try:
+            targets = cache.encoding.decode({n: raw[n] for n in cache.target_arrays}, cache.layout)
+        except Exception as e:  # a row whose CRC passed but whose packed frame does not unpack
+            problems.append(Problem(f"{shard.key}/targets", f"a row does not decode ({type(e).__name__}: {e})"))
+            return False, len(raw)
+        why = check_targets(targets.ids, targets.logprobs, vocab)
+        if why:
+            problems.append(Problem(f"{shard.key}/targets", why))
+        if record is not None:
+            nll = math.fsum(-math.fsum(t.astype(np.float64)[c].tolist()) for t, c in zip(targets.target_logprob, carry))
+            positions = int(carry.sum())
+            exact = cache.encoding.name == "plain-v1"
+            close = nll == record.nll_sum if exact else abs(nll - record.nll_sum) <= PACKED_NLL_TOLERANCE * max(1, positions)
+            if positions != record.positions or not close:
+                problems.append(Problem(f"{shard.key}", f"recorded NLL {record.nll_sum:.6g} over {record.positions} positions does not "
+                                        f"recompute from the rows ({nll:.6g} over {positions})"))
+    elif record is not None and int(carry.sum()) != record.positions:
+        problems.append(Problem(f"{shard.key}", "recorded positions do not recompute from the rows"))
+    return True, len(raw)

@@ -10,6 +10,11 @@ The reader thread runs `prefetch` batches ahead. When the weights change (a DDK 
 the queue is dropped and sampling restarts from the state after the last consumed batch,
 so which sequences a step gets never depends on how far ahead the reader had got: this
 is what makes resumed runs identical to uninterrupted ones.
+
+Reading: the sequences a batch needs are read through `Cache` (only their byte ranges,
+adjacent rows in one request, file handles kept open) and their targets decoded for the
+whole batch at once (encodings.py). On a GPU machine the batch lands in pinned memory,
+so the trainer's copy to the device can be non-blocking.
 """
 
 from __future__ import annotations
@@ -20,25 +25,40 @@ import queue
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from ..store.shard_rows import ShardRows
-from ..store.cache import TOKENS, Cache
+from ..store.cache import Cache
+
+IGNORE_INDEX = -100  # labels of positions that carry no loss (PyTorch's and Hugging Face's convention)
 
 
 @dataclass
 class Batch:
-    """One rank's share of a step: tokens [B, L], sparse targets [B, L-1, k] (log-prob -inf:
-    padding), domain of each row."""
+    """One rank's share of a step.
+
+    tokens int64 [B, L]; loss_mask bool [B, L] (True where tokens[:, t] is a label) or None
+    (every token is); topk_ids int32 / topk_logprobs float32 [B, L-1, K] sparse targets
+    (log-prob -inf: padding; K = 0 for tokens-only reads); target_logprob float32 [B, L-1]
+    (None when not read); domains [B] domain index of each row; state: the sampler state
+    after this batch (what a checkpoint stores)."""
 
     tokens: torch.Tensor
     topk_ids: torch.Tensor
     topk_logprobs: torch.Tensor
     domains: np.ndarray
-    state: dict  # sampler state after drawing this batch (what a checkpoint stores)
+    state: dict
+    loss_mask: torch.Tensor | None = None
+    target_logprob: torch.Tensor | None = None
+
+    def labels(self) -> torch.Tensor:
+        """Next-token labels [B, L-1]: tokens[:, 1:], IGNORE_INDEX where no loss applies."""
+        nxt = self.tokens[:, 1:]
+        if self.loss_mask is None:
+            return nxt
+        return torch.where(self.loss_mask[:, 1:], nxt, torch.full_like(nxt, IGNORE_INDEX))
 
 
 class DomainSampler:
@@ -77,7 +97,7 @@ class DomainSampler:
         self.epochs, self.positions = list(state["epochs"]), list(state["positions"])
 
 
-def _normalise(weights: np.ndarray) -> np.ndarray:
+def normalise(weights: np.ndarray) -> np.ndarray:
     """float64 weights summing to 1, as numpy's choice() demands (callers may pass float32)."""
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
@@ -86,47 +106,47 @@ def _normalise(weights: np.ndarray) -> np.ndarray:
 
 
 class SequenceReader:
-    """Reads given (domain, sequence) items of a cache's training split into batch arrays.
+    """Reads (domain, sequence) items of one split of a cache into batch arrays.
 
     Lives in the loader's thread, or once per reader process (which opens the cache again
-    from its path: zarr objects are not shared across processes)."""
+    from its path). `targets=False` reads tokens (and loss masks) only."""
 
-    def __init__(self, cache: Cache, targets: bool) -> None:
-        self.cache, self.k = cache, (cache.top_k if targets else 0)
-        names = (TOKENS, *(cache.target_arrays if targets else ()))
-        self.arrays = {d: {n: cache.root[f"{d}/train/{n}"] for n in names} for d in cache.domains}
-        # Direct shard reads where the layout allows (local stores): ~15x less time per row than zarr.
-        self.fast = {d: {n: ShardRows.open(a) for n, a in arrays.items()} for d, arrays in self.arrays.items()}
+    def __init__(self, cache: Cache, targets: bool, split: str = "train", pin: bool = False) -> None:
+        self.cache, self.split = cache, split
+        self.targets = targets and cache.has_targets
+        self.K = cache.top_k if self.targets else 0
+        self.chat = any(cache.is_chat(d) for d in cache.domains)
+        self.pin = pin
 
-    def _rows(self, domain: str, name: str, seqs: np.ndarray) -> np.ndarray:
-        """Rows `seqs` of one array, stacked."""
-        fast, array = self.fast[domain][name], self.arrays[domain][name]
-        if fast is not None:
-            return np.stack([fast.row(int(i)) for i in seqs])
-        if name == TOKENS:
-            return array.get_orthogonal_selection((seqs, slice(None)))
-        # One basic read per sequence: zarr 3.1's orthogonal selection over these wide rows
-        # (one chunk each) is ~6x slower than reading the chunks one by one.
-        return np.stack([array[int(i)] for i in seqs])
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
 
-    def read(self, items: list[tuple[int, int]]) -> tuple[np.ndarray, ...]:
-        """(tokens int64 [B, L], ids int64 [B, L-1, k], log-probs float32 [B, L-1, k], domains [B]):
-        each distinct sequence is read once."""
-        L, k = self.cache.seq_len, self.k
-        tokens = np.empty((len(items), L), np.int64)
-        ids = np.empty((len(items), L - 1, k), np.int64)
-        lps = np.empty((len(items), L - 1, k), np.float32)
-        doms = np.array([d for d, _ in items])
+    def read(self, items: list[tuple[int, int]]) -> dict[str, Any]:
+        """Tensors for `items` (domain index, sequence): tokens int64 [B, L], loss_mask bool
+        [B, L] or None, topk_ids int32 / topk_logprobs float32 [B, L-1, K], target_logprob
+        float32 [B, L-1] or None, domains [B]. Each distinct sequence is read once."""
+        L, K, B = self.cache.seq_len, self.K, len(items)
+        tokens = self._empty((B, L), torch.int64)
+        ids = self._empty((B, L - 1, K), torch.int32)
+        lps = self._empty((B, L - 1, K), torch.float32)
+        target = self._empty((B, L - 1), torch.float32) if self.targets else None
+        mask = torch.ones((B, L), dtype=torch.bool) if self.chat else None
+        doms = np.array([d for d, _ in items], np.int64)
         for d in np.unique(doms):
             rows = np.flatnonzero(doms == d)
             uniq, inverse = np.unique(np.array([items[r][1] for r in rows]), return_inverse=True)
             domain = self.cache.domains[d]
-            tokens[rows] = self._rows(domain, TOKENS, uniq)[inverse]
-            if k:
-                stored = {n: self._rows(domain, n, uniq) for n in self.arrays[domain] if n != TOKENS}
-                d_ids, d_lps = self.cache.decode_targets(stored)
-                ids[rows], lps[rows] = d_ids[inverse], d_lps[inverse]
-        return tokens, ids, lps, doms
+            tokens[rows] = torch.from_numpy(self.cache.tokens(domain, self.split, uniq)[inverse]).long()
+            if mask is not None:
+                m = self.cache.loss_mask(domain, self.split, uniq)
+                if m is not None:
+                    mask[rows] = torch.from_numpy(m[inverse].astype(bool))
+            if self.targets:
+                t = self.cache.targets_of(domain, self.split, uniq)
+                ids[rows] = torch.from_numpy(t.ids[inverse])
+                lps[rows] = torch.from_numpy(t.logprobs[inverse])
+                target[rows] = torch.from_numpy(t.target_logprob[inverse])
+        return {"tokens": tokens, "loss_mask": mask, "topk_ids": ids, "topk_logprobs": lps, "target_logprob": target, "domains": doms}
 
 
 _worker_reader: SequenceReader | None = None  # one per reader process
@@ -138,7 +158,7 @@ def _worker_init(path: str, targets: bool) -> None:
     _worker_reader = SequenceReader(Cache(path), targets)
 
 
-def _worker_read(items: list[tuple[int, int]]) -> tuple[np.ndarray, ...]:
+def _worker_read(items: list[tuple[int, int]]) -> dict[str, Any]:
     assert _worker_reader is not None
     return _worker_reader.read(items)
 
@@ -148,27 +168,31 @@ class CacheLoader:
 
     With `workers` > 0 the thread hands each batch's reads to that many reader processes
     (decoding is Python/numpy work that one process cannot spread over cores); batches still
-    come back in draw order, so what a step gets does not depend on `workers`."""
+    come back in draw order, so what a step gets does not depend on `workers`. Use it as an
+    iterator (`for batch in loader`) or call `next()`; `close()` (or `with`) stops the
+    thread and the processes."""
 
     def __init__(
         self, cache: Cache, *, batch_size: int, weights: np.ndarray, seed: int, rank: int = 0, world_size: int = 1,
-        prefetch: int = 2, targets: bool = True, workers: int = 0,
+        prefetch: int = 2, targets: bool = True, workers: int = 0, pin_memory: bool | None = None,
     ) -> None:
-        """`targets=False` reads tokens only (online KD brings its own teacher): the batch's
-        target tensors then have k = 0 columns."""
+        """`targets=False` reads tokens only (online KD brings its own teacher; tokens-only
+        caches have none): the batch's target tensors then have K = 0 columns."""
         self.cache, self.domains = cache, cache.domains
         self.batch_size, self.rank, self.world_size, self.prefetch = batch_size, rank, world_size, prefetch
         self.sampler = DomainSampler([cache.num_sequences(d, "train") for d in self.domains], seed)
-        self.weights = _normalise(weights)
+        self.weights = normalise(weights)
         self.consumed_state = self.sampler.state_dict()
-        self.reader = SequenceReader(cache, targets)
+        pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.reader = SequenceReader(cache, targets, pin=pin)
         self._pool: ProcessPoolExecutor | None = None
         if workers > 0:
-            # spawn, not fork: the parent has threads (zarr's event loop, torch) a fork would copy mid-flight.
+            # spawn, not fork: the parent has threads (the reader, torch) a fork would copy mid-flight.
             self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_worker_init, initargs=(cache.path, targets))
         self._depth = prefetch + workers  # reads in flight: enough to keep every process busy
         self._thread: threading.Thread | None = None
+        self._closed = False
         self._start()
 
     def _produce(self, stop: threading.Event, out: queue.Queue) -> None:
@@ -183,8 +207,9 @@ class CacheLoader:
                 if self._pool and len(pending) < self._depth:
                     continue
                 read, mine, state = pending.popleft()
-                tokens, ids, lps, doms = read.result() if read else self.reader.read(mine)
-                batch = Batch(torch.from_numpy(tokens), torch.from_numpy(ids), torch.from_numpy(lps), doms, state)
+                arrays = read.result() if read else self.reader.read(mine)
+                batch = Batch(arrays["tokens"], arrays["topk_ids"], arrays["topk_logprobs"], arrays["domains"], state,
+                              arrays["loss_mask"], arrays["target_logprob"])
                 while not stop.is_set():
                     try:
                         out.put(batch, timeout=0.1)
@@ -211,13 +236,27 @@ class CacheLoader:
             self._thread = None
 
     def close(self) -> None:
-        """Stop reading: the thread, what it read ahead, and the reader processes."""
+        """Stop reading: the thread, what it read ahead, and the reader processes. Later
+        weight changes or state loads are refused (nothing would read them)."""
+        self._closed = True
         self._halt()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
+    def __enter__(self) -> "CacheLoader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            yield self.next()
+
     def next(self) -> Batch:
+        if self._closed:
+            raise RuntimeError("the loader is closed")
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -226,8 +265,10 @@ class CacheLoader:
 
     def set_weights(self, weights: np.ndarray) -> None:
         """New mixing weights from the next batch on; read-ahead batches are discarded."""
+        if self._closed:
+            raise RuntimeError("the loader is closed; set the weights before closing it")
         self._halt()
-        self.weights = _normalise(weights)
+        self.weights = normalise(weights)
         self._start()
 
     def state_dict(self) -> dict[str, Any]:
@@ -236,5 +277,5 @@ class CacheLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._halt()
         self.consumed_state = state["sampler"]
-        self.weights = _normalise(state["weights"])
+        self.weights = normalise(state["weights"])
         self._start()

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .data import CacheLoader
 from ..errors import ConfigError, DDKCacheError, TeacherError
 from .evaluate import evaluate_domains
-from .losses import KDLoss, ce_and_dense_kd, ce_and_sparse_kd
+from .losses import IGNORE_INDEX, KDLoss, ce_and_dense_kd, ce_and_sparse_kd
 from .mixing import Mixer
 from ..store.cache import Cache
 from ..capture.tokenization import load_tokenizer, tokenizer_fingerprint
@@ -101,7 +101,7 @@ class DistillConfig:
             (self.ddk_interval >= 1, f"--ddk-interval must be >= 1, got {self.ddk_interval}"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
             (self.max_steps >= 1 or self.max_tokens > 0, "--max-steps must be >= 1 (or give --max-tokens)"),
-            (self.lr > 0 and 0 <= self.min_lr_ratio <= 1, f"--lr must be > 0 and --min-lr-ratio in [0, 1]"),
+            (self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "--lr must be > 0 and --min-lr-ratio in [0, 1]"),
             (self.save_every >= 1, f"--save-every must be >= 1, got {self.save_every}"),
             (self.prefetch >= 1 and self.loader_workers >= 0, "--prefetch must be >= 1 and --loader-workers >= 0"),
             (not (self.online_teacher and self.kd_loss == "none"), "--online-teacher with --kd-loss none would run the teacher for nothing; drop one"),
@@ -171,12 +171,12 @@ def load_student(cfg: DistillConfig, cache: Cache, weights: str | Path | None = 
 
     tok_path = cfg.tokenizer or cfg.student
     tok = load_tokenizer(tok_path)
-    theirs = cache.meta["tokenizer"]["fingerprint"]
+    theirs = cache.meta.tokenizer["fingerprint"]
     ours = tokenizer_fingerprint(tok)
     if ours != theirs:
         raise ConfigError(
             f"tokenizer mismatch: the student's tokenizer ({tok_path}, {ours[:19]}) is not the cache's "
-            f"({cache.meta['teacher']['name_or_path']}, {theirs[:19]}); a student must share the teacher's tokenizer"
+            f"({cache.meta.teacher['name_or_path']}, {theirs[:19]}); a student must share the teacher's tokenizer"
         )
     try:
         if weights is not None or cfg.student:
@@ -247,8 +247,17 @@ class DistillResult:
 
 
 def _check_targets(cfg: DistillConfig, cache: Cache) -> None:
-    """Sampled targets estimate the teacher without bias only where the loss is linear in
-    the target (forward KL) and at the temperature they were drawn for (1)."""
+    """Refuse settings the cache cannot serve: KD or DDK from a tokens-only cache; on sampled
+    targets anything that is biased there (they estimate the teacher without bias only where
+    the loss is linear in the target, forward KL, at the temperature they were drawn for, 1,
+    and renormalising over randomly drawn ids biases the gradient)."""
+    if not cache.has_targets:
+        if cfg.kd_loss != "none" and not cfg.online_teacher:
+            raise ConfigError(f"{cfg.cache} is a tokens-only cache (built with --top-k 0): it has no teacher targets; "
+                              "use --kd-loss none (plain language modelling) or build a cache with --top-k")
+        if cfg.mixing.startswith("ddk"):
+            raise ConfigError(f"--mixing {cfg.mixing} needs the teacher perplexity table, which a tokens-only cache lacks; "
+                              "use --mixing natural, uniform or static:...")
     if cache.targets.kind != "sampled" or cfg.online_teacher:
         return
     if cfg.kd_loss not in ("fkl", "none"):
@@ -258,6 +267,11 @@ def _check_targets(cfg: DistillConfig, cache: Cache) -> None:
         )
     if cfg.temperature != 1.0:
         raise ConfigError(f"--temperature {cfg.temperature} on a cache of sampled targets: they estimate the teacher at T = 1; use --temperature 1")
+    if cfg.tail == "renorm":
+        raise ConfigError(
+            "--tail renorm on a cache of sampled targets: renormalising the student over randomly drawn ids biases the "
+            "gradient (its expectation is not the dense KD gradient); sampled targets have no tail: use --tail bucket"
+        )
 
 
 def load_online_teacher(cfg: DistillConfig, cache: Cache, device: torch.device, bf16: bool) -> Any:
@@ -269,7 +283,7 @@ def load_online_teacher(cfg: DistillConfig, cache: Cache, device: torch.device, 
         teacher = HFTeacher(cfg.online_teacher, device=str(device), dtype="bfloat16" if bf16 else "float32", batch_size=cfg.batch_size)
     except TeacherError as e:
         raise ConfigError(f"--online-teacher: {e}") from None
-    ours, theirs = tokenizer_fingerprint(teacher.tokenizer), cache.meta["tokenizer"]["fingerprint"]
+    ours, theirs = tokenizer_fingerprint(teacher.tokenizer), cache.meta.tokenizer["fingerprint"]
     if ours != theirs:
         raise ConfigError(f"--online-teacher {cfg.online_teacher}: its tokenizer ({ours[:19]}) is not the cache's ({theirs[:19]})")
     return teacher
@@ -304,10 +318,9 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
     opt = _optimizer(model, cfg)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    tokens_per_step = cfg.batch_size * (cache.seq_len - 1) * cfg.grad_accum  # predicted tokens, this rank
     total_steps = math.ceil(cfg.max_tokens / (cfg.batch_size * cache.seq_len * cfg.grad_accum * world)) if cfg.max_tokens else cfg.max_steps
     kd = cfg.kd()
-    teacher_ppl = [cache.teacher_ppl(d, "val") for d in cache.domains]
+    teacher_ppl = [cache.teacher_ppl(d, "val") for d in cache.domains] if cache.meta.teacher_ppl else [float("nan")] * len(cache.domains)
 
     step, tokens_seen = 0, 0
     loader = CacheLoader(cache, batch_size=cfg.batch_size, weights=mixer.weights, seed=cfg.seed, rank=rank, world_size=world,
@@ -332,12 +345,14 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
             with open(run / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def evaluate_and_mix() -> dict[str, float]:
+    def evaluate_and_mix(update: bool = True) -> dict[str, float]:
         ppl = evaluate_domains(model, cache, batch_size=cfg.eval_batch_size, device=device, autocast=autocast, rank=rank, world_size=world)
-        before = mixer.weights.copy()
-        weights = mixer.update([ppl[d] for d in cache.domains], teacher_ppl)
-        if not np.array_equal(before, weights):
-            loader.set_weights(weights)
+        weights = mixer.weights
+        if update:
+            before = mixer.weights.copy()
+            weights = mixer.update([ppl[d] for d in cache.domains], teacher_ppl)
+            if not np.array_equal(before, weights):
+                loader.set_weights(weights)
         log({"type": "eval", "step": step, "ppl_student": ppl, "ppl_teacher": dict(zip(cache.domains, teacher_ppl)),
              "weights": dict(zip(cache.domains, weights.tolist()))})
         return ppl
@@ -356,19 +371,26 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
             ddp_model.train()
             sums = {"ce": 0.0, "kd": 0.0}
             per_domain: dict[str, list[float]] = {}
-            for micro in range(cfg.grad_accum):
-                batch = loader.next()
-                x = batch.tokens.to(device)
+            # The step's batches first: the loss is normalised by the tokens that carry loss
+            # over every micro-batch and rank, known before any backward pass.
+            batches = [loader.next() for _ in range(cfg.grad_accum)]
+            count = torch.tensor(float(sum(int((b.labels() != IGNORE_INDEX).sum()) for b in batches)))
+            if world > 1:
+                torch.distributed.all_reduce(count)
+            # DDP averages gradients over ranks: scale by the world size to get the global mean.
+            tokens_per_step = max(count.item(), 1.0) / world
+            for micro, batch in enumerate(batches):
+                x = batch.tokens.to(device, non_blocking=True)
                 sync = nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else ddp_model.no_sync()
                 with sync:
                     with autocast():
                         logits = ddp_model(input_ids=x, use_cache=False).logits[:, :-1]
                     flat = logits.reshape(-1, logits.shape[-1])
-                    labels = x[:, 1:].reshape(-1)
+                    labels = batch.labels().to(device, non_blocking=True).reshape(-1)
                     if teacher is None:
                         ce, kd_tok = ce_and_sparse_kd(
-                            flat, labels, batch.topk_ids.to(device).reshape(flat.shape[0], -1),
-                            batch.topk_logprobs.to(device).reshape(flat.shape[0], -1), kd,
+                            flat, labels, batch.topk_ids.to(device, non_blocking=True).long().reshape(flat.shape[0], -1),
+                            batch.topk_logprobs.to(device, non_blocking=True).reshape(flat.shape[0], -1), kd,
                         )
                     else:
                         t_logits = teacher.logits(x)[:, :-1].reshape(flat.shape)
@@ -377,7 +399,8 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
                     loss.backward()
                 sums["ce"] += ce.sum().item()
                 sums["kd"] += kd_tok.sum().item()
-                for d, row_ce in zip(batch.domains, ce.view(x.shape[0], -1).mean(1).tolist()):
+                row_tokens = (labels != IGNORE_INDEX).view(x.shape[0], -1).sum(1).clamp_min(1)
+                for d, row_ce in zip(batch.domains, (ce.view(x.shape[0], -1).sum(1) / row_tokens).tolist()):
                     per_domain.setdefault(cache.domains[d], []).append(row_ce)
             total = (sums["ce"] + cfg.kd_weight * sums["kd"]) / tokens_per_step
             if not math.isfinite(total):
@@ -411,7 +434,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
     finally:
         bar.close()
         loader.close()
-    final_ppl = evaluate_and_mix()
+    final_ppl = evaluate_and_mix(update=False)  # logged with the weights in force; nothing reads a new mix now
     if rank == 0:
         model.save_pretrained(run / FINAL)
         tok.save_pretrained(run / FINAL)

@@ -163,10 +163,16 @@ def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     return torch.nn.functional.cross_entropy(student_logits.float(), labels.long(), reduction="none")
 
 
+IGNORE_INDEX = -100  # a label that carries no loss (PyTorch's and Hugging Face's convention)
+
+
 def _ce(student_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CE [N], the float32 log-softmax [N, V] it came from), for the KD term to share."""
+    """(CE [N], the float32 log-softmax [N, V] it came from), for the KD term to share.
+    Positions labelled IGNORE_INDEX get CE 0."""
     logq = torch.log_softmax(student_logits.float(), dim=-1)
-    return -logq.gather(-1, labels.long()[:, None]).squeeze(-1), logq
+    keep = labels != IGNORE_INDEX
+    ce = -logq.gather(-1, torch.where(keep, labels, 0).long()[:, None]).squeeze(-1)
+    return torch.where(keep, ce, torch.zeros_like(ce)), logq
 
 
 def ce_and_sparse_kd(
@@ -176,12 +182,14 @@ def ce_and_sparse_kd(
 
     The [N, V] float32 log-softmax is the largest tensor of a training step after the logits;
     computing it once instead of twice is what keeps cache KD's memory near plain CE's.
+    Positions labelled IGNORE_INDEX get 0 in both.
     """
     ce, logq = _ce(student_logits, labels)
     if cfg.kind == "none":
         return ce, torch.zeros_like(ce)
     shared = logq if cfg.temperature == 1.0 else None  # CE is always at T = 1
-    return ce, sparse_kd(student_logits, topk_ids, topk_logprobs, cfg, student_logprobs=shared)
+    kd = sparse_kd(student_logits, topk_ids, topk_logprobs, cfg, student_logprobs=shared)
+    return ce, torch.where(labels != IGNORE_INDEX, kd, torch.zeros_like(kd))
 
 
 def ce_and_dense_kd(
@@ -192,4 +200,5 @@ def ce_and_dense_kd(
     if cfg.kind == "none":
         return ce, torch.zeros_like(ce)
     shared = logq if cfg.temperature == 1.0 else None
-    return ce, dense_kd(student_logits, teacher_logits, cfg, student_logprobs=shared)
+    kd = dense_kd(student_logits, teacher_logits, cfg, student_logprobs=shared)
+    return ce, torch.where(labels != IGNORE_INDEX, kd, torch.zeros_like(kd))

@@ -2,39 +2,31 @@
 
 Every backend returns the same arrays for the same model and sequences, so the store and
 the trainer never know which engine produced a cache.
+
+The build drives a teacher through `stream`: it hands over jobs (a shard's sequences) and
+gets back, per sequence, a *finisher*: a function that turns the engine's raw output into
+the row's targets (conversion, adaptive cut, sampling from a pool). The build runs the
+finishers in its writer pool, so the engine is fed the next sequences while earlier ones
+are converted and encoded; `stats` says how long the engine had nothing to do.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import time
+import zlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from ...errors import ConfigError
+from ...store.encodings import RowScores
 from ...store.targets import DEFAULT_SAMPLE_POOL, TargetSpec, adaptive_cut, sample_from_topk
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def resolve_device(device: str) -> Any:
-    """'auto' picks CUDA when present, else CPU; anything else is passed to torch.device."""
-    import torch
-
-    if device == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        # One GPU per worker when launched by torchrun or srun with several per node.
-        local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-        return torch.device(f"cuda:{int(local) % torch.cuda.device_count()}")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"--device {device!r} is not a torch device: {e}") from None
 
 
 def resolve_dtype(dtype: str, device: Any) -> str:
@@ -66,10 +58,48 @@ class TeacherScores:
     counts: np.ndarray | None = None  # sampled targets: draws per id [B, L-1, k] (0 = padding)
 
 
+@dataclass
+class Job:
+    """Sequences for the teacher: `tokens` int32 [n, L] of one shard; `rows` their global
+    indices in their split (they seed sampled targets), `seed` the rest of the seed."""
+
+    key: Any
+    tokens: np.ndarray
+    rows: np.ndarray
+    seed: list[int] = field(default_factory=list)
+
+
+def row_seed(spec: TargetSpec, domain: str, split: str, row: int) -> list[int]:
+    """Seed sequence of one sequence's draws: the same on every resume, whatever the sharding."""
+    return [spec.seed, zlib.crc32(domain.encode()), zlib.crc32(split.encode()), int(row)]
+
+
+@dataclass
+class EngineStats:
+    """How the engine spent the scoring phase: `busy` seconds computing, `wall` in all."""
+
+    busy: float = 0.0
+    wall: float = 0.0
+    rows: int = 0
+
+    @property
+    def idle_share(self) -> float:
+        return max(0.0, 1.0 - self.busy / self.wall) if self.wall else 0.0
+
+
+def finish_topk(ids: np.ndarray, lps: np.ndarray, target: np.ndarray, tokens: np.ndarray, spec: TargetSpec, seed: list[int]) -> RowScores:
+    """One sequence's engine output (top-k or a sampling pool, [P, k']) -> its targets."""
+    if spec.kind == "topk":
+        return RowScores(ids[:, : spec.k], adaptive_cut(lps[:, : spec.k], spec), target, tokens[1:])
+    out_ids, counts, out_lps = sample_from_topk(ids, lps, spec, np.random.default_rng(seed))
+    return RowScores(out_ids.astype(np.int32), out_lps, target, tokens[1:], counts)
+
+
 class Teacher(ABC):
     """One loaded teacher model behind one engine."""
 
     backend: str  # the name users pass to --backend
+    stats: EngineStats = EngineStats()  # of the last `stream` (each call starts its own)
 
     @property
     @abstractmethod
@@ -111,24 +141,40 @@ class Teacher(ABC):
     def score(self, tokens: np.ndarray, top_k: int) -> TeacherScores:
         """Score int32 [B, L] token ids; see TeacherScores for what comes back."""
 
-    def targets(self, tokens: np.ndarray, spec: TargetSpec, seed: list[int]) -> TeacherScores:
-        """The targets `spec` asks for (targets.py): top-k, cut adaptively, or sampled.
+    @abstractmethod
+    def stream(self, jobs: Iterable[Job], spec: TargetSpec) -> Iterator[tuple[Job, int, Callable[[], RowScores]]]:
+        """For every sequence of every job, (job, row in the job, finisher): see the module docstring."""
 
-        Sampling here draws from the top-`spec.sample_pool` log-probs, renormalised: all a
-        backend that returns only top-k (vLLM) can offer. Backends with the full
-        distribution override this for `sample_pool=None`. `seed` fixes the draws."""
-        if spec.kind == "topk":
-            s = self.score(tokens, spec.k)
-            return replace(s, topk_logprobs=adaptive_cut(s.topk_logprobs, spec))
-        pool = min(spec.sample_pool or DEFAULT_SAMPLE_POOL, self.vocab_size)
-        s = self.score(tokens, pool)
-        B, P, _ = s.topk_ids.shape
-        ids, counts, lps = sample_from_topk(s.topk_ids.reshape(B * P, pool), s.topk_logprobs.reshape(B * P, pool), spec, np.random.default_rng(seed))
-        shape = (B, P, spec.entries)
-        return TeacherScores(ids.reshape(shape).astype(np.int32), lps.reshape(shape), s.target_logprob, counts.reshape(shape).astype(np.uint8))
+    def pool_size(self, spec: TargetSpec) -> int:
+        """How many log-probs per position the engine must return for `spec`."""
+        if spec.kind == "sampled":
+            return min(spec.sample_pool or DEFAULT_SAMPLE_POOL, self.vocab_size)
+        return spec.k
+
+    def targets(self, tokens: np.ndarray, spec: TargetSpec, domain: str = "d", split: str = "train", first_row: int = 0) -> list[RowScores]:
+        """The targets `spec` asks for, one RowScores per sequence (tests, benchmarks)."""
+        job = Job(None, tokens, np.arange(first_row, first_row + len(tokens)), [spec.seed, zlib.crc32(domain.encode()), zlib.crc32(split.encode())])
+        rows: dict[int, RowScores] = {}
+        for _, row, finish in self.stream([job], spec):
+            rows[row] = finish()
+        return [rows[i] for i in range(len(tokens))]
 
     def close(self) -> None:
         """Release the model (and engine processes, for backends that start them)."""
+
+
+class Timer:
+    """Accumulates seconds spent inside `with timer:` blocks."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self) -> "Timer":
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds += time.perf_counter() - self._t0
 
 
 def model_fingerprint(name_or_path: str, revision: str | None) -> str:

@@ -5,15 +5,18 @@ It is the reference every other backend is tested against.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from ...errors import TeacherError
+from ...store.encodings import RowScores
 from ...store.targets import TargetSpec, sample_from_logprobs
 from ..tokenization import first_line, load_tokenizer
-from .base import Teacher, TeacherScores, resolve_device, resolve_dtype
+from ...runtime import resolve_device
+from .base import EngineStats, Job, Teacher, TeacherScores, Timer, finish_topk, resolve_dtype
 
 class HFTeacher(Teacher):
     """A causal LM loaded with transformers, scored `batch_size` sequences at a time."""
@@ -100,22 +103,39 @@ class HFTeacher(Teacher):
             target[row] = logprobs.gather(-1, nxt[:, None]).squeeze(-1).cpu().numpy()
         return TeacherScores(ids, lps, target)
 
-    @torch.inference_mode()
-    def targets(self, tokens: np.ndarray, spec: TargetSpec, seed: list[int]) -> TeacherScores:
-        """Sampled targets with `sample_pool=None` are drawn from the full distribution here;
-        everything else as in Teacher.targets."""
-        if spec.kind != "sampled" or spec.sample_pool is not None:
-            return super().targets(tokens, spec, seed)
-        n, length = tokens.shape
-        shape = (n, length - 1, spec.entries)
-        ids, lps, counts = np.empty(shape, np.int32), np.empty(shape, np.float32), np.empty(shape, np.uint8)
-        target = np.empty((n, length - 1), np.float32)
-        # One generator per shard, on the logits' device: same draws on every resume.
-        generator = torch.Generator(self.device).manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
-        for row, logprobs, nxt in self.rows(tokens):
-            ids[row], counts[row], lps[row] = sample_from_logprobs(logprobs, spec, generator)
-            target[row] = logprobs.gather(-1, nxt[:, None]).squeeze(-1).cpu().numpy()
-        return TeacherScores(ids, lps, target, counts)
+    def stream(self, jobs: Iterable[Job], spec: TargetSpec) -> Iterator[tuple[Job, int, Callable[[], RowScores]]]:
+        """Forward passes of `batch_size` sequences back to back; per sequence the top-k (or,
+        for sampled targets, the draws from the full distribution) leave the device at once,
+        and the finisher does the rest in the caller's pool. `stats.busy` is the time spent
+        in forward passes and on-device selection."""
+        self.stats = EngineStats()
+        started = time.perf_counter()
+        busy = Timer()
+        full_sampling = spec.kind == "sampled" and spec.sample_pool is None
+        k = self.pool_size(spec)
+        for job in jobs:
+            for start in range(0, len(job.tokens), self.batch_size):
+                with busy, torch.inference_mode():
+                    chunk = job.tokens[start : start + self.batch_size]
+                    results = []
+                    for row, logprobs, nxt in self.rows(chunk):
+                        target = logprobs.gather(-1, nxt[:, None]).squeeze(-1).cpu().numpy()
+                        seed = [*job.seed, int(job.rows[start + row])]
+                        if full_sampling:
+                            # One generator per sequence, on the logits' device: the same draws on every resume.
+                            gen = torch.Generator(self.device).manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+                            ids, counts, lps = sample_from_logprobs(logprobs, spec, gen)
+                            scores = RowScores(ids.astype(np.int32), lps, target, chunk[row, 1:], counts)
+                            results.append((row, (lambda s=scores: s)))
+                        else:
+                            values, indices = torch.topk(logprobs, k, dim=-1)
+                            ids, lps = indices.to(torch.int32).cpu().numpy(), values.cpu().numpy()
+                            results.append((row, (lambda i=ids, v=lps, g=target, x=chunk[row], s=seed: finish_topk(i, v, g, x, spec, s))))
+                for row, finish in results:
+                    self.stats.busy, self.stats.wall = busy.seconds, time.perf_counter() - started
+                    self.stats.rows += 1
+                    yield job, start + row, finish
+        self.stats.busy, self.stats.wall = busy.seconds, time.perf_counter() - started
 
     def close(self) -> None:
         self.model = None

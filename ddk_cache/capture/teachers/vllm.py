@@ -8,14 +8,19 @@ this teacher need an `if __name__ == "__main__":` guard: vLLM starts engine proc
 
 from __future__ import annotations
 
+import collections
 import os
-from typing import Any
+import time
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from ...errors import ConfigError, TeacherError
+from ...runtime import engine_env
+from ...store.encodings import RowScores
+from ...store.targets import TargetSpec
 from ..tokenization import first_line, load_tokenizer
-from .base import Teacher, TeacherScores
+from .base import EngineStats, Job, Teacher, TeacherScores, finish_topk
 
 LOGPROBS_FORMATS = ("flat", "dict")
 
@@ -28,7 +33,11 @@ def vllm_available() -> bool:
 
 
 class VLLMTeacher(Teacher):
-    """A model served by one `vllm.LLM` engine; one `generate` call per scored batch."""
+    """A model served by one `vllm.LLM` engine.
+
+    The build streams requests into the engine (`stream`: up to `window` sequences queued,
+    refilled as results come back), so the engine never drains between shards; `score`
+    is one `generate` call, for tests and benchmarks."""
 
     backend = "vllm"
 
@@ -76,10 +85,25 @@ class VLLMTeacher(Teacher):
         if max_num_batched_tokens:
             args["max_num_batched_tokens"] = max_num_batched_tokens
         args.update(engine_args or {})
+        # Under torchrun/srun each worker runs its own engine (its own tensor-parallel group):
+        # the launcher's rendezvous variables would make vLLM try to join the workers' group.
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(engine_env(saved))
         try:
             self.llm = LLM(**args)
         except Exception as e:  # vLLM raises many types for "cannot load / cannot fit"
             raise TeacherError(f"vLLM could not start the teacher {name_or_path!r}: {first_line(e)}") from None
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        self.stats = EngineStats()
+        self._next_id = 0
+        scheduler = self.llm.llm_engine.vllm_config.scheduler_config
+        per_step = max(1, int(getattr(scheduler, "max_num_batched_tokens", 0) or 8192) // (seq_len + 1))
+        # Enough queued for several engine steps, few enough that finished outputs (Python
+        # lists of ~P*(k+1) floats each) waiting for conversion stay bounded.
+        self.window = int(min(256, max(8, 4 * per_step)))
         model_config = self.llm.llm_engine.model_config
         self._vocab_size = int(model_config.get_vocab_size())
         self._max_context = int(getattr(model_config.hf_config, "max_position_embeddings", 0) or model_config.max_model_len)
@@ -136,6 +160,56 @@ class VLLMTeacher(Teacher):
         return TeacherScores(
             np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]), np.stack([p[2] for p in parts])
         )
+
+    def stream(self, jobs: Iterable[Job], spec: TargetSpec) -> Iterator[tuple[Job, int, Callable[[], RowScores]]]:
+        """Requests go into the engine as one continuous stream: up to `window` sequences
+        queued, topped up after every engine step. Finishers convert the prompt log-probs.
+        `stats.busy` counts the time at least one request was queued or running."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        k = self.pool_size(spec)
+        params = SamplingParams(prompt_logprobs=k, max_tokens=1, detokenize=False, flat_logprobs=self.logprobs_format == "flat")
+        convert = flat_to_arrays if self.logprobs_format == "flat" else dict_to_arrays
+        engine = self.llm.llm_engine
+        self.stats = EngineStats()
+        started = time.perf_counter()
+        waiting: collections.deque = collections.deque()
+        inflight: dict[str, tuple[Job, int]] = {}
+        job_iter = iter(jobs)
+        idle, idle_since = 0.0, started
+
+        while True:
+            while len(inflight) < self.window:
+                if not waiting:
+                    job = next(job_iter, None)
+                    if job is None:
+                        break
+                    waiting.extend((job, r) for r in range(len(job.tokens)))
+                    continue
+                job, r = waiting.popleft()
+                rid = f"ddk-{self._next_id}"
+                self._next_id += 1
+                engine.add_request(rid, TokensPrompt(prompt_token_ids=job.tokens[r].tolist()), params)
+                if not inflight and idle_since is not None:
+                    idle, idle_since = idle + time.perf_counter() - idle_since, None
+                inflight[rid] = (job, r)
+            if not inflight:
+                break
+            for out in engine.step():
+                if not getattr(out, "finished", False) or out.request_id not in inflight:
+                    continue
+                job, r = inflight.pop(out.request_id)
+                if not inflight:
+                    idle_since = time.perf_counter()
+                tokens, seed = job.tokens[r], [*job.seed, int(job.rows[r])]
+                raw = out.prompt_logprobs
+                self.stats.rows += 1
+                self.stats.wall = time.perf_counter() - started
+                self.stats.busy = self.stats.wall - idle
+                yield job, r, (lambda raw=raw, tokens=tokens, seed=seed: finish_topk(*convert(raw, tokens, k), tokens, spec, seed))
+        self.stats.wall = time.perf_counter() - started
+        self.stats.busy = self.stats.wall - idle - (time.perf_counter() - idle_since if idle_since is not None else 0.0)
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

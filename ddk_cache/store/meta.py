@@ -1,0 +1,154 @@
+"""The cache's root metadata as one typed object (storage_layout.md, "Root metadata").
+
+Every reader goes through `CacheMeta`: attribute names, not dict keys spread over the
+code. `from_dict` reads format versions 1, 2 and 3 (older ones are mapped onto the same
+fields) and refuses anything else with a message naming both versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import __version__
+from ..errors import StoreError, StoreVersionError
+from .encodings import Encoding, Layout, PlainV1, encoding_from_dict
+from .targets import TargetSpec
+
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+SPLITS = ("train", "val")
+
+# Root states: inputs being tokenized -> teacher shards pending -> done.
+STATE_INITIALIZING = "initializing"
+STATE_BUILDING = "building"
+STATE_COMPLETE = "complete"
+
+TEXT, CHAT = "text", "chat"
+
+
+@dataclass
+class SplitInfo:
+    sequences: int
+    documents: int = 0  # documents contributing at least one token
+    loss_positions: int | None = None  # predicted positions that carry loss (None: all of them)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SplitInfo":
+        return cls(int(d["sequences"]), int(d.get("documents", 0)), d.get("loss_positions"))
+
+
+@dataclass
+class DomainInfo:
+    train: SplitInfo
+    val: SplitInfo
+    tokens_read: int = 0  # the domain's tokens after the cap, before packing dropped its tail
+    data: str = TEXT  # text (packed documents) or chat (one sample per sequence, loss mask)
+
+    def split(self, name: str) -> SplitInfo:
+        return self.train if name == "train" else self.val
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DomainInfo":
+        return cls(SplitInfo.from_dict(d["train"]), SplitInfo.from_dict(d["val"]), int(d.get("tokens_read", 0)), d.get("data", TEXT))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PPLEntry:
+    ppl: float
+    nll_sum: float
+    predicted_tokens: int
+    kept_mass: float | None = None  # mean teacher probability the stored entries cover (None: tokens only)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PPLEntry":
+        return cls(float(d["ppl"]), float(d["nll_sum"]), int(d["predicted_tokens"]), d.get("kept_mass"))
+
+
+@dataclass
+class CacheMeta:
+    """The root metadata of a cache (attributes of the root group, key `ddk_cache`)."""
+
+    format_version: int
+    state: str
+    encoding: Encoding
+    targets: TargetSpec
+    seq_len: int
+    shard_sequences: int
+    vocab_size: int
+    top_k: int  # the most entries a position holds (the K of the target arrays); 0 = tokens only
+    teacher: dict[str, Any]
+    tokenizer: dict[str, Any]
+    domains: dict[str, DomainInfo] = field(default_factory=dict)
+    corpus: dict[str, Any] = field(default_factory=dict)
+    build_args: dict[str, Any] = field(default_factory=dict)
+    build_fingerprint: str = ""
+    teacher_ppl: dict[str, dict[str, PPLEntry]] | None = None
+    tool_version: str = __version__
+    created_at: str = ""
+    completed_at: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they are
+
+    @property
+    def complete(self) -> bool:
+        return self.state == STATE_COMPLETE
+
+    def layout(self) -> Layout:
+        return Layout(positions=self.seq_len - 1, entries=self.top_k, vocab_size=self.vocab_size, targets=self.targets)
+
+    def ppl(self, domain: str, split: str = "val") -> PPLEntry:
+        if not self.teacher_ppl:
+            raise StoreError("this cache has no teacher perplexity table (a tokens-only cache, or not complete)")
+        return self.teacher_ppl[domain][split]
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "format_version": self.format_version, "tool_version": self.tool_version, "state": self.state,
+            "created_at": self.created_at, "encoding": self.encoding.to_dict(), "targets": self.targets.to_dict(),
+            "top_k": self.top_k, "seq_len": self.seq_len, "shard_sequences": self.shard_sequences,
+            "vocab_size": self.vocab_size, "teacher": self.teacher, "tokenizer": self.tokenizer,
+            "domains": {k: v.to_dict() for k, v in self.domains.items()}, "corpus": self.corpus,
+            "build_args": self.build_args, "build_fingerprint": self.build_fingerprint,
+            **self.extra,
+        }
+        if self.completed_at is not None:
+            d["completed_at"] = self.completed_at
+        if self.teacher_ppl is not None:
+            d["teacher_ppl"] = {dom: {s: dataclasses.asdict(e) for s, e in by.items()} for dom, by in self.teacher_ppl.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "the cache") -> "CacheMeta":
+        version = d.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise StoreVersionError(
+                f"{where} has cache format version {version}; this ddk-cache {__version__} reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
+                + ("; upgrade ddk-cache" if isinstance(version, int) and version > FORMAT_VERSION else "; rebuild the cache")
+            )
+        encoding = encoding_from_dict(d["encoding"])
+        if version == 1:  # plain top-k, no `targets` attribute
+            targets = TargetSpec(k=int(d["top_k"]))
+        else:
+            targets = TargetSpec.from_dict(d["targets"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        table = d.get("teacher_ppl")
+        return cls(
+            format_version=int(version), state=d.get("state", ""), encoding=encoding, targets=targets,
+            seq_len=int(d["seq_len"]), shard_sequences=int(d["shard_sequences"]), vocab_size=int(d["vocab_size"]),
+            top_k=int(d.get("top_k", targets.entries)), teacher=d.get("teacher", {}), tokenizer=d.get("tokenizer", {}),
+            domains={k: DomainInfo.from_dict(v) for k, v in (d.get("domains") or {}).items()},
+            corpus=d.get("corpus", {}), build_args=d.get("build_args", {}), build_fingerprint=d.get("build_fingerprint", ""),
+            teacher_ppl={dom: {s: PPLEntry.from_dict(e) for s, e in by.items()} for dom, by in table.items()} if table else None,
+            tool_version=d.get("tool_version", ""), created_at=d.get("created_at", ""), completed_at=d.get("completed_at"),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+
+__all__ = ["CHAT", "CacheMeta", "DomainInfo", "FORMAT_VERSION", "PPLEntry", "PlainV1", "READABLE_VERSIONS", "SPLITS",
+           "STATE_BUILDING", "STATE_COMPLETE", "STATE_INITIALIZING", "SplitInfo", "TEXT"]

@@ -1,0 +1,267 @@
+"""Row arrays: how every large cache array is laid out, written and read.
+
+Each array is a Zarr v3 array of N rows sharded along the row axis: one object per S
+rows (a *shard*), and inside it one independently compressed chunk per row, followed by
+the shard index (Zarr's `sharding_indexed` codec, index at the end). storage_layout.md
+gives the bytes. Zarr creates the arrays' metadata (`zarr.json`), so any Zarr v3 reader
+can open a cache; the shard objects themselves are written and read here, because:
+
+  * a writer builds a shard object from rows compressed one by one as they are scored,
+    holding compressed bytes only (zarr would want the whole uncompressed shard);
+  * a reader fetches only the byte ranges of the rows it needs (one index read per shard,
+    then one range per run of adjacent rows) and checks every chunk's CRC32C;
+  * an object that should exist and does not is an error naming it (zarr would return the
+    fill value: a damaged cache would silently train on zeros).
+
+Inner chunk codecs: bytes (little endian) -> blosc (zstd, byte shuffle) or zstd -> crc32c.
+Shard index: per row slot (offset, nbytes) as little-endian uint64 pairs, then a CRC32C
+of those bytes; (2^64-1, 2^64-1) marks a slot never written.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numcodecs import CRC32C, Blosc, Zstd
+
+from ..errors import StoreError
+from .objects import Objects
+
+EMPTY = 2**64 - 1  # offset and nbytes of an inner chunk that was never written
+COMPRESSORS = ("blosc", "zstd")
+_CRC = CRC32C(location="end")
+
+
+def damaged(what: str) -> StoreError:
+    return StoreError(f"{what}: the cache is damaged; run `ddk-cache verify` on it, then rerun the build command "
+                      "that made it (it rewrites what is missing) or rebuild")
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """What an array holds per row: dtype, row shape, and how its chunks are compressed."""
+
+    dtype: str  # numpy dtype name, little-endian on disk
+    row_shape: tuple[int, ...]
+    compressor: str = "blosc"  # blosc (zstd inside, byte shuffle) or zstd
+    level: int = 5
+    dims: tuple[str, ...] = ()  # dimension names after "sequence"
+
+    def codecs(self) -> list[Any]:
+        """zarr codecs of an inner chunk after `bytes` (what zarr writes into zarr.json)."""
+        from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+        first = BloscCodec(cname="zstd", clevel=self.level, shuffle="shuffle") if self.compressor == "blosc" else ZstdCodec(level=self.level)
+        return [first, Crc32cCodec()]
+
+
+@dataclass(frozen=True)
+class RowArray:
+    """One sharded row array of a cache: where it lives and how to read and write its rows."""
+
+    path: str  # key prefix, e.g. "news/train/tokens"
+    n_rows: int
+    row_shape: tuple[int, ...]
+    dtype: np.dtype
+    shard_rows: int
+    compressor: str | None  # blosc, zstd or None
+    level: int = 5
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_rows // self.shard_rows)
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape)) * self.dtype.itemsize
+
+    def object_key(self, shard: int) -> str:
+        """Zarr v3's default chunk key of a shard: c/<shard>/0/... (one object across the other axes)."""
+        return f"{self.path}/c/" + "/".join([str(shard)] + ["0"] * len(self.row_shape))
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        return shard * self.shard_rows, min(self.n_rows, (shard + 1) * self.shard_rows)
+
+    @classmethod
+    def from_zarr_json(cls, path: str, meta: dict[str, Any]) -> "RowArray":
+        """The RowArray described by an array's zarr.json; StoreError for any other layout."""
+        try:
+            shape = tuple(meta["shape"])
+            sharding = meta["codecs"]
+            conf = sharding[0]["configuration"]
+            outer = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+            inner = [c["name"] for c in conf["codecs"]]
+            ok = (
+                meta.get("zarr_format") == 3 and len(sharding) == 1 and sharding[0]["name"] == "sharding_indexed"
+                and tuple(conf["chunk_shape"]) == (1, *shape[1:]) and outer[1:] == shape[1:]
+                and conf.get("index_location", "end") == "end"
+                and [c["name"] for c in conf["index_codecs"]] == ["bytes", "crc32c"]
+                and inner[:1] == ["bytes"] and inner[-1:] == ["crc32c"] and len(inner) in (2, 3)
+                and (conf["codecs"][0].get("configuration") or {}).get("endian", "little") == "little"
+                and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
+            )
+            compressor = inner[1] if len(inner) == 3 else None
+            level = int((conf["codecs"][1].get("configuration") or {}).get("clevel" if compressor == "blosc" else "level", 0)) if compressor else 0
+        except (KeyError, IndexError, TypeError):
+            ok, compressor, level = False, None, 0
+        if not ok or (compressor is not None and compressor not in COMPRESSORS):
+            raise StoreError(f"{path}: not a row-sharded array this ddk-cache reads (see storage_layout.md)")
+        return cls(path, shape[0], shape[1:], np.dtype(meta["data_type"]).newbyteorder("<"), outer[0], compressor, level)
+
+    # ------------------------------------------------------------------ writing
+    def encode_row(self, row: np.ndarray | bytes) -> bytes:
+        """One row's inner chunk: its little-endian bytes (zero-padded to the row size for
+        byte rows), compressed, then its CRC32C."""
+        if isinstance(row, (bytes, bytearray, memoryview)):
+            raw = bytes(row)
+            if len(raw) > self.row_bytes:
+                raise ValueError(f"{self.path}: a row of {len(raw)} bytes does not fit its {self.row_bytes}")
+            arr = np.zeros(self.row_bytes, np.uint8)
+            arr[: len(raw)] = np.frombuffer(raw, np.uint8)
+        else:
+            arr = np.ascontiguousarray(row, dtype=self.dtype)
+            if arr.shape != self.row_shape:
+                raise ValueError(f"{self.path}: row of shape {arr.shape}, expected {self.row_shape}")
+        if self.compressor == "blosc":
+            data = Blosc(cname="zstd", clevel=self.level, shuffle=Blosc.SHUFFLE).encode(arr)
+        elif self.compressor == "zstd":
+            data = Zstd(level=self.level).encode(arr)
+        else:
+            data = arr.tobytes()
+        return bytes(_CRC.encode(data))
+
+    def assemble(self, shard: int, chunks: list[bytes]) -> bytes:
+        """The shard object of `shard` from its rows' inner chunks (in row order)."""
+        start, stop = self.shard_range(shard)
+        if len(chunks) != stop - start:
+            raise ValueError(f"{self.path} shard {shard}: {len(chunks)} rows, expected {stop - start}")
+        index = np.full((self.shard_rows, 2), EMPTY, "<u8")
+        offset = 0
+        for i, chunk in enumerate(chunks):
+            index[i] = (offset, len(chunk))
+            offset += len(chunk)
+        return b"".join(chunks) + bytes(_CRC.encode(index.tobytes()))
+
+    # ------------------------------------------------------------------ reading
+    def index_bytes(self) -> int:
+        return 16 * self.shard_rows + 4
+
+    def parse_index(self, raw: bytes | None, key: str, objects: Objects) -> np.ndarray:
+        if raw is None:
+            raise damaged(f"{objects.describe(key)} is missing")
+        if len(raw) != self.index_bytes():
+            raise damaged(f"{objects.describe(key)} is truncated")
+        try:
+            return np.frombuffer(_CRC.decode(raw), "<u8").reshape(-1, 2)
+        except RuntimeError:
+            raise damaged(f"{objects.describe(key)}: shard index checksum mismatch") from None
+
+    def decode_chunk(self, raw: bytes, where: str) -> bytes:
+        """An inner chunk's row bytes (uncompressed), after checking its CRC32C."""
+        try:
+            data = _CRC.decode(raw)
+        except RuntimeError:
+            raise damaged(f"{where}: checksum mismatch") from None
+        try:
+            if self.compressor == "blosc":
+                return Blosc().decode(data)
+            if self.compressor == "zstd":
+                return Zstd().decode(data)
+        except Exception as e:
+            raise damaged(f"{where}: does not decompress ({e})") from None
+        return bytes(data)
+
+
+class RowReader:
+    """Reads rows of RowArrays through one Objects store, keeping recent shard indexes.
+
+    The index cache is bounded (`index_cache_bytes`), so a reader over a cache of any size
+    holds the same memory; a shard whose index was dropped costs one more small read."""
+
+    def __init__(self, objects: Objects, index_cache_bytes: int = 64 << 20) -> None:
+        self.objects = objects
+        self._indexes: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._budget = index_cache_bytes
+        self._held = 0
+        self._guard = threading.Lock()
+
+    def index(self, array: RowArray, shard: int) -> np.ndarray:
+        key = array.object_key(shard)
+        with self._guard:
+            found = self._indexes.get(key)
+            if found is not None:
+                self._indexes.move_to_end(key)
+                return found
+        index = array.parse_index(self.objects.get_range(key, -array.index_bytes(), None), key, self.objects)
+        with self._guard:
+            self._indexes[key] = index
+            self._held += index.nbytes
+            while self._held > self._budget and len(self._indexes) > 1:
+                self._held -= self._indexes.popitem(last=False)[1].nbytes
+        return index
+
+    def raw_rows(self, array: RowArray, rows: np.ndarray | list[int]) -> list[bytes]:
+        """The inner-chunk payloads (uncompressed row bytes) of `rows`, in the order given."""
+        rows = np.asarray(rows, np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= array.n_rows):
+            raise IndexError(f"{array.path}: rows out of range 0..{array.n_rows - 1}")
+        out: list[bytes | None] = [None] * len(rows)
+        order = np.argsort(rows, kind="stable")
+        requests, plan = [], []
+        i = 0
+        while i < len(order):
+            # A run: rows of one shard whose chunks sit next to each other -> one range read.
+            r0 = int(rows[order[i]])
+            shard, within = divmod(r0, array.shard_rows)
+            index = self.index(array, shard)
+            key = array.object_key(shard)
+            members = [order[i]]
+            last = within
+            j = i + 1
+            while j < len(order):
+                r = int(rows[order[j]])
+                s2, w2 = divmod(r, array.shard_rows)
+                if s2 != shard or w2 - last > 1:
+                    break
+                members.append(order[j])
+                last = w2
+                j += 1
+            slots = [int(rows[m]) - shard * array.shard_rows for m in members]
+            if (index[slots, 0] == EMPTY).any():
+                bad = slots[int(np.argmax(index[slots, 0] == EMPTY))]
+                raise damaged(f"{self.objects.describe(key)}: row {shard * array.shard_rows + bad} was never written")
+            start = int(index[slots[0], 0])
+            end = int(index[slots[-1], 0] + index[slots[-1], 1])
+            requests.append((key, start, end))
+            plan.append((members, slots, index, start))
+            i = j
+        for (key, _, _), data, (members, slots, index, start) in zip(requests, self.objects.get_ranges(requests), plan):
+            if data is None:
+                raise damaged(f"{self.objects.describe(key)} is missing")
+            for m, slot in zip(members, slots):
+                off, size = int(index[slot, 0]) - start, int(index[slot, 1])
+                if off + size > len(data):
+                    raise damaged(f"{self.objects.describe(key)} is truncated")
+                out[m] = array.decode_chunk(data[off : off + size], f"{self.objects.describe(key)} row {int(rows[m])}")
+        return out  # type: ignore[return-value]
+
+    def rows(self, array: RowArray, rows: np.ndarray | list[int], out: np.ndarray | None = None) -> np.ndarray:
+        """Rows as one array [len(rows), *row_shape] (into `out` if given)."""
+        raw = self.raw_rows(array, rows)
+        result = out if out is not None else np.empty((len(raw), *array.row_shape), array.dtype.newbyteorder("="))
+        for i, r in enumerate(raw):
+            result[i] = np.frombuffer(r, array.dtype, int(np.prod(array.row_shape))).reshape(array.row_shape)
+        return result
+
+
+def read_zarr_json(objects: Objects, path: str) -> dict[str, Any] | None:
+    raw = objects.get(f"{path}/zarr.json")
+    return None if raw is None else json.loads(raw)
+
+
+__all__ = ["ArraySpec", "RowArray", "RowReader", "EMPTY", "damaged", "read_zarr_json"]

@@ -1,0 +1,103 @@
+"""Row arrays (store/shards.py): what the cache's own reader returns equals what zarr reads,
+and damage or absence is an error that names the object, never fill values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from ddk_cache.errors import StoreError
+from ddk_cache.store.cache import SPLITS, Cache
+from ddk_cache.store.objects import Objects
+from ddk_cache.store.shards import ArraySpec, RowArray, RowReader, read_zarr_json
+
+from .helpers import copy_cache, small_config
+
+
+@pytest.fixture(scope="module")
+def pack_cache(tmp_path_factory, teacher_dir, corpus_dir):
+    from ddk_cache.capture.build import build
+
+    out = tmp_path_factory.mktemp("pack") / "c.zarr"
+    build(small_config(teacher_dir, corpus_dir, out, encoding="pack"), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("which", ["plain", "pack"])
+def test_every_row_equals_zarr(which, built_cache, pack_cache):
+    path = built_cache if which == "plain" else pack_cache
+    cache = Cache(str(path))
+    root = zarr.open_group(str(path), mode="r")
+    for d in cache.domains:
+        for s in SPLITS:
+            for name in cache.array_names(d):
+                array = cache.array(d, s, name)
+                rows = np.arange(array.n_rows)[::-1]  # any order, repeats, runs
+                rows = np.concatenate([rows, rows[:3]])
+                raw = cache.reader.raw_rows(array, rows)
+                expected = root[f"{d}/{s}/{name}"][:]
+                for r, got in zip(rows, raw):
+                    assert np.frombuffer(got, array.dtype).reshape(array.row_shape).tobytes() == expected[r].tobytes()
+
+
+def test_zarr_reads_rows_written_here(tmp_path):
+    """A shard object assembled by RowArray is what zarr's sharding codec decodes."""
+    spec = ArraySpec("int32", (5,), "blosc", 5, ("token",))
+    group = zarr.open_group(str(tmp_path / "a.zarr"), mode="w")
+    group.create_array("x", shape=(7, 5), dtype="int32", chunks=(1, 5), shards=(3, 5), compressors=spec.codecs(), fill_value=0)
+    objects = Objects.open(str(tmp_path / "a.zarr"))
+    array = RowArray.from_zarr_json("x", read_zarr_json(objects, "x"))
+    data = np.arange(35, dtype=np.int32).reshape(7, 5) * 7 - 3
+    for shard in range(array.n_shards):
+        a, b = array.shard_range(shard)
+        objects.put(array.object_key(shard), array.assemble(shard, [array.encode_row(row) for row in data[a:b]]))
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a.zarr" / "x"), mode="r")[:], data)
+    np.testing.assert_array_equal(RowReader(objects).rows(array, [6, 0, 3]), data[[6, 0, 3]])
+
+
+def test_missing_object_is_an_error_not_zeros(tmp_path, built_cache):
+    out = copy_cache(built_cache, tmp_path / "c.zarr")
+    (out / "beta" / "train" / "tokens" / "c" / "1" / "0").unlink()
+    cache = Cache(str(out))
+    with pytest.raises(StoreError, match=r"beta/train/tokens/c/1/0 is missing: the cache is damaged; run `ddk-cache verify`"):
+        cache.tokens("beta", "train", [5])
+    np.testing.assert_array_equal(cache.tokens("beta", "train", [0]), Cache(str(built_cache)).tokens("beta", "train", [0]))
+
+
+def test_unwritten_row_is_an_error(tmp_path):
+    group = zarr.open_group(str(tmp_path / "a.zarr"), mode="w")
+    group.create_array("x", shape=(4, 3), dtype="int32", chunks=(1, 3), shards=(4, 3),
+                       compressors=ArraySpec("int32", (3,)).codecs(), fill_value=0, config={"write_empty_chunks": False})
+    arr = zarr.open_array(str(tmp_path / "a.zarr" / "x"), mode="r+")
+    arr[:2] = np.ones((2, 3), np.int32)  # rows 2, 3 stay unwritten
+    objects = Objects.open(str(tmp_path / "a.zarr"))
+    array = RowArray.from_zarr_json("x", read_zarr_json(objects, "x"))
+    reader = RowReader(objects)
+    np.testing.assert_array_equal(reader.rows(array, [0, 1]), np.ones((2, 3)))
+    with pytest.raises(StoreError, match="row 3 was never written"):
+        reader.rows(array, [3])
+
+
+def test_other_layouts_are_refused(tmp_path):
+    group = zarr.open_group(str(tmp_path / "a.zarr"), mode="w")
+    group.create_array("flat", shape=(4, 3), dtype="int32", chunks=(2, 3))  # not sharded
+    objects = Objects.open(str(tmp_path / "a.zarr"))
+    with pytest.raises(StoreError, match="not a row-sharded array"):
+        RowArray.from_zarr_json("flat", read_zarr_json(objects, "flat"))
+
+
+def test_damage_is_named(tmp_path, built_cache):
+    out = copy_cache(built_cache, tmp_path / "c.zarr")
+    shard = out / "alpha" / "train" / "topk_ids" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"alpha/train/topk_ids/c/0/0/0 row 0: checksum mismatch"):
+        Cache(str(out)).targets_of("alpha", "train", [0])
+    index_damage = out / "alpha" / "train" / "tokens" / "c" / "0" / "0"
+    data = bytearray(index_damage.read_bytes())
+    data[-10] ^= 0xFF
+    index_damage.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="shard index checksum mismatch"):
+        Cache(str(out)).tokens("alpha", "train", [1])
