@@ -282,6 +282,9 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
     hook = hook or (lambda event, info: None)
     started = time.perf_counter()
     worker = resolve_worker(config.num_shards, config.shard_index)
+    # The tokenizer's own threads: the node's cores shared among its workers (set before
+    # the tokenizer's thread pool starts, which is at its first batch).
+    os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, worker.local_world_size))))
     backend = "none" if config.tokens_only else resolve_backend(config.backend)
     # Before anything touches CUDA: this worker's GPU set (vLLM's engine uses the first t visible GPUs).
     if backend == "vllm" or (config.device == "auto" and worker.local_world_size > 1):
@@ -398,7 +401,7 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
 
         records = writer.records()
         all_shards = writer.shards()
-        mine = [s for i, s in enumerate(all_shards) if i % worker.world_size == worker.rank and s.key not in records]
+        mine = [s for s in assign_shards(all_shards, worker.world_size)[worker.rank] if s.key not in records]
         threads = config.writer_threads or auto_writer_threads()
         _score(writer, plan, mine, teacher, spec, result, progress, hook, threads, tuple(worker))
         stats = teacher.stats
@@ -418,6 +421,28 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
     return result
 
 
+def balance(sizes: list[int], workers: int) -> list[list[int]]:
+    """Each worker's items (indices into `sizes`, in index order): largest first, each to the
+    worker with the least work so far (ties: the lowest index). Deterministic in the sizes
+    and the worker count, so every worker computes the same split; it evens out items of
+    unequal size (the last shard of every split is short; pieces of small domains too),
+    which taking every N-th item would not."""
+    import heapq
+
+    heap = [(0, w) for w in range(workers)]
+    out: list[list[int]] = [[] for _ in range(workers)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        load, w = heapq.heappop(heap)
+        out[w].append(i)
+        heapq.heappush(heap, (load + sizes[i], w))
+    return [sorted(mine) for mine in out]
+
+
+def assign_shards(shards: list[Shard], workers: int) -> list[list[Shard]]:
+    """Each worker's shards, balanced by sequences (see `balance`)."""
+    return [[shards[i] for i in mine] for mine in balance([s.stop - s.start for s in shards], workers)]
+
+
 def _need(raw: bytes | None, message: str) -> bytes:
     if raw is None:
         raise StoreError(message + "; the cache is damaged: delete it and build again")
@@ -430,7 +455,10 @@ def _tokenize(objects: Objects, domains: list[DomainSource], pieces: dict[str, l
     write its summary, then wait until every worker's pieces are staged."""
     everything = [(s, p) for s in domains for p in pieces[s.name]]
     done = done_pieces(objects)
-    mine = [(s, p) for i, (s, p) in enumerate(everything) if i % worker.world_size == worker.rank]
+    owner = {}
+    for w, items in enumerate(balance([p.nbytes for _, p in everything], worker.world_size)):
+        owner.update(dict.fromkeys(items, w))
+    mine = [everything[i] for i in range(len(everything)) if owner[i] == worker.rank]
     todo = [(s, p) for s, p in mine if (s.name, p.index) not in done]
     label = "tokenize" if worker.world_size == 1 else f"tokenize (worker {worker.rank}/{worker.world_size})"
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=label, unit=" piece", disable=not progress)
@@ -454,22 +482,26 @@ def _tokenize(objects: Objects, domains: list[DomainSource], pieces: dict[str, l
         c.add(piece.index, index)
     bar.close()
     write_summary(objects, tuple(worker), stats, cands)
-    _wait_for_pieces(objects, everything, worker, progress, wait_timeout)
+    _wait_for_pieces(objects, everything, owner, worker, progress, wait_timeout)
     return len(todo)
 
 
-def _wait_for_pieces(objects: Objects, everything: list[tuple[DomainSource, Piece]], worker: Worker, progress: bool, timeout: float) -> None:
+def _wait_for_pieces(objects: Objects, everything: list[tuple[DomainSource, Piece]], owner: dict[int, int], worker: Worker,
+                     progress: bool, timeout: float) -> None:
     """Until every piece is staged; shows which workers are behind. Gives up only after
-    `timeout` seconds without any new piece (a worker that died and was not restarted)."""
-    wanted = {(s.name, p.index): i % worker.world_size for i, (s, p) in enumerate(everything)}
+    `timeout` seconds without any new piece (a worker that died and was not restarted).
+    Polls with a growing interval (1 s to 10 s, back to 1 s on progress): on object stores
+    a poll is a listing."""
+    wanted = {(s.name, p.index): owner[i] for i, (s, p) in enumerate(everything)}
     last, last_change = -1, time.monotonic()
     bar = None
+    interval = 1.0
     while True:
         done = done_pieces(objects) & set(wanted)
         if len(done) == len(wanted):
             break
         if len(done) != last:
-            last, last_change = len(done), time.monotonic()
+            last, last_change, interval = len(done), time.monotonic(), 1.0
         if bar is None and progress:
             bar = tqdm(total=len(wanted), desc="waiting for other workers' pieces", unit=" piece")
         behind: dict[int, int] = {}
@@ -486,7 +518,8 @@ def _wait_for_pieces(objects: Objects, everything: list[tuple[DomainSource, Piec
                 + ", ".join(f"worker {w} ({n} pieces)" for w, n in sorted(behind.items()))
                 + "; start (or restart) those workers with the same command, or raise --wait-timeout"
             )
-        time.sleep(1.0)
+        time.sleep(interval)
+        interval = min(10.0, interval * 1.5)
     if bar is not None:
         bar.close()
 

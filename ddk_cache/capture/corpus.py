@@ -87,6 +87,7 @@ class Piece:
     domain: str
     index: int
     segments: tuple[tuple[int, int, int | None], ...]  # (file index, start, end)
+    nbytes: int = 0  # about how many bytes it reads (for balancing work)
 
 
 def _suffix(path: Path) -> str | None:
@@ -203,20 +204,21 @@ def plan_pieces(source: DomainSource, piece_bytes: int) -> list[Piece]:
     def emit() -> None:
         nonlocal current, fill
         if current:
-            pieces.append(Piece(source.name, len(pieces), tuple(current)))
+            pieces.append(Piece(source.name, len(pieces), tuple(current), fill))
         current, fill = [], 0
 
     for i, path in enumerate(source.files):
         suffix = _suffix(path)
         if suffix == ".jsonl.gz":
             emit()
-            current, fill = [(i, 0, None)], piece_bytes
+            current, fill = [(i, 0, None)], 4 * path.stat().st_size  # compressed: about 4x the text
             emit()
             continue
         if suffix == ".parquet":
             emit()
-            for group in range(_parquet_row_groups(path)):
-                current, fill = [(i, group, group + 1)], piece_bytes
+            groups = _parquet_row_groups(path)
+            for group in range(groups):
+                current, fill = [(i, group, group + 1)], 4 * path.stat().st_size // max(1, groups)
                 emit()
             continue
         size = path.stat().st_size

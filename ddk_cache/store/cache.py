@@ -330,11 +330,14 @@ class CacheWriter(_CacheNode):
 
         meta = self.meta
         meta.domains = domains
-        root = zarr.open_group(store=self.path, mode="a")
         S = meta.shard_sequences
         for domain in domains:
+            # Groups by an exclusive create of their zarr.json: several workers may get here at
+            # once, and zarr's require_group is check-then-create.
+            self.objects.put_if_absent(f"{domain}/zarr.json", group_json())
             for split in SPLITS:
-                group = root.require_group(f"{domain}/{split}")
+                self.objects.put_if_absent(f"{domain}/{split}/zarr.json", group_json())
+                group = zarr.open_group(store=self.path, path=f"{domain}/{split}", mode="r+")
                 n = domains[domain].split(split).sequences
                 for name, spec in self.array_specs(domain).items():
                     shape = (n, *spec.row_shape)

@@ -239,25 +239,37 @@ class Pack2Codec:
         is_rem = (order == 0) & ~rem_tail[:, None]  # the top-1 is the remainder unless the tail is
         store = ks & ~is_rem
         sqrt_p, sqrt_t = np.sqrt(ps), np.sqrt(tail)
+        # log p of the sorted entries from the log-probs themselves (no log of P*K values)
+        norm = np.where(total > 1.0, np.log(np.maximum(total, 1e-300)), 0.0)
+        logp_s = np.where(ks, np.take_along_axis(lp, order, 1) - norm[:, None], 0.0)
         with np.errstate(divide="ignore"):
-            logp_s, log_t = np.log(np.where(ks, ps, 1.0)), np.log(np.where(has_tail, tail, 1.0))
+            log_t = np.log(np.where(has_tail, tail, 1.0))
 
         levels = np.zeros((P, K), np.int64)
         tail_level = np.zeros(P, np.int64)
         exponent = np.zeros(P, np.int64)
         todo = np.arange(P)
+        base_log = self._encode_log_table()
         for e in range(MAX_REFINE + 1):
             h = self.h / 2.0**e
-            lv = np.minimum(np.floor(sqrt_p[todo] / h), self.max_level).astype(np.int64)
-            q = np.where(store[todo], ((lv + 0.5) * h) ** 2, 0.0)
-            tl = np.minimum(np.floor(sqrt_t[todo] / h), self.max_level).astype(np.int64)
-            qt = np.where(has_tail[todo] & ~rem_tail[todo], ((tl + 0.5) * h) ** 2, 0.0)
+            # The first pass covers every position (no copies); refinements only the few left.
+            sel = slice(None) if e == 0 else todo
+            lv = np.minimum(np.floor(sqrt_p[sel] / h), self.max_level).astype(np.int64)
+            q = np.where(store[sel], ((lv + 0.5) * h) ** 2, 0.0)
+            tl = np.minimum(np.floor(sqrt_t[sel] / h), self.max_level).astype(np.int64)
+            qt = np.where(has_tail[sel] & ~rem_tail[sel], ((tl + 0.5) * h) ** 2, 0.0)
             q_rem = 1.0 - q.sum(1) - qt
-            q = np.where(is_rem[todo], q_rem[:, None], q)
-            qt = np.where(rem_tail[todo], q_rem, qt)
+            if e == 0 and lv.max(initial=0) < len(base_log):
+                logq = base_log[lv]  # log ((l + 0.5) h)^2 by table: no log of P*K values
+            else:
+                with np.errstate(divide="ignore"):
+                    logq = np.log(np.where(store[sel], q, 1.0))
             with np.errstate(divide="ignore", invalid="ignore"):
-                kl = np.where(ks[todo], ps[todo] * (logp_s[todo] - np.log(np.where(ks[todo], q, 1.0))), 0.0).sum(1)
-                kl += np.where(has_tail[todo], tail[todo] * (log_t[todo] - np.log(np.where(has_tail[todo], qt, 1.0))), 0.0)
+                log_rem = np.log(np.maximum(q_rem, 1e-300))
+                logq = np.where(is_rem[sel], log_rem[:, None], logq)
+                qt = np.where(rem_tail[sel], q_rem, qt)
+                kl = np.where(ks[sel], ps[sel] * (logp_s[sel] - logq), 0.0).sum(1)
+                kl += np.where(has_tail[sel], tail[sel] * (log_t[sel] - np.log(np.where(has_tail[sel], qt, 1.0))), 0.0)
             ok = (q_rem > 0) & np.isfinite(kl) & (kl <= self.kl_budget)
             if e == MAX_REFINE:
                 ok[:] = True  # h / 2^MAX_REFINE: finer than float32 can tell apart
@@ -280,6 +292,12 @@ class Pack2Codec:
                         + _planes(refs, cb) + _planes(tail_level, tb))
         streams = [per_position, _planes(gaps, self.id_bytes), _planes(flat_levels, lb), exact.astype("<f4").tobytes()]
         return self._frame(FLAG_EXACT_TARGET if self.exact_target else 0, lb, tb, streams, [3, self.id_level, 3, 3])
+
+    def _encode_log_table(self) -> np.ndarray:
+        """float64 log ((l + 0.5) h)^2 for the levels an unrefined position can have."""
+        if not hasattr(self, "_enc_log"):
+            self._enc_log = 2.0 * np.log((np.arange(int(1.0 / self.h) + 2, dtype=np.float64) + 0.5) * self.h)
+        return self._enc_log
 
     # ------------------------------------------------------------------ sampled
     def encode_sampled(self, ids: np.ndarray, counts: np.ndarray, logprobs: np.ndarray | None, target_logprob: np.ndarray) -> bytes:
