@@ -4,7 +4,7 @@
 
 Steps (each skipped when its output exists): BPE tokenizer (32,768 ids) trained on the
 corpus + a randomly initialised Llama (`make_model_dir`); a tokens-only cache
-(`build --top-k 1`); plain language modelling on it (`distill --kd-loss none`). Prints the
+(`build --top-k 0`); plain language modelling on it (`distill --kd-loss none`). Prints the
 teacher's validation perplexity per domain beside the uniform baseline (= vocabulary size).
 """
 
@@ -38,8 +38,8 @@ def main() -> None:
     init = teacher(args.corpus, args.work, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
                    layers=args.layers, heads=args.hidden_size // 64, context=max(512, args.seq_len + 1))
     tokens = args.work / "tokens.zarr"
-    build(BuildConfig(teacher=str(init), data=args.corpus, out=str(tokens), top_k=1, seq_len=args.seq_len, backend="hf",
-                      max_tokens_per_domain=args.tokens_per_domain, val_sequences=8, device="cpu", dtype="float32"))
+    build(BuildConfig(tokenizer=str(init), data=args.corpus, out=str(tokens), top_k=0, seq_len=args.seq_len, backend="hf",
+                      max_tokens_per_domain=args.tokens_per_domain, val_tokens=8 * args.seq_len, device="cpu", dtype="float32"))
     run = args.work / "teacher-run"
     if not (run / "final").exists():
         distill(DistillConfig(cache=str(tokens), student=str(init), out=str(run), kd_loss="none", mixing="natural",
