@@ -21,7 +21,7 @@ from common import machine, print_table
 from transformers import AutoModelForCausalLM
 
 from ddk_cache.train.data import CacheLoader
-from ddk_cache.train.losses import KDLoss, ce_and_dense_kd, ce_and_sparse_kd
+from ddk_cache.train.losses import KDConfig, ce_and_dense_kd, ce_and_sparse_kd
 from ddk_cache.store.cache import Cache
 
 
@@ -72,12 +72,12 @@ def main() -> None:
                 if mode == "ce" or mode.startswith("cache "):
                     # The trainer's own path: `ce` is its --kd-loss none.
                     kind = "none" if mode == "ce" else mode.split()[1]
-                    ce, kd = ce_and_sparse_kd(flat, labels, ids.reshape(flat.shape[0], -1), lps.reshape(flat.shape[0], -1), KDLoss(kind))
+                    ce, kd = ce_and_sparse_kd(flat, labels, ids.reshape(flat.shape[0], -1), lps.reshape(flat.shape[0], -1), KDConfig(kind))
                     loss = (ce.sum() + 0.2 * kd.sum()) / ce.numel()
                 else:  # online: the teacher runs every step and its full distribution is the target
                     with torch.no_grad():
                         t_logits = teacher(input_ids=x, use_cache=False).logits[:, :-1].reshape(flat.shape)
-                    ce, kd = ce_and_dense_kd(flat, labels, t_logits, KDLoss("fkl"))  # distill --online-teacher's path
+                    ce, kd = ce_and_dense_kd(flat, labels, t_logits, KDConfig("fkl"))  # distill --online-teacher's path
                     loss = (ce.sum() + 0.2 * kd.sum()) / ce.numel()
             loss.backward()
             opt.step()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddk_cache.train.losses import KINDS, KDLoss, cross_entropy, dense_kd, sparse_kd
+from ddk_cache.train.losses import KINDS, KDConfig, cross_entropy, dense_kd, sparse_kd
 
 V, N = 50, 12
 
@@ -25,7 +25,7 @@ def cached(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
 @pytest.mark.parametrize("tail", ["bucket", "renorm"])
 def test_sparse_with_k_equal_vocab_is_dense(kind, temperature, tail):
-    cfg = KDLoss(kind=kind, temperature=temperature, tail=tail)
+    cfg = KDConfig(kind=kind, temperature=temperature, tail=tail)
     t = logits(1)
     ids, lps = cached(t, V)
     s1 = logits(2).requires_grad_(True)
@@ -42,12 +42,12 @@ def test_dense_matches_the_textbook_formulas():
     t, s = logits(3), logits(4)
     p, q = torch.softmax(t, -1), torch.softmax(s, -1)
     kl = lambda a, b: (a * (a.log() - b.log())).sum(-1)  # noqa: E731
-    torch.testing.assert_close(dense_kd(s, t, KDLoss("fkl")), kl(p, q))
-    torch.testing.assert_close(dense_kd(s, t, KDLoss("rkl")), kl(q, p))
-    torch.testing.assert_close(dense_kd(s, t, KDLoss("skl")), kl(p, 0.1 * p + 0.9 * q))
-    torch.testing.assert_close(dense_kd(s, t, KDLoss("srkl")), kl(q, 0.9 * p + 0.1 * q))
+    torch.testing.assert_close(dense_kd(s, t, KDConfig("fkl")), kl(p, q))
+    torch.testing.assert_close(dense_kd(s, t, KDConfig("rkl")), kl(q, p))
+    torch.testing.assert_close(dense_kd(s, t, KDConfig("skl")), kl(p, 0.1 * p + 0.9 * q))
+    torch.testing.assert_close(dense_kd(s, t, KDConfig("srkl")), kl(q, 0.9 * p + 0.1 * q))
     m = 0.3 * p + 0.7 * q
-    torch.testing.assert_close(dense_kd(s, t, KDLoss("jsd", jsd_beta=0.3)), 0.3 * kl(p, m) + 0.7 * kl(q, m))
+    torch.testing.assert_close(dense_kd(s, t, KDConfig("jsd", jsd_beta=0.3)), 0.3 * kl(p, m) + 0.7 * kl(q, m))
     # AKL by hand, row by row.
     expected = []
     for pi, qi in zip(p, q):
@@ -62,7 +62,7 @@ def test_dense_matches_the_textbook_formulas():
         mask[head] = True
         gh, gt = (pi - qi).abs()[mask].sum(), (pi - qi).abs()[~mask].sum()
         expected.append(gh / (gh + gt) * kl(pi, qi) + gt / (gh + gt) * kl(qi, pi))
-    torch.testing.assert_close(dense_kd(s, t, KDLoss("akl")), torch.stack(expected))
+    torch.testing.assert_close(dense_kd(s, t, KDConfig("akl")), torch.stack(expected))
 
 
 def test_tail_bucket_by_hand():
@@ -71,15 +71,15 @@ def test_tail_bucket_by_hand():
     p, q = lps.exp(), torch.softmax(s, -1).gather(-1, ids)
     P = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1)
     Q = torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
-    torch.testing.assert_close(sparse_kd(s, ids, lps, KDLoss("fkl")), (P * (P.log() - Q.log())).sum(-1))
+    torch.testing.assert_close(sparse_kd(s, ids, lps, KDConfig("fkl")), (P * (P.log() - Q.log())).sum(-1))
     Pr, Qr = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
-    torch.testing.assert_close(sparse_kd(s, ids, lps, KDLoss("fkl", tail="renorm")), (Pr * (Pr.log() - Qr.log())).sum(-1))
+    torch.testing.assert_close(sparse_kd(s, ids, lps, KDConfig("fkl", tail="renorm")), (Pr * (Pr.log() - Qr.log())).sum(-1))
 
 
 def test_temperature_keeps_tail_mass_and_sharpens_within_topk():
     t, s = logits(7), logits(8)
     ids, lps = cached(t, 5)
-    cfg = KDLoss("fkl", temperature=2.0)
+    cfg = KDConfig("fkl", temperature=2.0)
     a = lps.exp().sum(-1, keepdim=True)
     pT = a * torch.softmax(lps / 2.0, -1)
     qT = torch.softmax(s / 2.0, -1).gather(-1, ids)
@@ -92,28 +92,28 @@ def test_identical_distributions_give_zero():
     t = logits(9)
     ids, lps = cached(t, 7)
     for kind in ("fkl", "rkl", "skl", "srkl", "jsd", "akl"):
-        assert sparse_kd(t, ids, lps, KDLoss(kind)).abs().max() < 1e-5
+        assert sparse_kd(t, ids, lps, KDConfig(kind)).abs().max() < 1e-5
 
 
 def test_ids_beyond_student_vocab_join_the_tail():
     t = logits(10)
     ids, lps = cached(t, 5)
     ids[:, -1] = V + 7  # a padded teacher id the student does not have
-    out = sparse_kd(logits(11), ids, lps, KDLoss("fkl"))
+    out = sparse_kd(logits(11), ids, lps, KDConfig("fkl"))
     assert torch.isfinite(out).all()
 
 
 def test_none_and_cross_entropy():
     s = logits(12)
     labels = torch.arange(N) % V
-    assert sparse_kd(s, *cached(logits(13), 4), KDLoss("none")).eq(0).all()
+    assert sparse_kd(s, *cached(logits(13), 4), KDConfig("none")).eq(0).all()
     torch.testing.assert_close(cross_entropy(s, labels), -torch.log_softmax(s, -1)[torch.arange(N), labels])
 
 
 @pytest.mark.parametrize("bad", [dict(kind="xkl"), dict(tail="drop"), dict(temperature=0), dict(skew_alpha=1.0)])
 def test_bad_settings(bad):
     with pytest.raises(ValueError):
-        KDLoss(**bad)
+        KDConfig(**bad)
 
 
 @pytest.mark.parametrize("kind", ["fkl", "rkl", "akl", "none"])
@@ -121,7 +121,7 @@ def test_bad_settings(bad):
 def test_fused_ce_and_kd_equal_the_separate_losses(kind, temperature):
     from ddk_cache.train.losses import ce_and_sparse_kd
 
-    cfg = KDLoss(kind, temperature=temperature)
+    cfg = KDConfig(kind, temperature=temperature)
     ids, lps = cached(logits(20), 6)
     labels = torch.arange(N) % V
     s1 = logits(21).requires_grad_(True)
@@ -147,7 +147,7 @@ def test_adaptive_padding_equals_the_dense_tail_bucket(kind):
     each coarsened to (kept ids, one tail bucket), computed densely; gradients agree too."""
     from ddk_cache.store.targets import TargetSpec, adaptive_cut
 
-    cfg = KDLoss(kind=kind)
+    cfg = KDConfig(kind=kind)
     t = logits(1)
     ids, lps = cached(t, 12)
     lps = torch.from_numpy(adaptive_cut(lps.numpy(), TargetSpec(k=12, min_mass=0.6)))
@@ -181,8 +181,8 @@ def test_sampled_targets_equal_dense_fkl_against_the_empirical_distribution():
     empirical = torch.zeros(N, V).scatter_add(-1, ids, counts / 50)
     s1 = logits(2).requires_grad_(True)
     s2 = s1.detach().clone().requires_grad_(True)
-    sparse = sparse_kd(s1, ids, weights, KDLoss("fkl"))
-    dense = dense_kd(s2, empirical.log(), KDLoss("fkl"))
+    sparse = sparse_kd(s1, ids, weights, KDConfig("fkl"))
+    dense = dense_kd(s2, empirical.log(), KDConfig("fkl"))
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
     sparse.sum().backward()
     dense.sum().backward()

@@ -12,13 +12,18 @@ from ddk_cache.train.mixing import Mixer, parse_static
 DOMAINS = ["a", "b", "c"]
 
 
-def test_first_update_is_the_raw_discrepancy_factor():
-    m = Mixer("ddk", DOMAINS, [10, 20, 30])
+def test_first_update_is_smoothed_from_uniform_weights():
+    """DDK's first weights: the smooth update applied to a uniform start, so the (1 - alpha)/N
+    floor holds from the first interval on (the raw factor gave one domain 0.99)."""
+    m = Mixer("ddk", DOMAINS, [10, 20, 30], alpha=0.5)
     np.testing.assert_allclose(m.weights, [1 / 3] * 3)
     s, t = [30.0, 10.0, 12.0], [10.0, 10.0, 6.0]
     w = m.update(s, t)
     e = [math.exp(3.0), math.exp(1.0), math.exp(2.0)]
-    np.testing.assert_allclose(w, [x / sum(e) for x in e], rtol=1e-12)
+    np.testing.assert_allclose(w, [0.5 * x / sum(e) + 0.5 / 3 for x in e], rtol=1e-12)
+    assert w.min() >= 0.5 / 3
+    raw = Mixer("ddk-nosmooth", DOMAINS, [10, 20, 30]).update(s, t)
+    np.testing.assert_allclose(raw, [x / sum(e) for x in e], rtol=1e-12)
 
 
 def test_smooth_update_formula():

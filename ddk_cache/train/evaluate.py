@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..store.cache import Cache
+from .losses import IGNORE_INDEX, cross_entropy
 
 
 def model_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
@@ -22,37 +23,54 @@ def model_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+def _per_token_ce(model: Any, x: torch.Tensor, labels: torch.Tensor, loss: bool, chunk: int) -> torch.Tensor:
+    """CE of every position [B*(L-1)] (0 where labels are IGNORE_INDEX)."""
+    if loss:  # a StudentLoss (possibly under DDP/FSDP): the chunked loss in its forward
+        return model(x, labels)[2]
+    logits = model_logits(model, x)[:, :-1]
+    flat, y = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    parts = [cross_entropy(flat[s : s + chunk], torch.where(y[s : s + chunk] == IGNORE_INDEX, 0, y[s : s + chunk]))
+             for s in range(0, flat.shape[0], chunk)]  # float32 per chunk, never for the whole batch
+    return torch.where(y == IGNORE_INDEX, 0.0, torch.cat(parts))
+
+
 @torch.no_grad()
 def evaluate_domains(
     model: Any, cache: Cache, *, batch_size: int = 8, device: torch.device | str = "cpu",
     autocast: Callable[[], Any] = nullcontext, rank: int = 0, world_size: int = 1, split: str = "val",
+    loss: bool = False, chunk: int = 1024,
 ) -> dict[str, float]:
     """exp(mean next-token NLL) per domain, over the positions that carry loss (all of them
     for text; the assistant's tokens for chat) of every `split` sequence.
 
-    Reads tokens (and loss masks) only. Under torch.distributed each rank scores its own
-    slice of each domain (sequences rank, rank + world, ...); the NLL sums and token counts
-    are all-reduced on `device`, so every rank gets the same numbers (and DDK weights)."""
+    `model`: any causal LM returning logits (a Hugging Face model, or a module whose forward
+    returns the logits), or with `loss=True` the trainer's StudentLoss. Reads tokens (and
+    loss masks) only. Under torch.distributed each rank scores its own slice of each domain
+    (sequences rank, rank + world, ...) and every rank runs the same number of forward
+    passes (short slices are padded with positions that count for nothing), as FSDP
+    requires; the NLL sums and token counts are all-reduced on `device`."""
     was_training = model.training
     model.eval()
     device = torch.device(device)
     sums = torch.zeros(len(cache.domains), 2, dtype=torch.float64, device=device)
     for i, domain in enumerate(cache.domains):
-        mine = np.arange(rank, cache.num_sequences(domain, split), world_size)
-        for start in range(0, len(mine), batch_size):
+        n = cache.num_sequences(domain, split)
+        per_rank = -(-n // world_size)
+        mine = np.arange(rank, n, world_size)
+        for start in range(0, per_rank, batch_size):
             rows = mine[start : start + batch_size]
+            real = len(rows)
+            if real < min(batch_size, per_rank - start):  # pad to the batch every rank runs
+                rows = np.concatenate([rows, np.zeros(min(batch_size, per_rank - start) - real, np.int64)])
             x = torch.from_numpy(cache.tokens(domain, split, rows)).long().to(device)
             mask = cache.loss_mask(domain, split, rows)
+            keep = torch.ones_like(x[:, 1:], dtype=torch.bool) if mask is None else torch.from_numpy(mask[:, 1:].astype(bool)).to(device)
+            keep[real:] = False
+            labels = torch.where(keep, x[:, 1:], IGNORE_INDEX)
             with autocast():
-                logits = model_logits(model, x)[:, :-1]
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction="none")
-            if mask is not None:
-                keep = torch.from_numpy(mask[:, 1:].astype(bool)).to(device).reshape(-1)
-                nll, count = nll[keep], keep.sum()
-            else:
-                count = torch.tensor(nll.numel(), device=device)
-            sums[i, 0] += nll.sum(dtype=torch.float64)
-            sums[i, 1] += count.to(torch.float64)
+                ce = _per_token_ce(model, x, labels, loss, chunk)
+            sums[i, 0] += ce.sum(dtype=torch.float64)
+            sums[i, 1] += keep.sum().to(torch.float64)
     if world_size > 1:
         torch.distributed.all_reduce(sums)
     model.train(was_training)

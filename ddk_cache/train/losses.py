@@ -43,7 +43,7 @@ TAILS = ("bucket", "renorm")
 
 
 @dataclass(frozen=True)
-class KDLoss:
+class KDConfig:
     """Which divergence, at which temperature, with which tail rule and constants."""
 
     kind: str = "fkl"
@@ -70,7 +70,7 @@ def _xlogy_diff(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torc
     return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
 
 
-def divergence(kind: str, logp: torch.Tensor, logq: torch.Tensor, cfg: KDLoss) -> torch.Tensor:
+def divergence(kind: str, logp: torch.Tensor, logq: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
     """D(P, Q) per row for categorical log-distributions [N, C] (P the teacher, Q the student)."""
     p, q = logp.exp(), logq.exp()
     if kind == "fkl":
@@ -107,7 +107,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_kd(
-    student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, cfg: KDLoss,
+    student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, cfg: KDConfig,
     *, student_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token divergence between cached top-k teacher targets and the student.
@@ -144,7 +144,7 @@ def sparse_kd(
 
 
 def dense_kd(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: KDLoss, *, student_logprobs: torch.Tensor | None = None
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: KDConfig, *, student_logprobs: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Per-token divergence between full teacher and student distributions, both at temperature T.
 
@@ -176,7 +176,7 @@ def _ce(student_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
 
 def ce_and_sparse_kd(
-    student_logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, cfg: KDLoss
+    student_logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, cfg: KDConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE [N], KD [N]) sharing one float32 log-softmax over the vocabulary when T = 1.
 
@@ -193,7 +193,7 @@ def ce_and_sparse_kd(
 
 
 def ce_and_dense_kd(
-    student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor, cfg: KDLoss
+    student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor, cfg: KDConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE [N], KD [N]) of online KD: the teacher's full [N, V] logits are the target."""
     ce, logq = _ce(student_logits, labels)

@@ -4,9 +4,12 @@ DDK (references.md): with student and teacher validation perplexities l_S[i], l_
   discrepancy factor   r[i] = exp(l_S[i]/l_T[i]) / sum_j exp(l_S[j]/l_T[j])
   smooth update        psi[i] = r_prev[i] * exp(l_S[i]/l_T[i]);
                        r[i] = alpha * psi[i] / sum_j psi[j] + (1 - alpha) / N
-The first evaluation sets r to the raw factor; every later one applies the smooth update
-(`ddk`), or the raw factor again (`ddk-nosmooth`). Everything is computed in log space, so
-ratios in the thousands cannot overflow.
+`ddk` starts from uniform weights and applies the smooth update at every evaluation, the
+first included (so even the first mix keeps every domain at >= (1 - alpha)/N: an untrained
+student's ratio is largest where the teacher is best, and the raw factor put 0.99 of the
+data on one domain for the first interval of the quickstart; BENCHMARKS.md, "DDK's first
+weights"). `ddk-nosmooth` uses the raw factor every time. Everything is computed in log
+space, so ratios in the thousands cannot overflow.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ class Mixer:
         if not self.adaptive:
             return self.weights
         ratio = np.asarray(ppl_student, float) / np.asarray(ppl_teacher, float)
-        if self.kind == "ddk-nosmooth" or self.updates == 0:
+        if self.kind == "ddk-nosmooth":
             self.weights = _softmax(ratio)
         else:
             # log psi = log r_prev + ratio; normalising in log space keeps huge ratios finite.

@@ -1,0 +1,132 @@
+"""The student as the trainer sees it: one module whose forward returns the loss's sums, and
+how it is spread over ranks (DDP, or FSDP2 with one shard group per decoder layer).
+
+Why a wrapper: the loss is computed inside the module's forward, over chunks of positions
+(`chunked_loss`), from the decoder's hidden states and the output head. The [tokens,
+vocabulary] logits and their float32 log-softmax are never materialised for a whole batch
+(at V = 151,936 that is ~1.8 MB per token with its gradient): each chunk's logits are made,
+used and dropped, and recomputed in the backward pass (activation checkpointing). And
+FSDP2 unshards the root's parameters (embeddings, final norm, head) in the root module's
+forward: computing the loss there is what lets the head run sharded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .losses import IGNORE_INDEX, KDConfig, ce_and_dense_kd, ce_and_sparse_kd
+
+DEFAULT_CHUNK = 1024  # positions per loss chunk (~V * 12 bytes each at the peak)
+
+
+def _head_parts(model: Any) -> tuple[Any, Any, float | None]:
+    """(decoder returning hidden states, output head module, final logit soft-cap or None)
+    of a Hugging Face causal LM."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if decoder is None or head is None:
+        raise TypeError(f"{type(model).__name__}: chunked loss needs get_decoder() and get_output_embeddings()")
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    cap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)
+    if scale not in (None, 1, 1.0):
+        raise TypeError(f"{type(model).__name__} scales its logits (logit_scale {scale}); the chunked loss does not apply it")
+    return decoder, head, cap
+
+
+def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, cfg: KDConfig, *,
+                 topk_ids: torch.Tensor | None = None, topk_logprobs: torch.Tensor | None = None,
+                 teacher_logits: torch.Tensor | None = None, chunk: int = DEFAULT_CHUNK, softcap: float | None = None,
+                 checkpoint: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CE + KD over positions in chunks: (CE sum, KD sum, per-position CE detached [N]).
+
+    hidden [N, H] (the decoder's output at the positions that predict `labels` [N]); the
+    targets are sparse (topk_ids/topk_logprobs [N, K]) or dense (teacher_logits [N, V]) or
+    none (CE only). Each chunk's logits = head(hidden chunk) in float32; with `checkpoint`
+    they are recomputed in the backward pass instead of kept. Equal to the unchunked loss
+    and its gradients (tests/test_chunked_loss.py)."""
+    N = hidden.shape[0]
+    ce_sum = hidden.new_zeros((), dtype=torch.float32)
+    kd_sum = hidden.new_zeros((), dtype=torch.float32)
+    per_token = []
+    for start in range(0, N, chunk):
+        stop = min(N, start + chunk)
+        args = [hidden[start:stop], labels[start:stop]]
+        if topk_ids is not None:
+            args += [topk_ids[start:stop], topk_logprobs[start:stop]]
+        elif teacher_logits is not None:
+            args += [teacher_logits[start:stop]]
+
+        def piece(h: torch.Tensor, y: torch.Tensor, *t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = head(h).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            if len(t) == 2:
+                return ce_and_sparse_kd(logits, y, t[0], t[1], cfg)
+            if len(t) == 1:
+                return ce_and_dense_kd(logits, y, t[0], cfg)
+            return ce_and_sparse_kd(logits, y, None, None, KDConfig("none"))
+
+        if checkpoint and torch.is_grad_enabled():
+            ce, kd = torch.utils.checkpoint.checkpoint(piece, *args, use_reentrant=False)
+        else:
+            ce, kd = piece(*args)
+        ce_sum = ce_sum + ce.sum()
+        kd_sum = kd_sum + kd.sum()
+        per_token.append(ce.detach())
+    return ce_sum, kd_sum, torch.cat(per_token) if per_token else hidden.new_zeros(0)
+
+
+class StudentLoss(torch.nn.Module):
+    """A causal LM whose forward returns the training loss's sums (see the module docstring).
+
+    forward(input_ids [B, L], labels [B, L-1] (IGNORE_INDEX: no loss), topk_ids/topk_logprobs
+    [B, L-1, K] or teacher_logits [B, L-1, V] or neither) -> (CE sum, KD sum, per-position CE
+    [B*(L-1)] detached)."""
+
+    def __init__(self, model: Any, cfg: KDConfig, chunk: int = DEFAULT_CHUNK) -> None:
+        super().__init__()
+        self.model, self.cfg, self.chunk = model, cfg, chunk
+        self._decoder, self._head, self._softcap = _head_parts(model)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor | None = None,
+                topk_logprobs: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        hidden = self._decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+        N = hidden.shape[0] * hidden.shape[1]
+        flat = lambda t: None if t is None else t.reshape(N, *t.shape[2:])  # noqa: E731
+        return chunked_loss(hidden.reshape(N, -1), self._head, labels.reshape(N), self.cfg,
+                            topk_ids=flat(topk_ids), topk_logprobs=flat(topk_logprobs), teacher_logits=flat(teacher_logits),
+                            chunk=self.chunk, softcap=self._softcap)
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The repeated blocks of a Hugging Face decoder (one FSDP2 shard group each)."""
+    decoder = model.get_decoder()
+    for name in ("layers", "h", "blocks", "block"):
+        layers = getattr(decoder, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return list(layers)
+    raise TypeError(f"{type(model).__name__}: cannot find the decoder layers to shard (looked for layers, h, blocks)")
+
+
+def parallelize(module: StudentLoss, mode: str, device: torch.device, world: int, bf16: bool) -> torch.nn.Module:
+    """The module to train: itself (one process), DDP, or FSDP2 (`fully_shard` on every decoder
+    layer, then the root; bf16 compute with fp32 master weights and reductions on GPU)."""
+    if world == 1 or mode == "none":
+        return module
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in decoder_layers(module.model):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
+    return module
+
+
+def loss_tokens(labels: torch.Tensor) -> int:
+    return int((labels != IGNORE_INDEX).sum())

@@ -1,0 +1,87 @@
+"""Two ranks (gloo, CPU) train exactly what one process trains: DDP and FSDP2, losses and
+final weights; checkpoints resume onto another number of ranks.
+
+The loader splits one shared draw over the ranks, and the loss is normalised by the
+global count of positions that carry loss, so 2 ranks x batch 2 is the same step as
+1 process x batch 4: the only difference allowed is float summation order."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddk_cache.train.distill import distill
+
+from .helpers import distill_config
+
+pytestmark = pytest.mark.slow
+
+COMMON = dict(max_steps=4, ddk_interval=2, warmup_steps=2, lr=1e-3, eval_batch_size=3, save_every=2)
+
+
+def records(run, kind):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+def torchrun(tmp_path, built_cache, student, out, *extra, port):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m", "ddk_cache", "distill",
+           "--cache", str(built_cache), "--student", str(student), "--out", str(out), "--batch-size", "2", "--device", "cpu", "--quiet",
+           *[x for k, v in COMMON.items() for x in (f"--{k.replace('_', '-')}", str(v))], *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, teacher_dir):
+    from .helpers import make_student
+
+    return make_student(teacher_dir, tmp_path_factory.mktemp("s") / "student", hidden_size=32, layers=2)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, built_cache, student):
+    out = tmp_path_factory.mktemp("single") / "run"
+    distill(distill_config(built_cache, student, out, batch_size=4, **COMMON), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("mode,port", [("ddp", 29541), ("fsdp", 29542)])
+def test_two_ranks_equal_one_process(tmp_path, built_cache, student, single, mode, port):
+    out = tmp_path / mode
+    torchrun(tmp_path, built_cache, student, out, *(["--fsdp"] if mode == "fsdp" else []), port=port)
+    a, b = records(single, "step"), records(out, "step")
+    assert [s["step"] for s in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["tokens"] == x["tokens"]
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+    for x, y in zip(records(single, "eval"), records(out, "eval")):
+        for d in x["weights"]:
+            assert y["weights"][d] == pytest.approx(x["weights"][d], rel=1e-6)
+            assert y["ppl_student"][d] == pytest.approx(x["ppl_student"][d], rel=1e-5)
+    ref, got = load_file(single / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_checkpoint_resumes_on_one_process(tmp_path, built_cache, student, single):
+    """A checkpoint saved by 2 FSDP ranks (one file set per rank) resumes on 1 process: the
+    global draw and the loss are the same, so steps 3-4 continue the 2-rank run."""
+    out = tmp_path / "fsdp"
+    torchrun(tmp_path, built_cache, student, out, "--fsdp", port=29543)
+    ckpt = out / "checkpoints" / "step_00000002"
+    assert len(list((ckpt / "dcp").glob("*.distcp"))) == 2  # one file set per rank
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, resumed / "checkpoints" / ckpt.name)
+    shutil.copy(out / "metrics.jsonl", resumed / "metrics.jsonl")
+    result = distill(distill_config(built_cache, student, resumed, batch_size=4, resume=True, **COMMON), progress=False)
+    assert result.steps == 4 and len(result.losses) == 2
+    for x, y in zip(records(out, "step")[2:], records(resumed, "step")[2:]):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
