@@ -4,7 +4,7 @@ RKL + DDK, and dense online KD, for two student sizes and several seeds, at equa
     python benchmarks/quality.py --corpus ../shared/corpora/dev --work /tmp/quality
 
 Everything is the tool's own commands, run as subprocesses (so runs go in parallel, one
-thread each): `init-model` (BPE tokenizer + random Llama), `build --top-k 1` (tokens) and
+thread each): `init-model` (BPE tokenizer + random Llama), `build --top-k 0` (a tokens-only cache) and
 `distill --kd-loss none` to train the teacher, `build --top-k 64` for the teacher's cache,
 then one `distill` per method x size x seed from that one cache (online KD: the same
 command with `--online-teacher`). Every stage is skipped when its output exists, so an
@@ -16,7 +16,6 @@ plots the DDK weights over time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -100,12 +99,12 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     corpus = str(Path(args.corpus).resolve())
-    common = ["--data", corpus, "--seq-len", str(args.seq_len), "--val-sequences", "16", "--backend", "hf", "--batch-size", "16", "--quiet"]
+    common = ["--data", corpus, "--seq-len", str(args.seq_len), "--val-tokens", str(16 * args.seq_len), "--backend", "hf", "--batch-size", "16", "--quiet"]
 
     # 1-4: teacher and its cache (the same commands as examples/dev_corpus_ddk.sh).
     stage("tokenizer + random teacher", work / "teacher0", ["init-model", "--corpus", corpus, "--out", str(work / "teacher0"),
           "--vocab-size", str(args.vocab_size), "--hidden-size", "256", "--layers", "4", "--heads", "8", "--max-position-embeddings", "512"], work)
-    stage("tokens-only cache", work / "tokens.zarr", ["build", "--teacher", str(work / "teacher0"), "--out", str(work / "tokens.zarr"), "--top-k", "1", *common], work)
+    stage("tokens-only cache", work / "tokens.zarr", ["build", "--tokenizer", str(work / "teacher0"), "--out", str(work / "tokens.zarr"), "--top-k", "0", *common], work)
     teacher = work / "runs" / "teacher" / "final"
     stage("teacher training (CE only)", teacher, ["distill", "--cache", str(work / "tokens.zarr"), "--student", str(work / "teacher0"),
           "--out", str(work / "runs" / "teacher"), "--kd-loss", "none", "--mixing", "natural", "--max-steps", str(args.teacher_steps),

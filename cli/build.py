@@ -56,6 +56,9 @@ def build(config_file: str | None, finalize_only: bool, quiet: bool, **options: 
             f"engine busy {result.teacher_seconds:.1f}s, idle {result.engine_idle_share:.1%} of the scoring time; "
             f"writers {result.write_seconds:.1f}s in the background, the teacher waited on them {result.stall_seconds:.1f}s)"
         )
+    for domain, n in result.chat_no_loss.items():
+        click.echo(f"warning: {domain}: {n:,} chat sample(s) left out: no assistant token within the first {cfg.seq_len} tokens "
+                   "(raise --seq-len to keep them)", err=True)
     if result.pending_elsewhere:
         click.echo(f"{result.pending_elsewhere} shard(s) still pending on other workers; the last worker to finish finalizes the cache.")
     else:

@@ -12,8 +12,8 @@ cd "$WORK"
 
 # 1. A random-init Llama teacher (4 layers x 256) and a 4096-token BPE tokenizer trained on the corpus.
 [ -d teacher0 ] || ddk-cache init-model --corpus "$CORPUS" --out teacher0 --vocab-size 4096 --hidden-size 256 --layers 4
-# 2. Its cache gives the packed tokens; train the teacher on them with CE only.
-ddk-cache build --teacher teacher0 --data "$CORPUS" --out tokens.zarr --top-k 1 --seq-len 512 --backend hf --max-tokens-per-domain $CAP --quiet
+# 2. A tokens-only cache (--top-k 0: no teacher runs) gives the packed tokens; train the teacher on them with CE only.
+ddk-cache build --tokenizer teacher0 --data "$CORPUS" --out tokens.zarr --top-k 0 --seq-len 512 --backend hf --max-tokens-per-domain $CAP --quiet
 [ -d runs/teacher/final ] || ddk-cache distill --cache tokens.zarr --student teacher0 --out runs/teacher --kd-loss none \
     --mixing natural --max-steps 300 --batch-size 8 --lr 2e-3 --warmup-steps 20 --ddk-interval 100 --save-every 100 --quiet
 # 3. The cache of the trained teacher: top-64 log-probs.

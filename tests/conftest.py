@@ -14,6 +14,7 @@ from ddk_cache.models import ModelSpec, make_model_dir
 
 from .helpers import WORDS, make_docs, small_config, write_corpus
 
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))
@@ -32,4 +33,18 @@ def built_cache(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, cor
     """One complete cache shared by the read-only tests."""
     out = tmp_path_factory.mktemp("cache") / "c.zarr"
     build(small_config(teacher_dir, corpus_dir, out), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_cache(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path) -> Path:
+    """A cache of chat records (messages and prompt/response pairs) with the tests' template."""
+    from ddk_cache.capture.build import build
+
+    from .helpers import CHAT_TEMPLATE, small_config, write_chat_corpus
+
+    root = tmp_path_factory.mktemp("chat")
+    corpus = write_chat_corpus(root / "corpus")
+    out = root / "c.zarr"
+    build(small_config(teacher_dir, corpus, out, seq_len=64, val_tokens=128, chat_template=CHAT_TEMPLATE), progress=False)
     return out

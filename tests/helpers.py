@@ -11,9 +11,9 @@ from pathlib import Path
 from ddk_cache.capture.build import BuildConfig
 
 WORDS = {
-    "alpha": "the market rose as investors weighed rates and the central bank held steady on inflation".split(),
-    "beta": "def return self import class for in range if else none true false print value key".split(),
-    "gamma": "the knight rode through the dark forest toward the castle where the dragon slept".split(),
+    "alpha": ["the", "market", "rose", "as", "investors", "weighed", "rates", "and", "the", "central", "bank", "held", "steady", "on", "inflation"],
+    "beta": ["def", "return", "self", "import", "class", "for", "in", "range", "if", "else", "none", "true", "false", "print", "value", "key"],
+    "gamma": ["the", "knight", "rode", "through", "the", "dark", "forest", "toward", "the", "castle", "where", "the", "dragon", "slept"],
 }
 
 
@@ -27,8 +27,7 @@ def write_corpus(root: Path) -> Path:
     """Three domains, one per supported layout: .jsonl, .jsonl.gz, a folder of .txt files."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "alpha.jsonl", "w") as f:
-        for doc in make_docs("alpha", 30):
-            f.write(json.dumps({"text": doc, "id": 1}) + "\n")
+        f.writelines(json.dumps({"text": doc, "id": 1}) + "\n" for doc in make_docs("alpha", 30))
     with gzip.open(root / "beta.jsonl.gz", "wt") as f:
         for doc in make_docs("beta", 30):
             f.write(json.dumps({"text": doc}) + "\n")
@@ -63,8 +62,8 @@ def build_argv(config) -> list[str]:
 
 def make_student(teacher_dir: Path, out: Path, hidden_size: int, layers: int, seed: int = 1) -> Path:
     """A random-init Llama student sharing the teacher's tokenizer (head_dim 32 like the teacher)."""
-    from ddk_cache.models import ModelSpec, init_model
     from ddk_cache.capture.tokenization import load_tokenizer
+    from ddk_cache.models import ModelSpec, init_model
 
     tok = load_tokenizer(str(teacher_dir))
     spec = ModelSpec(vocab_size=400, hidden_size=hidden_size, layers=layers, heads=hidden_size // 32, max_position_embeddings=64, seed=seed)
@@ -114,3 +113,37 @@ def partial_cache(teacher_dir: Path, corpus_dir: Path, out: Path, shards: int = 
     except Stop:
         pass
     return out
+
+
+# A ChatML-like template for the test tokenizer (which has none of its own).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_records(n: int, seed: int = 0) -> list[dict]:
+    """Chat samples of the test vocabulary: some multi-turn, some prompt/response pairs."""
+    rng = random.Random(f"chat-{seed}")
+    words = WORDS["alpha"] + WORDS["gamma"]
+    say = lambda k: " ".join(rng.choice(words) for _ in range(k))
+    out = []
+    for i in range(n):
+        if i % 3 == 0:
+            out.append({"prompt": say(rng.randint(3, 8)), "response": say(rng.randint(4, 12))})
+        else:
+            turns = [{"role": "system", "content": "be brief"}] if i % 2 else []
+            for _ in range(rng.randint(1, 2)):
+                turns += [{"role": "user", "content": say(rng.randint(3, 8))}, {"role": "assistant", "content": say(rng.randint(3, 10))}]
+            out.append({"messages": turns})
+    return out
+
+
+def write_chat_corpus(root: Path, n: int = 80) -> Path:
+    """A corpus with one chat domain (JSONL of chat records) beside two text domains."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "chat.jsonl", "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in chat_records(n))
+    with open(root / "alpha.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": doc}) + "\n" for doc in make_docs("alpha", 30))
+    return root

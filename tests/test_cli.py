@@ -6,6 +6,7 @@ import json
 
 from click.testing import CliRunner
 
+import ddk_cache
 from ddk_cache.cli.main import main
 
 from .helpers import copy_cache
@@ -81,7 +82,7 @@ def test_inspect_refuses_unknown_format_version(tmp_path, built_cache):
     copy = copy_cache(built_cache, tmp_path / "c.zarr", edit=lambda meta: meta.update(format_version=99))
     result = CliRunner().invoke(main, ["inspect", str(copy)])
     assert result.exit_code == 1
-    assert "has cache format version 99; this ddk-cache 0.1.0 reads versions 1, 2, 3; upgrade ddk-cache" in result.output
+    assert "has cache format version 99; this ddk-cache " + ddk_cache.__version__ + " reads versions 1, 2, 3; upgrade ddk-cache" in result.output
 
 
 def test_help_explains_every_command():

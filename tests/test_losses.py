@@ -187,3 +187,43 @@ def test_sampled_targets_equal_dense_fkl_against_the_empirical_distribution():
     sparse.sum().backward()
     dense.sum().backward()
     torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("tail", ["bucket", "renorm"])
+def test_kd_loss_module_equals_ce_and_sparse_kd(kind, temperature, tail):
+    """The public KDLoss over [B, L, V] logits with -100 labels is ce_and_sparse_kd on the
+    labelled positions, averaged over them: loss and gradients, logits and hidden-state paths."""
+    from ddk_cache import KDLoss
+    from ddk_cache.train.losses import ce_and_sparse_kd
+
+    B, L, H, K = 2, 7, 16, 5
+    g = torch.Generator().manual_seed(30)
+    head = torch.nn.Linear(H, V, bias=False)
+    hidden = torch.randn(B, L, H, generator=g)
+    labels = torch.randint(0, V, (B, L), generator=g)
+    labels[0, :3] = -100  # a prompt: no loss there
+    labels[1, 5] = -100
+    ids, lps = cached(torch.randn(B, L - 1, V, generator=g) * 3, K)
+    fn = KDLoss(kind, kd_weight=0.3, temperature=temperature, tail=tail)
+
+    h1 = hidden.clone().requires_grad_(True)
+    loss = fn(head(h1), labels, ids, lps)
+    loss.backward()
+
+    h2 = hidden.clone().requires_grad_(True)
+    y = labels[:, 1:].reshape(-1)
+    keep = y != -100
+    ce, kd = ce_and_sparse_kd(head(h2)[:, :-1].reshape(-1, V)[keep], y[keep], ids.reshape(-1, K)[keep], lps.reshape(-1, K)[keep],
+                              KDConfig(kind, temperature=temperature, tail=tail))
+    ref = (ce.sum() + 0.3 * kd.sum()) / keep.sum()
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(h1.grad, h2.grad)
+
+    h3 = hidden.clone().requires_grad_(True)
+    chunked = fn.forward_hidden(h3, head, labels, ids, lps, chunk=4)
+    chunked.backward()
+    torch.testing.assert_close(chunked, ref)
+    torch.testing.assert_close(h3.grad, h2.grad)

@@ -175,6 +175,7 @@ class BuildResult:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     already_complete: bool = False
     pending_elsewhere: int = 0  # shards other workers still have to write
+    chat_no_loss: dict[str, int] = field(default_factory=dict)  # per domain: chat samples left out (no loss within seq-len)
 
     @property
     def tokens_per_second(self) -> float:
@@ -379,6 +380,7 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
             phases["tokenize"], mark = time.perf_counter() - mark, time.perf_counter()
             try:
                 plan = _plan(writer.objects, domains, pieces, packing)
+                result.chat_no_loss = {d: p.no_loss for d, p in plan.domains.items() if p.no_loss}
             except CorpusError:
                 # A corpus too small for its split sizes: nothing was scored. A single worker that
                 # created this store removes it, so the fixed command starts clean.

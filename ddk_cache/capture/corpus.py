@@ -188,11 +188,14 @@ def _domains_from_spec(spec: Path) -> list[DomainSource]:
 
 def iter_documents(source: DomainSource, text_field: str = "text") -> Iterator[str]:
     """Yield the non-empty text documents of a domain, file by file, in file order (no
-    splitting of long documents): for training a tokenizer, or a quick look."""
+    splitting of long documents): for training a tokenizer, or a quick look. A chat record
+    yields its messages' contents, one per line."""
     for i, path in enumerate(source.files):
         for doc in read_segment(source, i, 0, None, text_field, part_chars=None):
             if doc.text is not None:
                 yield doc.text
+            elif doc.messages:
+                yield "\n".join(m["content"] for m in doc.messages)
 
 
 def plan_pieces(source: DomainSource, piece_bytes: int) -> list[Piece]:

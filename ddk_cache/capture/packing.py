@@ -115,12 +115,24 @@ def tokenize_piece(objects: Objects, source: DomainSource, piece: Piece, tokeniz
     keys, tokens, masks = [], [], []
     kind = None
     batch: list = []
+    no_loss = 0
 
     def flush() -> None:
+        nonlocal no_loss
         ids, ms = tokenize(batch)
-        tokens.extend(ids)
-        if ms is not None:
-            masks.extend(ms)
+        if ms is None:
+            keys.extend(doc_hash(cfg.seed, source.name, d.key) for d in batch)
+            tokens.extend(ids)
+        else:
+            for d, i, m in zip(batch, ids, ms):
+                # A chat sample whose assistant tokens all lie beyond seq-len would carry no
+                # loss (and give its domain's perplexities 0/0): it is left out, and counted.
+                if not m[1 : cfg.seq_len].any():
+                    no_loss += 1
+                    continue
+                keys.append(doc_hash(cfg.seed, source.name, d.key))
+                tokens.append(i)
+                masks.append(m)
         batch.clear()
 
     for doc in read_piece(source, piece, cfg.text_field, cfg.part_chars, digest):
@@ -129,7 +141,6 @@ def tokenize_piece(objects: Objects, source: DomainSource, piece: Piece, tokeniz
             kind = doc_kind
         elif doc_kind != kind or (batch and (batch[0].messages is None) != (doc.messages is None)):
             raise CorpusError(f"{doc.origin}: domain {source.name!r} mixes plain-text and chat records; give each kind its own domain")
-        keys.append(doc_hash(cfg.seed, source.name, doc.key))
         batch.append(doc)
         if len(batch) >= 256:
             flush()
@@ -145,6 +156,8 @@ def tokenize_piece(objects: Objects, source: DomainSource, piece: Piece, tokeniz
     if masks:
         objects.put(f"{key}.msk", np.concatenate([masks[i] for i in order]).astype(np.uint8).tobytes())
     stats = {"docs": int(len(order)), "tokens": int(lengths.sum()), "sha256": digest.hexdigest(), "data": kind or TEXT}
+    if no_loss:
+        stats["no_loss"] = no_loss
     index = PieceIndex(hashes, lengths, stats)
     objects.put(f"{key}.idx", index.to_bytes())  # last: the piece is done
     return stats
@@ -212,6 +225,7 @@ class DomainPlan:
     tokens_read: int
     train_documents: int
     sha256: str
+    no_loss: int = 0  # chat samples left out: no assistant token within seq_len
 
     def info(self) -> DomainInfo:
         return DomainInfo(SplitInfo(self.n_train, self.train_documents), SplitInfo(self.n_val, len(self.val_docs)), self.tokens_read, self.data)
@@ -279,7 +293,8 @@ def make_plan(objects: Objects, sources: list[DomainSource], pieces: dict[str, l
             extra.limit = 1 << 62
             extra.add(i, index)
         stats = [per_domain[name][i] for i in range(n_pieces)]
-        kinds = {s["data"] for s in stats if s["docs"]}
+        no_loss = sum(int(s.get("no_loss", 0)) for s in stats)
+        kinds = {s["data"] for s in stats if s["docs"]} or ({CHAT} if no_loss else set())
         if len(kinds) > 1:
             raise CorpusError(f"domain {name!r} mixes plain-text and chat records; give each kind its own domain")
         data = kinds.pop() if kinds else TEXT
@@ -287,6 +302,9 @@ def make_plan(objects: Objects, sources: list[DomainSource], pieces: dict[str, l
         tokens = [int(s["tokens"]) for s in stats]
         docs = [int(s["docs"]) for s in stats]
         total = sum(docs) if chat else sum(tokens)
+        if total == 0 and no_loss:
+            raise CorpusError(f"domain {name!r}: none of its {no_loss:,} chat samples has an assistant token within the first "
+                              f"{cfg.seq_len} tokens; raise --seq-len or shorten the prompts")
         if total == 0:
             raise CorpusError(f"domain {name!r} has no documents")
         n_val = _val_size(total, cfg, chat, name)
@@ -337,7 +355,7 @@ def make_plan(objects: Objects, sources: list[DomainSource], pieces: dict[str, l
             left -= avail
         sha = hashlib.sha256("".join(s["sha256"] for s in stats).encode()).hexdigest()
         tokens_read = sum(tokens) if cfg.max_tokens is None else min(sum(tokens), cfg.max_tokens)
-        domains[name] = DomainPlan(data, order, tokens, docs, val_prefix, val_docs, n_train, n_val, tokens_read, train_documents, sha)
+        domains[name] = DomainPlan(data, order, tokens, docs, val_prefix, val_docs, n_train, n_val, tokens_read, train_documents, sha, no_loss)
     return Plan(cfg.seq_len, token_dtype(cfg.vocab_size).itemsize, cfg.pad_id, domains)
 
 

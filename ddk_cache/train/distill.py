@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -44,7 +43,7 @@ from .checkpoint import CKPT_DIR, latest_checkpoint
 from .data import CacheLoader
 from .evaluate import evaluate_domains
 from .losses import IGNORE_INDEX, KINDS, TAILS, KDConfig
-from .mixing import Mixer
+from .ddk import DDKController
 from .student import DEFAULT_CHUNK, StudentLoss, parallelize
 
 METRICS = "metrics.jsonl"
@@ -97,6 +96,8 @@ class DistillConfig:
     resume: bool = option(False, "Continue from the newest complete checkpoint in --out, exactly.", fingerprint=False)
     prefetch: int = option(2, "Batches the reader thread reads ahead.", fingerprint=False)
     loader_workers: int = option(0, "Reader processes that decode batches in parallel (0: the reader thread alone).", fingerprint=False)
+    report_to: str = option("none", "Also log to: tensorboard (event files in RUN/tensorboard; needs the tensorboard package). metrics.jsonl is always written.",
+                            choices=("none", "tensorboard"), fingerprint=False)
 
     def __post_init__(self) -> None:
         validate([
@@ -260,7 +261,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
     if not cfg.resume and latest_checkpoint(run) is not None:  # every rank raises, so none is left waiting
         raise ConfigError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
     try:
-        mixer = Mixer(cfg.mixing, cache.domains, [cache.num_sequences(d, "train") for d in cache.domains], alpha=cfg.ddk_alpha)
+        ddk = DDKController(cache, mixing=cfg.mixing, alpha=cfg.ddk_alpha)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     model, tok = load_student(cfg, cache)
@@ -279,15 +280,17 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
     # FSDP2 computes in bf16 through its policy; DDP and one process use autocast on GPU.
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 and not cfg.fsdp else nullcontext
     total_steps = math.ceil(cfg.max_tokens / (cfg.batch_size * cache.seq_len * cfg.grad_accum * world)) if cfg.max_tokens else cfg.max_steps
-    teacher_ppl = [cache.teacher_ppl(d, "val") for d in cache.domains] if cache.meta.teacher_ppl else [float("nan")] * len(cache.domains)
+    teacher_ppl = dict(zip(cache.domains, ddk.teacher_ppl or [float("nan")] * len(cache.domains)))
 
     step, tokens_seen = 0, 0
-    loader = CacheLoader(cache, batch_size=cfg.batch_size, weights=mixer.weights, seed=cfg.seed, rank=rank, world_size=world,
+    board = None
+    loader = CacheLoader(cache, batch_size=cfg.batch_size, weights=ddk.weights, seed=cfg.seed, rank=rank, world_size=world,
                          prefetch=cfg.prefetch, targets=teacher is None, workers=cfg.loader_workers)
+    ddk.samplers.append(loader)
     try:
         if ckpt is not None:
             state = checkpoint.load(ckpt, trained, opt, rank)
-            mixer.load_state_dict(state["mixer"])
+            ddk.mixer.load_state_dict(state["mixer"])
             loader.load_state_dict(state["loader"])
             step, tokens_seen = state["step"], state["tokens"]
         if rank == 0:
@@ -295,23 +298,22 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
             (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
             _trim_metrics(run / METRICS, step)
 
+        board = _tensorboard(run, cfg.report_to) if rank == 0 else None
+
         def log(record: dict) -> None:
             if rank == 0:
                 with open(run / METRICS, "a") as f:
                     f.write(json.dumps(record) + "\n")
+                if board is not None:
+                    _board_log(board, record)
 
         def evaluate_and_mix(update: bool = True) -> dict[str, float]:
             t0 = time.perf_counter()
             ppl = evaluate_domains(trained, cache, batch_size=cfg.eval_batch_size, device=device, autocast=autocast,
                                    rank=rank, world_size=world, loss=True)
             seconds = time.perf_counter() - t0
-            weights = mixer.weights
-            if update:
-                before = mixer.weights.copy()
-                weights = mixer.update([ppl[d] for d in cache.domains], teacher_ppl)
-                if not np.array_equal(before, weights):
-                    loader.set_weights(weights)
-            log({"type": "eval", "step": step, "ppl_student": ppl, "ppl_teacher": dict(zip(cache.domains, teacher_ppl)),
+            weights = ddk.update(ppl) if update else ddk.weights
+            log({"type": "eval", "step": step, "ppl_student": ppl, "ppl_teacher": teacher_ppl,
                  "weights": dict(zip(cache.domains, weights.tolist())), "eval_seconds": seconds,
                  "eval_tokens": sum(cache.num_sequences(d, "val") for d in cache.domains) * cache.seq_len})
             return ppl
@@ -384,15 +386,44 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
             if step % cfg.ddk_interval == 0 and step < total_steps:
                 evaluate_and_mix()
             if step % cfg.save_every == 0 and step < total_steps:
-                state = {"step": step, "tokens": tokens_seen, "mixer": mixer.state_dict(), "loader": loader.state_dict(),
+                state = {"step": step, "tokens": tokens_seen, "mixer": ddk.mixer.state_dict(), "loader": loader.state_dict(),
                          "world_size": world, "config": asdict(cfg)}
                 last_good = checkpoint.save(run, step, trained, opt, state, cfg.keep_checkpoints, rank)
         bar.close()
     finally:
         loader.close()
-    final_ppl = evaluate_and_mix(update=False)  # logged with the weights in force; nothing reads a new mix now
+    try:
+        final_ppl = evaluate_and_mix(update=False)  # logged with the weights in force; nothing reads a new mix now
+    finally:
+        if board is not None:
+            board.close()
     checkpoint.export(trained, tok, run / FINAL, rank)
     return DistillResult(run / FINAL, step, losses, final_ppl)
+
+
+def _tensorboard(run: Path, report_to: str) -> Any:
+    if report_to != "tensorboard":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(log_dir=str(run / "tensorboard"))
+
+
+def _board_log(board: Any, record: dict) -> None:
+    """A metrics record as TensorBoard scalars: train/loss, eval/ppl/<domain>, eval/weight/<domain>..."""
+    step = record["step"]
+    if record["type"] == "step":
+        for key in ("loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s"):
+            board.add_scalar(f"train/{key}", record[key], step)
+        for d, v in record["ce_by_domain"].items():
+            board.add_scalar(f"train/ce/{d}", v, step)
+    else:
+        for d in record["ppl_student"]:
+            board.add_scalar(f"eval/ppl/{d}", record["ppl_student"][d], step)
+            board.add_scalar(f"eval/weight/{d}", record["weights"][d], step)
+    board.flush()
 
 
 def _trim_metrics(path: Path, step: int) -> None:

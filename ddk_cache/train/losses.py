@@ -202,3 +202,73 @@ def ce_and_dense_kd(
     shared = logq if cfg.temperature == 1.0 else None
     kd = dense_kd(student_logits, teacher_logits, cfg, student_logprobs=shared)
     return ce, torch.where(labels != IGNORE_INDEX, kd, torch.zeros_like(kd))
+
+
+def _shift(logits: torch.Tensor, labels: torch.Tensor, targets: list[torch.Tensor | None], shift: bool) -> tuple:
+    """Flatten to positions: logits [N, V], labels [N] and targets [N, ...]. With `shift`, logits
+    and labels are aligned with the input (Hugging Face's convention: position t's logits
+    predict labels[t + 1]) and the cache's targets are already per predicted position."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    N = labels.numel()
+    return (logits.reshape(N, logits.shape[-1]), labels.reshape(N), *[None if t is None else t.reshape(N, *t.shape[-1:]) for t in targets])
+
+
+def kd_loss(
+    logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor | None = None, topk_logprobs: torch.Tensor | None = None,
+    *, teacher_logits: torch.Tensor | None = None, config: KDConfig = KDConfig(), kd_weight: float = 0.2,
+    reduction: str = "mean", shift: bool = True, return_parts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CE + kd_weight * D(teacher || student) over the positions whose label is not IGNORE_INDEX.
+
+    logits [B, L, V] and labels [B, L] as a Hugging Face model sees them (`shift=True`: the
+    logits at t predict labels[t+1]), or already per predicted position ([N, V], [N],
+    `shift=False`). Teacher targets: a cache's top-k or sampled targets (topk_ids int and
+    topk_logprobs float, [B, L-1, K] or [N, K]; padding: log-prob -inf), or a teacher's
+    logits ([B, L-1, V] or [N, V]), or neither (CE only). `reduction`: "mean" over
+    positions with a label, "sum", or "none" (per position, 0 where ignored). With
+    `return_parts`, also the CE and KD terms (each reduced the same way)."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
+    flat, y, ids, lps, t_logits = _shift(logits, labels, [topk_ids, topk_logprobs, teacher_logits], shift)
+    if t_logits is not None:
+        ce, kd = ce_and_dense_kd(flat, y, t_logits, config)
+    elif ids is not None and config.kind != "none":
+        ce, kd = ce_and_sparse_kd(flat, y, ids.long(), lps, config)
+    else:
+        ce, kd = ce_and_sparse_kd(flat, y, None, None, KDConfig("none"))
+    total = ce + kd_weight * kd
+    if reduction != "none":
+        denom = (y != IGNORE_INDEX).sum().clamp_min(1) if reduction == "mean" else 1
+        total, ce, kd = (t.sum() / denom for t in (total, ce, kd))
+    return (total, ce, kd) if return_parts else total
+
+
+class KDLoss(torch.nn.Module):
+    """The distillation loss as a module: `KDLoss("fkl", kd_weight=0.2)(logits, labels,
+    topk_ids, topk_logprobs)`; see `kd_loss` for the shapes. Every divergence (KINDS), both
+    tail rules, temperature, ignore index -100, reduction mean/sum/none; `forward_hidden`
+    is the chunked path (from hidden states and the output head: no [tokens, vocabulary]
+    tensor, equal loss and gradients)."""
+
+    def __init__(self, kind: str = "fkl", *, kd_weight: float = 0.2, temperature: float = 1.0, tail: str = "bucket",
+                 skew_alpha: float = 0.1, jsd_beta: float = 0.5, akl_mu: float = 0.5, reduction: str = "mean") -> None:
+        super().__init__()
+        self.config = KDConfig(kind, temperature, tail, skew_alpha, jsd_beta, akl_mu)
+        self.kd_weight, self.reduction = kd_weight, reduction
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor | None = None,
+                topk_logprobs: torch.Tensor | None = None, *, teacher_logits: torch.Tensor | None = None, shift: bool = True) -> torch.Tensor:
+        return kd_loss(logits, labels, topk_ids, topk_logprobs, teacher_logits=teacher_logits, config=self.config,
+                       kd_weight=self.kd_weight, reduction=self.reduction, shift=shift)
+
+    def forward_hidden(self, hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, topk_ids: torch.Tensor | None = None,
+                       topk_logprobs: torch.Tensor | None = None, *, chunk: int = 1024) -> torch.Tensor:
+        """The same loss from the decoder's last hidden states [B, L, H] and the output head,
+        `chunk` positions at a time (reduction mean or sum)."""
+        from .student import chunked_loss
+
+        h, y, ids, lps = _shift(hidden, labels, [topk_ids, topk_logprobs], True)
+        ce, kd, _ = chunked_loss(h, head, y, self.config, topk_ids=None if ids is None else ids.long(), topk_logprobs=lps, chunk=chunk)
+        total = ce + self.kd_weight * kd
+        return total / (y != IGNORE_INDEX).sum().clamp_min(1) if self.reduction == "mean" else total
