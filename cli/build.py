@@ -40,6 +40,10 @@ def build(config_file: str | None, finalize_only: bool, quiet: bool, **options: 
     for required in ("data", "out"):
         if not getattr(cfg, required):
             raise click.UsageError(f"Missing option '--{required}' (only --finalize works without --data).")
+    if quiet:
+        from .main import quiet_libraries
+
+        quiet_libraries()
     result = run_build(cfg, progress=not quiet)
     meta = result.meta
     out = cfg.out

@@ -24,6 +24,10 @@ def distill(config_file: str | None, quiet: bool, **overrides: object) -> None:
     ddk-cache distill --config distill.yaml --resume                           # continue exactly
     """
     cfg = DistillConfig.from_sources(config_file, overrides)
+    if quiet:
+        from .main import quiet_libraries
+
+        quiet_libraries()
     result = run_distill(cfg, progress=not quiet)
     click.echo(f"trained {result.steps} steps; final model: {result.out}")
     click.echo("final validation PPL: " + ", ".join(f"{d} {p:.3f}" for d, p in result.final_ppl.items()))

@@ -2,18 +2,58 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import click
 
 from ddk_cache import __version__
 from ddk_cache.errors import DDKCacheError
+from ddk_cache.store.objects import is_disk_full
+
+
+# What to run after an interruption or a full disk, per command.
+_RESUME = {
+    "build": "run the same command again: it resumes where it stopped",
+    "distill": "run the same command with --resume: it continues from the last complete checkpoint",
+}
+
+
+
+
+def quiet_libraries() -> None:
+    """--quiet: also silence transformers' and huggingface_hub's own progress bars (loading
+    and saving weights), so a quiet run prints only its result or its one-line error."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 class _Group(click.Group):
+    def resolve_command(self, ctx: click.Context, args: list[str]):  # noqa: ANN201 - click's signature
+        name, command, rest = super().resolve_command(ctx, args)
+        ctx.meta["ddk_command"] = name  # for the resume hint below
+        return name, command, rest
+
     def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's signature
         try:
             return super().invoke(ctx)
         except DDKCacheError as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            hint = _RESUME.get(ctx.meta.get("ddk_command", ""), "run the same command again")
+            click.echo(f"\ninterrupted; nothing complete was lost: {hint}", err=True)
+            sys.exit(130)  # the shell convention for SIGINT
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            hint = _RESUME.get(ctx.meta.get("ddk_command", ""), "run the same command again")
+            where = getattr(e, "filename", None)
+            raise click.ClickException(f"no space left on the device{f' holding {where}' if where else ''}; free space, then {hint}") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

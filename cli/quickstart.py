@@ -19,6 +19,10 @@ def quickstart(out: str, scale: str, as_json: bool, quiet: bool) -> None:
     from the standard library (code, pydoc topics, docstrings), train a small teacher on it,
     cache its top-k log-probabilities, distill two differently sized students from that one
     cache with DDK, and print per-domain perplexities (teacher; each student before/after)."""
+    if quiet:
+        from .main import quiet_libraries
+
+        quiet_libraries()
     table = run(out, scale, say=lambda line: click.echo(line, err=True), progress=not quiet)
     click.echo("")
     click.echo(format_table(table))

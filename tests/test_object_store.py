@@ -59,6 +59,21 @@ def test_build_inspect_verify_on_s3(s3_endpoint, teacher_dir, corpus_dir, built_
     assert again.already_complete
 
 
+def test_a_missing_s3_object_is_named_not_read_as_zeros(s3_endpoint, teacher_dir, corpus_dir, built_cache):
+    import boto3
+
+    from ddk_cache.errors import StoreError
+
+    url = "s3://caches/damaged/c.zarr"
+    build(small_config(teacher_dir, corpus_dir, url), progress=False)
+    boto3.client("s3", endpoint_url=s3_endpoint).delete_object(Bucket="caches", Key="damaged/c.zarr/beta/train/tokens/c/0/0")
+    cache = Cache(url)
+    with pytest.raises(StoreError, match=r"beta/train/tokens/c/0/0 is missing: the cache is damaged; run `ddk-cache verify`"):
+        cache.read("beta", "train", 0, 2)
+    verify = CliRunner().invoke(main, ["verify", url, "--quiet"])
+    assert verify.exit_code == 1 and "beta/train" in verify.output
+
+
 def test_s3_resume_after_crash(s3_endpoint, teacher_dir, corpus_dir, built_cache):
     url = "s3://caches/resume/c.zarr"
     config = small_config(teacher_dir, corpus_dir, url)

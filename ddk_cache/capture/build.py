@@ -43,7 +43,7 @@ from ..store.cache import (
 from ..store.encodings import Encoding, PackV2, PlainV1, RowScores, TokensOnly
 from ..store.log import ShardRecord
 from ..store.meta import CHAT, CacheMeta
-from ..store.objects import Objects, is_url
+from ..store.objects import DiskFull, Objects, is_disk_full, is_url
 from ..store.targets import DEFAULT_SAMPLE_POOL, TargetSpec
 from .corpus import DomainSource, Piece, corpus_layout, discover_domains, plan_pieces
 from .packing import (
@@ -280,6 +280,16 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
     simulate a crash there.
     `teacher`, if given, is an already loaded teacher of `config.teacher` and
     `config.backend` (left open afterwards), so several builds can share one engine."""
+    try:
+        return _build(config, progress, hook, teacher)
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if isinstance(e, (DiskFull, KeyboardInterrupt, SystemExit)) or not is_disk_full(e):
+            raise
+        raise DiskFull(f"no space left on the device holding {config.out}; free space (or choose another --out), then run "
+                       "the same command again: it resumes") from None
+
+
+def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teacher | None) -> BuildResult:
     hook = hook or (lambda event, info: None)
     started = time.perf_counter()
     worker = resolve_worker(config.num_shards, config.shard_index)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -22,13 +23,24 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     """
     from transformers import AutoTokenizer
 
+    check_model_path(name_or_path, TeacherError)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... depending on what is missing
-        raise TeacherError(f"cannot load a tokenizer from {name_or_path!r}: {first_line(e)}") from None
+        hint = "" if os.path.exists(name_or_path) else " (no local directory of that name exists either)"
+        raise TeacherError(f"cannot load a tokenizer from {name_or_path!r}: {first_line(e)}{hint}") from None
     if tok.eos_token_id is None:
         raise TeacherError(f"the tokenizer of {name_or_path!r} has no EOS token; documents could not be separated")
     return tok
+
+
+def check_model_path(name_or_path: str, error: type[Exception]) -> None:
+    """Raise `error` for a model or tokenizer path that does not exist and cannot be a hub id
+    (absolute, ./ or ../ or ~, a trailing slash, or more than one '/'), so a mistyped run
+    directory gets "no such directory", not a hub lookup's error."""
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.endswith("/") or name_or_path.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise error(f"{name_or_path}: no such file or directory (a local model directory was expected)")
 
 
 def first_line(e: BaseException) -> str:

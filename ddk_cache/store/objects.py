@@ -308,6 +308,25 @@ class DiskFull(StoreError):
     """No space left where the cache (or a run) is written."""
 
 
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e` (or what it wraps: DCP's CheckpointException keeps each rank's error in
+    `failures`, chained exceptions in __cause__/__context__) is a full disk or quota."""
+    seen = 0
+    stack = [e]
+    while stack and seen < 32:
+        x = stack.pop()
+        seen += 1
+        if not isinstance(x, BaseException):
+            continue
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):  # rank -> exception, or (exception, traceback)
+            stack.extend(v[0] if isinstance(v, tuple) else v for v in failures.values())
+        stack.extend(c for c in (x.__cause__, x.__context__) if c is not None)
+    return False
+
+
 def _write_error(where: object, e: OSError) -> StoreError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFull(f"no space left on the device holding {where}; free space (or choose another --out) and run the same command again: it resumes")

@@ -38,8 +38,8 @@ _CRC = CRC32C(location="end")
 
 
 def damaged(what: str) -> StoreError:
-    return StoreError(f"{what}: the cache is damaged; run `ddk-cache verify` on it, then rerun the build command "
-                      "that made it (it rewrites what is missing) or rebuild")
+    return StoreError(f"{what}: the cache is damaged; run `ddk-cache verify` on it to list every damaged object, "
+                      "then restore them from a copy or rebuild the cache")
 
 
 @dataclass(frozen=True)

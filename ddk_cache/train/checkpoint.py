@@ -28,6 +28,7 @@ CKPT_DIR = "checkpoints"
 CKPT_STATE = "state.json"  # written last: the checkpoint is complete
 CKPT_DCP = "dcp"
 TMP_SUFFIX = ".tmp"
+LOCK_DIR = ".locks"  # RUN/.locks/rank-<r>.lock: one live distill per run directory
 
 
 def _barrier() -> None:
@@ -93,6 +94,11 @@ def save(run: Path, step: int, module: torch.nn.Module, optimizer: torch.optim.O
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def read_state(ckpt: Path) -> dict:
+    """A complete checkpoint's state.json (step, config, ...), without loading any tensor."""
+    return json.loads((ckpt / CKPT_STATE).read_text())
 
 
 def load(ckpt: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict:

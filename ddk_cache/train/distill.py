@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -33,13 +34,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import config as cfgmod
-from ..capture.tokenization import load_tokenizer, tokenizer_fingerprint
-from ..config import option, validate
+from ..capture.tokenization import check_model_path, load_tokenizer, tokenizer_fingerprint
+from ..config import changed, free_fields, option, validate
 from ..errors import ConfigError, DDKCacheError, TeacherError
 from ..runtime import Worker, init_distributed, resolve_device, resolve_worker
 from ..store.cache import Cache
+from ..store.objects import DiskFull, LocalObjects, is_disk_full
 from . import checkpoint
-from .checkpoint import CKPT_DIR, latest_checkpoint
+from .checkpoint import CKPT_DIR, LOCK_DIR, latest_checkpoint
 from .data import CacheLoader
 from .evaluate import evaluate_domains
 from .losses import IGNORE_INDEX, KINDS, TAILS, KDConfig
@@ -85,7 +87,7 @@ class DistillConfig:
     max_steps: int = option(1000, "Optimizer steps.")
     max_tokens: int = option(0, "If > 0: train on this many tokens (all ranks) instead of --max-steps.")
     seed: int = option(0, "Seed of the sampling and of a random-init student.")
-    fsdp: bool = option(False, "Shard parameters, gradients and optimizer state over the ranks (FSDP2, one group per decoder layer): for students that do not fit one GPU with DDP.")
+    fsdp: bool = option(False, "Shard parameters, gradients and optimizer state over the ranks (FSDP2, one group per decoder layer): for students that do not fit one GPU with DDP.", fingerprint=False)
     device: str = option("auto", "auto = this rank's GPU (cuda:LOCAL_RANK) if available, else cpu.", fingerprint=False)
     bf16: str = option("auto", "bfloat16 compute: auto (GPU only), on, off. With --fsdp: bf16 parameters in compute, fp32 master weights and reductions.", choices=("auto", "on", "off"))
     gradient_checkpointing: bool = option(False, "Trade compute for activation memory.", fingerprint=False)
@@ -152,6 +154,7 @@ def load_student(cfg: DistillConfig, cache: Cache) -> tuple[Any, Any]:
             f"tokenizer mismatch: the student's tokenizer ({tok_path}, {ours[:19]}) is not the cache's "
             f"({cache.meta.teacher['name_or_path']}, {theirs[:19]}); a student must share the teacher's tokenizer"
         )
+    check_model_path(cfg.student or cfg.student_config, ConfigError)
     try:
         if cfg.student:
             model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
@@ -234,6 +237,31 @@ def load_online_teacher(cfg: DistillConfig, cache: Cache, device: torch.device, 
     return teacher
 
 
+def _check_memory(cfg: DistillConfig, cache: Cache, model: torch.nn.Module, device: torch.device, world: int) -> None:
+    """Refuse, before the first step, a batch whose memory certainly exceeds the device's: on
+    CPU the OOM killer would end the run without a word. `need` is a lower bound: fp32
+    weights, gradients and AdamW moments (FSDP: this rank's share), the activations every
+    decoder layer must keep for backward (norm, q/k/v, attention and MLP inputs, the MLP's
+    gate/up/act: (7 H + 3 I) floats per token; H per token with gradient checkpointing) and
+    one loss chunk's [positions, vocabulary] tensors."""
+    c = model.config
+    hidden = int(getattr(c, "hidden_size", 0) or 0)
+    inter = int(getattr(c, "intermediate_size", 0) or 4 * hidden)
+    layers = int(getattr(c, "num_hidden_layers", 0) or 0)
+    tokens = cfg.batch_size * cache.seq_len
+    per_token = layers * hidden if cfg.gradient_checkpointing else layers * (7 * hidden + 3 * inter)
+    params = sum(p.numel() for p in model.parameters()) / (world if cfg.fsdp else 1)
+    need = 4 * (tokens * per_token + 4 * params) + 12 * min(cfg.loss_chunk, tokens) * int(cache.meta.vocab_size)
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, f"{device} memory"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
+    if need > have:
+        raise ConfigError(f"--batch-size {cfg.batch_size} needs at least {need / 2**30:,.1f} GiB ({tokens:,} tokens of a {layers}-layer, "
+                          f"{hidden}-wide student), more than the {have / 2**30:,.1f} GiB of {where}; lower --batch-size (raise --grad-accum "
+                          "to keep the tokens per step), or use --gradient-checkpointing / --fsdp")
+
+
 def _grad_sync(model: torch.nn.Module, enabled: bool) -> Any:
     """Skip the gradient all-reduce on every micro-batch but the last (DDP and FSDP2)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -247,19 +275,63 @@ def _grad_sync(model: torch.nn.Module, enabled: bool) -> Any:
 
 
 def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
-    """Train per `cfg`; returns where the final model is and the loss history."""
+    """Train per `cfg`; returns where the final model is and the loss history.
+
+    Each rank holds a lock in RUN/.locks for the whole run (flock: released when the process
+    dies, kill -9 included), so a second distill into the same --out is refused at once on
+    every rank instead of interleaving its checkpoints and metrics with this one's."""
     worker: Worker = resolve_worker()
+    run = Path(cfg.out)
+    with LocalObjects(str(run)).lock(f"{LOCK_DIR}/rank-{worker.rank}.lock", f"a distill into {run}"):
+        try:
+            return _distill(cfg, worker, run, progress)
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)) or not is_disk_full(e):
+                raise
+            raise DiskFull(f"no space left on the device holding {run}; the last complete checkpoint is kept: free space (or copy "
+                           "the run directory elsewhere), then run the same command with --resume") from None
+
+
+def cache_identity(cache: Cache) -> str:
+    """What ties a run to its cache's content (not its path): the build fingerprint."""
+    return cache.meta.build_fingerprint or f"{cache.meta.teacher.get('fingerprint', '')}@{cache.meta.created_at}"
+
+
+def check_resume(saved: dict, cfg: DistillConfig, cache: Cache, run: Path, world: int) -> None:
+    """Refuse (naming every difference) a resume whose settings or cache differ from the
+    checkpoint's; say which flags may change. The per-rank --batch-size and --grad-accum may
+    change with the number of ranks as long as the global batch stays the same."""
+    per_step = ("--batch-size:", "--grad-accum:")
+    diffs = [d for d in changed(saved.get("config", {}), cfg) if not d.startswith(per_step)]
+    old = saved.get("config", {})
+    before = old.get("batch_size", cfg.batch_size) * old.get("grad_accum", cfg.grad_accum) * saved.get("world_size", world)
+    now = cfg.batch_size * cfg.grad_accum * world
+    if before != now:
+        diffs.append(f"the global batch (--batch-size x --grad-accum x ranks): {before} sequences before, {now} now")
+    theirs = saved.get("cache_identity")
+    if theirs and theirs != cache_identity(cache):
+        diffs.insert(0, f"the cache: {cfg.cache} holds other content than the cache this run was trained on "
+                        f"(build {theirs[:12]} before, {cache_identity(cache)[:12]} now)")
+    if diffs:
+        raise ConfigError(f"--resume: {run} was trained with other settings: {'; '.join(diffs)}. "
+                          f"Only these may change on resume: {', '.join(free_fields(DistillConfig))}; "
+                          "for anything else start a new --out")
+
+
+def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> DistillResult:
     rank, world = worker.rank, worker.world_size
     device = resolve_device(cfg.device, worker)
     init_distributed(worker, device)
     cache = Cache(cfg.cache)  # refuses incomplete caches and unknown versions
     _check_targets(cfg, cache)
-    run = Path(cfg.out)
-    ckpt = latest_checkpoint(run) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        raise ConfigError(f"--resume: no checkpoint in {run / CKPT_DIR}")
-    if not cfg.resume and latest_checkpoint(run) is not None:  # every rank raises, so none is left waiting
-        raise ConfigError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+    ckpt = latest_checkpoint(run)
+    if not cfg.resume and ckpt is not None:  # every rank raises, so none is left waiting
+        raise ConfigError(f"{run} already holds a run (checkpoint {ckpt.name}); pass --resume to continue it or choose another --out")
+    if cfg.resume and ckpt is None and rank == 0:
+        # An interrupted first save leaves only a .tmp folder: nothing to continue, so start.
+        tqdm.write(f"--resume: no complete checkpoint in {run / CKPT_DIR}; starting from step 0")
+    if ckpt is not None:
+        check_resume(checkpoint.read_state(ckpt), cfg, cache, run, world)
     try:
         ddk = DDKController(cache, mixing=cfg.mixing, alpha=cfg.ddk_alpha)
     except ValueError as e:
@@ -273,6 +345,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
                           f"{student_rows}; dense KD needs one vocabulary")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    _check_memory(cfg, cache, model, device, world)
     kd = cfg.kd()
     module = StudentLoss(model, kd, chunk=cfg.loss_chunk).to(device)
     trained = parallelize(module, "fsdp" if cfg.fsdp else "ddp", device, world, use_bf16)
@@ -349,10 +422,15 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
                 elif cache.has_targets and kd.kind != "none":
                     targets = {"topk_ids": batch.topk_ids.to(device, non_blocking=True).long(),
                                "topk_logprobs": batch.topk_logprobs.to(device, non_blocking=True)}
-                with _grad_sync(trained, micro == cfg.grad_accum - 1), autocast():
-                    ce, kd_sum, ce_tok = trained(x, labels, **targets)
-                loss = (ce + cfg.kd_weight * kd_sum) / tokens_per_step
-                loss.backward()
+                try:
+                    with _grad_sync(trained, micro == cfg.grad_accum - 1), autocast():
+                        ce, kd_sum, ce_tok = trained(x, labels, **targets)
+                    loss = (ce + cfg.kd_weight * kd_sum) / tokens_per_step
+                    loss.backward()
+                except torch.OutOfMemoryError:
+                    raise ConfigError(f"out of {device.type} memory at step {step + 1} with --batch-size {cfg.batch_size}: lower "
+                                      "--batch-size (raise --grad-accum to keep the tokens per step), or use --gradient-checkpointing, "
+                                      "--fsdp or a smaller --loss-chunk") from None
                 stats[0] += ce.detach().double()
                 stats[1] += kd_sum.detach().double()
                 doms = torch.as_tensor(batch.domains, device=device)
@@ -387,7 +465,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
                 evaluate_and_mix()
             if step % cfg.save_every == 0 and step < total_steps:
                 state = {"step": step, "tokens": tokens_seen, "mixer": ddk.mixer.state_dict(), "loader": loader.state_dict(),
-                         "world_size": world, "config": asdict(cfg)}
+                         "world_size": world, "config": asdict(cfg), "cache_identity": cache_identity(cache)}
                 last_good = checkpoint.save(run, step, trained, opt, state, cfg.keep_checkpoints, rank)
         bar.close()
     finally:
