@@ -16,6 +16,8 @@ from ddk_cache.store.objects import is_disk_full
 _RESUME = {
     "build": "run the same command again: it resumes where it stopped",
     "distill": "run the same command with --resume: it continues from the last complete checkpoint",
+    "minillm": "run the same command again: it continues the round it was in",
+    "generate": "run the same command again: it keeps the samples already written",
 }
 
 
@@ -75,9 +77,11 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import build, distill, init_model, inspect, quickstart, verify
+    from . import build, distill, generate, init_model, inspect, minillm, quickstart, verify
 
     main.add_command(build.build)
+    main.add_command(generate.generate)
+    main.add_command(minillm.minillm)
     main.add_command(distill.distill)
     main.add_command(distill.eval_cmd)
     main.add_command(distill.report)

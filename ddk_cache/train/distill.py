@@ -45,6 +45,7 @@ from .checkpoint import CKPT_DIR, LOCK_DIR, latest_checkpoint
 from .data import CacheLoader
 from .evaluate import evaluate_domains
 from .losses import IGNORE_INDEX, KINDS, TAILS, KDConfig
+from .minillm import MiniLLMConfig
 from .ddk import DDKController
 from .student import DEFAULT_CHUNK, StudentLoss, parallelize
 
@@ -66,7 +67,7 @@ class DistillConfig:
     student: str = option("", "Student causal LM: local directory or hub id (pretrained, as in DDK).")
     student_config: str = option("", "Or a transformers config.json: start the student from random weights.")
     tokenizer: str = option("", "Tokenizer directory (default: --student). Its fingerprint must equal the cache's.")
-    kd_loss: str = option("fkl", "fkl (forward KL), rkl (token-level reverse KL: MiniLLM's single-step term), skl, srkl (DistiLLM skew), jsd (generalised JSD), akl (adaptive KL), none (CE only).", choices=KINDS)
+    kd_loss: str = option("fkl", "fkl (forward KL), rkl (token-level reverse KL: MiniLLM's single-step term), skl, srkl (DistiLLM skew), jsd (generalised JSD), akl (adaptive KL), none (CE only), minillm (MiniLLM's sequence-level reverse KL on the student's own samples: a cache built from `ddk-cache generate` output; README, MiniLLM).", choices=(*KINDS, "minillm"))
     online_teacher: str = option("", "Dense online KD instead of the cache's targets: this teacher (transformers) runs every step and its full distribution is the target; the cache gives tokens and the teacher PPL table. The baseline the cache replaces.")
     kd_weight: float = option(0.2, "gamma in loss = CE + gamma * KD (DDK: 0.2).")
     temperature: float = option(1.0, "T of both distributions in the KD term.")
@@ -74,6 +75,9 @@ class DistillConfig:
     skew_alpha: float = option(0.1, "alpha of skl/srkl.")
     jsd_beta: float = option(0.5, "beta of jsd.")
     akl_mu: float = option(0.5, "head mass mu of akl.")
+    minillm_clip: float = option(0.2, "minillm: epsilon of the clipped importance weight q_theta/q_old.")
+    minillm_no_length_norm: bool = option(False, "minillm ablation: sum the long-horizon rewards instead of averaging them.")
+    minillm_no_single_step: bool = option(False, "minillm ablation: no single-step term (the return then includes the current token).")
     mixing: str = option("ddk", "ddk, ddk-nosmooth, uniform, natural (by size) or static:DOMAIN=W,...")
     ddk_interval: int = option(1000, "Steps between per-domain evaluations and DDK weight updates (DDK: 1000; scale down for small runs).")
     ddk_alpha: float = option(0.5, "DDK smoothing alpha: r = alpha * psi/sum(psi) + (1 - alpha)/N.")
@@ -126,11 +130,18 @@ class DistillConfig:
         ])
         try:
             self.kd()
+            self.minillm()
         except ValueError as e:
             raise ConfigError(f"--{str(e).replace('_', '-')}") from None
 
     def kd(self) -> KDConfig:
-        return KDConfig(self.kd_loss, self.temperature, self.tail, self.skew_alpha, self.jsd_beta, self.akl_mu)
+        kind = "rkl" if self.kd_loss == "minillm" else self.kd_loss  # minillm's single-step term is the token-level RKL
+        return KDConfig(kind, self.temperature, self.tail, self.skew_alpha, self.jsd_beta, self.akl_mu)
+
+    def minillm(self) -> MiniLLMConfig | None:
+        if self.kd_loss != "minillm":
+            return None
+        return MiniLLMConfig(self.minillm_clip, not self.minillm_no_length_norm, not self.minillm_no_single_step)
 
     @classmethod
     def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> "DistillConfig":
@@ -206,6 +217,19 @@ def _check_targets(cfg: DistillConfig, cache: Cache) -> None:
         if cfg.mixing.startswith("ddk"):
             raise ConfigError(f"--mixing {cfg.mixing} needs the teacher perplexity table, which a tokens-only cache lacks; "
                               "use --mixing natural, uniform or static:...")
+    if cfg.kd_loss == "minillm":
+        text = [d for d in cache.domains if not cache.is_chat(d)]
+        problems = [
+            (not cache.has_targets or cache.targets.kind == "sampled", "it needs a top-k cache (the reverse KL's single-step term)"),
+            (bool(cfg.online_teacher), "it reads the teacher's scores from the cache; drop --online-teacher"),
+            (cfg.temperature != 1.0, "it is defined at temperature 1; drop --temperature"),
+            (bool(text), f"it trains on the student's own samples (chat records from `ddk-cache generate`), but {', '.join(text)} "
+                         "holds plain text"),
+        ]
+        for bad, why in problems:
+            if bad:
+                raise ConfigError(f"--kd-loss minillm on {cfg.cache}: {why}")
+        return
     if cache.targets.kind != "sampled" or cfg.online_teacher:
         return
     if cfg.kd_loss not in ("fkl", "none"):
@@ -260,6 +284,23 @@ def _check_memory(cfg: DistillConfig, cache: Cache, model: torch.nn.Module, devi
         raise ConfigError(f"--batch-size {cfg.batch_size} needs at least {need / 2**30:,.1f} GiB ({tokens:,} tokens of a {layers}-layer, "
                           f"{hidden}-wide student), more than the {have / 2**30:,.1f} GiB of {where}; lower --batch-size (raise --grad-accum "
                           "to keep the tokens per step), or use --gradient-checkpointing / --fsdp")
+
+
+def _frozen_copy(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    import copy
+
+    frozen = copy.deepcopy(model).to(device).eval()
+    frozen.requires_grad_(False)
+    return frozen
+
+
+@torch.no_grad()
+def _token_logprobs(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, autocast: Any) -> torch.Tensor:
+    """log model(labels[t] | x[:t+1]) per predicted position [B, L-1] (0 where ignored)."""
+    with autocast():
+        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+    y = torch.where(labels == IGNORE_INDEX, torch.zeros_like(labels), labels)
+    return torch.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
 
 def _grad_sync(model: torch.nn.Module, enabled: bool) -> Any:
@@ -347,7 +388,11 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
         model.gradient_checkpointing_enable()
     _check_memory(cfg, cache, model, device, world)
     kd = cfg.kd()
-    module = StudentLoss(model, kd, chunk=cfg.loss_chunk).to(device)
+    minillm = cfg.minillm()
+    # MiniLLM's importance weights need q_old, the policy that drew the samples: the student
+    # this round starts from (--student), kept frozen (also on --resume: loaded before the checkpoint).
+    behaviour = _frozen_copy(model, device) if minillm is not None else None
+    module = StudentLoss(model, kd, chunk=cfg.loss_chunk, minillm=minillm).to(device)
     trained = parallelize(module, "fsdp" if cfg.fsdp else "ddp", device, world, use_bf16)
     opt = _optimizer(trained, cfg)
     # FSDP2 computes in bf16 through its policy; DDP and one process use autocast on GPU.
@@ -422,10 +467,14 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
                 elif cache.has_targets and kd.kind != "none":
                     targets = {"topk_ids": batch.topk_ids.to(device, non_blocking=True).long(),
                                "topk_logprobs": batch.topk_logprobs.to(device, non_blocking=True)}
+                if behaviour is not None:
+                    targets["target_logprob"] = batch.target_logprob.to(device, non_blocking=True)
+                    targets["old_logprob"] = _token_logprobs(behaviour, x, labels, autocast)
                 try:
                     with _grad_sync(trained, micro == cfg.grad_accum - 1), autocast():
                         ce, kd_sum, ce_tok = trained(x, labels, **targets)
-                    loss = (ce + cfg.kd_weight * kd_sum) / tokens_per_step
+                    # minillm: its objective alone (the CE it returns is detached, for the log).
+                    loss = (kd_sum if minillm is not None else ce + cfg.kd_weight * kd_sum) / tokens_per_step
                     loss.backward()
                 except torch.OutOfMemoryError:
                     raise ConfigError(f"out of {device.type} memory at step {step + 1} with --batch-size {cfg.batch_size}: lower "
@@ -439,7 +488,7 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
             if world > 1:
                 torch.distributed.all_reduce(stats)  # every rank logs and judges the global numbers
             positions = max(count.item(), 1.0)
-            total = float(stats[0] + cfg.kd_weight * stats[1]) / positions
+            total = float(stats[1] if minillm is not None else stats[0] + cfg.kd_weight * stats[1]) / positions
             if not math.isfinite(total):  # the same global value on every rank: all stop together
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
                 raise TrainingError(f"loss became non-finite at step {step + 1}; stopped on every rank ({where}). Try a lower --lr or --temperature")

@@ -87,19 +87,41 @@ class StudentLoss(torch.nn.Module):
     [B, L-1, K] or teacher_logits [B, L-1, V] or neither) -> (CE sum, KD sum, per-position CE
     [B*(L-1)] detached)."""
 
-    def __init__(self, model: Any, cfg: KDConfig, chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, model: Any, cfg: KDConfig, chunk: int = DEFAULT_CHUNK, minillm: Any = None) -> None:
         super().__init__()
-        self.model, self.cfg, self.chunk = model, cfg, chunk
+        self.model, self.cfg, self.chunk, self.minillm = model, cfg, chunk, minillm
         self._decoder, self._head, self._softcap = _head_parts(model)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor | None = None,
-                topk_logprobs: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                topk_logprobs: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
+                target_logprob: torch.Tensor | None = None, old_logprob: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         hidden = self._decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+        if self.minillm is not None and target_logprob is not None:  # evaluation passes tokens only: CE
+            return self._minillm(hidden, labels, topk_ids, topk_logprobs, target_logprob, old_logprob)
         N = hidden.shape[0] * hidden.shape[1]
         flat = lambda t: None if t is None else t.reshape(N, *t.shape[2:])  # noqa: E731
         return chunked_loss(hidden.reshape(N, -1), self._head, labels.reshape(N), self.cfg,
                             topk_ids=flat(topk_ids), topk_logprobs=flat(topk_logprobs), teacher_logits=flat(teacher_logits),
                             chunk=self.chunk, softcap=self._softcap)
+
+
+    def _minillm(self, hidden: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                 target_logprob: torch.Tensor, old_logprob: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(CE sum detached: logged, not trained; MiniLLM's per-position terms summed over the
+        response; per-position CE detached). Whole [B, T, V] logits: not chunked."""
+        from .minillm import minillm_loss
+
+        logits = self._head(hidden).float()
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        mask = labels != IGNORE_INDEX
+        tokens = torch.where(mask, labels, torch.zeros_like(labels))
+        _, long, single = minillm_loss(logits, tokens, mask, topk_ids, topk_logprobs, target_logprob, old_logprob, self.minillm,
+                                       return_parts=True)
+        with torch.no_grad():
+            ce_tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none",
+                                                       ignore_index=IGNORE_INDEX)
+        return ce_tok.sum(), (long + single).sum(), ce_tok
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:

@@ -1,0 +1,99 @@
+"""`ddk-cache minillm`: MiniLLM's on-policy training (arXiv 2306.08543) in rounds, with the
+teacher never resident next to the student.
+
+Round r (0-based) in OUT/round-r/:
+    1. samples/chat.jsonl  the current student's responses to the prompts (`generate`,
+                           seed + r: fresh samples each round), with their log-probs
+    2. cache.zarr          the teacher's top-k at every response position and the log p of
+                           each sampled token (`build`, plain encoding: exact values)
+    3. run/                `distill --kd-loss minillm` from the round's student for
+                           --steps-per-round steps; run/final is the next round's student
+Every stage resumes itself (a killed run continues: generate keeps its written lines, build
+its shards, distill its checkpoints), and a round whose run/final exists is skipped, so the
+same command continues a stopped run at the stage it was in. The importance weights of a
+round's steps are q_θ/q_old with q_old the round's starting student (ddk_cache.train.minillm).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import option, validate
+
+
+@dataclass
+class RoundsConfig:
+    """Everything `ddk-cache minillm` takes."""
+
+    student: str = option("", "The starting student (a transformers directory of the teacher's tokenizer family).")
+    teacher: str = option("", "The teacher that scores each round's samples (transformers directory).")
+    prompts: str = option("", "JSONL of prompts ({'prompt': ...} or {'messages': [...]}), as `generate` reads.")
+    out: str = option("", "Work directory: round-0/, round-1/, ...; the last round's run/final is the result.")
+    rounds: int = option(3, "Rounds of generate -> build -> distill.")
+    steps_per_round: int = option(100, "Optimizer steps per round.")
+    max_prompts: int = option(0, "Prompts sampled per round, at most (0: all).")
+    max_new_tokens: int = option(128, "Tokens per sampled response, at most.")
+    seq_len: int = option(256, "Cache sequence length (prompt + response; longer samples are cut).")
+    top_k: int = option(64, "Teacher entries kept per response position.")
+    batch_size: int = option(8, "Sequences per step.")
+    lr: float = option(5e-5, "Learning rate (constant after --warmup-steps in each round's cosine schedule).")
+    warmup_steps: int = option(10, "Warm-up steps per round.")
+    clip: float = option(0.2, "Epsilon of the clipped importance weight.")
+    no_length_norm: bool = option(False, "Ablation: sum the long-horizon rewards instead of averaging them.")
+    no_single_step: bool = option(False, "Ablation: no single-step term.")
+    chat_template: str = option("", "A Jinja chat template (file or text) instead of the tokenizer's.")
+    seed: int = option(0, "Seed of round 0's samples (round r: seed + r) and of training.")
+    device: str = option("auto", "torch device for sampling and training (the teacher uses it too).")
+
+    def __post_init__(self) -> None:
+        validate([
+            (self.rounds >= 1 and self.steps_per_round >= 1, "--rounds and --steps-per-round must be >= 1"),
+            (self.top_k >= 1, "--top-k must be >= 1 (the single-step term needs teacher targets)"),
+        ])
+
+    @classmethod
+    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> "RoundsConfig":
+        from .config import from_sources
+
+        return from_sources(cls, config_file, overrides)
+
+
+def run_rounds(cfg: RoundsConfig, *, progress: bool = True, say: Callable[[str], None] = print) -> Path:
+    """Run (or continue) the rounds; returns the final student's directory."""
+    from .capture.build import BuildConfig, build
+    from .capture.generate import GenerateConfig, generate
+    from .errors import ConfigError
+    from .train.distill import DistillConfig, distill
+
+    if not (cfg.student and cfg.teacher and cfg.prompts and cfg.out):
+        raise ConfigError("minillm needs --student, --teacher, --prompts and --out")
+    out = Path(cfg.out)
+    student = cfg.student
+    for r in range(cfg.rounds):
+        here = out / f"round-{r}"
+        final = here / "run" / "final"
+        if final.exists():
+            say(f"round {r}: done ({final})")
+            student = str(final)
+            continue
+        say(f"round {r}: sampling from {student}")
+        generate(GenerateConfig(model=student, prompts=cfg.prompts, out=str(here / "samples" / "chat.jsonl"), seed=cfg.seed + r,
+                                max_new_tokens=cfg.max_new_tokens, max_prompts=cfg.max_prompts, chat_template=cfg.chat_template,
+                                device=cfg.device))
+        say(f"round {r}: scoring the samples with {cfg.teacher}")
+        build(BuildConfig(teacher=cfg.teacher, data=str(here / "samples"), out=str(here / "cache.zarr"), top_k=cfg.top_k,
+                          seq_len=cfg.seq_len, encoding="plain", backend="hf", device=cfg.device, chat_template=cfg.chat_template,
+                          val_tokens=8 * cfg.seq_len, seed=cfg.seed), progress=progress)
+        say(f"round {r}: {cfg.steps_per_round} MiniLLM steps")
+        distill(DistillConfig(cache=str(here / "cache.zarr"), student=student, out=str(here / "run"), kd_loss="minillm",
+                              mixing="uniform", max_steps=cfg.steps_per_round, batch_size=cfg.batch_size, lr=cfg.lr,
+                              warmup_steps=cfg.warmup_steps, ddk_interval=cfg.steps_per_round, save_every=max(1, cfg.steps_per_round // 2),
+                              minillm_clip=cfg.clip, minillm_no_length_norm=cfg.no_length_norm, minillm_no_single_step=cfg.no_single_step,
+                              seed=cfg.seed, device=cfg.device, resume=True, eval_batch_size=cfg.batch_size), progress=progress)
+        student = str(final)
+    return Path(student)
+
+
+__all__ = ["RoundsConfig", "run_rounds"]
