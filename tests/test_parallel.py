@@ -85,3 +85,39 @@ def test_fsdp_checkpoint_resumes_on_one_process(tmp_path, built_cache, student, 
     assert result.steps == 4 and len(result.losses) == 2
     for x, y in zip(records(out, "step")[2:], records(resumed, "step")[2:]):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory, teacher_dir):
+    """A student whose output head is its own matrix (most large models tie it; many do not)."""
+    from transformers import AutoModelForCausalLM
+
+    from .helpers import make_student
+
+    path = make_student(teacher_dir, tmp_path_factory.mktemp("s") / "tied", hidden_size=32, layers=2)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    out = tmp_path_factory.mktemp("s") / "untied"
+    model.save_pretrained(out)
+    shutil.copy(path / "tokenizer.json", out / "tokenizer.json")
+    for f in path.glob("*token*"):
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.mark.parametrize("mode,port,tie", [("ddp", 29544, "tied"), ("fsdp", 29545, "tied"), ("ddp", 29546, "untied")])
+def test_one_process_checkpoint_resumes_on_two_ranks(tmp_path, request, built_cache, mode, port, tie):
+    """A checkpoint of a 1-process run resumes under 2 ranks (DDP or FSDP): steps 3-4 continue
+    the 1-process run (DCP reshards; the loader's global draw is the same)."""
+    student = request.getfixturevalue("student" if tie == "tied" else "untied")
+    one = tmp_path / "one"
+    distill(distill_config(built_cache, student, one, batch_size=4, **COMMON), progress=False)
+    resumed = tmp_path / "resumed"
+    ckpt = one / "checkpoints" / "step_00000002"
+    shutil.copytree(ckpt, resumed / "checkpoints" / ckpt.name)
+    shutil.copy(one / "metrics.jsonl", resumed / "metrics.jsonl")
+    torchrun(tmp_path, built_cache, student, resumed, "--resume", *(["--fsdp"] if mode == "fsdp" else []), port=port)
+    for x, y in zip(records(one, "step")[2:], records(resumed, "step")[2:]):
+        assert y["step"] == x["step"] and y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+    assert len(records(resumed, "step")) == 4

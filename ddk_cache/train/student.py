@@ -90,7 +90,13 @@ class StudentLoss(torch.nn.Module):
     def __init__(self, model: Any, cfg: KDConfig, chunk: int = DEFAULT_CHUNK, minillm: Any = None) -> None:
         super().__init__()
         self.model, self.cfg, self.chunk, self.minillm = model, cfg, chunk, minillm
-        self._decoder, self._head, self._softcap = _head_parts(model)
+        # Plain attributes, not submodules: registered twice, the decoder's and head's
+        # parameters would get two names each, and DCP's state dicts under DDP (which strips
+        # one name but not the alias) would no longer match on load.
+        decoder, head, softcap = _head_parts(model)
+        object.__setattr__(self, "_decoder", decoder)
+        object.__setattr__(self, "_head", head)
+        self._softcap = softcap
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor | None = None,
                 topk_logprobs: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
