@@ -174,7 +174,8 @@ def cmd_idle(args: argparse.Namespace) -> None:
             import shutil
 
             shutil.rmtree(out)
-        extra = ["--max-tokens-per-domain", str(args.max_tokens_per_domain), *args.extra]
+        # A capped domain cannot hold the default 1M validation tokens: 64 sequences.
+        extra = ["--max-tokens-per-domain", str(args.max_tokens_per_domain), "--val-tokens", str(64 * 1024), *args.extra]
         (r,) = run_workers(work, args.tokens[0], out, 1, extra, backend)
         line = next(x for x in r["output"].splitlines() if "engine busy" in x)
         rows.append((backend, line.split("tokens in ")[1].split(" (")[0], line.split("overall")[0].split("(")[-1].strip(" ;"),
