@@ -18,7 +18,7 @@ same number of optimizer steps (--steps) of:
   RKL        distill --kd-loss rkl  (CE + 0.2 token-level reverse KL) on them
   MiniLLM    ddk-cache minillm: --rounds rounds of --steps/rounds steps on the student's own samples
 Metrics on the held-out prompts, from one seeded sample (temperature 1) per prompt of each
-student: Rouge-L F1 (words) against the teacher's response, the teacher's per-token NLL of
+student (the teacher's own row: a second sample of the teacher, its ceiling): Rouge-L F1 (words) against the teacher's response, the teacher's per-token NLL of
 the student's response (the reverse-KL reward, lower = closer to what the teacher would
 say), mean response length, and the share of repeated word 3-grams within a response.
 Prints mean +- std over seeds.
@@ -150,8 +150,10 @@ def main() -> None:
     sft_dir = work / "teacher-responses"
     generate(GenerateConfig(model=str(args.teacher), prompts=str(train_prompts), out=str(sft_dir / "resp.jsonl"),
                             max_new_tokens=args.max_new_tokens, seed=7, chat_template=TEMPLATE, device="cpu"))
+    # References: another seed than the students' evaluation samples (1234), so the teacher's
+    # own row is the ceiling a second teacher sample reaches.
     generate(GenerateConfig(model=str(args.teacher), prompts=str(held), out=str(work / "references.jsonl"),
-                            max_new_tokens=args.max_new_tokens, seed=1234, chat_template=TEMPLATE, device="cpu"))
+                            max_new_tokens=args.max_new_tokens, seed=4321, chat_template=TEMPLATE, device="cpu"))
     references = [json.loads(line) for line in (work / "references.jsonl").read_text().splitlines()]
     kd_cache = work / "teacher-responses.zarr"
     build(BuildConfig(teacher=str(args.teacher), data=str(sft_dir), out=str(kd_cache), top_k=64, encoding="plain", **common),

@@ -8,8 +8,9 @@ The public API (README, "Use it from your own trainer"):
 (input_ids, labels with -100 where no loss applies, teacher targets, domain);
 `DomainWeightedSampler` draws it by DDK's domain weights; `KDLoss` / `kd_loss` compute
 CE + KD on the targets; `DDKController` evaluates a model per domain and moves the
-weights. `ddk_cache.hf` plugs them into transformers' Trainer. The commands' own entry
-points are `build` / `BuildConfig` and `distill` / `DistillConfig`.
+weights; `minillm_loss` is MiniLLM's sequence-level objective on a round's cache.
+`ddk_cache.hf` plugs them into transformers' Trainer. The commands' own entry points are
+`build` / `BuildConfig` and `distill` / `DistillConfig`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ _EXPORTS = {
     "kd_loss": "ddk_cache.train.losses",
     "IGNORE_INDEX": "ddk_cache.train.losses",
     "DDKController": "ddk_cache.train.ddk",
+    "MiniLLMConfig": "ddk_cache.train.minillm",
+    "minillm_loss": "ddk_cache.train.minillm",
     "evaluate_domains": "ddk_cache.train.evaluate",
     "BuildConfig": "ddk_cache.capture.build",
     "build": "ddk_cache.capture.build",
