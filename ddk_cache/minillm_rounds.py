@@ -71,6 +71,7 @@ def run_rounds(cfg: RoundsConfig, *, progress: bool = True, say: Callable[[str],
         raise ConfigError("minillm needs --student, --teacher, --prompts and --out")
     out = Path(cfg.out)
     student = cfg.student
+    say("teacher-mixed sampling: off (the student samples alone; ddk-cache cannot mix in the teacher yet)")
     for r in range(cfg.rounds):
         here = out / f"round-{r}"
         final = here / "run" / "final"

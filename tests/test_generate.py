@@ -61,6 +61,10 @@ def test_the_same_command_gives_the_same_file_and_resumes(tmp_path, teacher_dir)
     b.write_text("".join(lines[:2]) + lines[2][:15])  # killed while writing the third line
     assert run(tmp_path, teacher_dir, b).exit_code == 0
     assert b.read_text() == full
+    # Complete: a re-run leaves the file alone (a cache built from it checks its mtime).
+    before = b.stat().st_mtime_ns
+    assert run(tmp_path, teacher_dir, b).exit_code == 0
+    assert b.stat().st_mtime_ns == before
 
 
 def test_build_reads_the_samples_as_chat_records(tmp_path, teacher_dir):

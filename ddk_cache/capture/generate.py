@@ -120,9 +120,11 @@ def generate(cfg: GenerateConfig, *, progress: Callable[[int], Any] | None = Non
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = _done_lines(out)
-    if out.exists():  # drop a partial last line
+    if out.exists() and not out.read_bytes().endswith(b"\n") and out.stat().st_size:  # drop a partial last line
         keep = b"".join(line + b"\n" for line in out.read_bytes().split(b"\n")[:done])
         out.write_bytes(keep)
+    if done >= len(jobs):
+        return done  # complete: leave the file (and its modification time, which a cache built from it checks) alone
     with open(out, "a", encoding="utf-8") as f:
         for start in range(done, len(jobs), cfg.batch_size):
             batch = jobs[start: start + cfg.batch_size]

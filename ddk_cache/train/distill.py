@@ -368,7 +368,7 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
     ckpt = latest_checkpoint(run)
     if not cfg.resume and ckpt is not None:  # every rank raises, so none is left waiting
         raise ConfigError(f"{run} already holds a run (checkpoint {ckpt.name}); pass --resume to continue it or choose another --out")
-    if cfg.resume and ckpt is None and rank == 0:
+    if cfg.resume and ckpt is None and rank == 0 and (run / CKPT_DIR).is_dir():
         # An interrupted first save leaves only a .tmp folder: nothing to continue, so start.
         tqdm.write(f"--resume: no complete checkpoint in {run / CKPT_DIR}; starting from step 0")
     if ckpt is not None:
