@@ -60,6 +60,8 @@ def build(config_file: str | None, finalize_only: bool, quiet: bool, **options: 
             f"engine busy {result.teacher_seconds:.1f}s, idle {result.engine_idle_share:.1%} of the scoring time; "
             f"writers {result.write_seconds:.1f}s in the background, the teacher waited on them {result.stall_seconds:.1f}s)"
         )
+    for domain, n in result.chat_cut.items():
+        click.echo(f"warning: {domain}: {n:,} chat sample(s) longer than --seq-len {cfg.seq_len}: their ends are not in the cache", err=True)
     for domain, n in result.chat_no_loss.items():
         click.echo(f"warning: {domain}: {n:,} chat sample(s) left out: no assistant token within the first {cfg.seq_len} tokens "
                    "(raise --seq-len to keep them)", err=True)

@@ -167,6 +167,8 @@ def test_samples_without_loss_within_seq_len_are_left_out(tmp_path, teacher_dir)
     result = build(small_config(teacher_dir, tmp_path / "corpus", tmp_path / "c.zarr", seq_len=64, val_tokens=128,
                                 chat_template=CHAT_TEMPLATE), progress=False)
     assert result.chat_no_loss == {"chat": no_loss}
+    cut = sum(len(ids) > 64 and mask[1:64].any() for ids, mask in (chat_tokens(tok, as_messages(r), CHAT_TEMPLATE) for r in records))
+    assert cut > 0 and result.chat_cut == {"chat": cut}  # kept, their ends lost: counted too
     cache = Cache(str(tmp_path / "c.zarr"))
     assert cache.num_sequences("chat", "train") + cache.num_sequences("chat", "val") == 60 - no_loss
     for split in ("train", "val"):

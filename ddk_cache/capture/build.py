@@ -176,6 +176,7 @@ class BuildResult:
     already_complete: bool = False
     pending_elsewhere: int = 0  # shards other workers still have to write
     chat_no_loss: dict[str, int] = field(default_factory=dict)  # per domain: chat samples left out (no loss within seq-len)
+    chat_cut: dict[str, int] = field(default_factory=dict)  # per domain: chat samples longer than seq-len (their ends lost)
 
     @property
     def tokens_per_second(self) -> float:
@@ -391,6 +392,7 @@ def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teac
             try:
                 plan = _plan(writer.objects, domains, pieces, packing)
                 result.chat_no_loss = {d: p.no_loss for d, p in plan.domains.items() if p.no_loss}
+                result.chat_cut = {d: p.cut for d, p in plan.domains.items() if p.cut}
             except CorpusError:
                 # A corpus too small for its split sizes: nothing was scored. A single worker that
                 # created this store removes it, so the fixed command starts clean.

@@ -115,10 +115,10 @@ def tokenize_piece(objects: Objects, source: DomainSource, piece: Piece, tokeniz
     keys, tokens, masks = [], [], []
     kind = None
     batch: list = []
-    no_loss = 0
+    no_loss = cut = 0
 
     def flush() -> None:
-        nonlocal no_loss
+        nonlocal no_loss, cut
         ids, ms = tokenize(batch)
         if ms is None:
             keys.extend(doc_hash(cfg.seed, source.name, d.key) for d in batch)
@@ -130,6 +130,7 @@ def tokenize_piece(objects: Objects, source: DomainSource, piece: Piece, tokeniz
                 if not m[1 : cfg.seq_len].any():
                     no_loss += 1
                     continue
+                cut += len(i) > cfg.seq_len  # kept, but its end beyond seq_len is lost
                 keys.append(doc_hash(cfg.seed, source.name, d.key))
                 tokens.append(i)
                 masks.append(m)
@@ -158,6 +159,8 @@ def tokenize_piece(objects: Objects, source: DomainSource, piece: Piece, tokeniz
     stats = {"docs": int(len(order)), "tokens": int(lengths.sum()), "sha256": digest.hexdigest(), "data": kind or TEXT}
     if no_loss:
         stats["no_loss"] = no_loss
+    if cut:
+        stats["cut"] = cut
     index = PieceIndex(hashes, lengths, stats)
     objects.put(f"{key}.idx", index.to_bytes())  # last: the piece is done
     return stats
@@ -226,6 +229,7 @@ class DomainPlan:
     train_documents: int
     sha256: str
     no_loss: int = 0  # chat samples left out: no assistant token within seq_len
+    cut: int = 0  # chat samples kept but longer than seq_len (their ends are not in the cache)
 
     def info(self) -> DomainInfo:
         return DomainInfo(SplitInfo(self.n_train, self.train_documents), SplitInfo(self.n_val, len(self.val_docs)), self.tokens_read, self.data)
@@ -294,6 +298,7 @@ def make_plan(objects: Objects, sources: list[DomainSource], pieces: dict[str, l
             extra.add(i, index)
         stats = [per_domain[name][i] for i in range(n_pieces)]
         no_loss = sum(int(s.get("no_loss", 0)) for s in stats)
+        cut = sum(int(s.get("cut", 0)) for s in stats)
         kinds = {s["data"] for s in stats if s["docs"]} or ({CHAT} if no_loss else set())
         if len(kinds) > 1:
             raise CorpusError(f"domain {name!r} mixes plain-text and chat records; give each kind its own domain")
@@ -355,7 +360,7 @@ def make_plan(objects: Objects, sources: list[DomainSource], pieces: dict[str, l
             left -= avail
         sha = hashlib.sha256("".join(s["sha256"] for s in stats).encode()).hexdigest()
         tokens_read = sum(tokens) if cfg.max_tokens is None else min(sum(tokens), cfg.max_tokens)
-        domains[name] = DomainPlan(data, order, tokens, docs, val_prefix, val_docs, n_train, n_val, tokens_read, train_documents, sha, no_loss)
+        domains[name] = DomainPlan(data, order, tokens, docs, val_prefix, val_docs, n_train, n_val, tokens_read, train_documents, sha, no_loss, cut)
     return Plan(cfg.seq_len, token_dtype(cfg.vocab_size).itemsize, cfg.pad_id, domains)
 
 
