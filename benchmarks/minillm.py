@@ -139,6 +139,8 @@ def main() -> None:
     ap.add_argument("--train-prompts", type=int, default=160)
     ap.add_argument("--eval-prompts", type=int, default=40)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--reference-seed", type=int, default=4321,
+                    help="seed of the teacher's reference responses (1234, the students' evaluation seed: common random numbers)")
     args = ap.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -152,9 +154,9 @@ def main() -> None:
                             max_new_tokens=args.max_new_tokens, seed=7, chat_template=TEMPLATE, device="cpu"))
     # References: another seed than the students' evaluation samples (1234), so the teacher's
     # own row is the ceiling a second teacher sample reaches.
-    generate(GenerateConfig(model=str(args.teacher), prompts=str(held), out=str(work / "references.jsonl"),
-                            max_new_tokens=args.max_new_tokens, seed=4321, chat_template=TEMPLATE, device="cpu"))
-    references = [json.loads(line) for line in (work / "references.jsonl").read_text().splitlines()]
+    generate(GenerateConfig(model=str(args.teacher), prompts=str(held), out=str(work / f"references-seed{args.reference_seed}.jsonl"),
+                            max_new_tokens=args.max_new_tokens, seed=args.reference_seed, chat_template=TEMPLATE, device="cpu"))
+    references = [json.loads(line) for line in (work / f"references-seed{args.reference_seed}.jsonl").read_text().splitlines()]
     kd_cache = work / "teacher-responses.zarr"
     build(BuildConfig(teacher=str(args.teacher), data=str(sft_dir), out=str(kd_cache), top_k=64, encoding="plain", **common),
           progress=False)

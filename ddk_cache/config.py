@@ -89,6 +89,15 @@ def read_config_file(path: str) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in raw.items()}
 
 
+class CommandConfig:
+    """Base of each command's config dataclass: `Config.from_sources(file, flags)`."""
+
+    @classmethod
+    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> Any:
+        """Defaults < a YAML/TOML config file < command-line flags (see the module function)."""
+        return from_sources(cls, config_file, overrides)
+
+
 def from_sources(cls: type, config_file: str | None, overrides: dict[str, Any]) -> Any:
     """An instance of `cls` from its defaults < a config file < `overrides` (flags; None = unset).
 

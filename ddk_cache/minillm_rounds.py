@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from .config import option, validate
+from .config import CommandConfig, option, validate
 
 
-@dataclass
-class RoundsConfig:
+@dataclass(frozen=True)
+class RoundsConfig(CommandConfig):
     """Everything `ddk-cache minillm` takes."""
 
     student: str = option("", "The starting student (a transformers directory of the teacher's tokenizer family).")
@@ -52,12 +52,6 @@ class RoundsConfig:
             (self.rounds >= 1 and self.steps_per_round >= 1, "--rounds and --steps-per-round must be >= 1"),
             (self.top_k >= 1, "--top-k must be >= 1 (the single-step term needs teacher targets)"),
         ])
-
-    @classmethod
-    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> "RoundsConfig":
-        from .config import from_sources
-
-        return from_sources(cls, config_file, overrides)
 
 
 def run_rounds(cfg: RoundsConfig, *, progress: bool = True, say: Callable[[str], None] = print) -> Path:

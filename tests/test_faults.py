@@ -133,13 +133,8 @@ def test_two_distills_into_one_out_then_ctrl_c_then_resume(tmp_path, built_cache
     winner = next(p for p in procs if p is not loser)
     text = loser.communicate()[0]
     assert loser.returncode == 1 and f"Error: a distill into {out} is already running" in text and "Traceback" not in text, text
-    while time.time() < deadline and winner.poll() is None and not (out / "checkpoints" / "step_00000020").is_dir():
-        time.sleep(0.02)
-    assert winner.poll() is None, "the run finished before it could be interrupted"
-    os.killpg(winner.pid, signal.SIGINT)
-    text = winner.communicate(timeout=60)[0]
-    assert winner.returncode == 130, text
-    assert "interrupted; nothing complete was lost: run the same command with --resume" in text and "Traceback" not in text
+    ctrl_c_when(winner, lambda: (out / "checkpoints" / "step_00000020").is_dir(), deadline,
+                "run the same command with --resume")
     done = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert_same_weights(out, reference)
@@ -276,6 +271,17 @@ def test_distill_on_a_full_disk_says_so_and_resumes(tmp_path, built_cache, stude
 # ----------------------------------------------------------------------------- signals
 
 
+def ctrl_c_when(proc: subprocess.Popen, ready, deadline: float, hint: str) -> None:
+    """Send SIGINT to `proc`'s session once `ready()`; it must exit 130 with `hint`, no traceback."""
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.02)
+    assert proc.poll() is None, "it finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    text = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, text
+    assert f"interrupted; nothing complete was lost: {hint}" in text and "Traceback" not in text
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_a_build_exits_130_and_the_same_command_resumes(tmp_path, teacher_dir, corpus_dir, built_cache):
     from .test_kill_resume import shards_logged
@@ -283,14 +289,7 @@ def test_ctrl_c_during_a_build_exits_130_and_the_same_command_resumes(tmp_path, 
     out = tmp_path / "c.zarr"
     argv = build_argv(small_config(teacher_dir, corpus_dir, out, batch_size=1))
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and shards_logged(out) < 2:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the build finished before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGINT)
-    text = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 130, text
-    assert "interrupted; nothing complete was lost: run the same command again: it resumes" in text and "Traceback" not in text
+    ctrl_c_when(proc, lambda: shards_logged(out) >= 2, time.time() + 120, "run the same command again: it resumes")
     rerun = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert_same_cache(out, built_cache)

@@ -34,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import config as cfgmod
-from ..config import option, validate
+from ..config import CommandConfig, option, validate
 from ..errors import ConfigError, CorpusError, StoreError, StoreVersionError
 from ..runtime import Worker, assign_gpus, resolve_device, resolve_worker
 from ..store.cache import (
@@ -57,7 +57,7 @@ ENCODINGS = ("pack", "plain")
 
 
 @dataclass(frozen=True)
-class BuildConfig:
+class BuildConfig(CommandConfig):
     """Everything `ddk-cache build` takes. Written into the cache as `build_args`; every field
     not marked fingerprint=False is part of the build fingerprint (a resume must agree)."""
 
@@ -152,10 +152,6 @@ class BuildConfig:
         from dataclasses import asdict
 
         return asdict(self)
-
-    @classmethod
-    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> "BuildConfig":
-        return cfgmod.from_sources(cls, config_file, overrides)
 
 
 @dataclass

@@ -27,13 +27,13 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from ..config import option, validate
+from ..config import CommandConfig, option, validate
 from ..errors import ConfigError, CorpusError
 from .tokenization import load_chat_template, load_tokenizer
 
 
-@dataclass
-class GenerateConfig:
+@dataclass(frozen=True)
+class GenerateConfig(CommandConfig):
     """Everything `ddk-cache generate` takes."""
 
     model: str = option("", "The sampling model (the student): a local transformers directory or a hub id.")
@@ -48,12 +48,6 @@ class GenerateConfig:
     batch_size: int = option(8, "Samples written between flushes of --out (each prompt is sampled alone: no padding).")
     chat_template: str = option("", "A Jinja chat template (file or text) instead of the tokenizer's.")
     device: str = option("auto", "torch device.")
-
-    @classmethod
-    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> "GenerateConfig":
-        from ..config import from_sources
-
-        return from_sources(cls, config_file, overrides)
 
     def __post_init__(self) -> None:
         validate([
@@ -93,12 +87,21 @@ def read_prompts(path: str, limit: int = 0) -> Iterator[list[dict[str, str]]]:
                 return
 
 
-def _done_lines(out: Path) -> int:
-    """Complete lines already written (a run killed midway continues after them)."""
+def _resume(out: Path) -> int:
+    """Complete lines already written (a run killed midway continues after them), dropping a
+    partial last line. Streams the file once; leaves a complete file untouched (its
+    modification time is what a cache built from it checks)."""
     if not out.exists():
         return 0
-    lines = out.read_bytes().split(b"\n")
-    return len(lines) - 1  # the last element is '' or a partial line
+    done, end = 0, 0  # complete lines, and the byte offset after the last one
+    with open(out, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            done, end = done + 1, end + len(line)
+    if end != out.stat().st_size:
+        os.truncate(out, end)
+    return done
 
 
 def generate(cfg: GenerateConfig, *, progress: Callable[[int], Any] | None = None) -> int:
@@ -109,6 +112,12 @@ def generate(cfg: GenerateConfig, *, progress: Callable[[int], Any] | None = Non
 
     if not cfg.model or not cfg.prompts or not cfg.out:
         raise ConfigError("generate needs --model, --prompts and --out")
+    jobs = [(i, j, m) for i, m in enumerate(read_prompts(cfg.prompts, cfg.max_prompts)) for j in range(cfg.samples_per_prompt)]
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = _resume(out)
+    if done >= len(jobs):
+        return done  # complete: no model to load, nothing to write
     tok = load_tokenizer(cfg.model)
     template = load_chat_template(cfg.chat_template or None, tok, cfg.model)
     device = resolve_device(cfg.device)
@@ -116,15 +125,6 @@ def generate(cfg: GenerateConfig, *, progress: Callable[[int], Any] | None = Non
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(device).eval()
     except Exception as e:
         raise ConfigError(f"cannot load --model {cfg.model!r}: {str(e).splitlines()[0]}") from None
-    jobs = [(i, j, m) for i, m in enumerate(read_prompts(cfg.prompts, cfg.max_prompts)) for j in range(cfg.samples_per_prompt)]
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = _done_lines(out)
-    if out.exists() and not out.read_bytes().endswith(b"\n") and out.stat().st_size:  # drop a partial last line
-        keep = b"".join(line + b"\n" for line in out.read_bytes().split(b"\n")[:done])
-        out.write_bytes(keep)
-    if done >= len(jobs):
-        return done  # complete: leave the file (and its modification time, which a cache built from it checks) alone
     with open(out, "a", encoding="utf-8") as f:
         for start in range(done, len(jobs), cfg.batch_size):
             batch = jobs[start: start + cfg.batch_size]

@@ -33,9 +33,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import config as cfgmod
 from ..capture.tokenization import check_model_path, load_tokenizer, tokenizer_fingerprint
-from ..config import changed, free_fields, option, validate
+from ..config import CommandConfig, changed, free_fields, option, validate
 from ..errors import ConfigError, DDKCacheError, TeacherError
 from ..runtime import Worker, init_distributed, resolve_device, resolve_worker
 from ..store.cache import Cache
@@ -58,7 +57,7 @@ class TrainingError(DDKCacheError):
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(CommandConfig):
     """Everything `ddk-cache distill` takes; saved in every checkpoint and in RUN/config.json.
     Fields marked fingerprint=False may change when a run is resumed; the others may not."""
 
@@ -142,11 +141,6 @@ class DistillConfig:
         if self.kd_loss != "minillm":
             return None
         return MiniLLMConfig(self.minillm_clip, not self.minillm_no_length_norm, not self.minillm_no_single_step)
-
-    @classmethod
-    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> "DistillConfig":
-        """Defaults < YAML config file < command-line flags. Unknown keys and wrong types are errors."""
-        return cfgmod.from_sources(cls, config_file, overrides)
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -342,9 +336,9 @@ def check_resume(saved: dict, cfg: DistillConfig, cache: Cache, run: Path, world
     """Refuse (naming every difference) a resume whose settings or cache differ from the
     checkpoint's; say which flags may change. The per-rank --batch-size and --grad-accum may
     change with the number of ranks as long as the global batch stays the same."""
-    per_step = ("--batch-size:", "--grad-accum:")
-    diffs = [d for d in changed(saved.get("config", {}), cfg) if not d.startswith(per_step)]
     old = saved.get("config", {})
+    per_step = ("--batch-size:", "--grad-accum:")
+    diffs = [d for d in changed(old, cfg) if not d.startswith(per_step)]
     before = old.get("batch_size", cfg.batch_size) * old.get("grad_accum", cfg.grad_accum) * saved.get("world_size", world)
     now = cfg.batch_size * cfg.grad_accum * world
     if before != now:
