@@ -17,6 +17,9 @@ same number of optimizer steps (--steps) of:
   FKL        distill --kd-loss fkl  (CE + 0.2 forward KL to the cached top-64) on them
   RKL        distill --kd-loss rkl  (CE + 0.2 token-level reverse KL) on them
   MiniLLM    ddk-cache minillm: --rounds rounds of --steps/rounds steps on the student's own samples
+  + mixed    the same with teacher-mixed sampling (each token from 0.2 p + 0.8 q)
+  + mixed + L_PT   and the paper's pre-training LM term (--pretrain-cache: the tokens cache
+             student0 was pre-trained on, weight 1)
 Metrics on the held-out prompts, from one seeded sample (temperature 1) per prompt of each
 student (the teacher's own row: a second sample of the teacher, its ceiling): Rouge-L F1 (words) against the teacher's response, the teacher's per-token NLL of
 the student's response (the reverse-KL reward, lower = closer to what the teacher would
@@ -113,7 +116,7 @@ def teacher_nll(teacher, tok, records: list[dict]) -> float:
 def evaluate(model_dir: Path, held: Path, references: list[dict], teacher, tok, out: Path, max_new: int) -> dict[str, float]:
     if not out.exists():
         generate(GenerateConfig(model=str(model_dir), prompts=str(held), out=str(out), max_new_tokens=max_new, seed=1234,
-                                chat_template=TEMPLATE, device="cpu"))
+                                chat_template=TEMPLATE, device="cpu", engine="hf"))
     records = [json.loads(line) for line in out.read_text().splitlines()]
     texts = [r["messages"][-1]["content"] for r in records]
     refs = [r["messages"][-1]["content"] for r in references]
@@ -141,6 +144,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--reference-seed", type=int, default=4321,
                     help="seed of the teacher's reference responses (1234, the students' evaluation seed: common random numbers)")
+    ap.add_argument("--variants", nargs="*", default=[], help="MiniLLM variants to run (minillm, minillm-mixed, minillm-mixed-pt; default all)")
     args = ap.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -151,11 +155,12 @@ def main() -> None:
     # The teacher's responses: SFT / KD data (train prompts) and references (held-out prompts).
     sft_dir = work / "teacher-responses"
     generate(GenerateConfig(model=str(args.teacher), prompts=str(train_prompts), out=str(sft_dir / "resp.jsonl"),
-                            max_new_tokens=args.max_new_tokens, seed=7, chat_template=TEMPLATE, device="cpu"))
+                            max_new_tokens=args.max_new_tokens, seed=7, chat_template=TEMPLATE, device="cpu", engine="hf"))
     # References: another seed than the students' evaluation samples (1234), so the teacher's
     # own row is the ceiling a second teacher sample reaches.
     generate(GenerateConfig(model=str(args.teacher), prompts=str(held), out=str(work / f"references-seed{args.reference_seed}.jsonl"),
-                            max_new_tokens=args.max_new_tokens, seed=args.reference_seed, chat_template=TEMPLATE, device="cpu"))
+                            max_new_tokens=args.max_new_tokens, seed=args.reference_seed, chat_template=TEMPLATE, device="cpu",
+                            engine="hf"))
     references = [json.loads(line) for line in (work / f"references-seed{args.reference_seed}.jsonl").read_text().splitlines()]
     kd_cache = work / "teacher-responses.zarr"
     build(BuildConfig(teacher=str(args.teacher), data=str(sft_dir), out=str(kd_cache), top_k=64, encoding="plain", **common),
@@ -190,13 +195,18 @@ def main() -> None:
                                       save_every=args.steps, seed=seed, device="cpu", resume=True), progress=False)
             results.setdefault(name, []).append(evaluate(run / "final", held, references, teacher, tok, work / f"eval-{kind}-s{seed}.jsonl",
                                                          args.max_new_tokens))
-        final = run_rounds(RoundsConfig(student=str(student0), teacher=str(args.teacher), prompts=str(train_prompts),
-                                        out=str(work / f"minillm-s{seed}"), rounds=args.rounds, steps_per_round=args.steps // args.rounds,
-                                        max_new_tokens=args.max_new_tokens, seq_len=seq_len, top_k=64, batch_size=8, lr=args.lr,
-                                        warmup_steps=5, chat_template=TEMPLATE, seed=seed, device="cpu"),
-                           progress=False, say=lambda line: None)
-        results.setdefault("MiniLLM rounds", []).append(evaluate(final, held, references, teacher, tok, work / f"eval-minillm-s{seed}.jsonl",
-                                                                 args.max_new_tokens))
+        variants = {"MiniLLM rounds": ("minillm", {}), "MiniLLM + teacher-mixed": ("minillm-mixed", {"mix_alpha": 0.2}),
+                    "MiniLLM + teacher-mixed + L_PT": ("minillm-mixed-pt", {"mix_alpha": 0.2, "pretrain_cache": str(args.tokens)})}
+        for name, (tag, extra) in variants.items():
+            if args.variants and tag not in args.variants:
+                continue
+            final = run_rounds(RoundsConfig(student=str(student0), teacher=str(args.teacher), prompts=str(train_prompts),
+                                            out=str(work / f"{tag}-s{seed}"), rounds=args.rounds, steps_per_round=args.steps // args.rounds,
+                                            max_new_tokens=args.max_new_tokens, seq_len=seq_len, top_k=64, batch_size=8, lr=args.lr,
+                                            warmup_steps=5, chat_template=TEMPLATE, seed=seed, device="cpu", engine="hf", **extra),
+                               progress=False, say=lambda line: None)
+            results.setdefault(name, []).append(evaluate(final, held, references, teacher, tok, work / f"eval-{tag}-s{seed}.jsonl",
+                                                         args.max_new_tokens))
 
     def cell(values: list[float], fmt: str) -> str:
         if len(values) == 1:

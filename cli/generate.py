@@ -20,6 +20,8 @@ def generate(config_file: str | None, quiet: bool, **options: object) -> None:
 
     \b
       ddk-cache generate --model student/ --prompts prompts.jsonl --out samples/chat.jsonl --max-new-tokens 128
+      ddk-cache generate ... --mix-teacher teacher/ --mix-alpha 0.2    # MiniLLM's teacher-mixed sampling
+    vLLM samples when installed (--engine), transformers otherwise and with --mix-teacher.
     Seeded per prompt; a run killed midway continues where it stopped.
     """
     cfg = GenerateConfig.from_sources(config_file, options)

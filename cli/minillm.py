@@ -20,6 +20,7 @@ def minillm(config_file: str | None, quiet: bool, **options: object) -> None:
 
     \b
       ddk-cache minillm --student student/ --teacher teacher/ --prompts prompts.jsonl --out runs/minillm --rounds 3
+      ... --mix-alpha 0.2 --pretrain-cache pretrain.zarr    # teacher-mixed sampling, pre-training LM term
     """
     cfg = RoundsConfig.from_sources(config_file, options)
     if quiet:

@@ -3,15 +3,19 @@ teacher never resident next to the student.
 
 Round r (0-based) in OUT/round-r/:
     1. samples/chat.jsonl  the current student's responses to the prompts (`generate`,
-                           seed + r: fresh samples each round), with their log-probs
+                           seed + r: fresh samples each round), with their log-probs; with
+                           --mix-alpha a > 0 drawn from a·p + (1 - a)·q (MiniLLM's
+                           teacher-mixed sampling: the teacher is loaded while sampling)
     2. cache.zarr          the teacher's top-k at every response position and the log p of
                            each sampled token (`build`, plain encoding: exact values)
     3. run/                `distill --kd-loss minillm` from the round's student for
-                           --steps-per-round steps; run/final is the next round's student
+                           --steps-per-round steps (with --pretrain-cache: plus the paper's
+                           LM term on pre-training text); run/final is the next round's student
 Every stage resumes itself (a killed run continues: generate keeps its written lines, build
 its shards, distill its checkpoints), and a round whose run/final exists is skipped, so the
 same command continues a stopped run at the stage it was in. The importance weights of a
-round's steps are q_θ/q_old with q_old the round's starting student (ddk_cache.train.minillm).
+round's steps are q_θ/r with r the distribution the samples were drawn from, as `generate`
+recorded it (ddk_cache.train.minillm).
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ class RoundsConfig(CommandConfig):
     clip: float = option(0.2, "Epsilon of the clipped importance weight.")
     no_length_norm: bool = option(False, "Ablation: sum the long-horizon rewards instead of averaging them.")
     no_single_step: bool = option(False, "Ablation: no single-step term.")
+    pretrain_cache: str = option("", "MiniLLM's pre-training LM term: a cache of pre-training text whose CE is added to every step (distill --pretrain-cache).")
+    pretrain_weight: float = option(1.0, "Weight of the --pretrain-cache term (MiniLLM: 1).")
+    pretrain_mixing: str = option("natural", "Domain mixing of --pretrain-cache (distill --pretrain-mixing; ddk needs its teacher PPL table).")
+    mix_alpha: float = option(0.0, "Teacher-mixed sampling: draw from a*p + (1-a)*q with a = this (MiniLLM: 0.2); 0: the student samples alone.")
+    engine: str = option("auto", "Sampling and scoring engine: auto (vLLM when installed), vllm or hf (transformers). Teacher-mixed sampling always uses transformers.",
+                         choices=("auto", "vllm", "hf"))
     chat_template: str = option("", "A Jinja chat template (file or text) instead of the tokenizer's.")
     seed: int = option(0, "Seed of round 0's samples (round r: seed + r) and of training.")
     device: str = option("auto", "torch device for sampling and training (the teacher uses it too).")
@@ -51,6 +61,7 @@ class RoundsConfig(CommandConfig):
         validate([
             (self.rounds >= 1 and self.steps_per_round >= 1, "--rounds and --steps-per-round must be >= 1"),
             (self.top_k >= 1, "--top-k must be >= 1 (the single-step term needs teacher targets)"),
+            (0 <= self.mix_alpha <= 1, f"--mix-alpha must be in [0, 1], got {self.mix_alpha}"),
         ])
 
 
@@ -65,7 +76,11 @@ def run_rounds(cfg: RoundsConfig, *, progress: bool = True, say: Callable[[str],
         raise ConfigError("minillm needs --student, --teacher, --prompts and --out")
     out = Path(cfg.out)
     student = cfg.student
-    say("teacher-mixed sampling: off (the student samples alone; ddk-cache cannot mix in the teacher yet)")
+    if cfg.mix_alpha:
+        say(f"teacher-mixed sampling: on (each token from {cfg.mix_alpha:g}*teacher + {1 - cfg.mix_alpha:g}*student; the teacher is "
+            "loaded next to the student while sampling)")
+    else:
+        say("teacher-mixed sampling: off (the student samples alone; --mix-alpha 0.2 turns it on)")
     for r in range(cfg.rounds):
         here = out / f"round-{r}"
         final = here / "run" / "final"
@@ -76,17 +91,20 @@ def run_rounds(cfg: RoundsConfig, *, progress: bool = True, say: Callable[[str],
         say(f"round {r}: sampling from {student}")
         generate(GenerateConfig(model=student, prompts=cfg.prompts, out=str(here / "samples" / "chat.jsonl"), seed=cfg.seed + r,
                                 max_new_tokens=cfg.max_new_tokens, max_prompts=cfg.max_prompts, chat_template=cfg.chat_template,
-                                device=cfg.device))
+                                device=cfg.device, engine="hf" if cfg.mix_alpha else cfg.engine,
+                                mix_teacher=cfg.teacher if cfg.mix_alpha else "", mix_alpha=cfg.mix_alpha or 0.2))
         say(f"round {r}: scoring the samples with {cfg.teacher}")
         build(BuildConfig(teacher=cfg.teacher, data=str(here / "samples"), out=str(here / "cache.zarr"), top_k=cfg.top_k,
-                          seq_len=cfg.seq_len, encoding="plain", backend="hf", device=cfg.device, chat_template=cfg.chat_template,
+                          seq_len=cfg.seq_len, encoding="plain", backend=cfg.engine, device=cfg.device, chat_template=cfg.chat_template,
                           val_tokens=8 * cfg.seq_len, seed=cfg.seed), progress=progress)
         say(f"round {r}: {cfg.steps_per_round} MiniLLM steps")
         distill(DistillConfig(cache=str(here / "cache.zarr"), student=student, out=str(here / "run"), kd_loss="minillm",
                               mixing="uniform", max_steps=cfg.steps_per_round, batch_size=cfg.batch_size, lr=cfg.lr,
                               warmup_steps=cfg.warmup_steps, ddk_interval=cfg.steps_per_round, save_every=max(1, cfg.steps_per_round // 2),
                               minillm_clip=cfg.clip, minillm_no_length_norm=cfg.no_length_norm, minillm_no_single_step=cfg.no_single_step,
-                              seed=cfg.seed, device=cfg.device, resume=True, eval_batch_size=cfg.batch_size), progress=progress)
+                              seed=cfg.seed, device=cfg.device, resume=True, eval_batch_size=cfg.batch_size,
+                              pretrain_cache=cfg.pretrain_cache, pretrain_weight=cfg.pretrain_weight,
+                              pretrain_mixing=cfg.pretrain_mixing), progress=progress)
         student = str(final)
     return Path(student)
 

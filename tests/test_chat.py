@@ -146,7 +146,7 @@ def test_text_and_chat_records_in_one_domain_are_refused(tmp_path, teacher_dir):
     (tmp_path / "corpus").mkdir()
     lines = [json.dumps({"text": "a plain document " * 5})] + [json.dumps(r) for r in chat_records(5)]
     (tmp_path / "corpus" / "mixed.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(CorpusError, match="mixes plain-text and chat records"):
+    with pytest.raises(CorpusError, match="mixes chat records and plain-text records"):
         build(small_config(teacher_dir, tmp_path / "corpus", tmp_path / "c.zarr", seq_len=64, chat_template=CHAT_TEMPLATE), progress=False)
 
 

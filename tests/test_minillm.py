@@ -75,6 +75,43 @@ def test_minillm_equals_the_dense_reference_with_the_teacher_loaded(tmp_path, te
     assert ((ratio - 1).abs()[mask.bool()] > cfg.clip).any()  # clipping is exercised
 
 
+@pytest.mark.parametrize("cfg", [MiniLLMConfig(), MiniLLMConfig(length_norm=False), MiniLLMConfig(single_step=False)],
+                         ids=["paper", "no-length-norm", "no-single-step"])
+def test_chunked_minillm_equals_the_whole_logits_loss(cfg):
+    """chunked_minillm (what distill runs: response positions only, a few at a time, logits
+    recomputed in backward) = minillm_loss on the whole [B, T, V] logits, value and gradients
+    of the decoder output and the head."""
+    from ddk_cache.train.minillm import chunked_minillm
+
+    g = torch.Generator().manual_seed(3)
+    B, T, H, V, K = 3, 11, 16, 50, 6
+    head = torch.nn.Linear(H, V, bias=False)
+    hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, 3:] = mask[1, 1:7] = mask[2, 9:] = True
+    labels = torch.where(mask, labels, torch.full_like(labels, -100))
+    teacher = torch.log_softmax(torch.randn(B, T, V, generator=g), -1)
+    topk_logprobs, topk_ids = teacher.topk(K, -1)
+    tokens = torch.where(mask, labels, torch.zeros_like(labels))
+    target = teacher.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    old = torch.log_softmax(torch.randn(B, T, V, generator=g), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+    ce, total, ce_tok = chunked_minillm(hidden, head, labels, topk_ids, topk_logprobs, target, old, cfg, chunk=4)
+    total.backward()
+    got = (hidden.grad.clone(), head.weight.grad.clone())
+    hidden.grad = head.weight.grad = None
+    logits = head(hidden)
+    want = minillm_loss(logits, tokens, mask, topk_ids, topk_logprobs, target, old, cfg) * mask.sum()
+    want.backward()
+    torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0], hidden.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got[1], head.weight.grad, rtol=1e-4, atol=1e-7)
+    ref_ce = torch.nn.functional.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), reduction="none", ignore_index=-100)
+    torch.testing.assert_close(ce_tok, ref_ce.detach(), rtol=1e-5, atol=1e-6)
+    assert not ce.requires_grad
+
+
 def test_at_the_sampling_policy_the_long_horizon_gradient_is_the_policy_gradient():
     """With q_old = q_θ (ρ = 1) the long-horizon term's gradient is -R_t ∇ log q_θ(y_t)."""
     g = torch.Generator().manual_seed(1)
@@ -102,8 +139,10 @@ def test_returns_by_hand():
     assert math.isclose(returns(r, m, include_current=True, length_norm=False)[0, 1].item(), 9.0)
 
 
-def samples_cache(tmp_path, teacher_dir, student):
-    """One round's data: the student's samples (generate) scored by the teacher (build)."""
+def samples_cache(tmp_path, teacher_dir, student, *generate_args, strip=False):
+    """One round's data: the student's samples (generate) scored by the teacher (build);
+    `strip`: without their token ids and log-probs (plain chat records, as another tool's
+    samples would be)."""
     from click.testing import CliRunner
 
     from ddk_cache.capture.build import build
@@ -116,16 +155,25 @@ def samples_cache(tmp_path, teacher_dir, student):
                                + "\n" for r in chat_records(40)))
     (tmp_path / "t.jinja").write_text(CHAT_TEMPLATE)
     res = CliRunner().invoke(main, ["generate", "--model", str(student), "--prompts", str(prompts), "--out", str(tmp_path / "round" / "chat.jsonl"),
-                                    "--max-new-tokens", "16", "--chat-template", str(tmp_path / "t.jinja"), "--device", "cpu", "--quiet"])
+                                    "--max-new-tokens", "16", "--chat-template", str(tmp_path / "t.jinja"), "--device", "cpu", "--quiet",
+                                    "--engine", "hf", *generate_args])
     assert res.exit_code == 0, res.output
+    if strip:
+        samples = tmp_path / "round" / "chat.jsonl"
+        records = [json.loads(line) for line in samples.read_text().splitlines()]
+        samples.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in records))
     out = tmp_path / "round.zarr"
     build(small_config(teacher_dir, tmp_path / "round", out, seq_len=64, val_tokens=128, chat_template=CHAT_TEMPLATE, top_k=16), progress=False)
     return out
 
 
-def test_distill_minillm_first_step_equals_the_loss_on_the_same_batch(tmp_path, teacher_dir):
+@pytest.mark.parametrize("mix,strip", [(0.0, False), (0.2, False), (0.0, True)], ids=["student-samples", "teacher-mixed", "no-logprobs"])
+def test_distill_minillm_first_step_equals_the_loss_on_the_same_batch(tmp_path, teacher_dir, mix, strip):
     """`distill --kd-loss minillm` on a round's cache: the first step's loss is minillm_loss on
-    the loader's first batch with q_old = the starting student (ρ = 1 at step 1)."""
+    the loader's first batch with the importance weights' denominator r = the distribution
+    the samples were drawn from: q_old, the starting student (ρ = 1 at step 1), or with
+    teacher-mixed sampling 0.2 p + 0.8 q_old, both as `generate` recorded them; for samples
+    without recorded log-probs, q_old from a frozen copy of the starting student."""
     import numpy as np
     from transformers import AutoModelForCausalLM
 
@@ -136,7 +184,8 @@ def test_distill_minillm_first_step_equals_the_loss_on_the_same_batch(tmp_path, 
     from .helpers import distill_config
 
     student = make_student(teacher_dir, tmp_path / "s", 32, 1)
-    cache_path = samples_cache(tmp_path, teacher_dir, student)
+    cache_path = samples_cache(tmp_path, teacher_dir, student, *(["--mix-teacher", str(teacher_dir), "--mix-alpha", str(mix)] if mix else []),
+                               strip=strip)
     run = tmp_path / "run"
     distill(distill_config(cache_path, student, run, max_steps=2, kd_loss="minillm", mixing="uniform"), progress=False)
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -150,10 +199,63 @@ def test_distill_minillm_first_step_equals_the_loss_on_the_same_batch(tmp_path, 
     tokens = torch.where(mask, labels, torch.zeros_like(labels))
     with torch.no_grad():
         logits = model(input_ids=batch.tokens).logits[:, :-1]
-        old = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        want = minillm_loss(logits, tokens, mask, batch.topk_ids.long(), batch.topk_logprobs, batch.target_logprob, old)
+        q_old = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        args = (logits, tokens, mask, batch.topk_ids.long(), batch.topk_logprobs, batch.target_logprob)
+        want = minillm_loss(*args, q_old if strip else batch.sample_logprob)
+        if strip:
+            assert batch.sample_logprob is None
+        elif mix:
+            # r from the cache: log(0.2 p + 0.8 q_old) with p the teacher's log-prob of the token, also cached
+            r = torch.log(mix * batch.target_logprob.exp() + (1 - mix) * q_old.exp())
+            torch.testing.assert_close(batch.sample_logprob[mask], r[mask], rtol=1e-4, atol=1e-4)
+            assert minillm_loss(*args, q_old).item() != pytest.approx(want.item(), rel=1e-3)  # the weights are not q_θ/q_old
+        else:
+            torch.testing.assert_close(batch.sample_logprob[mask], q_old[mask], rtol=1e-4, atol=1e-4)
     assert first["loss"] == pytest.approx(want.item(), rel=1e-5)
     assert math.isfinite(logged[-1]["ppl_student"][cache.domains[0]])
+
+
+def test_the_pretraining_term_adds_the_second_caches_ce_to_loss_and_gradient(tmp_path, teacher_dir, built_cache):
+    """--pretrain-cache (MiniLLM's L_PT): step 1's loss and gradient norm equal those of
+    minillm_loss on the round's first batch + w x the mean CE of the pre-training cache's
+    first batch (its own loader: seed + 1, natural mixing), computed here by hand."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from ddk_cache.store.cache import Cache
+    from ddk_cache.train.data import CacheLoader
+    from ddk_cache.train.ddk import DDKController
+    from ddk_cache.train.distill import distill
+
+    from .helpers import distill_config
+
+    student = make_student(teacher_dir, tmp_path / "s", 32, 1)
+    cache_path = samples_cache(tmp_path, teacher_dir, student)
+    run = tmp_path / "run"
+    distill(distill_config(cache_path, student, run, max_steps=2, kd_loss="minillm", mixing="uniform", pretrain_cache=str(built_cache),
+                           pretrain_weight=0.5, grad_clip=0), progress=False)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in logged if r["type"] == "step")
+    cache, pt = Cache(str(cache_path)), Cache(str(built_cache))
+    with CacheLoader(cache, batch_size=4, weights=np.full(len(cache.domains), 1 / len(cache.domains)), seed=0) as loader:
+        batch = loader.next()
+    with CacheLoader(pt, batch_size=4, weights=DDKController(pt, mixing="natural").weights, seed=1, targets=False) as loader:
+        pt_batch = loader.next()
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    labels = batch.labels()
+    mask = labels != -100
+    tokens = torch.where(mask, labels, torch.zeros_like(labels))
+    logits = model(input_ids=batch.tokens).logits[:, :-1]
+    main = minillm_loss(logits, tokens, mask, batch.topk_ids.long(), batch.topk_logprobs, batch.target_logprob, batch.sample_logprob)
+    pt_logits = model(input_ids=pt_batch.tokens).logits[:, :-1]
+    pt_ce = torch.nn.functional.cross_entropy(pt_logits.reshape(-1, pt_logits.shape[-1]), pt_batch.labels().reshape(-1))
+    (main + 0.5 * pt_ce).backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    assert first["pretrain_ce"] == pytest.approx(pt_ce.item(), rel=1e-5)
+    assert first["loss"] == pytest.approx((main + 0.5 * pt_ce).item(), rel=1e-5)
+    assert first["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+    evals = [r for r in logged if r["type"] == "eval"]
+    assert set(evals[-1]["pretrain_ppl_student"]) == set(pt.domains)
 
 
 def test_minillm_refuses_a_text_cache(tmp_path, built_cache, teacher_dir):
@@ -168,7 +270,7 @@ def test_minillm_refuses_a_text_cache(tmp_path, built_cache, teacher_dir):
 
 
 @pytest.mark.slow
-def test_rounds_run_end_to_end_and_continue_where_they_stopped(tmp_path, teacher_dir):
+def test_rounds_run_end_to_end_and_continue_where_they_stopped(tmp_path, teacher_dir, built_cache):
     """Two tiny rounds through the CLI; a second invocation skips both; a third with one more
     round runs only that one, from round 1's student."""
     from click.testing import CliRunner
@@ -183,11 +285,18 @@ def test_rounds_run_end_to_end_and_continue_where_they_stopped(tmp_path, teacher
     (tmp_path / "t.jinja").write_text(CHAT_TEMPLATE)
     argv = ["minillm", "--student", str(student), "--teacher", str(teacher_dir), "--prompts", str(prompts), "--out", str(tmp_path / "m"),
             "--steps-per-round", "2", "--max-new-tokens", "12", "--seq-len", "64", "--top-k", "8", "--batch-size", "4",
-            "--chat-template", str(tmp_path / "t.jinja"), "--device", "cpu", "--quiet"]
+            "--chat-template", str(tmp_path / "t.jinja"), "--device", "cpu", "--quiet", "--engine", "hf"]
     first = CliRunner().invoke(main, [*argv, "--rounds", "2"])
     assert first.exit_code == 0, first.output
     assert (tmp_path / "m" / "round-1" / "run" / "final").is_dir()
     again = CliRunner().invoke(main, [*argv, "--rounds", "2"])
     assert again.exit_code == 0 and "round 0: done" in again.output and "round 1: done" in again.output
-    more = CliRunner().invoke(main, [*argv, "--rounds", "3"])
+    # The third round samples teacher-mixed (the teacher is loaded next to the student) and
+    # adds the pre-training LM term.
+    more = CliRunner().invoke(main, [*argv, "--rounds", "3", "--mix-alpha", "0.2", "--pretrain-cache", str(built_cache)])
     assert more.exit_code == 0 and "round 2: sampling from " + str(tmp_path / "m" / "round-1" / "run" / "final") in more.output
+    assert "teacher-mixed sampling: on" in more.output
+    sample = json.loads((tmp_path / "m" / "round-2" / "samples" / "chat.jsonl").read_text().splitlines()[0])["sample"]
+    assert sample["mix_teacher"] == str(teacher_dir) and sample["mix_alpha"] == 0.2
+    steps = [json.loads(line) for line in (tmp_path / "m" / "round-2" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["pretrain_ce"]) for r in steps if r["type"] == "step")

@@ -120,3 +120,40 @@ def test_one_process_checkpoint_resumes_on_two_ranks(tmp_path, request, built_ca
     for x, y in zip(records(one, "step")[2:], records(resumed, "step")[2:]):
         assert y["step"] == x["step"] and y["loss"] == pytest.approx(x["loss"], rel=1e-5)
     assert len(records(resumed, "step")) == 4
+
+
+@pytest.fixture(scope="module")
+def pretrain_cache(tmp_path_factory, teacher_dir, corpus_dir):
+    """A tokens-only cache of the corpus: the pre-training text of --pretrain-cache."""
+    from ddk_cache.capture.build import build
+
+    from .helpers import small_config
+
+    out = tmp_path_factory.mktemp("pt") / "pt.zarr"
+    build(small_config(teacher_dir, corpus_dir, out, top_k=0, seed=7), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("mode,port", [("ddp", 29547), ("fsdp", 29548)])
+def test_pretraining_term_on_two_ranks_equals_one_process_and_resumes(tmp_path, built_cache, student, pretrain_cache, mode, port):
+    """With --pretrain-cache each micro-batch runs two forward/backward passes and only the
+    last synchronises: 2 ranks still train what 1 process trains, and the 1-process run
+    resumed from its step-2 checkpoint (the second loader's state included) continues it."""
+    extra = {"pretrain_cache": str(pretrain_cache), "pretrain_weight": 0.5}
+    one = tmp_path / "one"
+    distill(distill_config(built_cache, student, one, batch_size=4, **COMMON, **extra), progress=False)
+    two = tmp_path / mode
+    torchrun(tmp_path, built_cache, student, two, "--pretrain-cache", str(pretrain_cache), "--pretrain-weight", "0.5",
+             *(["--fsdp"] if mode == "fsdp" else []), port=port)
+    for x, y in zip(records(one, "step"), records(two, "step")):
+        assert y["pretrain_ce"] == pytest.approx(x["pretrain_ce"], rel=1e-5) and y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+    assert len(records(two, "step")) == 4
+    if mode == "ddp":
+        resumed = tmp_path / "resumed"
+        ckpt = one / "checkpoints" / "step_00000002"
+        shutil.copytree(ckpt, resumed / "checkpoints" / ckpt.name)
+        shutil.copy(one / "metrics.jsonl", resumed / "metrics.jsonl")
+        distill(distill_config(built_cache, student, resumed, batch_size=4, resume=True, **COMMON, **extra), progress=False)
+        for x, y in zip(records(one, "step")[2:], records(resumed, "step")[2:]):
+            assert y["pretrain_ce"] == pytest.approx(x["pretrain_ce"], rel=1e-6) and y["loss"] == pytest.approx(x["loss"], rel=1e-6)

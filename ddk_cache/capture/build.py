@@ -38,7 +38,7 @@ from ..config import CommandConfig, option, validate
 from ..errors import ConfigError, CorpusError, StoreError, StoreVersionError
 from ..runtime import Worker, assign_gpus, resolve_device, resolve_worker
 from ..store.cache import (
-    LOSS_MASK, STATE_COMPLETE, STATE_INITIALIZING, TOKENS, CacheWriter, Shard, describe_pending, format_bytes, read_root_meta,
+    LOSS_MASK, SAMPLE_LOGPROB, STATE_COMPLETE, STATE_INITIALIZING, TOKENS, CacheWriter, Shard, describe_pending, format_bytes, read_root_meta,
 )
 from ..store.encodings import Encoding, PackV2, PlainV1, RowScores, TokensOnly
 from ..store.log import ShardRecord
@@ -571,7 +571,7 @@ def _score(writer: CacheWriter, plan: Plan, shards: list[Shard], teacher: Any, s
     log = writer.log_writer(worker)
     log_guard = threading.Lock()
     states: dict[str, _ShardState] = {}
-    masks: dict[str, np.ndarray | None] = {}
+    masks: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}  # loss mask, sampling log-probs
     guard = threading.Lock()
     written: queue.Queue = queue.Queue()
 
@@ -582,8 +582,8 @@ def _score(writer: CacheWriter, plan: Plan, shards: list[Shard], teacher: Any, s
         def produce() -> None:
             try:
                 for shard in shards:
-                    tokens, mask = gather.sequences(shard.domain, shard.split, shard.start, shard.stop)
-                    ahead.put((shard, tokens, mask))
+                    tokens, mask, sampled = gather.sequences(shard.domain, shard.split, shard.start, shard.stop)
+                    ahead.put((shard, tokens, (mask, sampled)))
                 ahead.put(None)
             except BaseException as e:  # surfaced in the scoring thread
                 ahead.put(e)
@@ -608,13 +608,15 @@ def _score(writer: CacheWriter, plan: Plan, shards: list[Shard], teacher: Any, s
         t0 = time.perf_counter()
         shard: Shard = job.key
         scores = finish()
-        mask = masks[shard.key]
+        mask, sampled = masks[shard.key]
         tokens = job.tokens[row]
         chunks = {TOKENS: writer.array(shard.domain, shard.split, TOKENS).encode_row(tokens)}
         # Positions that carry loss: all of them, or where the next token is a label (chat).
         carry = np.ones(seq_len - 1, bool) if mask is None else mask[row, 1:].astype(bool)
         if mask is not None:
             chunks[LOSS_MASK] = writer.array(shard.domain, shard.split, LOSS_MASK).encode_row(mask[row])
+        if sampled is not None:
+            chunks[SAMPLE_LOGPROB] = writer.array(shard.domain, shard.split, SAMPLE_LOGPROB).encode_row(sampled[row])
         nll = mass = 0.0
         if scores is not None:
             for name, value in encoding.encode(scores, layout).items():

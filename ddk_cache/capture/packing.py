@@ -44,7 +44,13 @@ from ..store.objects import Objects
 from .corpus import DomainSource, Piece, read_piece
 
 SUMMARY_DIR = "_build/summary"
+SAMPLED = "sampled"  # a piece's kind while tokenizing: chat records with their sampling log-probs
+KIND_NAMES = {TEXT: "plain-text records", CHAT: "chat records", SAMPLED: "generated samples (with 'response_ids' and 'logprobs')"}
 PLAN_KEY = "_build/plan.json"
+
+
+def _kinds(*kinds: str) -> str:
+    return " and ".join(sorted(KIND_NAMES[k] for k in set(kinds)))
 
 
 def doc_hash(seed: int, domain: str, key: str) -> int:
@@ -110,21 +116,22 @@ class PackingConfig:
 
 def tokenize_piece(objects: Objects, source: DomainSource, piece: Piece, tokenize: Any, cfg: PackingConfig) -> dict[str, Any]:
     """Read, tokenize and stage one piece; return its stats. `tokenize(docs)` turns a list of
-    corpus Documents into (token arrays, mask arrays or None), one per document."""
+    corpus Documents into (token arrays, mask arrays or None, sampling log-prob arrays or
+    None), one per document."""
     digest = hashlib.sha256()
-    keys, tokens, masks = [], [], []
+    keys, tokens, masks, logprobs = [], [], [], []
     kind = None
     batch: list = []
     no_loss = cut = 0
 
     def flush() -> None:
         nonlocal no_loss, cut
-        ids, ms = tokenize(batch)
+        ids, ms, lps = tokenize(batch)
         if ms is None:
             keys.extend(doc_hash(cfg.seed, source.name, d.key) for d in batch)
             tokens.extend(ids)
         else:
-            for d, i, m in zip(batch, ids, ms):
+            for d, i, m, lp in zip(batch, ids, ms, lps or [None] * len(ids)):
                 # A chat sample whose assistant tokens all lie beyond seq-len would carry no
                 # loss (and give its domain's perplexities 0/0): it is left out, and counted.
                 if not m[1 : cfg.seq_len].any():
@@ -134,14 +141,16 @@ def tokenize_piece(objects: Objects, source: DomainSource, piece: Piece, tokeniz
                 keys.append(doc_hash(cfg.seed, source.name, d.key))
                 tokens.append(i)
                 masks.append(m)
+                if lp is not None:
+                    logprobs.append(lp)
         batch.clear()
 
     for doc in read_piece(source, piece, cfg.text_field, cfg.part_chars, digest):
-        doc_kind = CHAT if doc.messages is not None else TEXT
+        doc_kind = TEXT if doc.messages is None else CHAT if doc.sample is None else SAMPLED
         if kind is None:
             kind = doc_kind
-        elif doc_kind != kind or (batch and (batch[0].messages is None) != (doc.messages is None)):
-            raise CorpusError(f"{doc.origin}: domain {source.name!r} mixes plain-text and chat records; give each kind its own domain")
+        elif doc_kind != kind:
+            raise CorpusError(f"{doc.origin}: domain {source.name!r} mixes {_kinds(kind, doc_kind)}; give each kind its own domain")
         batch.append(doc)
         if len(batch) >= 256:
             flush()
@@ -156,7 +165,11 @@ def tokenize_piece(objects: Objects, source: DomainSource, piece: Piece, tokeniz
     objects.put(f"{key}.tok", stream.tobytes())
     if masks:
         objects.put(f"{key}.msk", np.concatenate([masks[i] for i in order]).astype(np.uint8).tobytes())
-    stats = {"docs": int(len(order)), "tokens": int(lengths.sum()), "sha256": digest.hexdigest(), "data": kind or TEXT}
+    if kind == SAMPLED:
+        objects.put(f"{key}.slp", np.concatenate([logprobs[i] for i in order]).astype("<f4").tobytes())
+    stats = {"docs": int(len(order)), "tokens": int(lengths.sum()), "sha256": digest.hexdigest(), "data": CHAT if kind == SAMPLED else kind or TEXT}
+    if kind == SAMPLED:
+        stats["sampled"] = True
     if no_loss:
         stats["no_loss"] = no_loss
     if cut:
@@ -230,9 +243,11 @@ class DomainPlan:
     sha256: str
     no_loss: int = 0  # chat samples left out: no assistant token within seq_len
     cut: int = 0  # chat samples kept but longer than seq_len (their ends are not in the cache)
+    sampled: bool = False  # generated samples: their sampling log-probs are staged too (.slp)
 
     def info(self) -> DomainInfo:
-        return DomainInfo(SplitInfo(self.n_train, self.train_documents), SplitInfo(self.n_val, len(self.val_docs)), self.tokens_read, self.data)
+        return DomainInfo(SplitInfo(self.n_train, self.train_documents), SplitInfo(self.n_val, len(self.val_docs)), self.tokens_read,
+                          self.data, self.sampled)
 
 
 @dataclass
@@ -299,10 +314,11 @@ def make_plan(objects: Objects, sources: list[DomainSource], pieces: dict[str, l
         stats = [per_domain[name][i] for i in range(n_pieces)]
         no_loss = sum(int(s.get("no_loss", 0)) for s in stats)
         cut = sum(int(s.get("cut", 0)) for s in stats)
-        kinds = {s["data"] for s in stats if s["docs"]} or ({CHAT} if no_loss else set())
+        kinds = {SAMPLED if s.get("sampled") else s["data"] for s in stats if s["docs"]} or ({CHAT} if no_loss else set())
         if len(kinds) > 1:
-            raise CorpusError(f"domain {name!r} mixes plain-text and chat records; give each kind its own domain")
-        data = kinds.pop() if kinds else TEXT
+            raise CorpusError(f"domain {name!r} mixes {_kinds(*kinds)}; give each kind its own domain")
+        sampled = SAMPLED in kinds
+        data = CHAT if sampled else kinds.pop() if kinds else TEXT
         chat = data == CHAT
         tokens = [int(s["tokens"]) for s in stats]
         docs = [int(s["docs"]) for s in stats]
@@ -360,7 +376,8 @@ def make_plan(objects: Objects, sources: list[DomainSource], pieces: dict[str, l
             left -= avail
         sha = hashlib.sha256("".join(s["sha256"] for s in stats).encode()).hexdigest()
         tokens_read = sum(tokens) if cfg.max_tokens is None else min(sum(tokens), cfg.max_tokens)
-        domains[name] = DomainPlan(data, order, tokens, docs, val_prefix, val_docs, n_train, n_val, tokens_read, train_documents, sha, no_loss, cut)
+        domains[name] = DomainPlan(data, order, tokens, docs, val_prefix, val_docs, n_train, n_val, tokens_read, train_documents, sha, no_loss, cut,
+                                   sampled)
     return Plan(cfg.seq_len, token_dtype(cfg.vocab_size).itemsize, cfg.pad_id, domains)
 
 
@@ -406,8 +423,9 @@ class Gatherer:
                 self._indexes.popitem(last=False)
         return bounds
 
-    def sequences(self, domain: str, split: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """(int32 tokens [n, L], uint8 loss mask [n, L] or None) of sequences [start, stop)."""
+    def sequences(self, domain: str, split: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(int32 tokens [n, L], uint8 loss mask [n, L] or None, float32 sampling log-probs
+        [n, L] or None) of sequences [start, stop)."""
         p = self.plan.domains[domain]
         L = self.plan.seq_len
         if p.data == CHAT:
@@ -424,7 +442,7 @@ class Gatherer:
             segments = self._train_segments(domain, p, start * L, stop * L)
         parts = self._read(segments, ".tok", self.plan.itemsize, self.dtype)
         flat = np.concatenate(parts) if parts else np.zeros(0, self.dtype)
-        return flat.astype(np.int32).reshape(stop - start, L), None
+        return flat.astype(np.int32).reshape(stop - start, L), None, None
 
     def _train_segments(self, domain: str, p: DomainPlan, a: int, b: int) -> list[tuple[str, int, int, int]]:
         cum = self._train_cum[domain]
@@ -438,7 +456,7 @@ class Gatherer:
             k += 1
         return out
 
-    def _chat(self, domain: str, p: DomainPlan, split: str, start: int, stop: int, L: int) -> tuple[np.ndarray, np.ndarray]:
+    def _chat(self, domain: str, p: DomainPlan, split: str, start: int, stop: int, L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         docs = []  # (piece, offset, length) of each sample
         if split == "val":
             docs = [tuple(v) for v in p.val_docs[start:stop]]
@@ -458,4 +476,9 @@ class Gatherer:
         for i, (t, m) in enumerate(zip(toks, masks)):
             tokens[i, : len(t)] = t
             mask[i, : len(m)] = m
-        return tokens, mask
+        if not p.sampled:
+            return tokens, mask, None
+        logprobs = np.zeros((len(docs), L), np.float32)
+        for i, v in enumerate(self._read(reqs, ".slp", 4, np.dtype("<f4"))):
+            logprobs[i, : len(v)] = v
+        return tokens, mask, logprobs

@@ -164,18 +164,50 @@ def chat_tokens(tok: Any, messages: list[dict[str, str]], template: str, origin:
     return ids, mask
 
 
+def sample_tokens(tok: Any, messages: list[dict[str, str]], template: str, sample: tuple[list[int], list[float]],
+                  origin: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(token ids int32, loss mask uint8, sampling log-probs float32) of a generated sample:
+    the prompt (every message but the last, with the generation prompt) tokenized as
+    `ddk-cache generate` did, then the response's token ids exactly as drawn, not the
+    re-tokenized text (a sampled id sequence need not be the tokenizer's own segmentation of
+    its text; MiniLLM's rewards and importance weights belong to the drawn tokens). The mask
+    is 1 on the response; the log-probs are 0 on the prompt."""
+    response, logprobs = sample
+    if len(tok) and max(response) >= len(tok):
+        raise CorpusError(f"{origin}: 'response_ids' holds id {max(response)}, beyond the tokenizer's {len(tok)} tokens: "
+                          "the samples come from a model of another tokenizer")
+    if tok.decode(response, skip_special_tokens=True) != messages[-1]["content"]:
+        raise CorpusError(f"{origin}: the assistant message is not the decoding of 'response_ids' (edited after `ddk-cache generate`, "
+                          "or sampled with another tokenizer); remove 'response_ids' and 'logprobs' to train on the text instead")
+    try:
+        prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True, chat_template=template)
+    except Exception as e:
+        raise CorpusError(f"{origin}: the chat template fails on this conversation: {first_line(e)}") from None
+    head = np.asarray(tok(prompt, add_special_tokens=False)["input_ids"], np.int32)
+    ids = np.concatenate([head, np.asarray(response, np.int32)])
+    mask = np.zeros(len(ids), np.uint8)
+    mask[len(head):] = 1
+    lp = np.zeros(len(ids), np.float32)
+    lp[len(head):] = logprobs
+    return ids, mask, lp
+
+
 def document_tokenizer(tok: Any, chat_template: str | None, name: str) -> Any:
-    """A function turning a batch of corpus Documents into (token arrays, mask arrays or None):
-    text documents batched through the tokenizer with EOS appended, chat records through
-    the chat template with their loss masks."""
+    """A function turning a batch of corpus Documents into (token arrays, mask arrays or None,
+    sampling log-prob arrays or None): text documents batched through the tokenizer with EOS
+    appended, chat records through the chat template with their loss masks, generated
+    samples (`ddk-cache generate`) as drawn with their log-probs."""
     template: list[str] = []
 
-    def tokenize(docs: list) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    def tokenize(docs: list) -> tuple[list[np.ndarray], list[np.ndarray] | None, list[np.ndarray] | None]:
         if docs and docs[0].messages is not None:
             if not template:
                 template.append(load_chat_template(chat_template, tok, name))
+            if docs[0].sample is not None:
+                triples = [sample_tokens(tok, d.messages, template[0], d.sample, d.origin) for d in docs]
+                return [t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples]
             pairs = [chat_tokens(tok, d.messages, template[0], d.origin) for d in docs]
-            return [p[0] for p in pairs], [p[1] for p in pairs]
-        return list(tokenize_documents(tok, [d.text for d in docs], batch_size=len(docs) or 1)), None
+            return [p[0] for p in pairs], [p[1] for p in pairs], None
+        return list(tokenize_documents(tok, [d.text for d in docs], batch_size=len(docs) or 1)), None, None
 
     return tokenize

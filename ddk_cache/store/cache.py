@@ -6,6 +6,8 @@ A cache (format 3) is a Zarr v3 group:
     /<domain>/<split>/       split is "train" or "val"
         tokens          int32 [N, L]    the packed (or padded) sequences
         loss_mask       uint8 [N, L]    chat domains only: 1 where tokens[t] is a label
+        sample_logprob  float32 [N, L]  generated samples only: log-prob of tokens[t] under the
+                                        distribution that drew it (0 off the response)
         <target arrays>                 as the encoding declares (encodings.py): pack-v2's
                                         `targets` rows, or plain-v1's three arrays
     /_build/                 build state: logs of finished shards, staged tokens
@@ -39,12 +41,13 @@ from .targets import TargetSpec
 ROOT_ATTR = "ddk_cache"
 TOKENS = "tokens"
 LOSS_MASK = "loss_mask"
+SAMPLE_LOGPROB = "sample_logprob"
 BUILD_DIR = "_build"
 PIECES_DIR = "_build/pieces"
 # Format 1-2 only: per-shard completion flags (format 3 keeps build logs instead).
 LEGACY_SHARD_DONE = "shard_done"
 
-__all__ = ["Cache", "CacheBatch", "CacheWriter", "Shard", "SPLITS", "TOKENS", "LOSS_MASK", "ROOT_ATTR", "FORMAT_VERSION",
+__all__ = ["Cache", "CacheBatch", "CacheWriter", "Shard", "SPLITS", "TOKENS", "LOSS_MASK", "SAMPLE_LOGPROB", "ROOT_ATTR", "FORMAT_VERSION",
            "STATE_BUILDING", "STATE_COMPLETE", "STATE_INITIALIZING", "is_url", "format_bytes", "describe_pending", "read_root_meta"]
 
 
@@ -74,13 +77,14 @@ class CacheBatch:
 
     tokens int32 [n, L]; topk_ids int32 / topk_logprobs float32 [n, L-1, K] (None for a
     tokens-only cache); target_logprob float32 [n, L-1]; loss_mask uint8 [n, L] or None
-    (every position carries loss)."""
+    (every position carries loss); sample_logprob float32 [n, L] or None (not generated samples)."""
 
     tokens: np.ndarray
     topk_ids: np.ndarray | None
     topk_logprobs: np.ndarray | None
     target_logprob: np.ndarray | None
     loss_mask: np.ndarray | None = None
+    sample_logprob: np.ndarray | None = None
 
 
 def group_json(attributes: dict[str, Any] | None = None) -> bytes:
@@ -168,12 +172,18 @@ class _CacheNode:
     def is_chat(self, domain: str) -> bool:
         return self.meta.domains[domain].data == CHAT
 
+    def is_sampled(self, domain: str) -> bool:
+        """Whether the domain holds generated samples with their sampling log-probs."""
+        return self.meta.domains[domain].sampled
+
     def num_sequences(self, domain: str, split: str) -> int:
         return self.meta.domains[domain].split(split).sequences
 
     def array_names(self, domain: str) -> list[str]:
-        """Every array of a domain's splits: tokens, the loss mask (chat), the target arrays."""
-        return [TOKENS] + ([LOSS_MASK] if self.is_chat(domain) else []) + list(self.target_arrays)
+        """Every array of a domain's splits: tokens, the loss mask (chat), the sampling log-probs
+        (generated samples), the target arrays."""
+        return ([TOKENS] + ([LOSS_MASK] if self.is_chat(domain) else []) + ([SAMPLE_LOGPROB] if self.is_sampled(domain) else [])
+                + list(self.target_arrays))
 
     def array(self, domain: str, split: str, name: str) -> RowArray:
         """The RowArray `<domain>/<split>/<name>`, from its zarr.json (read once)."""
@@ -247,6 +257,13 @@ class Cache(_CacheNode):
             return None
         return self.reader.rows(self.array(domain, split, LOSS_MASK), rows)
 
+    def sample_logprob(self, domain: str, split: str, rows: np.ndarray | list[int]) -> np.ndarray | None:
+        """float32 [len(rows), L]: log-prob of tokens[t] under the distribution that sampled it
+        (0 off the response); None unless the domain holds generated samples."""
+        if not self.is_sampled(domain):
+            return None
+        return self.reader.rows(self.array(domain, split, SAMPLE_LOGPROB), rows)
+
     def targets_of(self, domain: str, split: str, rows: np.ndarray | list[int], out: Targets | None = None) -> Targets | None:
         """The decoded teacher targets of `rows` (None for a tokens-only cache)."""
         if not self.has_targets:
@@ -261,7 +278,7 @@ class Cache(_CacheNode):
         rows = np.arange(start, min(stop, self.num_sequences(domain, split)))
         t = self.targets_of(domain, split, rows)
         return CacheBatch(self.tokens(domain, split, rows), t.ids if t else None, t.logprobs if t else None,
-                          t.target_logprob if t else None, self.loss_mask(domain, split, rows))
+                          t.target_logprob if t else None, self.loss_mask(domain, split, rows), self.sample_logprob(domain, split, rows))
 
     def stored_bytes(self) -> dict[tuple[str, str, str], int]:
         """Bytes on disk per (domain, split, array), from one listing of the store."""
@@ -320,6 +337,8 @@ class CacheWriter(_CacheNode):
         specs = {TOKENS: ArraySpec("int32", (L,), "blosc", 5, ("token",))}
         if self.is_chat(domain):
             specs[LOSS_MASK] = ArraySpec("uint8", (L,), "blosc", 5, ("token",))
+        if self.is_sampled(domain):
+            specs[SAMPLE_LOGPROB] = ArraySpec("float32", (L,), "blosc", 5, ("token",))
         specs.update(self.encoding.arrays(self.layout))
         return specs
 

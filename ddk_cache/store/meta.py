@@ -45,13 +45,15 @@ class DomainInfo:
     val: SplitInfo
     tokens_read: int = 0  # the domain's tokens after the cap, before packing dropped its tail
     data: str = TEXT  # text (packed documents) or chat (one sample per sequence, loss mask)
+    sampled: bool = False  # chat only: generated samples, stored as drawn with their sampling log-probs
 
     def split(self, name: str) -> SplitInfo:
         return self.train if name == "train" else self.val
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DomainInfo":
-        return cls(SplitInfo.from_dict(d["train"]), SplitInfo.from_dict(d["val"]), int(d.get("tokens_read", 0)), d.get("data", TEXT))
+        return cls(SplitInfo.from_dict(d["train"]), SplitInfo.from_dict(d["val"]), int(d.get("tokens_read", 0)), d.get("data", TEXT),
+                   bool(d.get("sampled", False)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import StoreError
-from .cache import LOSS_MASK, SPLITS, STATE_COMPLETE, TOKENS, Cache, Shard
+from .cache import LOSS_MASK, SAMPLE_LOGPROB, SPLITS, STATE_COMPLETE, TOKENS, Cache, Shard
 from .log import ShardRecord
 
 # pack-v2 stores a kept target's log-prob as a reference to its quantised entry: the
@@ -140,6 +140,10 @@ def _check_shard(cache: Cache, shard: Shard, stored: dict[str, int], record: Sha
         if (mask > 1).any():
             problems.append(Problem(f"{shard.key}/loss_mask", "values other than 0 and 1"))
         carry = mask[:, 1:].astype(bool)
+    if SAMPLE_LOGPROB in raw:
+        lp = np.stack([np.frombuffer(r, "<f4") for r in raw[SAMPLE_LOGPROB]])
+        if not np.isfinite(lp).all() or (lp > 1e-3).any():
+            problems.append(Problem(f"{shard.key}/sample_logprob", "values that are not finite log-probs (<= 0)"))
     if cache.has_targets:
         try:
             targets = cache.encoding.decode({n: raw[n] for n in cache.target_arrays}, cache.layout)

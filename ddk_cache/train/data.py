@@ -42,8 +42,9 @@ class Batch:
     tokens int64 [B, L]; loss_mask bool [B, L] (True where tokens[:, t] is a label) or None
     (every token is); topk_ids int32 / topk_logprobs float32 [B, L-1, K] sparse targets
     (log-prob -inf: padding; K = 0 for tokens-only reads); target_logprob float32 [B, L-1]
-    (None when not read); domains [B] domain index of each row; state: the sampler state
-    after this batch (what a checkpoint stores)."""
+    (None when not read); sample_logprob float32 [B, L-1]: log-prob of each next token under
+    the distribution that sampled it (generated samples only, else None); domains [B] domain
+    index of each row; state: the sampler state after this batch (what a checkpoint stores)."""
 
     tokens: torch.Tensor
     topk_ids: torch.Tensor
@@ -52,6 +53,7 @@ class Batch:
     state: dict
     loss_mask: torch.Tensor | None = None
     target_logprob: torch.Tensor | None = None
+    sample_logprob: torch.Tensor | None = None
 
     def labels(self) -> torch.Tensor:
         """Next-token labels [B, L-1]: tokens[:, 1:], IGNORE_INDEX where no loss applies."""
@@ -116,6 +118,7 @@ class SequenceReader:
         self.targets = targets and cache.has_targets
         self.K = cache.top_k if self.targets else 0
         self.chat = any(cache.is_chat(d) for d in cache.domains)
+        self.sampled = any(cache.is_sampled(d) for d in cache.domains)
         self.pin = pin
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -124,13 +127,15 @@ class SequenceReader:
     def read(self, items: list[tuple[int, int]]) -> dict[str, Any]:
         """Tensors for `items` (domain index, sequence): tokens int64 [B, L], loss_mask bool
         [B, L] or None, topk_ids int32 / topk_logprobs float32 [B, L-1, K], target_logprob
-        float32 [B, L-1] or None, domains [B]. Each distinct sequence is read once."""
+        float32 [B, L-1] or None, sample_logprob float32 [B, L-1] or None (0 in rows of domains
+        without samples), domains [B]. Each distinct sequence is read once."""
         L, K, B = self.cache.seq_len, self.K, len(items)
         tokens = self._empty((B, L), torch.int64)
         ids = self._empty((B, L - 1, K), torch.int32)
         lps = self._empty((B, L - 1, K), torch.float32)
         target = self._empty((B, L - 1), torch.float32) if self.targets else None
         mask = torch.ones((B, L), dtype=torch.bool) if self.chat else None
+        sampled = torch.zeros((B, L - 1), dtype=torch.float32) if self.sampled else None
         doms = np.array([d for d, _ in items], np.int64)
         for d in np.unique(doms):
             rows = np.flatnonzero(doms == d)
@@ -141,12 +146,17 @@ class SequenceReader:
                 m = self.cache.loss_mask(domain, self.split, uniq)
                 if m is not None:
                     mask[rows] = torch.from_numpy(m[inverse].astype(bool))
+            if sampled is not None:
+                lp = self.cache.sample_logprob(domain, self.split, uniq)
+                if lp is not None:
+                    sampled[rows] = torch.from_numpy(lp[inverse, 1:])  # position t predicts tokens[t + 1]
             if self.targets:
                 t = self.cache.targets_of(domain, self.split, uniq)
                 ids[rows] = torch.from_numpy(t.ids[inverse])
                 lps[rows] = torch.from_numpy(t.logprobs[inverse])
                 target[rows] = torch.from_numpy(t.target_logprob[inverse])
-        return {"tokens": tokens, "loss_mask": mask, "topk_ids": ids, "topk_logprobs": lps, "target_logprob": target, "domains": doms}
+        return {"tokens": tokens, "loss_mask": mask, "topk_ids": ids, "topk_logprobs": lps, "target_logprob": target,
+                "sample_logprob": sampled, "domains": doms}
 
 
 _worker_reader: SequenceReader | None = None  # one per reader process
@@ -209,7 +219,7 @@ class CacheLoader:
                 read, mine, state = pending.popleft()
                 arrays = read.result() if read else self.reader.read(mine)
                 batch = Batch(arrays["tokens"], arrays["topk_ids"], arrays["topk_logprobs"], arrays["domains"], state,
-                              arrays["loss_mask"], arrays["target_logprob"])
+                              arrays["loss_mask"], arrays["target_logprob"], arrays["sample_logprob"])
                 while not stop.is_set():
                     try:
                         out.put(batch, timeout=0.1)

@@ -77,6 +77,9 @@ class DistillConfig(CommandConfig):
     minillm_clip: float = option(0.2, "minillm: epsilon of the clipped importance weight q_theta/q_old.")
     minillm_no_length_norm: bool = option(False, "minillm ablation: sum the long-horizon rewards instead of averaging them.")
     minillm_no_single_step: bool = option(False, "minillm ablation: no single-step term (the return then includes the current token).")
+    pretrain_cache: str = option("", "A second cache whose next-token CE is added to every step (MiniLLM's pre-training LM term, arXiv 2306.08543: it keeps the student's language modelling while it learns from its own samples): one batch of it per micro-batch; text or tokens-only; the tokenizer must be the cache's.")
+    pretrain_weight: float = option(1.0, "Weight of the --pretrain-cache term: loss = main loss + this x its mean CE (MiniLLM: 1).")
+    pretrain_mixing: str = option("natural", "Domain mixing of --pretrain-cache: as --mixing (ddk needs its teacher PPL table: the student is evaluated on its validation split every --ddk-interval steps).")
     mixing: str = option("ddk", "ddk, ddk-nosmooth, uniform, natural (by size) or static:DOMAIN=W,...")
     ddk_interval: int = option(1000, "Steps between per-domain evaluations and DDK weight updates (DDK: 1000; scale down for small runs).")
     ddk_alpha: float = option(0.5, "DDK smoothing alpha: r = alpha * psi/sum(psi) + (1 - alpha)/N.")
@@ -126,6 +129,8 @@ class DistillConfig(CommandConfig):
             (self.prefetch >= 1 and self.loader_workers >= 0, "--prefetch must be >= 1 and --loader-workers >= 0"),
             (not (self.online_teacher and self.kd_loss == "none"), "--online-teacher with --kd-loss none would run the teacher for nothing; drop one"),
             (self.bf16 in ("auto", "on", "off"), f"--bf16 must be auto, on or off, got {self.bf16!r}"),
+            (self.pretrain_weight > 0, f"--pretrain-weight must be > 0, got {self.pretrain_weight}"),
+            (self.pretrain_cache != self.cache, "--pretrain-cache is the --cache itself; give a second cache (pre-training text)"),
         ])
         try:
             self.kd()
@@ -219,6 +224,8 @@ def _check_targets(cfg: DistillConfig, cache: Cache) -> None:
             (cfg.temperature != 1.0, "it is defined at temperature 1; drop --temperature"),
             (bool(text), f"it trains on the student's own samples (chat records from `ddk-cache generate`), but {', '.join(text)} "
                          "holds plain text"),
+            (0 < sum(map(cache.is_sampled, cache.domains)) < len(cache.domains),
+             "some domains hold generated samples with their sampling log-probs and some do not; build them as separate caches"),
         ]
         for bad, why in problems:
             if bad:
@@ -295,6 +302,34 @@ def _token_logprobs(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tenso
         logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
     y = torch.where(labels == IGNORE_INDEX, torch.zeros_like(labels), labels)
     return torch.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+class _Pretrain:
+    """MiniLLM's pre-training LM term (arXiv 2306.08543): batches of a second cache, mixed
+    over its domains by their own DDKController, whose CE is added to every step."""
+
+    def __init__(self, cfg: DistillConfig, cache: Cache, worker: Worker) -> None:
+        self.cache = Cache(cfg.pretrain_cache)
+        ours, theirs = self.cache.meta.tokenizer["fingerprint"], cache.meta.tokenizer["fingerprint"]
+        if ours != theirs:
+            raise ConfigError(f"--pretrain-cache {cfg.pretrain_cache}: its tokenizer ({ours[:19]}) is not --cache's ({theirs[:19]})")
+        if any(self.cache.is_sampled(d) for d in self.cache.domains):
+            raise ConfigError(f"--pretrain-cache {cfg.pretrain_cache} holds generated samples; give a cache of pre-training text")
+        try:
+            self.ddk = DDKController(self.cache, mixing=cfg.pretrain_mixing, alpha=cfg.ddk_alpha)
+        except ValueError as e:
+            raise ConfigError(f"--pretrain-mixing: {e}") from None
+        # Its own seed stream: the main cache's draw is the same with or without this term.
+        self.loader = CacheLoader(self.cache, batch_size=cfg.batch_size, weights=self.ddk.weights, seed=cfg.seed + 1, rank=worker.rank,
+                                  world_size=worker.world_size, prefetch=cfg.prefetch, targets=False)
+        self.ddk.samplers.append(self.loader)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mixer": self.ddk.mixer.state_dict(), "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ddk.mixer.load_state_dict(state["mixer"])
+        self.loader.load_state_dict(state["loader"])
 
 
 def _grad_sync(model: torch.nn.Module, enabled: bool) -> Any:
@@ -383,9 +418,14 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
     _check_memory(cfg, cache, model, device, world)
     kd = cfg.kd()
     minillm = cfg.minillm()
-    # MiniLLM's importance weights need q_old, the policy that drew the samples: the student
-    # this round starts from (--student), kept frozen (also on --resume: loaded before the checkpoint).
-    behaviour = _frozen_copy(model, device) if minillm is not None else None
+    # MiniLLM's importance weights need the log-prob of each sampled token under the policy
+    # that drew it: stored in the cache by `ddk-cache generate` (q_old, or the teacher-mixed
+    # p~ = a p + (1 - a) q_old). Samples without them: q_old is the student this round starts
+    # from (--student), kept as a frozen copy (also on --resume: loaded before the checkpoint),
+    # which costs a copy of the weights and a forward pass per step.
+    behaviour = None
+    if minillm is not None and not any(cache.is_sampled(d) for d in cache.domains):
+        behaviour = _frozen_copy(model, device)
     module = StudentLoss(model, kd, chunk=cfg.loss_chunk, minillm=minillm).to(device)
     trained = parallelize(module, "fsdp" if cfg.fsdp else "ddp", device, world, use_bf16)
     opt = _optimizer(trained, cfg)
@@ -399,11 +439,15 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
     loader = CacheLoader(cache, batch_size=cfg.batch_size, weights=ddk.weights, seed=cfg.seed, rank=rank, world_size=world,
                          prefetch=cfg.prefetch, targets=teacher is None, workers=cfg.loader_workers)
     ddk.samplers.append(loader)
+    pretrain = None
     try:
+        pretrain = _Pretrain(cfg, cache, worker) if cfg.pretrain_cache else None
         if ckpt is not None:
             state = checkpoint.load(ckpt, trained, opt, rank)
             ddk.mixer.load_state_dict(state["mixer"])
             loader.load_state_dict(state["loader"])
+            if pretrain is not None:
+                pretrain.load_state_dict(state["pretrain"])
             step, tokens_seen = state["step"], state["tokens"]
         if rank == 0:
             run.mkdir(parents=True, exist_ok=True)
@@ -425,9 +469,17 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
                                    rank=rank, world_size=world, loss=True)
             seconds = time.perf_counter() - t0
             weights = ddk.update(ppl) if update else ddk.weights
-            log({"type": "eval", "step": step, "ppl_student": ppl, "ppl_teacher": teacher_ppl,
-                 "weights": dict(zip(cache.domains, weights.tolist())), "eval_seconds": seconds,
-                 "eval_tokens": sum(cache.num_sequences(d, "val") for d in cache.domains) * cache.seq_len})
+            record = {"type": "eval", "step": step, "ppl_student": ppl, "ppl_teacher": teacher_ppl,
+                      "weights": dict(zip(cache.domains, weights.tolist())), "eval_seconds": seconds,
+                      "eval_tokens": sum(cache.num_sequences(d, "val") for d in cache.domains) * cache.seq_len}
+            if pretrain is not None:  # what the term guards: the student's LM on pre-training text
+                pt = pretrain.cache
+                pt_ppl = evaluate_domains(trained, pt, batch_size=cfg.eval_batch_size, device=device, autocast=autocast,
+                                          rank=rank, world_size=world, loss=True)
+                pt_weights = pretrain.ddk.update(pt_ppl) if update else pretrain.ddk.weights
+                record.update(pretrain_ppl_student=pt_ppl, pretrain_weights=dict(zip(pt.domains, pt_weights.tolist())),
+                              eval_seconds=time.perf_counter() - t0)
+            log(record)
             return ppl
 
         if step == 0:
@@ -447,11 +499,15 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
             # The step's batches first: the loss is normalised by the positions that carry loss
             # over every micro-batch and rank, known before any backward pass.
             batches = [loader.next() for _ in range(cfg.grad_accum)]
-            count = torch.tensor(float(sum(int((b.labels() != IGNORE_INDEX).sum()) for b in batches)), device=device)
+            pt_batches = [pretrain.loader.next() for _ in range(cfg.grad_accum)] if pretrain is not None else []
+            count = torch.tensor([float(sum(int((b.labels() != IGNORE_INDEX).sum()) for b in group)) for group in (batches, pt_batches)],
+                                 device=device)
             if world > 1:
                 torch.distributed.all_reduce(count)
             # DDP and FSDP average gradients over ranks: scale by the world size for the global mean.
-            tokens_per_step = max(count.item(), 1.0) / world
+            tokens_per_step = max(count[0].item(), 1.0) / world
+            pt_tokens_per_step = max(count[1].item(), 1.0) / world
+            pt_ce = torch.zeros((), dtype=torch.float64, device=device)
             for micro, batch in enumerate(batches):
                 x = batch.tokens.to(device, non_blocking=True)
                 labels = batch.labels().to(device, non_blocking=True)
@@ -461,15 +517,25 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
                 elif cache.has_targets and kd.kind != "none":
                     targets = {"topk_ids": batch.topk_ids.to(device, non_blocking=True).long(),
                                "topk_logprobs": batch.topk_logprobs.to(device, non_blocking=True)}
-                if behaviour is not None:
+                if minillm is not None:
                     targets["target_logprob"] = batch.target_logprob.to(device, non_blocking=True)
-                    targets["old_logprob"] = _token_logprobs(behaviour, x, labels, autocast)
+                    targets["old_logprob"] = (_token_logprobs(behaviour, x, labels, autocast) if behaviour is not None
+                                              else batch.sample_logprob.to(device, non_blocking=True))
+                last = micro == cfg.grad_accum - 1
                 try:
-                    with _grad_sync(trained, micro == cfg.grad_accum - 1), autocast():
+                    with _grad_sync(trained, last and pretrain is None), autocast():
                         ce, kd_sum, ce_tok = trained(x, labels, **targets)
                     # minillm: its objective alone (the CE it returns is detached, for the log).
                     loss = (kd_sum if minillm is not None else ce + cfg.kd_weight * kd_sum) / tokens_per_step
                     loss.backward()
+                    if pretrain is not None:
+                        # A second forward/backward into the same gradients (the sum's gradient
+                        # is the sum of the two); only the step's last backward synchronises.
+                        pb = pt_batches[micro]
+                        with _grad_sync(trained, last), autocast():
+                            ce_pt, _, _ = trained(pb.tokens.to(device, non_blocking=True), pb.labels().to(device, non_blocking=True))
+                        (cfg.pretrain_weight * ce_pt / pt_tokens_per_step).backward()
+                        pt_ce += ce_pt.detach().double()
                 except torch.OutOfMemoryError:
                     raise ConfigError(f"out of {device.type} memory at step {step + 1} with --batch-size {cfg.batch_size}: lower "
                                       "--batch-size (raise --grad-accum to keep the tokens per step), or use --gradient-checkpointing, "
@@ -481,8 +547,12 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
                 stats[2 + D :].index_add_(0, doms, (labels != IGNORE_INDEX).sum(1).double())
             if world > 1:
                 torch.distributed.all_reduce(stats)  # every rank logs and judges the global numbers
-            positions = max(count.item(), 1.0)
+                if pretrain is not None:
+                    torch.distributed.all_reduce(pt_ce)
+            positions = max(count[0].item(), 1.0)
             total = float(stats[1] if minillm is not None else stats[0] + cfg.kd_weight * stats[1]) / positions
+            pretrain_ce = float(pt_ce) / max(count[1].item(), 1.0)
+            total += cfg.pretrain_weight * pretrain_ce
             if not math.isfinite(total):  # the same global value on every rank: all stop together
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
                 raise TrainingError(f"loss became non-finite at step {step + 1}; stopped on every rank ({where}). Try a lower --lr or --temperature")
@@ -499,6 +569,8 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
             record = {"type": "step", "step": step, "loss": total, "ce": float(stats[0]) / positions, "kd": float(stats[1]) / positions,
                       "lr": lr, "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                       "tokens": tokens_seen, "tokens_per_s": tps, "ce_by_domain": per_domain}
+            if pretrain is not None:
+                record["pretrain_ce"] = pretrain_ce
             if device.type == "cuda":
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             log(record)
@@ -509,10 +581,14 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
             if step % cfg.save_every == 0 and step < total_steps:
                 state = {"step": step, "tokens": tokens_seen, "mixer": ddk.mixer.state_dict(), "loader": loader.state_dict(),
                          "world_size": world, "config": asdict(cfg), "cache_identity": cache_identity(cache)}
+                if pretrain is not None:
+                    state["pretrain"] = pretrain.state_dict()
                 last_good = checkpoint.save(run, step, trained, opt, state, cfg.keep_checkpoints, rank)
         bar.close()
     finally:
         loader.close()
+        if pretrain is not None:
+            pretrain.loader.close()
     try:
         final_ppl = evaluate_and_mix(update=False)  # logged with the weights in force; nothing reads a new mix now
     finally:
@@ -540,6 +616,8 @@ def _board_log(board: Any, record: dict) -> None:
             board.add_scalar(f"train/{key}", record[key], step)
         for d, v in record["ce_by_domain"].items():
             board.add_scalar(f"train/ce/{d}", v, step)
+        if "pretrain_ce" in record:
+            board.add_scalar("train/pretrain_ce", record["pretrain_ce"], step)
     else:
         for d in record["ppl_student"]:
             board.add_scalar(f"eval/ppl/{d}", record["ppl_student"][d], step)

@@ -1,15 +1,19 @@
 """MiniLLM's sequence-level reverse KL (arXiv 2306.08543) on cached teacher targets.
 
-MiniLLM minimises KL(q_θ ‖ p) over the student's own samples y ~ q_old(·|x) of a prompt x,
-by policy gradient. For one sampled response y_1..y_T (positions with mask 1; the teacher's
-scores come from a cache built over the samples, so no teacher is resident):
+MiniLLM minimises KL(q_θ ‖ p) over the student's own samples of a prompt x, by policy
+gradient. The samples y were drawn from r: the round's starting student q_old, or with
+teacher-mixed sampling r = α·p + (1 − α)·q_old (α = 0.2 in the paper), and `ddk-cache
+generate` records log r(y_t) for each drawn token (the cache's `sample_logprob`). For one
+sampled response y_1..y_T (positions with mask 1; the teacher's scores come from a cache
+built over the samples, so no teacher is resident):
 
     r_t      = log p(y_t | y_<t) - log q_θ(y_t | y_<t)          per-token reward, detached
     R_t      = (1/N_t) Σ_{t' > t} r_t'                           long-horizon return; N_t = the
                                                                  number of terms (length
                                                                  normalisation; without it N_t = 1)
-    ρ_t      = q_θ(y_t | y_<t) / q_old(y_t | y_<t)               importance weight (the samples
-                                                                 were drawn by q_old)
+    ρ_t      = q_θ(y_t | y_<t) / r(y_t | y_<t)                   importance weight (the paper's
+                                                                 single-token approximation of
+                                                                 the sequence ratio)
     long_t   = -min(ρ_t R_t, clip(ρ_t, 1-ε, 1+ε) R_t)            PPO-style clipped surrogate: its
                                                                  gradient is -ρ_t R_t ∇log q_θ(y_t)
     single_t = clip(ρ_t, 1-ε, 1+ε)·Σ_v q_θ(v)(log q_θ(v) - log p(v))  the single-step term: the
@@ -24,13 +28,15 @@ With `single_step=False` (the paper's ablation) the single-step term is dropped 
 return includes the current token: R_t = (1/N_t) Σ_{t' ≥ t} r_t'. The reward uses the
 cache's log p of each sampled token (`target_logprob`: exact with `--encoding plain`).
 
-Not here (yet): teacher-mixed sampling (it needs the teacher at generation time) and the
-optional pre-training LM term; distill does not call this loss yet (see the README).
+`distill --kd-loss minillm` calls this loss (student.py) with `old_logprob` = log r from the
+cache, or, for samples without recorded log-probs, log q_old from a frozen copy of the
+starting student; the paper's pre-training LM term is distill's `--pretrain-cache`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -65,8 +71,8 @@ def minillm_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
     """MiniLLM's loss (module docstring) per predicted position, all [B, T, ...]: the student's
     `logits` [B, T, V] at the positions predicting `tokens` [B, T]; `mask` [B, T] 1 on the
     response; the cached teacher top-k `topk_ids`/`topk_logprobs` [B, T, K] and log p of each
-    sampled token `teacher_logprob` [B, T]; `old_logprob` [B, T] log q_old of each sampled
-    token. Returns the mean over masked positions (and, with `return_parts`, the per-position
+    sampled token `teacher_logprob` [B, T]; `old_logprob` [B, T] log r of each sampled token
+    under the distribution that drew it. Returns the mean over masked positions (and, with `return_parts`, the per-position
     long-horizon and single-step terms)."""
     B, T, V = logits.shape
     m = mask.to(logits.dtype)
@@ -87,4 +93,55 @@ def minillm_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
     return (loss, long * m, single * m) if return_parts else loss
 
 
-__all__ = ["MiniLLMConfig", "minillm_loss", "returns"]
+def chunked_minillm(hidden: torch.Tensor, head: Any, labels: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                    teacher_logprob: torch.Tensor, old_logprob: torch.Tensor, cfg: MiniLLMConfig, *, chunk: int,
+                    softcap: float | None = None, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`minillm_loss` from the decoder's output without a [tokens, vocabulary] tensor: hidden
+    [B, T, H] at the positions predicting `labels` [B, T] (ignore_index: not a response token);
+    the other arguments as in `minillm_loss`. Returns (CE sum, objective sum, per-position CE
+    [B*T]; both sums over response positions, the CE detached: it is logged, not trained).
+
+    Only response positions are computed, `chunk` at a time. The returns R_t need every later
+    reward, and a reward needs log q_θ of its token, so a first pass without gradient computes
+    log q_θ(y_t) chunk by chunk; the second computes each chunk's terms with gradient,
+    recomputing its logits in backward (activation checkpointing). Equal to `minillm_loss`
+    in value and gradient (tests/test_minillm.py); the cost is one more head forward."""
+    B, T = labels.shape
+    mask = labels != ignore_index
+    where = mask.reshape(-1).nonzero().squeeze(-1)  # response positions, row-major
+    h = hidden.reshape(B * T, -1)[where]
+    y = labels.reshape(-1)[where].long()
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        z = head(x).float()
+        return torch.tanh(z / softcap) * softcap if softcap else z
+
+    with torch.no_grad():
+        logq_y = torch.cat([torch.log_softmax(logits_of(h[a: a + chunk]), -1).gather(-1, y[a: a + chunk, None]).squeeze(-1)
+                            for a in range(0, len(where), chunk)]) if len(where) else h.new_zeros(0, dtype=torch.float32)
+        reward = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
+        reward[where] = teacher_logprob.reshape(-1)[where].float() - logq_y
+        R = returns(reward.view(B, T), mask.float(), include_current=not cfg.single_step, length_norm=cfg.length_norm).reshape(-1)[where]
+    old = old_logprob.reshape(-1)[where].float()
+    ids, lps = topk_ids.reshape(B * T, -1)[where].long(), topk_logprobs.reshape(B * T, -1)[where]
+
+    def piece(x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, old: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor) -> torch.Tensor:
+        logits = logits_of(x)
+        lq = torch.log_softmax(logits, -1).gather(-1, y[:, None]).squeeze(-1)
+        ratio = torch.exp(lq - old)
+        clipped = ratio.clamp(1 - cfg.clip, 1 + cfg.clip)
+        term = -torch.minimum(ratio * R, clipped * R)
+        if cfg.single_step:
+            term = term + clipped.detach() * sparse_kd(logits, ids, lps, KDConfig("rkl"))
+        return term.sum()
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for a in range(0, len(where), chunk):
+        args = (h[a: a + chunk], y[a: a + chunk], R[a: a + chunk], old[a: a + chunk], ids[a: a + chunk], lps[a: a + chunk])
+        total = total + (torch.utils.checkpoint.checkpoint(piece, *args, use_reentrant=False) if torch.is_grad_enabled() else piece(*args))
+    ce_tok = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
+    ce_tok[where] = -logq_y
+    return ce_tok.sum(), total, ce_tok
+
+
+__all__ = ["MiniLLMConfig", "chunked_minillm", "minillm_loss", "returns"]

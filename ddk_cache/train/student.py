@@ -113,21 +113,12 @@ class StudentLoss(torch.nn.Module):
 
     def _minillm(self, hidden: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                  target_logprob: torch.Tensor, old_logprob: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(CE sum detached: logged, not trained; MiniLLM's per-position terms summed over the
-        response; per-position CE detached). Whole [B, T, V] logits: not chunked."""
-        from .minillm import minillm_loss
+        """(CE sum detached: logged, not trained; MiniLLM's objective summed over the response;
+        per-position CE detached), in chunks of response positions (minillm.chunked_minillm)."""
+        from .minillm import chunked_minillm
 
-        logits = self._head(hidden).float()
-        if self._softcap:
-            logits = torch.tanh(logits / self._softcap) * self._softcap
-        mask = labels != IGNORE_INDEX
-        tokens = torch.where(mask, labels, torch.zeros_like(labels))
-        _, long, single = minillm_loss(logits, tokens, mask, topk_ids, topk_logprobs, target_logprob, old_logprob, self.minillm,
-                                       return_parts=True)
-        with torch.no_grad():
-            ce_tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none",
-                                                       ignore_index=IGNORE_INDEX)
-        return ce_tok.sum(), (long + single).sum(), ce_tok
+        return chunked_minillm(hidden, self._head, labels, topk_ids, topk_logprobs, target_logprob, old_logprob, self.minillm,
+                               chunk=self.chunk, softcap=self._softcap, ignore_index=IGNORE_INDEX)
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:

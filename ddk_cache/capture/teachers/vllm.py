@@ -214,10 +214,14 @@ class VLLMTeacher(Teacher):
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
-            shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-            if shutdown is not None and hasattr(shutdown, "shutdown"):
-                shutdown.shutdown()
-            del llm
+            shutdown_engine(llm)
+
+
+def shutdown_engine(llm: Any) -> None:
+    """Stop a `vllm.LLM`'s engine-core process now, not whenever the object is collected."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
 
 
 def flat_to_arrays(flat: Any, tokens: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
