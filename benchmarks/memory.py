@@ -1,6 +1,7 @@
 """Memory of the training step: the chunked loss, and FSDP2 against DDP.
 
     python benchmarks/memory.py loss --vocab 32000 151936 --tokens 8192
+    python benchmarks/memory.py loss --objective minillm --vocab 32000 151936 --tokens 8192
     torchrun --nproc-per-node 2 benchmarks/memory.py shard --work /tmp/mem     # per-rank state, checkpoint times
 
 `loss`: peak memory and time of one forward + backward of CE + gamma * KD (top-64 forward
@@ -8,6 +9,8 @@ KL with the tail bucket) from the decoder's last hidden states [tokens, 1024], u
 (whole-batch logits, as before) and chunked (student.chunked_loss). Each variant runs in a
 fresh process; memory is its peak RSS (ru_maxrss) minus the RSS after the inputs were made
 (CPU tensors: what the loss itself adds). Time: median of 3 after one warm-up.
+`--objective minillm`: MiniLLM's loss instead (train/minillm.py: whole-logits minillm_loss
+against chunked_minillm), on sequences of 512 whose second half is the response.
 
 `shard` (under torchrun, gloo): a ~100M-parameter Llama student; after one optimizer step,
 each rank's bytes of parameters, gradients and optimizer state under DDP and under FSDP2
@@ -37,8 +40,9 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def one_loss(vocab: int, tokens: int, hidden: int, chunked: bool, chunk: int) -> dict:
+def one_loss(vocab: int, tokens: int, hidden: int, chunked: bool, chunk: int, objective: str = "kd") -> dict:
     from ddk_cache.train.losses import KDConfig, ce_and_sparse_kd
+    from ddk_cache.train.minillm import MiniLLMConfig, chunked_minillm, minillm_loss
     from ddk_cache.train.student import chunked_loss
 
     torch.manual_seed(0)
@@ -50,8 +54,23 @@ def one_loss(vocab: int, tokens: int, hidden: int, chunked: bool, chunk: int) ->
     lps = torch.log_softmax(torch.randn(tokens, 64), -1) - 0.5
     cfg = KDConfig("fkl")
 
+    T = 512
+    B = max(1, tokens // T)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[:, T // 2:] = True  # the response
+    y = labels[: B * T].view(B, T)
+    teacher_lp, old_lp = (torch.log_softmax(torch.randn(B, T, 8), -1)[..., 0] for _ in range(2))
+
     def step() -> None:
-        if chunked:
+        if objective == "minillm":
+            hb = h[: B * T].view(B, T, hidden)
+            if chunked:
+                _, total, _ = chunked_minillm(hb, head, torch.where(mask, y, torch.full_like(y, -100)), ids[: B * T].view(B, T, -1),
+                                              lps[: B * T].view(B, T, -1), teacher_lp, old_lp, MiniLLMConfig(), chunk=chunk)
+            else:
+                total = minillm_loss(head(hb), y, mask, ids[: B * T].view(B, T, -1), lps[: B * T].view(B, T, -1), teacher_lp, old_lp)
+            total.backward()
+        elif chunked:
             ce, kd, _ = chunked_loss(h, head, labels, cfg, topk_ids=ids, topk_logprobs=lps, chunk=chunk)
             (ce + 0.2 * kd).backward()
         else:
@@ -76,13 +95,15 @@ def cmd_loss(args: argparse.Namespace) -> None:
         res = {}
         for chunked in (False, True):
             out = subprocess.run([sys.executable, __file__, "_one", "--vocab", str(vocab), "--tokens", str(args.tokens),
-                                  "--hidden", str(args.hidden), "--chunk", str(args.chunk), *(["--chunked"] if chunked else [])],
+                                  "--hidden", str(args.hidden), "--chunk", str(args.chunk), "--objective", args.objective,
+                                  *(["--chunked"] if chunked else [])],
                                  capture_output=True, text=True, check=True)
             res[chunked] = json.loads(out.stdout.strip().splitlines()[-1])
         u, c = res[False], res[True]
         rows.append((f"{vocab:,}", f"{args.tokens:,}", f"{u['extra_mib']:,.0f}", f"{c['extra_mib']:,.0f}", f"{c['extra_mib'] / u['extra_mib']:.3f}",
                      f"{u['seconds']:.2f}", f"{c['seconds']:.2f}", f"{c['seconds'] / u['seconds']:.2f}"))
-    print(f"machine: {machine()}; hidden {args.hidden}, top-64 forward KL + CE, chunk {args.chunk}")
+    what = "top-64 forward KL + CE" if args.objective == "kd" else "MiniLLM (sequences of 512, response = second half)"
+    print(f"machine: {machine()}; hidden {args.hidden}, {what}, chunk {args.chunk}")
     print_table(("vocabulary", "tokens", "unchunked extra MiB", "chunked extra MiB", "chunked / unchunked", "unchunked s", "chunked s",
                  "time ratio"), rows)
 
@@ -151,10 +172,11 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--chunked", action="store_true")
+    ap.add_argument("--objective", choices=["kd", "minillm"], default="kd")
     ap.add_argument("--work", default="/tmp/ddk-memory")
     args = ap.parse_args()
     if args.stage == "_one":
-        print(json.dumps(one_loss(args.vocab[0], args.tokens, args.hidden, args.chunked, args.chunk)))
+        print(json.dumps(one_loss(args.vocab[0], args.tokens, args.hidden, args.chunked, args.chunk, args.objective)))
     elif args.stage == "loss":
         cmd_loss(args)
     else:

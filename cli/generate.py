@@ -29,7 +29,7 @@ def generate(config_file: str | None, quiet: bool, **options: object) -> None:
         from .main import quiet_libraries
 
         quiet_libraries()
-    bar = tqdm(desc="generate", unit=" prompt", disable=quiet)
+    bar = tqdm(desc="generate", unit=" sample", disable=quiet)
     n = run_generate(cfg, progress=bar.update)
     bar.close()
     click.echo(f"{n} samples in {cfg.out}. next: ddk-cache build --teacher TEACHER --data {cfg.out.rsplit('/', 1)[0] or '.'} ...")

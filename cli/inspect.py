@@ -62,7 +62,7 @@ def inspect(cache: str, as_json: bool, fidelity: bool, sequences: int, teacher: 
     header = ("domain", "split", "sequences", "tokens", "teacher PPL", "on disk", "bytes/token", "kept mass")
     table = [header] + [
         (
-            r["domain"] + (" (chat)" if c.is_chat(r["domain"]) else ""), r["split"], f"{r['sequences']:,}", f"{r['tokens']:,}",
+            r["domain"] + (" (samples)" if c.is_sampled(r["domain"]) else " (chat)" if c.is_chat(r["domain"]) else ""), r["split"], f"{r['sequences']:,}", f"{r['tokens']:,}",
             f"{r['teacher_ppl']:.3f}" if r["teacher_ppl"] is not None else "-",
             format_bytes(r["bytes"]), f"{r['bytes_per_token']:.1f}", f"{r['mean_topk_mass']:.4f}" if r["mean_topk_mass"] is not None else "-",
         )

@@ -126,6 +126,10 @@ def test_build_stores_the_samples_as_drawn_with_their_logprobs(tmp_path, teacher
             assert not lp[~mask.astype(bool)].any()
             seen += 1
     assert seen == len(records)
+    from ddk_cache.store.verify import verify_cache
+
+    problems, checked = verify_cache(str(out))
+    assert problems == [] and checked > 0  # sample_logprob included
 
 
 def test_an_edited_sample_is_refused_with_its_place(tmp_path, teacher_dir):

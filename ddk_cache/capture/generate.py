@@ -59,7 +59,7 @@ class GenerateConfig(CommandConfig):
     seed: int = option(0, "Seed; sample i of a prompt uses (seed, prompt index, i).")
     samples_per_prompt: int = option(1, "Responses drawn per prompt.")
     max_prompts: int = option(0, "Prompts read, at most (0: all).")
-    batch_size: int = option(64, "Samples per vLLM call and between flushes of --out (transformers samples one prompt at a time: no padding).")
+    batch_size: int = option(512, "Samples per vLLM call: each call drains the engine at its end, so larger wastes less (transformers samples one prompt at a time: no padding). Every line is flushed as it is written.")
     chat_template: str = option("", "A Jinja chat template (file or text) instead of the tokenizer's.")
     engine: str = option("auto", "auto (vLLM when installed and no --mix-teacher, else transformers), vllm or hf.", choices=("auto", "vllm", "hf"))
     mix_teacher: str = option("", "MiniLLM's teacher-mixed sampling: draw each token from a*p + (1-a)*q with p this teacher's "
@@ -168,9 +168,9 @@ def generate(cfg: GenerateConfig, *, progress: Callable[[int], Any] | None = Non
                 record = {"messages": [*messages, {"role": "assistant", "content": text}], "response_ids": response, "logprobs": logprobs,
                           "sample": {**meta, "index": j, "prompt_index": i}}
                 f.write(json.dumps(record) + "\n")
-            f.flush()
-            if progress:
-                progress(len(batch))
+                f.flush()  # a killed run keeps every finished sample
+                if progress:
+                    progress(1)
     return total
 
 

@@ -5,10 +5,12 @@ loader, mixer), evaluation, and the loop. Per step, over every rank and micro-ba
 
     loss = sum over positions with a label [ CE(student, next token) + kd_weight * D(teacher_T || student_T) ]
            / positions with a label
+           (+ pretrain_weight * mean CE on a batch of --pretrain-cache, when given)
 
 with D one of `losses.KINDS` on the cached top-k targets, or, with `--online-teacher`, on the
 full distribution of a teacher run next to the student every step (dense online KD: the
-reference a cache must match, and what the cache saves). The loss is computed inside the
+reference a cache must match, and what the cache saves). `--kd-loss minillm` replaces the
+bracket by MiniLLM's per-position objective on the student's own samples (minillm.py). The loss is computed inside the
 student's forward, in chunks of positions (student.py), so no [tokens, vocabulary] tensor
 is materialised. Every `ddk_interval` steps the student is evaluated per domain on the
 cache's validation split, and the mixer moves the sampling weights toward the domains
@@ -74,7 +76,7 @@ class DistillConfig(CommandConfig):
     skew_alpha: float = option(0.1, "alpha of skl/srkl.")
     jsd_beta: float = option(0.5, "beta of jsd.")
     akl_mu: float = option(0.5, "head mass mu of akl.")
-    minillm_clip: float = option(0.2, "minillm: epsilon of the clipped importance weight q_theta/q_old.")
+    minillm_clip: float = option(0.2, "minillm: epsilon of the clipped importance weight q_theta/r (r: the distribution the samples were drawn from).")
     minillm_no_length_norm: bool = option(False, "minillm ablation: sum the long-horizon rewards instead of averaging them.")
     minillm_no_single_step: bool = option(False, "minillm ablation: no single-step term (the return then includes the current token).")
     pretrain_cache: str = option("", "A second cache whose next-token CE is added to every step (MiniLLM's pre-training LM term, arXiv 2306.08543: it keeps the student's language modelling while it learns from its own samples): one batch of it per micro-batch; text or tokens-only; the tokenizer must be the cache's.")
