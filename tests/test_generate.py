@@ -98,6 +98,10 @@ def test_the_same_command_gives_the_same_file_and_resumes(tmp_path, teacher_dir)
     before = b.stat().st_mtime_ns
     assert run(tmp_path, teacher_dir, b).exit_code == 0
     assert b.stat().st_mtime_ns == before
+    # Other sampling settings would put two distributions in one file: refused, file untouched.
+    other = run(tmp_path, teacher_dir, b, "--temperature", "0.5")
+    assert other.exit_code == 1 and "holds samples drawn with other settings (temperature 1.0 there, 0.5 now)" in other.output
+    assert b.stat().st_mtime_ns == before
 
 
 def test_build_stores_the_samples_as_drawn_with_their_logprobs(tmp_path, teacher_dir):

@@ -119,10 +119,12 @@ def read_prompts(path: str, limit: int = 0) -> Iterator[list[dict[str, str]]]:
                 return
 
 
-def _resume(out: Path) -> int:
+def _resume(out: Path, meta: dict[str, Any]) -> int:
     """Complete lines already written (a run killed midway continues after them), dropping a
-    partial last line. Streams the file once; leaves a complete file untouched (its
-    modification time is what a cache built from it checks)."""
+    partial last line, after checking the first was sampled with these settings (`meta`: a
+    file of two sampling distributions would give MiniLLM wrong importance weights). Streams
+    the file once; leaves a complete file untouched (its modification time is what a cache
+    built from it checks)."""
     if not out.exists():
         return 0
     done, end = 0, 0  # complete lines, and the byte offset after the last one
@@ -130,6 +132,16 @@ def _resume(out: Path) -> int:
         for line in f:
             if not line.endswith(b"\n"):
                 break
+            if done == 0:
+                try:
+                    theirs = {"engine": "hf", **json.loads(line).get("sample", {})}  # files before vLLM sampling: transformers
+                except ValueError:
+                    raise ConfigError(f"{out}:1 is not a `ddk-cache generate` record; choose another --out") from None
+                diffs = [f"{k} {theirs.get(k)!r} there, {v!r} now" for k, v in meta.items() if theirs.get(k) != v]
+                diffs += [f"{k} {theirs[k]!r} there, none now" for k in ("mix_teacher", "mix_alpha") if k in theirs and k not in meta]
+                if diffs:
+                    raise ConfigError(f"{out} holds samples drawn with other settings ({'; '.join(diffs)}); continue it with "
+                                      "the same flags, or write to another --out")
             done, end = done + 1, end + len(line)
     if end != out.stat().st_size:
         os.truncate(out, end)
@@ -146,17 +158,17 @@ def generate(cfg: GenerateConfig, *, progress: Callable[[int], Any] | None = Non
     total = sum(1 for _ in read_prompts(cfg.prompts, cfg.max_prompts)) * cfg.samples_per_prompt
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = _resume(out)
+    vllm = llm is not None or cfg.use_vllm()
+    meta = {"model": cfg.model, "seed": cfg.seed, "temperature": cfg.temperature, "top_p": cfg.top_p, "engine": "vllm" if vllm else "hf"}
+    if cfg.mix_teacher:
+        meta.update(mix_teacher=cfg.mix_teacher, mix_alpha=cfg.mix_alpha)
+    done = _resume(out, meta)
     if done >= total:
         return done  # complete: no model to load, nothing to write
     jobs = ((i, j, m) for i, m in enumerate(read_prompts(cfg.prompts, cfg.max_prompts)) for j in range(cfg.samples_per_prompt))
     tok = load_tokenizer(cfg.model)
     template = load_chat_template(cfg.chat_template or None, tok, cfg.model)
-    vllm = llm is not None or cfg.use_vllm()
     sampler = _VLLMSampler(cfg, llm) if vllm else _HFSampler(cfg, tok)
-    meta = {"model": cfg.model, "seed": cfg.seed, "temperature": cfg.temperature, "top_p": cfg.top_p, "engine": "vllm" if vllm else "hf"}
-    if cfg.mix_teacher:
-        meta.update(mix_teacher=cfg.mix_teacher, mix_alpha=cfg.mix_alpha)
     jobs = itertools.islice(jobs, done, None)  # a resumed run: after the lines already written
     with open(out, "a", encoding="utf-8") as f, contextlib.closing(sampler):
         while batch := list(itertools.islice(jobs, cfg.batch_size)):
@@ -291,7 +303,10 @@ class _VLLMSampler:
         cfg = self.cfg
         params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=seed, logprobs=0)
                   for seed in seeds]
-        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+        try:
+            outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+        except ValueError as e:  # vLLM's rejection of a request (a prompt beyond the context, ...)
+            raise ConfigError(f"vLLM refused a request: {first_line(e)}") from None
         result = []
         for o in outs:
             c = o.outputs[0]
