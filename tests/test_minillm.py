@@ -300,3 +300,35 @@ def test_rounds_run_end_to_end_and_continue_where_they_stopped(tmp_path, teacher
     assert sample["mix_teacher"] == str(teacher_dir) and sample["mix_alpha"] == 0.2
     steps = [json.loads(line) for line in (tmp_path / "m" / "round-2" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["pretrain_ce"]) for r in steps if r["type"] == "step")
+
+
+@pytest.mark.slow
+def test_one_round_with_vllm_sampling_and_scoring(tmp_path, teacher_dir):
+    """The default engine where vLLM is installed: the student samples and the teacher scores
+    with vLLM (two engines, one after the other), and the round trains."""
+    from click.testing import CliRunner
+
+    from ddk_cache.capture.teachers.vllm import vllm_available
+    from ddk_cache.cli.main import main
+
+    from .helpers import CHAT_TEMPLATE, chat_records
+
+    if not vllm_available():
+        pytest.skip("vLLM is not installed")
+    student = make_student(teacher_dir, tmp_path / "s", 32, 1)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r.get("prompt") or r["messages"][-2]["content"]}) + "\n" for r in chat_records(24)))
+    (tmp_path / "t.jinja").write_text(CHAT_TEMPLATE)
+    # --seq-len 63: vLLM scores seq-len + 1 positions and the test teacher's context is 64.
+    res = CliRunner().invoke(main, ["minillm", "--student", str(student), "--teacher", str(teacher_dir), "--prompts", str(prompts),
+                                    "--out", str(tmp_path / "m"), "--rounds", "1", "--steps-per-round", "2", "--max-new-tokens", "12",
+                                    "--seq-len", "63", "--top-k", "8", "--batch-size", "4", "--chat-template", str(tmp_path / "t.jinja"),
+                                    "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output
+    sample = json.loads((tmp_path / "m" / "round-0" / "samples" / "chat.jsonl").read_text().splitlines()[0])["sample"]
+    assert sample["engine"] == "vllm"
+    from ddk_cache.store.cache import Cache
+
+    cache = Cache(str(tmp_path / "m" / "round-0" / "cache.zarr"))
+    assert cache.meta.teacher["backend"] == "vllm"
+    assert cache.is_sampled(cache.domains[0]) and (tmp_path / "m" / "round-0" / "run" / "final").is_dir()

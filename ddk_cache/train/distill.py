@@ -132,7 +132,7 @@ class DistillConfig(CommandConfig):
             (not (self.online_teacher and self.kd_loss == "none"), "--online-teacher with --kd-loss none would run the teacher for nothing; drop one"),
             (self.bf16 in ("auto", "on", "off"), f"--bf16 must be auto, on or off, got {self.bf16!r}"),
             (self.pretrain_weight > 0, f"--pretrain-weight must be > 0, got {self.pretrain_weight}"),
-            (self.pretrain_cache != self.cache, "--pretrain-cache is the --cache itself; give a second cache (pre-training text)"),
+            (not self.pretrain_cache or self.pretrain_cache != self.cache, "--pretrain-cache is the --cache itself; give a second cache (pre-training text)"),
         ])
         try:
             self.kd()
