@@ -134,6 +134,20 @@ def test_build_stores_the_samples_as_drawn_with_their_logprobs(tmp_path, teacher
 
     problems, checked = verify_cache(str(out))
     assert problems == [] and checked > 0  # sample_logprob included
+    # The loader hands them over only where asked (MiniLLM's weights are their only use).
+    import numpy as np
+
+    from ddk_cache.train.data import CacheLoader
+
+    for wanted in (True, False):
+        with CacheLoader(cache, batch_size=2, weights=np.ones(1), seed=0, sample_logprobs=wanted) as loader:
+            b = loader.next()
+        assert (b.sample_logprob is not None) == wanted
+        if wanted:  # row by row: the cache's values of the next tokens (position t predicts t + 1)
+            every = cache.read("samples", "train", 0, cache.num_sequences("samples", "train"))
+            for tokens, lp in zip(b.tokens.numpy(), b.sample_logprob.numpy()):
+                row = int(np.flatnonzero((every.tokens == tokens).all(1))[0])
+                assert lp.tolist() == every.sample_logprob[row, 1:].tolist()
 
 
 def test_an_edited_sample_is_refused_with_its_place(tmp_path, teacher_dir):

@@ -113,12 +113,12 @@ class SequenceReader:
     Lives in the loader's thread, or once per reader process (which opens the cache again
     from its path). `targets=False` reads tokens (and loss masks) only."""
 
-    def __init__(self, cache: Cache, targets: bool, split: str = "train", pin: bool = False) -> None:
+    def __init__(self, cache: Cache, targets: bool, split: str = "train", pin: bool = False, sample_logprobs: bool = True) -> None:
         self.cache, self.split = cache, split
         self.targets = targets and cache.has_targets
         self.K = cache.top_k if self.targets else 0
         self.chat = any(cache.is_chat(d) for d in cache.domains)
-        self.sampled = any(cache.is_sampled(d) for d in cache.domains)
+        self.sampled = sample_logprobs and any(cache.is_sampled(d) for d in cache.domains)
         self.pin = pin
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -162,10 +162,10 @@ class SequenceReader:
 _worker_reader: SequenceReader | None = None  # one per reader process
 
 
-def _worker_init(path: str, targets: bool) -> None:
+def _worker_init(path: str, targets: bool, sample_logprobs: bool) -> None:
     global _worker_reader
     torch.set_num_threads(1)  # a reader process decodes; it must not start a thread per core
-    _worker_reader = SequenceReader(Cache(path), targets)
+    _worker_reader = SequenceReader(Cache(path), targets, sample_logprobs=sample_logprobs)
 
 
 def _worker_read(items: list[tuple[int, int]]) -> dict[str, Any]:
@@ -184,22 +184,24 @@ class CacheLoader:
 
     def __init__(
         self, cache: Cache, *, batch_size: int, weights: np.ndarray, seed: int, rank: int = 0, world_size: int = 1,
-        prefetch: int = 2, targets: bool = True, workers: int = 0, pin_memory: bool | None = None,
+        prefetch: int = 2, targets: bool = True, workers: int = 0, pin_memory: bool | None = None, sample_logprobs: bool = True,
     ) -> None:
         """`targets=False` reads tokens only (online KD brings its own teacher; tokens-only
-        caches have none): the batch's target tensors then have K = 0 columns."""
+        caches have none): the batch's target tensors then have K = 0 columns.
+        `sample_logprobs=False` skips generated samples' sampling log-probs (only MiniLLM's
+        importance weights use them)."""
         self.cache, self.domains = cache, cache.domains
         self.batch_size, self.rank, self.world_size, self.prefetch = batch_size, rank, world_size, prefetch
         self.sampler = DomainSampler([cache.num_sequences(d, "train") for d in self.domains], seed)
         self.weights = normalise(weights)
         self.consumed_state = self.sampler.state_dict()
         pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.reader = SequenceReader(cache, targets, pin=pin)
+        self.reader = SequenceReader(cache, targets, pin=pin, sample_logprobs=sample_logprobs)
         self._pool: ProcessPoolExecutor | None = None
         if workers > 0:
             # spawn, not fork: the parent has threads (the reader, torch) a fork would copy mid-flight.
             self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_worker_init, initargs=(cache.path, targets))
+                                             initializer=_worker_init, initargs=(cache.path, targets, sample_logprobs))
         self._depth = prefetch + workers  # reads in flight: enough to keep every process busy
         self._thread: threading.Thread | None = None
         self._closed = False

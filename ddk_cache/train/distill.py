@@ -439,7 +439,7 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
     step, tokens_seen = 0, 0
     board = None
     loader = CacheLoader(cache, batch_size=cfg.batch_size, weights=ddk.weights, seed=cfg.seed, rank=rank, world_size=world,
-                         prefetch=cfg.prefetch, targets=teacher is None, workers=cfg.loader_workers)
+                         prefetch=cfg.prefetch, targets=teacher is None, workers=cfg.loader_workers, sample_logprobs=behaviour is None and minillm is not None)
     ddk.samplers.append(loader)
     pretrain = None
     try:
