@@ -76,7 +76,7 @@ def test_vllm_samples_equal_a_rescoring_and_do_not_depend_on_the_batch(tmp_path,
     cfg = GenerateConfig(model=str(teacher_dir), prompts=str(prompts_file(tmp_path / "p.jsonl")), out=str(tmp_path / "a.jsonl"),
                          max_new_tokens=12, seed=3, samples_per_prompt=2, temperature=0.8, top_p=0.95, chat_template=str(tmpl),
                          engine="vllm", dtype="float32", batch_size=1)
-    sampler = _VLLMSampler(cfg)
+    sampler = _VLLMSampler(cfg, 400)
     try:
         assert generate(cfg, llm=sampler.llm) == 6
         generate(dataclasses.replace(cfg, out=str(tmp_path / "b.jsonl"), batch_size=4), llm=sampler.llm)
@@ -148,6 +148,37 @@ def test_build_stores_the_samples_as_drawn_with_their_logprobs(tmp_path, teacher
             for tokens, lp in zip(b.tokens.numpy(), b.sample_logprob.numpy()):
                 row = int(np.flatnonzero((every.tokens == tokens).all(1))[0])
                 assert lp.tolist() == every.sample_logprob[row, 1:].tolist()
+
+
+def test_padded_output_rows_are_never_sampled(tmp_path, teacher_dir):
+    """A student with more output rows than tokens (padded, as many real models are), whose
+    padding rows take a good share of the mass: generate samples real tokens only, with the
+    log-probs of the distribution over them, and build accepts the file."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    model.resize_token_embeddings(432)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[400:] = 50 * model.get_output_embeddings().weight[:400].mean(0)
+    padded = tmp_path / "padded"
+    model.save_pretrained(padded)
+    for f in teacher_dir.glob("*token*"):
+        (padded / f.name).write_bytes(f.read_bytes())
+    tmpl = tmp_path / "t.jinja"
+    tmpl.write_text(CHAT_TEMPLATE)
+    out = tmp_path / "corpus" / "samples.jsonl"
+    res = CliRunner().invoke(main, ["generate", "--model", str(padded), "--prompts", str(prompts_file(tmp_path / "p.jsonl")), "--out", str(out),
+                                    "--max-new-tokens", "12", "--samples-per-prompt", "2", "--chat-template", str(tmpl), "--device", "cpu",
+                                    "--quiet", "--engine", "hf"])
+    assert res.exit_code == 0, res.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(max(r["response_ids"]) < 400 for r in records)
+    # Unrestricted, the 72 draws would almost surely have hit a padding row:
+    x = torch.tensor([r["response_ids"] for r in records if len(r["response_ids"]) == 12])
+    with torch.no_grad():
+        pad_mass = torch.softmax(model(input_ids=x).logits, -1)[..., 400:].sum(-1).mean()
+    assert pad_mass > 0.05
+    build(small_config(teacher_dir, out.parent, tmp_path / "c.zarr", seq_len=64, val_tokens=64, chat_template=CHAT_TEMPLATE), progress=False)
 
 
 def test_an_edited_sample_is_refused_with_its_place(tmp_path, teacher_dir):

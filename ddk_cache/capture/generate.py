@@ -10,7 +10,8 @@ response carries loss), and the student trains on that cache. Each output line i
      "sample": {"model": ..., "seed": ..., "temperature": ..., "top_p": ..., "index": j, "prompt_index": i,
                 "engine": "hf" | "vllm", "mix_teacher": ..., "mix_alpha": ...}}
 
-r is the student's q (after --temperature and --top-p), or with --mix-teacher MiniLLM's
+r is the student's q (after --temperature and --top-p, over the tokenizer's tokens: output
+rows past them, which models pad for speed, are never sampled), or with --mix-teacher MiniLLM's
 teacher-mixed distribution r = a·p + (1 - a)·q, with p the teacher's (temperature 1) and
 a = --mix-alpha (the paper: 0.2). `build` stores the drawn ids as they are (not the text
 re-tokenized) with these log-probs, which are the denominators of MiniLLM's importance
@@ -168,7 +169,7 @@ def generate(cfg: GenerateConfig, *, progress: Callable[[int], Any] | None = Non
     jobs = ((i, j, m) for i, m in enumerate(read_prompts(cfg.prompts, cfg.max_prompts)) for j in range(cfg.samples_per_prompt))
     tok = load_tokenizer(cfg.model)
     template = load_chat_template(cfg.chat_template or None, tok, cfg.model)
-    sampler = _VLLMSampler(cfg, llm) if vllm else _HFSampler(cfg, tok)
+    sampler = _VLLMSampler(cfg, len(tok), llm) if vllm else _HFSampler(cfg, tok)
     jobs = itertools.islice(jobs, done, None)  # a resumed run: after the lines already written
     with open(out, "a", encoding="utf-8") as f, contextlib.closing(sampler):
         while batch := list(itertools.islice(jobs, cfg.batch_size)):
@@ -194,7 +195,9 @@ class _HFSampler:
         from ..runtime import resolve_device
         from .tokenization import tokenizer_fingerprint
 
-        self.cfg, self.eos = cfg, tok.eos_token_id
+        # Models often have more output rows than the tokenizer has tokens (padded for speed):
+        # those rows are no token, so sampling is restricted to the first len(tok).
+        self.cfg, self.eos, self.vocab = cfg, tok.eos_token_id, len(tok)
         self.device = resolve_device(cfg.device)
         self.model = self._load(cfg.model, "--model")
         self.teacher = None
@@ -232,11 +235,11 @@ class _HFSampler:
         for _ in range(cfg.max_new_tokens):
             res = self.model(input_ids=x, past_key_values=past, use_cache=True)
             past = res.past_key_values
-            logp = _processed(res.logits[0, -1].float(), cfg.temperature, cfg.top_p)
+            logp = _processed(res.logits[0, -1, : self.vocab].float(), cfg.temperature, cfg.top_p)
             if self.teacher is not None:
                 t = self.teacher(input_ids=x, past_key_values=teacher_past, use_cache=True)
                 teacher_past = t.past_key_values
-                logp = _mixed(torch.log_softmax(t.logits[0, -1].float(), -1), logp, cfg.mix_alpha)
+                logp = _mixed(torch.log_softmax(t.logits[0, -1, : self.vocab].float(), -1), logp, cfg.mix_alpha)
             y = int(torch.multinomial(logp.exp(), 1, generator=gen))
             out.append(y)
             logprobs.append(float(logp[y]))
@@ -273,10 +276,10 @@ class _VLLMSampler:
     """vLLM: a batch of prompts per call, each request seeded on its own (its draw does not
     depend on the batch), with the log-prob of the drawn token after temperature and top-p."""
 
-    def __init__(self, cfg: GenerateConfig, llm: Any = None) -> None:
+    def __init__(self, cfg: GenerateConfig, n_tokens: int, llm: Any = None) -> None:
         from vllm import SamplingParams  # noqa: F401  (fail here, not mid-run)
 
-        self.cfg, self.owned = cfg, False
+        self.cfg, self.owned, self.n_tokens = cfg, False, n_tokens
         if llm is None:
             from .teachers.vllm import _is_cpu_build
 
@@ -289,6 +292,9 @@ class _VLLMSampler:
                 raise ConfigError(f"vLLM could not start --model {cfg.model!r}: {first_line(e)} (or use --engine hf)") from None
             self.owned = True
         self.llm = llm
+        # Output rows past the tokenizer's tokens (padding) are no token: never sample them.
+        rows = int(llm.llm_engine.model_config.get_vocab_size())
+        self.allowed = list(range(n_tokens)) if rows > n_tokens else None
 
     def close(self) -> None:
         """Stop the engine this sampler started (not one it was given)."""
@@ -301,8 +307,8 @@ class _VLLMSampler:
         from vllm import SamplingParams
 
         cfg = self.cfg
-        params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=seed, logprobs=0)
-                  for seed in seeds]
+        params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=seed, logprobs=0,
+                                 allowed_token_ids=self.allowed) for seed in seeds]
         try:
             outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
         except ValueError as e:  # vLLM's rejection of a request (a prompt beyond the context, ...)
