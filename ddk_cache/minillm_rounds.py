@@ -92,7 +92,7 @@ def run_rounds(cfg: RoundsConfig, *, progress: bool = True, say: Callable[[str],
         generate(GenerateConfig(model=student, prompts=cfg.prompts, out=str(here / "samples" / "chat.jsonl"), seed=cfg.seed + r,
                                 max_new_tokens=cfg.max_new_tokens, max_prompts=cfg.max_prompts, chat_template=cfg.chat_template,
                                 device=cfg.device, engine="hf" if cfg.mix_alpha else cfg.engine,
-                                mix_teacher=cfg.teacher if cfg.mix_alpha else "", mix_alpha=cfg.mix_alpha or 0.2))
+                                **({"mix_teacher": cfg.teacher, "mix_alpha": cfg.mix_alpha} if cfg.mix_alpha else {})))
         say(f"round {r}: scoring the samples with {cfg.teacher}")
         build(BuildConfig(teacher=cfg.teacher, data=str(here / "samples"), out=str(here / "cache.zarr"), top_k=cfg.top_k,
                           seq_len=cfg.seq_len, encoding="plain", backend=cfg.engine, device=cfg.device, chat_template=cfg.chat_template,

@@ -212,9 +212,13 @@ class _HFSampler:
         from transformers import AutoModelForCausalLM
 
         try:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device).eval()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device).eval()
         except Exception as e:
             raise ConfigError(f"cannot load {flag} {path!r}: {str(e).splitlines()[0]}") from None
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows < self.vocab:
+            raise ConfigError(f"{flag} {path}: its output has {rows} rows, fewer than the tokenizer's {self.vocab} tokens")
+        return model
 
     def sample(self, prompts: list[list[int]], seeds: list[int]) -> Iterator[tuple[list[int], list[float]]]:
         for ids, seed in zip(prompts, seeds):
@@ -262,11 +266,8 @@ def _processed(logits: torch.Tensor, temperature: float, top_p: float) -> torch.
     return logp
 
 
-def _mixed(teacher_logp: torch.Tensor, student_logp: torch.Tensor, alpha: float) -> torch.Tensor:
-    """log(a·p + (1 - a)·q) over the vocabulary both cover (models of one tokenizer may pad
-    their output rows differently: the rows past the shorter one are never real tokens)."""
-    V = min(teacher_logp.shape[-1], student_logp.shape[-1])
-    p, q = torch.log_softmax(teacher_logp[:V], -1), torch.log_softmax(student_logp[:V], -1)
+def _mixed(p: torch.Tensor, q: torch.Tensor, alpha: float) -> torch.Tensor:
+    """log(a·p + (1 - a)·q) from the log-probs p (teacher) and q (student) over the same tokens."""
     if alpha >= 1:
         return p
     return torch.logaddexp(p + math.log(alpha), q + math.log1p(-alpha))
@@ -279,7 +280,7 @@ class _VLLMSampler:
     def __init__(self, cfg: GenerateConfig, n_tokens: int, llm: Any = None) -> None:
         from vllm import SamplingParams  # noqa: F401  (fail here, not mid-run)
 
-        self.cfg, self.owned, self.n_tokens = cfg, False, n_tokens
+        self.cfg, self.owned = cfg, False
         if llm is None:
             from .teachers.vllm import _is_cpu_build
 

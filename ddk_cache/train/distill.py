@@ -495,9 +495,10 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
             for group in opt.param_groups:
                 group["lr"] = lr
             trained.train()
-            # Per step: CE sum, KD sum, then per domain CE sum and positions (all ranks' after the all-reduce).
+            # Per step: CE sum, KD sum, the --pretrain-cache CE sum, then per domain CE sum and
+            # positions (all ranks' after the one all-reduce).
             D = len(cache.domains)
-            stats = torch.zeros(2 + 2 * D, dtype=torch.float64, device=device)
+            stats = torch.zeros(3 + 2 * D, dtype=torch.float64, device=device)
             # The step's batches first: the loss is normalised by the positions that carry loss
             # over every micro-batch and rank, known before any backward pass.
             batches = [loader.next() for _ in range(cfg.grad_accum)]
@@ -509,7 +510,6 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
             # DDP and FSDP average gradients over ranks: scale by the world size for the global mean.
             tokens_per_step = max(count[0].item(), 1.0) / world
             pt_tokens_per_step = max(count[1].item(), 1.0) / world
-            pt_ce = torch.zeros((), dtype=torch.float64, device=device)
             for micro, batch in enumerate(batches):
                 x = batch.tokens.to(device, non_blocking=True)
                 labels = batch.labels().to(device, non_blocking=True)
@@ -537,7 +537,7 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
                         with _grad_sync(trained, last), autocast():
                             ce_pt, _, _ = trained(pb.tokens.to(device, non_blocking=True), pb.labels().to(device, non_blocking=True))
                         (cfg.pretrain_weight * ce_pt / pt_tokens_per_step).backward()
-                        pt_ce += ce_pt.detach().double()
+                        stats[2] += ce_pt.detach().double()
                 except torch.OutOfMemoryError:
                     raise ConfigError(f"out of {device.type} memory at step {step + 1} with --batch-size {cfg.batch_size}: lower "
                                       "--batch-size (raise --grad-accum to keep the tokens per step), or use --gradient-checkpointing, "
@@ -545,20 +545,18 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
                 stats[0] += ce.detach().double()
                 stats[1] += kd_sum.detach().double()
                 doms = torch.as_tensor(batch.domains, device=device)
-                stats[2 : 2 + D].index_add_(0, doms, ce_tok.view(x.shape[0], -1).sum(1).double())
-                stats[2 + D :].index_add_(0, doms, (labels != IGNORE_INDEX).sum(1).double())
+                stats[3 : 3 + D].index_add_(0, doms, ce_tok.view(x.shape[0], -1).sum(1).double())
+                stats[3 + D :].index_add_(0, doms, (labels != IGNORE_INDEX).sum(1).double())
             if world > 1:
                 torch.distributed.all_reduce(stats)  # every rank logs and judges the global numbers
-                if pretrain is not None:
-                    torch.distributed.all_reduce(pt_ce)
             positions = max(count[0].item(), 1.0)
             total = float(stats[1] if minillm is not None else stats[0] + cfg.kd_weight * stats[1]) / positions
-            pretrain_ce = float(pt_ce) / max(count[1].item(), 1.0)
+            pretrain_ce = float(stats[2]) / max(count[1].item(), 1.0)
             total += cfg.pretrain_weight * pretrain_ce
             if not math.isfinite(total):  # the same global value on every rank: all stop together
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
                 raise TrainingError(f"loss became non-finite at step {step + 1}; stopped on every rank ({where}). Try a lower --lr or --temperature")
-            per_domain = {d: float(stats[2 + i] / stats[2 + D + i]) for i, d in enumerate(cache.domains) if stats[2 + D + i] > 0}
+            per_domain = {d: float(stats[3 + i] / stats[3 + D + i]) for i, d in enumerate(cache.domains) if stats[3 + D + i] > 0}
             grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)
