@@ -50,6 +50,7 @@ def inspect(cache: str, as_json: bool, fidelity: bool, sequences: int, teacher: 
             "path": cache, "state": meta.state, "format_version": meta.format_version, "teacher": meta.teacher,
             "tokenizer": meta.tokenizer, "top_k": meta.top_k, "seq_len": meta.seq_len, "encoding": meta.encoding.to_dict(),
             "targets": meta.targets.to_dict(), "targets_description": meta.targets.describe(), "pending_shards": len(pending),
+            "row_start": meta.row_start, "row_start_description": meta.describe_row_start(),
             "rows": rows,
         }, indent=2))
         _refuse_incomplete(cache, meta.state, pending)
@@ -59,6 +60,7 @@ def inspect(cache: str, as_json: bool, fidelity: bool, sequences: int, teacher: 
     if c.has_targets:
         click.echo(f"teacher: {t['name_or_path']}  [{t.get('architecture')}, {t.get('num_parameters') or 0:,} params, {t.get('dtype')}, {t.get('backend')}]")
     click.echo(f"targets: {meta.targets.describe()}; seq-len {meta.seq_len}, vocab {meta.vocab_size}, tokenizer {meta.tokenizer['fingerprint'][:19]}")
+    click.echo(f"row start: {meta.describe_row_start()}")
     header = ("domain", "split", "sequences", "tokens", "teacher PPL", "on disk", "bytes/token", "kept mass")
     table = [header] + [
         (

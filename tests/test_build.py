@@ -252,3 +252,19 @@ def test_newer_format_at_out_is_refused_as_such(tmp_path, built_cache, teacher_d
     out = copy_cache(built_cache, tmp_path / "c.zarr", edit=lambda meta: meta.update(format_version=4))
     with pytest.raises(StoreError, match="has cache format version 4; this ddk-cache .* reads versions 1, 2, 3; upgrade ddk-cache"):
         build(small_config(teacher_dir, corpus_dir, out), progress=False)
+
+
+def test_capped_build_sizes_validation_from_the_cap(tmp_path, teacher_dir, corpus_dir):
+    """Default --val-tokens with a cap below 10% of a domain's validation share: validation
+    takes its share of what the cap keeps (it used to be sized from the whole domain and
+    leave no training sequence)."""
+    config = small_config(teacher_dir, corpus_dir, tmp_path / "c.zarr", max_tokens_per_domain=160, val_tokens=1 << 20)
+    meta = build(config, progress=False).meta
+    for domain, info in meta.domains.items():
+        assert info.val.sequences == 1, domain  # 10% of the 5 rows the cap keeps, at least 1
+        assert info.train.sequences == 4, domain  # the cap's 160 tokens, less the validation row
+
+
+def test_cap_too_small_says_raise_the_cap(tmp_path, teacher_dir, corpus_dir):
+    with pytest.raises(Exception, match=r"domain 'alpha' keeps 40 tokens; it needs at least 64 .*raise --max-tokens-per-domain"):
+        build(small_config(teacher_dir, corpus_dir, tmp_path / "c.zarr", max_tokens_per_domain=40), progress=False)

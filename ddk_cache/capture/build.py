@@ -51,7 +51,7 @@ from .packing import (
 )
 from .teachers import BACKENDS, Teacher, load_teacher, resolve_backend
 from .teachers.base import EngineStats, Job, model_fingerprint, resolve_dtype
-from .tokenization import document_tokenizer, load_tokenizer, tokenizer_info
+from .tokenization import document_tokenizer, load_tokenizer, resolve_row_start, tokenizer_info
 
 ENCODINGS = ("pack", "plain")
 
@@ -76,11 +76,12 @@ class BuildConfig(CommandConfig):
     kl_budget: float = option(1e-4, "pack: the most KL (nats) quantisation may add at any position (a hard bound, checked by the encoder).")
     seq_len: int = option(2048, "Tokens per sequence (at most the teacher's context; vLLM needs one more).")
     backend: str = option("auto", "Teacher engine: auto = vllm when installed, else hf (transformers). The engine used is part of the fingerprint.", choices=BACKENDS, fingerprint=False)
+    row_start: str = option("auto", "What every row the teacher scores (and the student trains on) begins with: bos = the tokenizer's BOS token, also on rows that start mid-document; none = the stream's tokens as they fall; auto = bos where the tokenizer adds a BOS to a document (Llama 3, Gemma), else none (Qwen, SmolLM2). Pass bos for a teacher trained with a BOS whose tokenizer lost that rule in a conversion.", choices=("auto", "bos", "none"))
     text_field: str = option("text", "JSON/parquet field holding each document's text.")
     chat_template: str = option("", "Chat records: a Jinja chat template (a file, or the template itself) instead of the tokenizer's.")
-    val_tokens: int = option(1 << 20, "Validation tokens per domain, in whole sequences (default ~500 sequences of 2,048, DDK's 500 samples per domain), at most --val-max-fraction of the domain.")
+    val_tokens: int = option(1 << 20, "Validation tokens per domain, in whole sequences (default ~500 sequences of 2,048, DDK's 500 samples per domain), at most --val-max-fraction of what the domain keeps (after --max-tokens-per-domain), at least one sequence.")
     val_max_fraction: float = option(0.1, "The validation split takes at most this share of a domain (at least one sequence).")
-    max_tokens_per_domain: int | None = option(None, "Cap each domain at this many tokens (validation included), in shuffled order.")
+    max_tokens_per_domain: int | None = option(None, "Cap each domain at this many tokens (validation included: it takes at most --val-max-fraction of the cap), in shuffled order.")
     seed: int = option(0, "Seed of the document shuffle (and of sampled targets).")
     dtype: str = option("auto", "Teacher dtype; auto = bfloat16 on GPU, float32 on CPU.", choices=("auto", "float32", "bfloat16", "float16"))
     device: str = option("auto", "Torch device for the hf backend (cpu, cuda, cuda:1; auto = this worker's GPU when present).", fingerprint=False)
@@ -305,7 +306,8 @@ def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teac
     # Resolve "auto" choices first: the fingerprint must name what was actually used.
     dtype = config.dtype if config.tokens_only else resolve_dtype(config.dtype, resolve_device(config.device, worker))
     pool = config.sample_pool or (DEFAULT_SAMPLE_POOL if backend == "vllm" and config.targets == "sampled" else None)
-    config = replace(config, dtype=dtype, backend=config.backend if config.tokens_only else backend, sample_pool=pool)
+    row_start = resolve_row_start(config.row_start, tok)
+    config = replace(config, dtype=dtype, backend=config.backend if config.tokens_only else backend, sample_pool=pool, row_start=row_start)
     config = replace(config, shard_sequences=config.shard_sequences or auto_shard_sequences(config, spec0, encoding))
     spec = config.target_spec()
     layout = corpus_layout(domains)
@@ -368,7 +370,7 @@ def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teac
                 teacher=teacher.info() if not config.tokens_only else {"name_or_path": tok_source, "backend": "none", "fingerprint": ""},
                 tokenizer=tokenizer_info(tok), corpus={"path": config.data if is_url(config.data) else os.path.abspath(config.data), "layout": layout, "files": files},
                 build_args={k: v for k, v in config.to_dict().items() if k not in ("num_shards", "shard_index")},
-                build_fingerprint=fingerprint,
+                build_fingerprint=fingerprint, row_start=row_start,
             )
             existing, created = CacheWriter.initialize(config.out, meta)
             if existing.build_fingerprint != fingerprint:  # another build won a race for this --out
@@ -378,7 +380,8 @@ def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teac
         packing = PackingConfig(seq_len=config.seq_len, seed=config.seed, text_field=config.text_field, val_tokens=config.val_tokens,
                                 val_max_fraction=config.val_max_fraction, max_tokens=config.max_tokens_per_domain,
                                 part_chars=config.max_document_chars, vocab_size=vocab,
-                                pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+                                pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                                bos_id=tok.bos_token_id if row_start == "bos" else None)
         pieces = {s.name: plan_pieces(s, max(1, int(config.piece_mb * (1 << 20)))) for s in domains}
         if writer.meta.state == STATE_INITIALIZING:
             result.pieces_tokenized = _tokenize(writer.objects, domains, pieces, document_tokenizer(tok, config.chat_template or None, tok_source),

@@ -9,15 +9,24 @@ workers share the build:
    document's shuffle key h = blake2b-64(seed, domain, file, offset, part), and an index
    of (h, length). A piece's index is written last: it marks the piece done.
 2. Validation: the documents with the smallest h over the whole domain, in h order,
-   until they hold the validation size (`val_tokens`, at most `val_max_fraction` of the
-   domain, in whole sequences); the last one is cut and its rest discarded, so no
-   document is in both splits. Text: their tokens concatenated and cut into sequences.
+   until they hold the validation size (`val_tokens`, at most `val_max_fraction` of what
+   the domain keeps under `max_tokens_per_domain`, in whole sequences); the last one is
+   cut and its rest discarded, so no document is in both splits. Text: their tokens
+   concatenated and cut into sequences.
 3. Training: the pieces in the order permutation(seed, crc32(domain)), each contributing
    its remaining documents in h order; text documents are concatenated and cut into
    `seq_len` sequences (crossing document boundaries; a final partial sequence is
    dropped), capped at `max_tokens_per_domain` tokens in all. Chat samples are not packed:
    each is one sequence, truncated to `seq_len`, padded with the pad token (EOS if none),
    loss mask 0 on padding and on everything but the assistant's turns.
+
+Row start (`--row-start`, `bos_id`): with a BOS, text row r is the stream's tokens
+[r(L-1), r(L-1) + L) with its first token replaced by the BOS (rows overlap by that token,
+so every stream token after the first is a prediction target exactly once), and a chat
+sample that does not begin with the BOS gets one in front (loss mask 0). Without, row r
+is the stream's tokens [rL, (r+1)L). Document boundaries inside a row stay as the
+tokenizer made them: the EOS appended to each document, then the next one's BOS if the
+tokenizer adds one.
 
 Memory: a worker holds one piece's tokens at a time; the plan holds a few numbers per
 piece and the validation documents; a gather holds the sequences it returns.
@@ -109,6 +118,31 @@ class PackingConfig:
     part_chars: int
     vocab_size: int
     pad_id: int
+    bos_id: int | None = None  # --row-start bos: every row begins with this token (None: rows start as the stream falls)
+
+    @property
+    def stride(self) -> int:
+        return row_stride(self.seq_len, self.bos_id)
+
+
+def row_stride(seq_len: int, bos_id: int | None) -> int:
+    """Stream tokens a text row advances by: L, or L - 1 when every row begins with a BOS
+    (row r is then stream[r(L-1) : r(L-1) + L] with its first token replaced by the BOS, so
+    consecutive rows overlap by that one token and every stream token after the first is
+    predicted exactly once)."""
+    return seq_len if bos_id is None else seq_len - 1
+
+
+def stream_tokens(rows: int, seq_len: int, bos_id: int | None) -> int:
+    """Stream tokens that `rows` text rows span (see `row_stride`)."""
+    stride = row_stride(seq_len, bos_id)
+    return rows * stride + (seq_len - stride) if rows else 0
+
+
+def rows_in(tokens: int, seq_len: int, bos_id: int | None) -> int:
+    """Whole text rows that `tokens` stream tokens make."""
+    stride = row_stride(seq_len, bos_id)
+    return max(0, tokens - (seq_len - stride)) // stride
 
 
 # ---------------------------------------------------------------------------- step 1: tokenize
@@ -132,6 +166,13 @@ def tokenize_piece(objects: Objects, source: DomainSource, piece: Piece, tokeniz
             tokens.extend(ids)
         else:
             for d, i, m, lp in zip(batch, ids, ms, lps or [None] * len(ids)):
+                if cfg.bos_id is not None and (not len(i) or i[0] != cfg.bos_id):
+                    if lp is not None:
+                        raise CorpusError(f"{d.origin}: this generated sample does not start with the BOS token that --row-start "
+                                          "bos puts before every row (its sampling log-probs were recorded without one); "
+                                          "build it with --row-start none, or generate it again")
+                    # Chat: the sample's row begins with the BOS too (it carries no loss).
+                    i, m = np.concatenate([[cfg.bos_id], i]).astype(np.int32), np.concatenate([[0], m]).astype(np.uint8)
                 # A chat sample whose assistant tokens all lie beyond seq-len would carry no
                 # loss (and give its domain's perplexities 0/0): it is left out, and counted.
                 if not m[1 : cfg.seq_len].any():
@@ -256,31 +297,38 @@ class Plan:
     itemsize: int
     pad_id: int
     domains: dict[str, DomainPlan]
+    bos_id: int | None = None  # --row-start bos: the token every row begins with
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"seq_len": self.seq_len, "itemsize": self.itemsize, "pad_id": self.pad_id,
-                           "domains": {k: asdict(v) for k, v in self.domains.items()}}, sort_keys=True).encode()
+        body = {"seq_len": self.seq_len, "itemsize": self.itemsize, "pad_id": self.pad_id,
+                "domains": {k: asdict(v) for k, v in self.domains.items()}}
+        if self.bos_id is not None:  # absent otherwise: plans of rows without a BOS keep their bytes
+            body["bos_id"] = self.bos_id
+        return json.dumps(body, sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "Plan":
         d = json.loads(raw)
-        return cls(d["seq_len"], d["itemsize"], d["pad_id"], {k: DomainPlan(**v) for k, v in d["domains"].items()})
+        return cls(d["seq_len"], d["itemsize"], d["pad_id"], {k: DomainPlan(**v) for k, v in d["domains"].items()}, d.get("bos_id"))
 
     def corpus_sha256(self) -> str:
         """One hash of every corpus byte read, by domain (each piece's sha256 in piece order)."""
         return hashlib.sha256("".join(f"{d}:{p.sha256}" for d, p in sorted(self.domains.items())).encode()).hexdigest()
 
 
-def _val_size(total: int, cfg: PackingConfig, chat: bool, name: str) -> int:
-    """Validation sequences: val_tokens in whole sequences, at most val_max_fraction of the domain, at least 1."""
+def _val_size(total: int, cfg: PackingConfig, chat: bool, name: str, capped: bool) -> int:
+    """Validation sequences: val_tokens in whole sequences, at most val_max_fraction of what the
+    domain keeps (`total`: after --max-tokens-per-domain), at least 1."""
     L = cfg.seq_len
-    units = total if chat else total // L  # what the domain holds, in sequences
+    units = total if chat else rows_in(total, L, cfg.bos_id)  # what the domain keeps, in sequences
     n = max(1, min(-(-cfg.val_tokens // L), int(cfg.val_max_fraction * units)))
     if units < n + 1:
+        what = "keeps" if capped else "has"
+        fix = "raise --max-tokens-per-domain" if capped else "add text"
         raise CorpusError(
-            f"domain {name!r} has {total:,} {'samples' if chat else 'tokens'}; it needs at least "
-            f"{(n + 1) if chat else (n + 1) * L:,} ({n} validation + 1 training sequence of {L} tokens): "
-            "add text, or lower --seq-len or --val-tokens"
+            f"domain {name!r} {what} {total:,} {'samples' if chat else 'tokens'}; it needs at least "
+            f"{(n + 1) if chat else stream_tokens(n + 1, L, cfg.bos_id):,} ({n} validation + 1 training sequence of {L} tokens): "
+            f"{fix}, or lower --seq-len or --val-tokens"
         )
     return n
 
@@ -328,10 +376,13 @@ def make_plan(objects: Objects, sources: list[DomainSource], pieces: dict[str, l
                               f"{cfg.seq_len} tokens; raise --seq-len or shorten the prompts")
         if total == 0:
             raise CorpusError(f"domain {name!r} has no documents")
-        n_val = _val_size(total, cfg, chat, name)
+        # Validation is sized from what the cap keeps, so a capped build of a large domain
+        # takes its share of the cap, not of the whole domain.
+        cap = None if cfg.max_tokens is None else (cfg.max_tokens // cfg.seq_len if chat else cfg.max_tokens)
+        n_val = _val_size(total if cap is None else min(total, cap), cfg, chat, name, cap is not None and cap < total)
         # Validation: the smallest keys over the whole domain (dedup: a piece may appear in two summaries).
         pool = sorted(set(cands[name] + extra.docs))
-        need = n_val if chat else n_val * cfg.seq_len
+        need = n_val if chat else stream_tokens(n_val, cfg.seq_len, cfg.bos_id)
         val_docs, got = [], 0
         for h, p, o, n in pool:
             if got >= need:
@@ -351,14 +402,14 @@ def make_plan(objects: Objects, sources: list[DomainSource], pieces: dict[str, l
             if cfg.max_tokens is not None:
                 n_train = min(n_train, max(0, cfg.max_tokens // cfg.seq_len - n_val))
         else:
-            train_tokens = remaining if cfg.max_tokens is None else min(remaining, max(0, cfg.max_tokens - n_val * cfg.seq_len))
-            n_train = train_tokens // cfg.seq_len
+            train_tokens = remaining if cfg.max_tokens is None else min(remaining, max(0, cfg.max_tokens - need))
+            n_train = rows_in(train_tokens, cfg.seq_len, cfg.bos_id)
         if n_train == 0:
             raise CorpusError(
                 f"domain {name!r}: after {n_val} validation sequences fewer than one training sequence of "
                 f"{cfg.seq_len} tokens is left: add text, or lower --seq-len or --val-tokens"
             )
-        used = n_train if chat else n_train * cfg.seq_len
+        used = n_train if chat else stream_tokens(n_train, cfg.seq_len, cfg.bos_id)
         train_documents, left = 0, used
         for p in order:  # documents in the training stream (pieces used whole, and part of the last)
             avail = (docs[p] if chat else tokens[p]) - val_prefix[p]
@@ -378,7 +429,7 @@ def make_plan(objects: Objects, sources: list[DomainSource], pieces: dict[str, l
         tokens_read = sum(tokens) if cfg.max_tokens is None else min(sum(tokens), cfg.max_tokens)
         domains[name] = DomainPlan(data, order, tokens, docs, val_prefix, val_docs, n_train, n_val, tokens_read, train_documents, sha, no_loss, cut,
                                    sampled)
-    return Plan(cfg.seq_len, token_dtype(cfg.vocab_size).itemsize, cfg.pad_id, domains)
+    return Plan(cfg.seq_len, token_dtype(cfg.vocab_size).itemsize, cfg.pad_id, domains, cfg.bos_id)
 
 
 # ---------------------------------------------------------------------------- step 3: gather
@@ -430,19 +481,25 @@ class Gatherer:
         L = self.plan.seq_len
         if p.data == CHAT:
             return self._chat(domain, p, split, start, stop, L)
+        stride = row_stride(L, self.plan.bos_id)
+        want_a, want_b = start * stride, stop * stride + (L - stride)
         if split == "val":
             segments, at = [], 0
-            want_a, want_b = start * L, stop * L
             for piece, offset, length in p.val_docs:
                 a, b = max(at, want_a), min(at + length, want_b)
                 if a < b:
                     segments.append((domain, piece, offset + a - at, offset + b - at))
                 at += length
         else:
-            segments = self._train_segments(domain, p, start * L, stop * L)
+            segments = self._train_segments(domain, p, want_a, want_b)
         parts = self._read(segments, ".tok", self.plan.itemsize, self.dtype)
-        flat = np.concatenate(parts) if parts else np.zeros(0, self.dtype)
-        return flat.astype(np.int32).reshape(stop - start, L), None, None
+        flat = (np.concatenate(parts) if parts else np.zeros(0, self.dtype)).astype(np.int32)
+        if stride == L:
+            return flat.reshape(stop - start, L), None, None
+        # Rows overlap by one token, which each row's BOS replaces (see `row_stride`).
+        rows = np.lib.stride_tricks.sliding_window_view(flat, L)[::stride][: stop - start].copy()
+        rows[:, 0] = self.plan.bos_id
+        return rows, None, None
 
     def _train_segments(self, domain: str, p: DomainPlan, a: int, b: int) -> list[tuple[str, int, int, int]]:
         cum = self._train_cum[domain]

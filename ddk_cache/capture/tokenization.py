@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import CorpusError, TeacherError
+from ..errors import ConfigError, CorpusError, TeacherError
 
 
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
@@ -80,6 +80,30 @@ def tokenizer_info(tok: Any) -> dict[str, Any]:
         "bos_token_id": tok.bos_token_id,
         "class": type(tok).__name__,
     }
+
+
+ROW_STARTS = ("auto", "bos", "none")
+
+
+def adds_bos(tok: Any) -> bool:
+    """Whether the tokenizer puts its BOS token before a document (its own special-token rule,
+    as `tok(text)` applies it: Llama 3 and Gemma do, Qwen and SmolLM2 do not)."""
+    if tok.bos_token_id is None:
+        return False
+    ids = tok("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tok.bos_token_id
+
+
+def resolve_row_start(rule: str, tok: Any) -> str:
+    """--row-start: 'auto' becomes 'bos' where the tokenizer adds a BOS to a document, else
+    'none'; 'bos' needs a tokenizer with a BOS token. Returns 'bos' or 'none'."""
+    if rule not in ROW_STARTS:
+        raise ConfigError(f"--row-start must be one of {', '.join(ROW_STARTS)}, got {rule!r}")
+    if rule == "auto":
+        return "bos" if adds_bos(tok) else "none"
+    if rule == "bos" and tok.bos_token_id is None:
+        raise ConfigError("--row-start bos: the tokenizer has no BOS token; use --row-start none")
+    return rule
 
 
 def tokenize_documents(tok: Any, documents: Iterable[str], batch_size: int = 256) -> Iterator[np.ndarray]:

@@ -93,11 +93,23 @@ class CacheMeta:
     tool_version: str = __version__
     created_at: str = ""
     completed_at: str | None = None
+    # What every row begins with: "bos" (the tokenizer's BOS, mid-document rows included) or
+    # "none"; None for caches built before the rule was recorded (their rows start as the
+    # stream falls, as "none").
+    row_start: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they are
 
     @property
     def complete(self) -> bool:
         return self.state == STATE_COMPLETE
+
+    def describe_row_start(self) -> str:
+        """One line for `inspect`: what each row begins with."""
+        if self.row_start == "bos":
+            return f"every row begins with BOS (id {self.tokenizer.get('bos_token_id')}), mid-document rows included"
+        if self.row_start == "none":
+            return "rows start as the token stream falls (no BOS added)"
+        return "not recorded (built before ddk-cache 0.3): rows start as the token stream falls (no BOS added)"
 
     def layout(self) -> Layout:
         return Layout(positions=self.seq_len - 1, entries=self.top_k, vocab_size=self.vocab_size, targets=self.targets)
@@ -120,6 +132,8 @@ class CacheMeta:
         }
         if self.completed_at is not None:
             d["completed_at"] = self.completed_at
+        if self.row_start is not None:
+            d["row_start"] = self.row_start
         if self.teacher_ppl is not None:
             d["teacher_ppl"] = {dom: {s: dataclasses.asdict(e) for s, e in by.items()} for dom, by in self.teacher_ppl.items()}
         return d
@@ -148,6 +162,7 @@ class CacheMeta:
             corpus=d.get("corpus", {}), build_args=d.get("build_args", {}), build_fingerprint=d.get("build_fingerprint", ""),
             teacher_ppl={dom: {s: PPLEntry.from_dict(e) for s, e in by.items()} for dom, by in table.items()} if table else None,
             tool_version=d.get("tool_version", ""), created_at=d.get("created_at", ""), completed_at=d.get("completed_at"),
+            row_start=d.get("row_start"),
             extra={k: v for k, v in d.items() if k not in known},
         )
 
