@@ -58,9 +58,10 @@ def eval_cmd(cache: str, model_path: str, batch_size: int, device: str, as_json:
     if as_json:
         click.echo(json.dumps({"cache": cache, "model": model_path, "rows": rows}, indent=2))
         return
-    click.echo(f"{'domain':<16}{'student PPL':>14}{'teacher PPL':>14}{'ratio':>8}")
-    for r in rows:
-        click.echo(f"{r['domain']:<16}{r['student_ppl']:>14.3f}{r['teacher_ppl']:>14.3f}{r['ratio']:>8.3f}")
+    from ddk_cache.table import format_table, number
+
+    click.echo(format_table(("domain", "student PPL", "teacher PPL", "ratio"),
+                            [(r["domain"], number(r["student_ppl"]), number(r["teacher_ppl"]), number(r["ratio"])) for r in rows]))
 
 
 @click.command()

@@ -7,6 +7,7 @@ import json
 import click
 
 from ddk_cache.store.cache import STATE_BUILDING, Cache, describe_pending, format_bytes
+from ddk_cache.table import format_table, number
 
 
 @click.command()
@@ -62,19 +63,14 @@ def inspect(cache: str, as_json: bool, fidelity: bool, sequences: int, teacher: 
     click.echo(f"targets: {meta.targets.describe()}; seq-len {meta.seq_len}, vocab {meta.vocab_size}, tokenizer {meta.tokenizer['fingerprint'][:19]}")
     click.echo(f"row start: {meta.describe_row_start()}")
     header = ("domain", "split", "sequences", "tokens", "teacher PPL", "on disk", "bytes/token", "kept mass")
-    table = [header] + [
+    table = [
         (
             r["domain"] + (" (samples)" if c.is_sampled(r["domain"]) else " (chat)" if c.is_chat(r["domain"]) else ""), r["split"], f"{r['sequences']:,}", f"{r['tokens']:,}",
-            f"{r['teacher_ppl']:.3f}" if r["teacher_ppl"] is not None else "-",
-            format_bytes(r["bytes"]), f"{r['bytes_per_token']:.1f}", f"{r['mean_topk_mass']:.4f}" if r["mean_topk_mass"] is not None else "-",
+            number(r["teacher_ppl"]), format_bytes(r["bytes"]), f"{r['bytes_per_token']:.1f}", number(r["mean_topk_mass"], 4),
         )
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for i, row in enumerate(table):
-        click.echo("  ".join(cell.ljust(w) if j < 2 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            click.echo("  ".join("-" * w for w in widths))
+    click.echo(format_table(header, table, left=2))
     _refuse_incomplete(cache, meta.state, pending)
 
 

@@ -88,6 +88,7 @@ def _register() -> None:
     main.add_command(inspect.inspect)
     main.add_command(verify.verify)
     main.add_command(init_model.init_model)
+    main.add_command(init_model.init_student)
     main.add_command(quickstart.quickstart)
 
 

@@ -203,3 +203,75 @@ def smollm2(out: str | Path | None = None) -> Path:
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
     return from_gguf(smollm2_gguf(), out)
+
+
+# ---------------------------------------------------------------------------- students from a teacher
+
+
+def keep_layers(total: int, keep: int) -> list[int]:
+    """`--keep N`: the first ceil(N/2) and the last floor(N/2) of `total` decoder layers.
+
+    Depth-pruning studies find the middle-to-late layers the most redundant and the first
+    and last ones the least (ShortGPT, arXiv 2403.03853; Gromov et al., arXiv 2403.17887),
+    so the kept layers are the ends of the stack; `--layers` picks any other set."""
+    if not 1 <= keep <= total:
+        raise ConfigError(f"--keep must be in 1..{total} (the teacher has {total} layers), got {keep}")
+    head = (keep + 1) // 2
+    return list(range(head)) + list(range(total - (keep - head), total))
+
+
+def _decoder_layers(model: Any) -> tuple[Any, str]:
+    """The model's stack of decoder layers (the ModuleList as long as num_hidden_layers) and its name."""
+    import torch
+
+    n = model.config.get_text_config().num_hidden_layers
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if len(found) != 1:
+        raise ConfigError(f"cannot find the decoder layers of this {type(model).__name__} (expected one list of {n} layers)")
+    return found[0][1], found[0][0]
+
+
+def init_student(teacher: str | Path, out: str | Path, *, layers: list[int] | None = None, keep: int | None = None) -> tuple[Path, list[int]]:
+    """A smaller student of the teacher's family: the same embeddings, final norm, output
+    head and tokenizer, and a subset of its decoder layers (`layers`, teacher indices in
+    order, or `keep` of them chosen by `keep_layers`), written as a plain transformers
+    directory. Returns the directory and the layers kept."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .capture.tokenization import load_tokenizer
+
+    out = Path(out)
+    _refuse_nonempty(out)
+    if (layers is None) == (keep is None):
+        raise ConfigError("give exactly one of --layers and --keep")
+    tok = load_tokenizer(str(teacher))
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    stack, name = _decoder_layers(model)
+    total = len(stack)
+    chosen = keep_layers(total, keep) if keep is not None else list(layers or [])
+    if not chosen or any(not 0 <= i < total for i in chosen) or sorted(set(chosen)) != chosen:
+        raise ConfigError(f"--layers must be distinct teacher layers in increasing order, each in 0..{total - 1}; got {chosen}")
+    kept = torch.nn.ModuleList([stack[i] for i in chosen])
+    for new, layer in enumerate(kept):
+        for module in layer.modules():  # attention keeps its index for the KV cache
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    setattr(parent, name.rsplit(".", 1)[-1], kept)
+    config = model.config.get_text_config()
+    config.num_hidden_layers = len(chosen)
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (Gemma 3, Qwen 3, ...)
+        config.layer_types = [config.layer_types[i] for i in chosen]
+    tmp = out.with_name(out.name + ".tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "ddk_student.json").write_text(json.dumps({"teacher": str(teacher), "layers": chosen, "teacher_layers": total}, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out, chosen

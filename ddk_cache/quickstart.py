@@ -25,6 +25,7 @@ from .train.distill import DistillConfig, distill
 from .models import ModelSpec, init_model, make_model_dir
 from .train.report import read_metrics, write_report
 from .capture.tokenization import load_tokenizer
+from .table import format_table as text_table, number
 
 
 @dataclass(frozen=True)
@@ -137,11 +138,7 @@ def format_table(table: dict) -> str:
     """The per-domain summary as aligned text."""
     names = list(table["students"])
     header = ["domain", "teacher PPL"] + [f"{n}: before -> after" for n in names]
-    rows = [header]
-    for d in table["domains"]:
-        rows.append([d, f"{table['teacher_ppl'][d]:.2f}"] + [
-            f"{table['students'][n]['before'][d]:.1f} -> {table['students'][n]['after'][d]:.2f}" for n in names])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    rows = [[d, number(table["teacher_ppl"][d], 2)] + [
+        f"{number(table['students'][n]['before'][d], 1)} -> {number(table['students'][n]['after'][d], 2)}" for n in names]
+        for d in table["domains"]]
+    return text_table(header, rows)

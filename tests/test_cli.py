@@ -89,3 +89,23 @@ def test_help_explains_every_command():
     for cmd in ("build", "inspect", "init-model"):
         result = CliRunner().invoke(main, [cmd, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_eval_table_stays_aligned_for_any_magnitude(built_cache, monkeypatch, teacher_dir):
+    """A freshly pruned student can have a 9-digit perplexity, a diverged one an infinite one."""
+    import ddk_cache.train.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "evaluate_domains", lambda *a, **k: {"alpha": 123456789012.5, "beta": float("inf"), "gamma": 3.25})
+    result = CliRunner().invoke(main, ["eval", "--cache", str(built_cache), "--model", str(teacher_dir), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    table = result.stdout[result.stdout.index("domain"):]  # after the loaders' progress bars
+    lines = [line for line in table.splitlines() if line.strip()]
+    assert len(lines) == 5 and len({len(line) for line in lines}) == 1, table  # every column ends where its header does
+    assert "1.235e+11" in result.output and " inf" in result.output
+
+
+def test_ppl_past_float_range_is_inf():
+    from ddk_cache.train.evaluate import ppl
+
+    assert ppl(800.0 * 10, 10) == float("inf")
+    assert ppl(20.0, 10) == __import__("math").exp(2.0)

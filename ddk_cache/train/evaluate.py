@@ -75,4 +75,12 @@ def evaluate_domains(
         torch.distributed.all_reduce(sums)
     model.train(was_training)
     totals = sums.cpu().tolist()
-    return {d: math.exp(totals[i][0] / totals[i][1]) if totals[i][1] else float("nan") for i, d in enumerate(cache.domains)}
+    return {d: ppl(totals[i][0], totals[i][1]) for i, d in enumerate(cache.domains)}
+
+
+def ppl(nll_sum: float, tokens: float) -> float:
+    """exp(mean NLL): inf past float64's range (a freshly pruned or diverged model), nan for no tokens."""
+    if not tokens:
+        return float("nan")
+    mean = nll_sum / tokens
+    return math.exp(mean) if mean < 709.0 else float("inf")
