@@ -1,6 +1,8 @@
 """vLLM vs transformers teacher on the same model and data; dict vs flat prompt-logprob conversion.
 
     python benchmarks/backends.py --corpus ../shared/corpora/dev --work /tmp/ddk-bench
+    python benchmarks/backends.py --corpus ../shared/corpora/dev --work /tmp/ddk-bench --teacher smollm2 --seq-len 256 \
+        --max-tokens-per-domain 4096
 
 Part 1 builds the same cache with each backend and reports tokens/s and the writer's share.
 Part 2 scores the same sequences with vLLM returning dicts and flat lists, and splits the
@@ -14,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import machine, print_table, teacher as make_teacher
+from common import machine, print_table, real_teacher, teacher as make_teacher
 
 from ddk_cache.capture.build import BuildConfig, build
 from ddk_cache.store.cache import Cache
@@ -30,10 +32,12 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--max-tokens-per-domain", type=int, default=40_000)
     p.add_argument("--conversion-sequences", type=int, default=32)
+    p.add_argument("--teacher", default=None, help="a model directory or 'smollm2' (default: a random 4-layer Llama, V = 8,192)")
     args = p.parse_args()
     work = Path(args.work)
-    path = str(make_teacher(args.corpus, work, vocab_size=8192, hidden_size=256, layers=4, heads=4, context=2048))
-    print(f"machine: {machine()}\n")
+    work.mkdir(parents=True, exist_ok=True)
+    path = real_teacher(args.teacher) if args.teacher else str(make_teacher(args.corpus, work, vocab_size=8192, hidden_size=256, layers=4, heads=4, context=2048))
+    print(f"machine: {machine()}; teacher {path}\n")
 
     rows, vllm_teacher = [], None
     for backend in ("hf", "vllm"):
@@ -45,7 +49,7 @@ def main() -> None:
         teacher = load_teacher(backend, path, top_k=args.top_k, seq_len=args.seq_len, dtype="float32", device="cpu")
         load = time.perf_counter() - t0
         r = build(config, progress=False, teacher=teacher)
-        rows.append((backend, r.meta["teacher"]["backend_version"], f"{load:.1f}", f"{r.tokens_scored:,}", f"{r.tokens_per_second:,.0f}",
+        rows.append((backend, r.meta.teacher["backend_version"], f"{load:.1f}", f"{r.tokens_scored:,}", f"{r.tokens_per_second:,.0f}",
                      f"{r.tokens_scored / r.teacher_seconds:,.0f}", f"{r.write_seconds / r.teacher_seconds:.1%}"))
         if backend == "vllm":
             vllm_teacher = teacher

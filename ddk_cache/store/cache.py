@@ -77,7 +77,9 @@ class CacheBatch:
 
     tokens int32 [n, L]; topk_ids int32 / topk_logprobs float32 [n, L-1, K] (None for a
     tokens-only cache); target_logprob float32 [n, L-1]; loss_mask uint8 [n, L] or None
-    (every position carries loss); sample_logprob float32 [n, L] or None (not generated samples)."""
+    (every position carries loss); sample_logprob float32 [n, L] or None (not generated
+    samples); tail_logprob float32 [n, L-1] or None: the teacher's log mass outside the kept
+    ids, where the encoding stores it (pack-v3)."""
 
     tokens: np.ndarray
     topk_ids: np.ndarray | None
@@ -85,6 +87,7 @@ class CacheBatch:
     target_logprob: np.ndarray | None
     loss_mask: np.ndarray | None = None
     sample_logprob: np.ndarray | None = None
+    tail_logprob: np.ndarray | None = None
 
 
 def group_json(attributes: dict[str, Any] | None = None) -> bytes:
@@ -278,7 +281,8 @@ class Cache(_CacheNode):
         rows = np.arange(start, min(stop, self.num_sequences(domain, split)))
         t = self.targets_of(domain, split, rows)
         return CacheBatch(self.tokens(domain, split, rows), t.ids if t else None, t.logprobs if t else None,
-                          t.target_logprob if t else None, self.loss_mask(domain, split, rows), self.sample_logprob(domain, split, rows))
+                          t.target_logprob if t else None, self.loss_mask(domain, split, rows), self.sample_logprob(domain, split, rows),
+                          t.tail_logprob if t else None)
 
     def stored_bytes(self) -> dict[tuple[str, str, str], int]:
         """Bytes on disk per (domain, split, array), from one listing of the store."""

@@ -8,9 +8,14 @@ verify, the loader and the trainer only ever call these four things: adding an e
 means one class here, its codec, and its section in storage_layout.md.
 
   plain-v1   exact int32 ids + float32 log-probs + float32 target log-probs (3 arrays)
-  pack-v2    one packed row per sequence (pack2.py): log-probs within a per-position KL
-             bound, ids and counts exact, top-k or sampled targets, the target's
-             log-prob as a reference into the kept entries. The default.
+  pack-v3    one packed row per sequence (pack3.py): every kept probability and the tail
+             to a bounded relative error (log space), ids and counts exact, top-k or
+             sampled targets, the target's log-prob as a reference into the kept
+             entries, the tail's log-prob decoded exactly. The default: every divergence's
+             gradient matches the exact targets' (BENCHMARKS.md).
+  pack-v2    one packed row per sequence (pack2.py): log-probs within a per-position
+             forward-KL bound. Smaller, but only forward KL is exact from it: other losses
+             are refused on these caches (`forward_kl_only`).
   pack-v1    format 2's packed rows (codec.py) + float32 target log-probs; read only
   none       tokens-only caches (`--top-k 0`): no teacher targets at all
 """
@@ -44,13 +49,17 @@ class RowScores:
 
     ids, logprobs [P, K] in rank order (entry 0 = top-1), -inf where an entry is not kept;
     for sampled targets the unique ids, their teacher log-probs and their draw `counts`
-    (0 = padding). target_logprob [P]: the teacher's log-prob of next_tokens [P]."""
+    (0 = padding). target_logprob [P]: the teacher's log-prob of next_tokens [P].
+    tail_logprob [P] or None: the log of the teacher's mass outside the kept entries where
+    the engine knows it exactly (the hf backend: from the full distribution), -inf for none;
+    None: encoders take 1 - sum of the kept entries."""
 
     ids: np.ndarray
     logprobs: np.ndarray
     target_logprob: np.ndarray
     next_tokens: np.ndarray
     counts: np.ndarray | None = None
+    tail_logprob: np.ndarray | None = None
 
 
 @dataclass
@@ -58,11 +67,14 @@ class Targets:
     """A decoded batch of B sequences (what `decode` returns).
 
     ids int32 [B, P, K]; logprobs float32 [B, P, K], -inf for padding (for sampled targets
-    the log target weights, which sum to 1: no tail); target_logprob float32 [B, P]."""
+    the log target weights, which sum to 1: no tail); target_logprob float32 [B, P];
+    tail_logprob float32 [B, P] or None: the log of the teacher's mass outside the kept ids
+    (-inf: none), for encodings that store it exactly (None: 1 - sum of the kept entries)."""
 
     ids: np.ndarray
     logprobs: np.ndarray
     target_logprob: np.ndarray
+    tail_logprob: np.ndarray | None = None
 
 
 class Encoding(ABC):
@@ -70,6 +82,10 @@ class Encoding(ABC):
 
     name: ClassVar[str]
     writable: ClassVar[bool] = True  # False: kept to read caches written by older versions
+    # True: values are exact only in the forward-KL sense (pack-v1, pack-v2); `distill` refuses
+    # other divergences on them (their gradients weight each entry by log p, which these
+    # encodings do not bound).
+    forward_kl_only: ClassVar[bool] = False
 
     @abstractmethod
     def arrays(self, layout: Layout) -> dict[str, ArraySpec]:
@@ -86,6 +102,10 @@ class Encoding(ABC):
     def bytes_per_position(self, spec: TargetSpec) -> float:
         """A rough stored size per predicted position, for shard sizing and the size estimate."""
         return 0.0
+
+    def stores_tail(self, layout: Layout) -> bool:
+        """Whether `decode` returns the teacher's tail log-mass (Targets.tail_logprob)."""
+        return False
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **{k: v for k, v in asdict(self).items() if k != "name"}}  # type: ignore[call-overload]
@@ -140,6 +160,62 @@ class PlainV1(Encoding):
 
 
 @dataclass(frozen=True)
+class PackV3(Encoding):
+    """pack3.Pack3Codec rows: see that module and storage_layout.md, "Encoding pack-v3"."""
+
+    step: float = 2.0**-9  # quantisation step of the companded log-ratios (|log error| <= step near the top)
+    knee: float = 4.0  # log-ratio to the top-1 beyond which the error grows with it (relative step)
+    zstd_level: int = 7  # of the id stream (the others use 3)
+    exact_target: bool = False  # store every target log-prob exactly (not as a reference)
+    name: ClassVar[str] = "pack-v3"
+
+    def __post_init__(self) -> None:
+        if not 2.0**-16 <= self.step <= 0.5:
+            raise StoreError(f"pack-v3 encoding: step must be in 2^-16..0.5, got {self.step}")
+        if not 0 < self.knee <= 64:
+            raise StoreError(f"pack-v3 encoding: knee must be in (0, 64], got {self.knee}")
+        if not 1 <= self.zstd_level <= 19:
+            raise StoreError(f"pack-v3 encoding: zstd_level must be in 1..19, got {self.zstd_level}")
+
+    def codec(self, layout: Layout) -> Any:
+        from .pack3 import Pack3Codec
+
+        key = (layout.vocab_size, layout.entries, layout.targets)
+        cache = self.__dict__.setdefault("_codecs", {})
+        if key not in cache:
+            spec = layout.targets
+            cache[key] = Pack3Codec(vocab_size=layout.vocab_size, max_entries=layout.entries, step=self.step, knee=self.knee,
+                                    sampled=spec.kind == "sampled", sample_logp=spec.kind == "sampled" and spec.sample_temperature != 1.0,
+                                    exact_target=self.exact_target, id_level=self.zstd_level)
+        return cache[key]
+
+    def arrays(self, layout: Layout) -> dict[str, ArraySpec]:
+        # Rows are padded to the codec's worst case; zstd (level 1) squeezes the padding out.
+        return {"targets": ArraySpec("uint8", (self.codec(layout).capacity(layout.positions),), "zstd", 1, ("byte",))}
+
+    def encode(self, row: RowScores, layout: Layout) -> dict[str, np.ndarray | bytes]:
+        codec = self.codec(layout)
+        if layout.targets.kind == "sampled":
+            logp = row.logprobs if layout.targets.sample_temperature != 1.0 else None
+            return {"targets": codec.encode_sampled(row.ids, row.counts, logp, row.target_logprob)}
+        return {"targets": codec.encode_topk(row.ids, row.logprobs, row.target_logprob, row.next_tokens, row.tail_logprob)}
+
+    def decode(self, rows: dict[str, list], layout: Layout, out: Targets | None = None) -> Targets:
+        out = out or empty_targets(len(rows["targets"]), layout)
+        *_, out.tail_logprob = self.codec(layout).decode(rows["targets"], layout.positions, layout.targets.sample_temperature,
+                                                          out=(out.ids, out.logprobs, out.target_logprob), tail=True)
+        return out
+
+    def bytes_per_position(self, spec: TargetSpec) -> float:
+        if spec.kind == "sampled":
+            return 1.5 * min(spec.entries, 0.25 * spec.samples + 1) + 4
+        return 2.6 * spec.entries + 4  # measured on SmolLM2-135M (BENCHMARKS.md); peaked teachers need less
+
+    def stores_tail(self, layout: Layout) -> bool:
+        return layout.targets.kind == "topk"
+
+
+@dataclass(frozen=True)
 class PackV2(Encoding):
     """pack2.Pack2Codec rows: see that module and storage_layout.md, "Encoding pack-v2"."""
 
@@ -147,6 +223,7 @@ class PackV2(Encoding):
     zstd_level: int = 7  # of the id stream (the others use 3)
     exact_target: bool = False  # store every target log-prob exactly (not as a reference)
     name: ClassVar[str] = "pack-v2"
+    forward_kl_only: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not 1e-6 <= self.kl_budget <= 1e-1:
@@ -197,6 +274,7 @@ class PackV1(Encoding):
     zstd_level: int = 7
     name: ClassVar[str] = "pack-v1"
     writable: ClassVar[bool] = False
+    forward_kl_only: ClassVar[bool] = True
 
     def codec(self, layout: Layout) -> Any:
         from .codec import PackCodec, step_for_budget
@@ -241,7 +319,7 @@ class TokensOnly(Encoding):
         return None
 
 
-ENCODINGS: dict[str, type[Encoding]] = {c.name: c for c in (PlainV1, PackV2, PackV1, TokensOnly)}
+ENCODINGS: dict[str, type[Encoding]] = {c.name: c for c in (PlainV1, PackV3, PackV2, PackV1, TokensOnly)}
 
 
 def encoding_from_dict(d: dict[str, Any]) -> Encoding:
@@ -255,5 +333,5 @@ def encoding_from_dict(d: dict[str, Any]) -> Encoding:
     return ENCODINGS[name](**{k: v for k, v in d.items() if k != "name"})
 
 
-__all__ = ["ENCODINGS", "Encoding", "Layout", "PackV1", "PackV2", "PlainV1", "RowScores", "Targets", "TokensOnly",
+__all__ = ["ENCODINGS", "Encoding", "Layout", "PackV1", "PackV2", "PackV3", "PlainV1", "RowScores", "Targets", "TokensOnly",
            "encoding_from_dict"]

@@ -139,6 +139,8 @@ def _starts(counts: np.ndarray) -> np.ndarray:
 class Pack2Codec:
     """Encode and decode sequences of P positions holding at most `max_entries` entries each."""
 
+    frame_versions: tuple[int, ...] = (VERSION,)  # frame layouts this codec reads (pack-v3 adds its own)
+
     def __init__(self, *, vocab_size: int, max_entries: int, kl_budget: float, sampled: bool = False,
                  sample_logp: bool = False, exact_target: bool = False, id_level: int = 7) -> None:
         if not 1 <= max_entries <= MAX_ENTRIES:
@@ -178,8 +180,8 @@ class Pack2Codec:
         decompressed into that workspace's buffer `stream{j}.{row}` instead of new bytes."""
         head = HEADER.unpack_from(blob, 0)
         total, version, n = head[0], head[1], head[-1]
-        if version != VERSION:
-            raise ValueError(f"pack-v2 frame has version {version}")
+        if version not in self.frame_versions:
+            raise ValueError(f"pack frame has version {version}; this codec reads {self.frame_versions}")
         sizes = struct.unpack_from(f"<{2 * n}I", blob, HEADER.size)
         at = HEADER.size + 8 * n
         if at + sum(sizes[:n]) != total or total > len(blob):

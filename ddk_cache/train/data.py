@@ -43,8 +43,10 @@ class Batch:
     (every token is); topk_ids int32 / topk_logprobs float32 [B, L-1, K] sparse targets
     (log-prob -inf: padding; K = 0 for tokens-only reads); target_logprob float32 [B, L-1]
     (None when not read); sample_logprob float32 [B, L-1]: log-prob of each next token under
-    the distribution that sampled it (generated samples only, else None); domains [B] domain
-    index of each row; state: the sampler state after this batch (what a checkpoint stores)."""
+    the distribution that sampled it (generated samples only, else None); tail_logprob
+    float32 [B, L-1]: the teacher's log mass outside the kept ids, where the cache stores it
+    (pack-v3), else None; domains [B] domain index of each row; state: the sampler state
+    after this batch (what a checkpoint stores)."""
 
     tokens: torch.Tensor
     topk_ids: torch.Tensor
@@ -54,6 +56,7 @@ class Batch:
     loss_mask: torch.Tensor | None = None
     target_logprob: torch.Tensor | None = None
     sample_logprob: torch.Tensor | None = None
+    tail_logprob: torch.Tensor | None = None
 
     def labels(self) -> torch.Tensor:
         """Next-token labels [B, L-1]: tokens[:, 1:], IGNORE_INDEX where no loss applies."""
@@ -117,6 +120,7 @@ class SequenceReader:
         self.cache, self.split = cache, split
         self.targets = targets and cache.has_targets
         self.K = cache.top_k if self.targets else 0
+        self.tails = self.targets and cache.encoding.stores_tail(cache.layout)
         self.chat = any(cache.is_chat(d) for d in cache.domains)
         self.sampled = sample_logprobs and any(cache.is_sampled(d) for d in cache.domains)
         self.pin = pin
@@ -134,6 +138,7 @@ class SequenceReader:
         ids = self._empty((B, L - 1, K), torch.int32)
         lps = self._empty((B, L - 1, K), torch.float32)
         target = self._empty((B, L - 1), torch.float32) if self.targets else None
+        tail = self._empty((B, L - 1), torch.float32) if self.tails else None
         mask = torch.ones((B, L), dtype=torch.bool) if self.chat else None
         sampled = torch.zeros((B, L - 1), dtype=torch.float32) if self.sampled else None
         doms = np.array([d for d, _ in items], np.int64)
@@ -155,8 +160,10 @@ class SequenceReader:
                 ids[rows] = torch.from_numpy(t.ids[inverse])
                 lps[rows] = torch.from_numpy(t.logprobs[inverse])
                 target[rows] = torch.from_numpy(t.target_logprob[inverse])
+                if tail is not None:
+                    tail[rows] = torch.from_numpy(t.tail_logprob[inverse])
         return {"tokens": tokens, "loss_mask": mask, "topk_ids": ids, "topk_logprobs": lps, "target_logprob": target,
-                "sample_logprob": sampled, "domains": doms}
+                "sample_logprob": sampled, "tail_logprob": tail, "domains": doms}
 
 
 _worker_reader: SequenceReader | None = None  # one per reader process
@@ -221,7 +228,7 @@ class CacheLoader:
                 read, mine, state = pending.popleft()
                 arrays = read.result() if read else self.reader.read(mine)
                 batch = Batch(arrays["tokens"], arrays["topk_ids"], arrays["topk_logprobs"], arrays["domains"], state,
-                              arrays["loss_mask"], arrays["target_logprob"], arrays["sample_logprob"])
+                              arrays["loss_mask"], arrays["target_logprob"], arrays["sample_logprob"], arrays["tail_logprob"])
                 while not stop.is_set():
                     try:
                         out.put(batch, timeout=0.1)

@@ -72,6 +72,7 @@ class DistillConfig(CommandConfig):
     online_teacher: str = option("", "Dense online KD instead of the cache's targets: this teacher (transformers) runs every step and its full distribution is the target; the cache gives tokens and the teacher PPL table. The baseline the cache replaces.")
     kd_weight: float = option(0.2, "gamma in loss = CE + gamma * KD (DDK: 0.2).")
     temperature: float = option(1.0, "T of both distributions in the KD term.")
+    t2_scale: bool = option(False, "Multiply the KD term by T^2 (Hinton et al.), so its gradient keeps its scale as --temperature grows; off by default (torchtune does not scale, DistillKit does).")
     tail: str = option("bucket", "Teacher mass outside the kept ids: 'bucket' (one extra category on both sides) or 'renorm'.", choices=TAILS)
     skew_alpha: float = option(0.1, "alpha of skl/srkl.")
     jsd_beta: float = option(0.5, "beta of jsd.")
@@ -79,6 +80,7 @@ class DistillConfig(CommandConfig):
     minillm_clip: float = option(0.2, "minillm: epsilon of the clipped importance weight q_theta/r (r: the distribution the samples were drawn from).")
     minillm_no_length_norm: bool = option(False, "minillm ablation: sum the long-horizon rewards instead of averaging them.")
     minillm_no_single_step: bool = option(False, "minillm ablation: no single-step term (the return then includes the current token).")
+    minillm_variant: str = option("paper", "minillm: paper (the paper's terms; the default) or lmops (the released code's choices: rewards fixed at sampling, scaled and clipped, discounted and whitened returns from the current token, an unweighted single-step term; README, MiniLLM).", choices=("paper", "lmops"))
     pretrain_cache: str = option("", "A second cache whose next-token CE is added to every step (MiniLLM's pre-training LM term, arXiv 2306.08543: it keeps the student's language modelling while it learns from its own samples): one batch of it per micro-batch; text or tokens-only; the tokenizer must be the cache's.")
     pretrain_weight: float = option(1.0, "Weight of the --pretrain-cache term: loss = main loss + this x its mean CE (MiniLLM: 1).")
     pretrain_mixing: str = option("natural", "Domain mixing of --pretrain-cache: as --mixing (ddk needs its teacher PPL table: the student is evaluated on its validation split every --ddk-interval steps).")
@@ -142,12 +144,12 @@ class DistillConfig(CommandConfig):
 
     def kd(self) -> KDConfig:
         kind = "rkl" if self.kd_loss == "minillm" else self.kd_loss  # minillm's single-step term is the token-level RKL
-        return KDConfig(kind, self.temperature, self.tail, self.skew_alpha, self.jsd_beta, self.akl_mu)
+        return KDConfig(kind, self.temperature, self.tail, self.skew_alpha, self.jsd_beta, self.akl_mu, self.t2_scale)
 
     def minillm(self) -> MiniLLMConfig | None:
         if self.kd_loss != "minillm":
             return None
-        return MiniLLMConfig(self.minillm_clip, not self.minillm_no_length_norm, not self.minillm_no_single_step)
+        return MiniLLMConfig(self.minillm_clip, not self.minillm_no_length_norm, not self.minillm_no_single_step, self.minillm_variant)
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -218,6 +220,13 @@ def _check_targets(cfg: DistillConfig, cache: Cache) -> None:
         if cfg.mixing.startswith("ddk"):
             raise ConfigError(f"--mixing {cfg.mixing} needs the teacher perplexity table, which a tokens-only cache lacks; "
                               "use --mixing natural, uniform or static:...")
+    if (cache.has_targets and cache.encoding.forward_kl_only and not cfg.online_teacher
+            and cfg.kd_loss not in ("fkl", "none")):
+        raise ConfigError(
+            f"--kd-loss {cfg.kd_loss} on {cfg.cache}: its {cache.encoding.name} targets bound forward KL only (a small probability's "
+            "log can be far off, and this loss weights the student by log p); rebuild the cache with --encoding pack (pack-v3), "
+            "or use --kd-loss fkl"
+        )
     if cfg.kd_loss == "minillm":
         text = [d for d in cache.domains if not cache.is_chat(d)]
         problems = [
@@ -519,6 +528,8 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
                 elif cache.has_targets and kd.kind != "none":
                     targets = {"topk_ids": batch.topk_ids.to(device, non_blocking=True).long(),
                                "topk_logprobs": batch.topk_logprobs.to(device, non_blocking=True)}
+                    if batch.tail_logprob is not None:
+                        targets["tail_logprob"] = batch.tail_logprob.to(device, non_blocking=True)
                 if minillm is not None:
                     targets["target_logprob"] = batch.target_logprob.to(device, non_blocking=True)
                     targets["old_logprob"] = (_token_logprobs(behaviour, x, labels, autocast) if behaviour is not None

@@ -2,7 +2,8 @@
 
 Every function returns one value per token (shape [N]); callers sum over tokens and scale
 by 1/tokens at the optimizer step. Inputs are flattened positions: N tokens, vocabulary V,
-k cached entries per token. All arithmetic is float32.
+k cached entries per token. Arithmetic is float32 (float64 for float64 student logits: the
+reference tests run that way); tails are computed in log space without floors.
 
 Sparse targets (the cache): the teacher's top-k ids S and log-probs log p_S at temperature 1.
 At temperature T:
@@ -52,6 +53,10 @@ class KDConfig:
     skew_alpha: float = 0.1
     jsd_beta: float = 0.5
     akl_mu: float = 0.5
+    # Multiply the divergence by T^2 (Hinton et al., arXiv 1503.02531), so its gradient keeps
+    # its scale as T grows. Off by default: at T = 1 it changes nothing, and implementations
+    # differ (torchtune's KD loss does not scale; DistillKit's does).
+    t2_scale: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -65,13 +70,26 @@ class KDConfig:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
 
 
+def _dtype(x: torch.Tensor) -> torch.dtype:
+    """The loss's arithmetic: float32, or float64 for float64 inputs (the reference tests)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _xlogy_diff(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """sum p (log p - log q) over the last axis, with 0 * anything = 0."""
     return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
 
 
+def _finite(logx: torch.Tensor) -> torch.Tensor:
+    """-inf (a category of zero probability) as a finite stand-in: exp() of it is still 0, and
+    no 0 * inf reaches a gradient (torch.where does not stop NaN in the branch it drops)."""
+    return torch.where(torch.isfinite(logx), logx, torch.full_like(logx, -1e30))
+
+
 def divergence(kind: str, logp: torch.Tensor, logq: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
-    """D(P, Q) per row for categorical log-distributions [N, C] (P the teacher, Q the student)."""
+    """D(P, Q) per row for categorical log-distributions [N, C] (P the teacher, Q the student;
+    -inf: a category of zero probability)."""
+    logp, logq = _finite(logp), _finite(logq)
     p, q = logp.exp(), logq.exp()
     if kind == "fkl":
         return _xlogy_diff(p, logp, logq)
@@ -87,10 +105,13 @@ def divergence(kind: str, logp: torch.Tensor, logq: torch.Tensor, cfg: KDConfig)
             return _xlogy_diff(q, logq, logm)
         return w * _xlogy_diff(p, logp, logm) + (1 - w) * _xlogy_diff(q, logq, logm)
     if kind == "akl":
-        order = torch.argsort(p, dim=-1, descending=True)
+        # The AKL authors' rule (arXiv 2404.02657, their released code): sort by P, a category
+        # is in the head when the cumulative P *including* it is <= mu; the top-1 always is.
+        # The category whose cumulative mass crosses mu is in the tail.
+        order = torch.argsort(p, dim=-1, descending=True, stable=True)
         p_sorted = p.gather(-1, order)
-        before = torch.cumsum(p_sorted, -1) - p_sorted  # mass of the categories ranked above
-        head_sorted = before < cfg.akl_mu  # top-1 has 0 before it, so it is always in the head
+        head_sorted = torch.cumsum(p_sorted, -1) <= cfg.akl_mu
+        head_sorted[..., 0] = True
         head = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
         gap = (p - q.detach()).abs()
         g_h = torch.where(head, gap, torch.zeros_like(gap)).sum(-1)
@@ -101,33 +122,64 @@ def divergence(kind: str, logp: torch.Tensor, logq: torch.Tensor, cfg: KDConfig)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, stable at both ends (Maechler 2012)."""
-    x = x.clamp(max=-1e-7)
-    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Maechler 2012); -inf at x >= 0 (no
+    mass left). No floor: a tail of 1e-12 stays 1e-12."""
+    x = torch.clamp(x, max=0.0)
+    safe = torch.where(x < 0, x, torch.full_like(x, -1.0))  # keeps inf out of the gradient at x = 0
+    out = torch.where(safe > -0.6931, torch.log(-torch.expm1(safe)), torch.log1p(-torch.exp(safe)))
+    return torch.where(x < 0, out, torch.full_like(out, float("-inf")))
+
+
+def _student_tail(logq_all: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, logq_kept: torch.Tensor) -> torch.Tensor:
+    """log of the student's probability outside the kept ids [N, 1]. From the kept mass where
+    that leaves a tail float32 resolves (1 - sum), and exactly, as a log-sum-exp over the
+    ids outside S, where the student holds nearly all its mass on S (a peaked student: there
+    1 - sum would round to 0 or to noise)."""
+    log_kept = torch.logsumexp(logq_kept, -1, keepdim=True)
+    tail = _log1mexp(log_kept.double()).to(logq_all.dtype)
+    close = (log_kept > -1e-2).squeeze(-1)  # tail < ~1%: computed exactly below
+    if bool(close.any()):
+        rows = close.nonzero().squeeze(-1)
+        inside = torch.zeros(len(rows), logq_all.shape[-1], dtype=torch.int32, device=logq_all.device)
+        inside.scatter_add_(-1, ids[rows], valid[rows].int())
+        exact = torch.logsumexp(logq_all[rows].masked_fill(inside > 0, float("-inf")), -1, keepdim=True)
+        tail = tail.index_put((rows,), exact)
+    return tail
 
 
 def sparse_kd(
     student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, cfg: KDConfig,
-    *, student_logprobs: torch.Tensor | None = None,
+    *, student_logprobs: torch.Tensor | None = None, tail_logprob: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token divergence between cached top-k teacher targets and the student.
 
     student_logits [N, V] (any float dtype), topk_ids [N, k] int, topk_logprobs [N, k] float
     (teacher log-probs at temperature 1). `student_logprobs`, if given, is the float32
-    log_softmax(student_logits / T) already computed (see `ce_and_sparse_kd`). Returns [N] float32.
+    log_softmax(student_logits / T) already computed (see `ce_and_sparse_kd`).
+    `tail_logprob` [N], if the cache stores it (pack-v3), is the log of the teacher's mass
+    outside the kept ids, exact where 1 - sum(kept) would round away (-inf: none); otherwise
+    it is 1 - sum(kept) in float64. A row whose teacher tail is empty gets no tail category
+    on either side. Returns [N] float32.
     """
     if cfg.kind == "none":
-        return student_logits.new_zeros(student_logits.shape[0], dtype=torch.float32)
+        return student_logits.new_zeros(student_logits.shape[0], dtype=_dtype(student_logits))
     vocab = student_logits.shape[-1]
+    dt = _dtype(student_logits)
     T = cfg.temperature
     # Padding entries (adaptive k, sampled ids) carry log-prob -inf.
     valid = (topk_ids < vocab) & torch.isfinite(topk_logprobs)
     ids = torch.where(valid, topk_ids, torch.zeros_like(topk_ids)).long()
-    lp = torch.where(valid, topk_logprobs.float(), torch.full_like(topk_logprobs, float("-inf"), dtype=torch.float32))
-    logq_all = student_logprobs if student_logprobs is not None else torch.log_softmax(student_logits.float() / T, dim=-1)
+    lp = torch.where(valid, topk_logprobs.to(dt), torch.full_like(topk_logprobs, float("-inf"), dtype=dt))
+    logq_all = student_logprobs if student_logprobs is not None else torch.log_softmax(student_logits.to(dt) / T, dim=-1)
     logq = torch.where(valid, logq_all.gather(-1, ids), torch.full_like(lp, float("-inf")))
+    # The teacher's tail mass at T = 1, in log space: stored, or 1 - kept mass (float64).
+    if tail_logprob is not None:
+        log_tail = tail_logprob.reshape(-1, 1).to(lp.device, dt)
+        log_a = _log1mexp(log_tail.double()).to(dt)
+    else:
+        log_a64 = torch.logsumexp(lp.double(), -1, keepdim=True).clamp(max=0.0)
+        log_tail, log_a = _log1mexp(log_a64).to(dt), log_a64.to(dt)
     # Teacher at T: exact within S (softmax of log p / T), scaled to the kept mass a.
-    log_a = torch.logsumexp(lp, -1, keepdim=True).clamp(max=0.0)
     logp = torch.log_softmax(lp / T, -1) + log_a if T != 1.0 else lp
     # k = V: S is the whole vocabulary (top-k of all V ids), so there is no tail at all.
     full = topk_ids.shape[-1] == vocab and bool(valid.all())
@@ -135,12 +187,16 @@ def sparse_kd(
         logp = logp - torch.logsumexp(logp, -1, keepdim=True)
         logq = logq - torch.logsumexp(logq, -1, keepdim=True)
     elif not full:
-        # One more category for the mass outside S, on both sides.
-        logp = torch.cat([logp, _log1mexp(log_a)], -1)
-        logq = torch.cat([logq, _log1mexp(torch.logsumexp(logq, -1, keepdim=True))], -1)
-    logp = torch.where(torch.isfinite(logp), logp, torch.full_like(logp, -1e30))
-    logq = torch.where(torch.isfinite(logq), logq, torch.full_like(logq, -1e30))
-    return divergence(cfg.kind, logp, logq, cfg)
+        # One more category for the mass outside S, on both sides (none where the teacher has none).
+        q_tail = _student_tail(logq_all, ids, valid, logq)
+        q_tail = torch.where(torch.isfinite(log_tail), q_tail, torch.full_like(q_tail, float("-inf")))
+        logp = torch.cat([logp, log_tail], -1)
+        logq = torch.cat([logq, q_tail], -1)
+    return _scaled(divergence(cfg.kind, logp, logq, cfg), cfg)
+
+
+def _scaled(d: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
+    return d * cfg.temperature**2 if cfg.t2_scale and cfg.temperature != 1.0 else d
 
 
 def dense_kd(
@@ -152,15 +208,16 @@ def dense_kd(
     `student_logprobs`, if given, is log_softmax(student_logits / T) in float32, already computed.
     """
     if cfg.kind == "none":
-        return student_logits.new_zeros(student_logits.shape[0], dtype=torch.float32)
-    logp = torch.log_softmax(teacher_logits.float() / cfg.temperature, -1)
-    logq = student_logprobs if student_logprobs is not None else torch.log_softmax(student_logits.float() / cfg.temperature, -1)
-    return divergence(cfg.kind, logp, logq, cfg)
+        return student_logits.new_zeros(student_logits.shape[0], dtype=_dtype(student_logits))
+    dt = _dtype(student_logits)
+    logp = torch.log_softmax(teacher_logits.to(dt) / cfg.temperature, -1)
+    logq = student_logprobs if student_logprobs is not None else torch.log_softmax(student_logits.to(dt) / cfg.temperature, -1)
+    return _scaled(divergence(cfg.kind, logp, logq, cfg), cfg)
 
 
 def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token next-token cross-entropy at temperature 1: [N, V], [N] -> [N] float32."""
-    return torch.nn.functional.cross_entropy(student_logits.float(), labels.long(), reduction="none")
+    return torch.nn.functional.cross_entropy(student_logits.to(_dtype(student_logits)), labels.long(), reduction="none")
 
 
 IGNORE_INDEX = -100  # a label that carries no loss (PyTorch's and Hugging Face's convention)
@@ -169,14 +226,15 @@ IGNORE_INDEX = -100  # a label that carries no loss (PyTorch's and Hugging Face'
 def _ce(student_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE [N], the float32 log-softmax [N, V] it came from), for the KD term to share.
     Positions labelled IGNORE_INDEX get CE 0."""
-    logq = torch.log_softmax(student_logits.float(), dim=-1)
+    logq = torch.log_softmax(student_logits.to(_dtype(student_logits)), dim=-1)
     keep = labels != IGNORE_INDEX
     ce = -logq.gather(-1, torch.where(keep, labels, 0).long()[:, None]).squeeze(-1)
     return torch.where(keep, ce, torch.zeros_like(ce)), logq
 
 
 def ce_and_sparse_kd(
-    student_logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, cfg: KDConfig
+    student_logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, cfg: KDConfig,
+    *, tail_logprob: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE [N], KD [N]) sharing one float32 log-softmax over the vocabulary when T = 1.
 
@@ -188,7 +246,7 @@ def ce_and_sparse_kd(
     if cfg.kind == "none":
         return ce, torch.zeros_like(ce)
     shared = logq if cfg.temperature == 1.0 else None  # CE is always at T = 1
-    kd = sparse_kd(student_logits, topk_ids, topk_logprobs, cfg, student_logprobs=shared)
+    kd = sparse_kd(student_logits, topk_ids, topk_logprobs, cfg, student_logprobs=shared, tail_logprob=tail_logprob)
     return ce, torch.where(labels != IGNORE_INDEX, kd, torch.zeros_like(kd))
 
 
@@ -217,7 +275,7 @@ def _shift(logits: torch.Tensor, labels: torch.Tensor, targets: list[torch.Tenso
 def kd_loss(
     logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor | None = None, topk_logprobs: torch.Tensor | None = None,
     *, teacher_logits: torch.Tensor | None = None, config: KDConfig = KDConfig(), kd_weight: float = 0.2,
-    reduction: str = "mean", shift: bool = True, return_parts: bool = False,
+    reduction: str = "mean", shift: bool = True, return_parts: bool = False, tail_logprob: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CE + kd_weight * D(teacher || student) over the positions whose label is not IGNORE_INDEX.
 
@@ -225,7 +283,8 @@ def kd_loss(
     logits at t predict labels[t+1]), or already per predicted position ([N, V], [N],
     `shift=False`). Teacher targets: a cache's top-k or sampled targets (topk_ids int and
     topk_logprobs float, [B, L-1, K] or [N, K]; padding: log-prob -inf), or a teacher's
-    logits ([B, L-1, V] or [N, V]), or neither (CE only). `reduction`: "mean" over
+    logits ([B, L-1, V] or [N, V]), or neither (CE only); `tail_logprob` ([B, L-1] or [N]) the
+    teacher's stored tail log-mass (pack-v3 caches), if any. `reduction`: "mean" over
     positions with a label, "sum", or "none" (per position, 0 where ignored). With
     `return_parts`, also the CE and KD terms (each reduced the same way)."""
     if reduction not in ("mean", "sum", "none"):
@@ -234,7 +293,8 @@ def kd_loss(
     if t_logits is not None:
         ce, kd = ce_and_dense_kd(flat, y, t_logits, config)
     elif ids is not None and config.kind != "none":
-        ce, kd = ce_and_sparse_kd(flat, y, ids.long(), lps, config)
+        tail = None if tail_logprob is None else tail_logprob.reshape(-1)
+        ce, kd = ce_and_sparse_kd(flat, y, ids.long(), lps, config, tail_logprob=tail)
     else:
         ce, kd = ce_and_sparse_kd(flat, y, None, None, KDConfig("none"))
     total = ce + kd_weight * kd
@@ -258,17 +318,23 @@ class KDLoss(torch.nn.Module):
         self.kd_weight, self.reduction = kd_weight, reduction
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor | None = None,
-                topk_logprobs: torch.Tensor | None = None, *, teacher_logits: torch.Tensor | None = None, shift: bool = True) -> torch.Tensor:
+                topk_logprobs: torch.Tensor | None = None, *, teacher_logits: torch.Tensor | None = None, shift: bool = True,
+                tail_logprob: torch.Tensor | None = None) -> torch.Tensor:
         return kd_loss(logits, labels, topk_ids, topk_logprobs, teacher_logits=teacher_logits, config=self.config,
-                       kd_weight=self.kd_weight, reduction=self.reduction, shift=shift)
+                       kd_weight=self.kd_weight, reduction=self.reduction, shift=shift, tail_logprob=tail_logprob)
 
     def forward_hidden(self, hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, topk_ids: torch.Tensor | None = None,
-                       topk_logprobs: torch.Tensor | None = None, *, chunk: int = 1024) -> torch.Tensor:
+                       topk_logprobs: torch.Tensor | None = None, *, chunk: int = 1024, tail_logprob: torch.Tensor | None = None) -> torch.Tensor:
         """The same loss from the decoder's last hidden states [B, L, H] and the output head,
-        `chunk` positions at a time (reduction mean or sum)."""
+        `chunk` positions at a time, with the module's reduction (none: per predicted position
+        [B*(L-1)], 0 where the label is IGNORE_INDEX, as `forward` returns)."""
         from .student import chunked_loss
 
         h, y, ids, lps = _shift(hidden, labels, [topk_ids, topk_logprobs], True)
-        ce, kd, _ = chunked_loss(h, head, y, self.config, topk_ids=None if ids is None else ids.long(), topk_logprobs=lps, chunk=chunk)
+        tail = None if tail_logprob is None else tail_logprob.reshape(-1)
+        ce, kd, _, ce_tok, kd_tok = chunked_loss(h, head, y, self.config, topk_ids=None if ids is None else ids.long(), topk_logprobs=lps,
+                                              chunk=chunk, tail_logprob=tail, per_token=True)
+        if self.reduction == "none":
+            return ce_tok + self.kd_weight * kd_tok
         total = ce + self.kd_weight * kd
         return total / (y != IGNORE_INDEX).sum().clamp_min(1) if self.reduction == "mean" else total

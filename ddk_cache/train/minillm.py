@@ -26,7 +26,28 @@ built over the samples, so no teacher is resident):
 
 With `single_step=False` (the paper's ablation) the single-step term is dropped and the
 return includes the current token: R_t = (1/N_t) Σ_{t' ≥ t} r_t'. The reward uses the
-cache's log p of each sampled token (`target_logprob`: exact with `--encoding plain`).
+cache's log p of each sampled token (`target_logprob`, stored exactly).
+
+This is the paper's formulation (the default, `variant="paper"`). The authors' released
+code (microsoft/LMOps, minillm/: `losses.py`, `sampler.py`) differs in five choices,
+which `variant="lmops"` reproduces (tested equal to a transcription of its loss on fixed
+inputs, tests/reference):
+
+  1. the reward's log q is the one fixed when the sample was drawn, r_t = log p(y_t) -
+     log q_old(y_t) (here: the recorded sampling log-prob), not the current q_θ;
+  2. rewards are divided by a scale (0.5 in its scripts) and clipped to ±100;
+  3. returns are discounted (γ = 0.95) and start at the current token even with the
+     single-step term on: R_t = Σ_{t' ≥ t} γ^(t'-t) r_t', divided by the number of
+     remaining tokens with length normalisation;
+  4. the returns are whitened (mean 0, variance 1) before the policy-gradient term; LMOps
+     whitens over its whole [batch, response length] tensor, padding included and across
+     data-parallel ranks; here over one micro-batch's response tokens;
+  5. the single-step term is not weighted by the importance ratio.
+
+The paper's variant is the default: its terms are the ones the paper derives, and with
+rewards that move with the student it needs no reward scale. With teacher-mixed samples
+the LMOps variant takes the recorded log r (the mixture) for log q_old, as no separate
+q_old is recorded.
 
 `distill --kd-loss minillm` calls this loss (student.py) with `old_logprob` = log r from the
 cache, or, for samples without recorded log-probs, log q_old from a frozen copy of the
@@ -43,15 +64,45 @@ import torch
 from .losses import KDConfig, sparse_kd
 
 
+VARIANTS = ("paper", "lmops")
+
+
 @dataclass(frozen=True)
 class MiniLLMConfig:
     clip: float = 0.2  # ε of the clipped importance weight
     length_norm: bool = True
     single_step: bool = True
+    variant: str = "paper"  # or "lmops": the released code's choices (module docstring)
+    gamma: float = 0.95  # lmops: discount of the returns
+    reward_scale: float = 0.5  # lmops: rewards are divided by this (its scripts' --reward-scaling)
+    reward_clip: float = 100.0  # lmops: rewards are clipped to +- this (its scripts' --cliprange-reward)
 
     def __post_init__(self) -> None:
         if not 0 < self.clip < 1:
             raise ValueError(f"the MiniLLM clip must be in (0, 1), got {self.clip}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"minillm variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if not 0 < self.gamma <= 1 or self.reward_scale <= 0 or self.reward_clip <= 0:
+            raise ValueError("minillm gamma must be in (0, 1], reward_scale and reward_clip > 0")
+
+
+def lmops_advantages(teacher_logprob: torch.Tensor, old_logprob: torch.Tensor, mask: torch.Tensor, cfg: MiniLLMConfig) -> torch.Tensor:
+    """LMOps' advantages [B, T] (detached): rewards log p - log q_old, scaled and clipped;
+    discounted returns from the current token, over the remaining tokens with length
+    normalisation; whitened over the response tokens."""
+    m = mask.double()
+    r = ((teacher_logprob.double() - old_logprob.double()) / cfg.reward_scale).clamp(-cfg.reward_clip, cfg.reward_clip) * m
+    T = r.shape[-1]
+    # Σ_{t' >= t} γ^(t'-t) r_t' = γ^-t · Σ_{t' >= t} γ^t' r_t' (a suffix sum: no cancellation).
+    g = cfg.gamma ** torch.arange(T, dtype=torch.float64, device=r.device)
+    ret = (r * g).flip(-1).cumsum(-1).flip(-1) / g
+    if cfg.length_norm:
+        ret = ret / m.flip(-1).cumsum(-1).flip(-1).clamp_min(1)
+    keep = mask.bool()
+    if int(keep.sum()) > 1:
+        var, mean = torch.var_mean(ret[keep])
+        ret = (ret - mean) * torch.rsqrt(var + 1e-8)
+    return (ret * m).to(torch.promote_types(teacher_logprob.dtype, torch.float32)).detach()
 
 
 def returns(rewards: torch.Tensor, mask: torch.Tensor, *, include_current: bool, length_norm: bool) -> torch.Tensor:
@@ -67,7 +118,7 @@ def returns(rewards: torch.Tensor, mask: torch.Tensor, *, include_current: bool,
 
 def minillm_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                  teacher_logprob: torch.Tensor, old_logprob: torch.Tensor, cfg: MiniLLMConfig = MiniLLMConfig(),
-                 return_parts: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 return_parts: bool = False, tail_logprob: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MiniLLM's loss (module docstring) per predicted position, all [B, T, ...]: the student's
     `logits` [B, T, V] at the positions predicting `tokens` [B, T]; `mask` [B, T] 1 on the
     response; the cached teacher top-k `topk_ids`/`topk_logprobs` [B, T, K] and log p of each
@@ -76,17 +127,21 @@ def minillm_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
     long-horizon and single-step terms)."""
     B, T, V = logits.shape
     m = mask.to(logits.dtype)
-    logq = torch.log_softmax(logits.float(), -1)
+    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32  # float64: the reference tests
+    logq = torch.log_softmax(logits.to(dt), -1)
     logq_y = logq.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
-    reward = (teacher_logprob.float() - logq_y).detach()
-    R = returns(reward, m, include_current=not cfg.single_step, length_norm=cfg.length_norm)
-    ratio = torch.exp(logq_y - old_logprob.float())
+    if cfg.variant == "lmops":
+        R = lmops_advantages(teacher_logprob, old_logprob, m, cfg)
+    else:
+        reward = (teacher_logprob.to(dt) - logq_y).detach()
+        R = returns(reward, m, include_current=not cfg.single_step, length_norm=cfg.length_norm)
+    ratio = torch.exp(logq_y - old_logprob.to(dt))
     clipped = ratio.clamp(1 - cfg.clip, 1 + cfg.clip)
     long = -torch.minimum(ratio * R, clipped * R)
     if cfg.single_step:
         rkl = sparse_kd(logits.reshape(B * T, V), topk_ids.reshape(B * T, -1).long(), topk_logprobs.reshape(B * T, -1),
-                        KDConfig("rkl")).view(B, T)
-        single = clipped.detach() * rkl
+                        KDConfig("rkl"), tail_logprob=None if tail_logprob is None else tail_logprob.reshape(B * T)).view(B, T)
+        single = rkl if cfg.variant == "lmops" else clipped.detach() * rkl
     else:
         single = torch.zeros_like(long)
     loss = ((long + single) * m).sum() / m.sum().clamp_min(1)
@@ -95,7 +150,8 @@ def minillm_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
 
 def chunked_minillm(hidden: torch.Tensor, head: Any, labels: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                     teacher_logprob: torch.Tensor, old_logprob: torch.Tensor, cfg: MiniLLMConfig, *, chunk: int,
-                    softcap: float | None = None, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    softcap: float | None = None, ignore_index: int = -100,
+                    tail_logprob: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`minillm_loss` from the decoder's output without a [tokens, vocabulary] tensor: hidden
     [B, T, H] at the positions predicting `labels` [B, T] (ignore_index: not a response token);
     the other arguments as in `minillm_loss`. Returns (CE sum, objective sum, per-position CE
@@ -119,25 +175,32 @@ def chunked_minillm(hidden: torch.Tensor, head: Any, labels: torch.Tensor, topk_
     with torch.no_grad():
         logq_y = torch.cat([torch.log_softmax(logits_of(h[a: a + chunk]), -1).gather(-1, y[a: a + chunk, None]).squeeze(-1)
                             for a in range(0, len(where), chunk)]) if len(where) else h.new_zeros(0, dtype=torch.float32)
-        reward = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
-        reward[where] = teacher_logprob.reshape(-1)[where].float() - logq_y
-        R = returns(reward.view(B, T), mask.float(), include_current=not cfg.single_step, length_norm=cfg.length_norm).reshape(-1)[where]
+        if cfg.variant == "lmops":
+            R = lmops_advantages(teacher_logprob, old_logprob, mask.float(), cfg).reshape(-1)[where]
+        else:
+            reward = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
+            reward[where] = teacher_logprob.reshape(-1)[where].float() - logq_y
+            R = returns(reward.view(B, T), mask.float(), include_current=not cfg.single_step, length_norm=cfg.length_norm).reshape(-1)[where]
     old = old_logprob.reshape(-1)[where].float()
     ids, lps = topk_ids.reshape(B * T, -1)[where].long(), topk_logprobs.reshape(B * T, -1)[where]
+    tails = None if tail_logprob is None else tail_logprob.reshape(-1)[where]
 
-    def piece(x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, old: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor) -> torch.Tensor:
+    def piece(x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, old: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor,
+              tail: torch.Tensor | None = None) -> torch.Tensor:
         logits = logits_of(x)
         lq = torch.log_softmax(logits, -1).gather(-1, y[:, None]).squeeze(-1)
         ratio = torch.exp(lq - old)
         clipped = ratio.clamp(1 - cfg.clip, 1 + cfg.clip)
         term = -torch.minimum(ratio * R, clipped * R)
         if cfg.single_step:
-            term = term + clipped.detach() * sparse_kd(logits, ids, lps, KDConfig("rkl"))
+            rkl = sparse_kd(logits, ids, lps, KDConfig("rkl"), tail_logprob=tail)
+            term = term + (rkl if cfg.variant == "lmops" else clipped.detach() * rkl)
         return term.sum()
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for a in range(0, len(where), chunk):
-        args = (h[a: a + chunk], y[a: a + chunk], R[a: a + chunk], old[a: a + chunk], ids[a: a + chunk], lps[a: a + chunk])
+        args = (h[a: a + chunk], y[a: a + chunk], R[a: a + chunk], old[a: a + chunk], ids[a: a + chunk], lps[a: a + chunk],
+                None if tails is None else tails[a: a + chunk])
         total = total + (torch.utils.checkpoint.checkpoint(piece, *args, use_reentrant=False) if torch.is_grad_enabled() else piece(*args))
     ce_tok = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
     ce_tok[where] = -logq_y

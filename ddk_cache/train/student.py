@@ -40,23 +40,26 @@ def _head_parts(model: Any) -> tuple[Any, Any, float | None]:
 def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, cfg: KDConfig, *,
                  topk_ids: torch.Tensor | None = None, topk_logprobs: torch.Tensor | None = None,
                  teacher_logits: torch.Tensor | None = None, chunk: int = DEFAULT_CHUNK, softcap: float | None = None,
-                 checkpoint: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CE + KD over positions in chunks: (CE sum, KD sum, per-position CE detached [N]).
+                 checkpoint: bool = True, tail_logprob: torch.Tensor | None = None, per_token: bool = False) -> tuple[torch.Tensor, ...]:
+    """CE + KD over positions in chunks: (CE sum, KD sum, per-position CE detached [N]); with
+    `per_token`, also the per-position CE and KD with their gradients (CE + KD [N] each).
 
     hidden [N, H] (the decoder's output at the positions that predict `labels` [N]); the
     targets are sparse (topk_ids/topk_logprobs [N, K]) or dense (teacher_logits [N, V]) or
-    none (CE only). Each chunk's logits = head(hidden chunk) in float32; with `checkpoint`
+    none (CE only); `tail_logprob` [N] the teacher's stored tail (pack-v3). Each chunk's logits = head(hidden chunk) in float32; with `checkpoint`
     they are recomputed in the backward pass instead of kept. Equal to the unchunked loss
     and its gradients (tests/test_chunked_loss.py)."""
     N = hidden.shape[0]
     ce_sum = hidden.new_zeros((), dtype=torch.float32)
     kd_sum = hidden.new_zeros((), dtype=torch.float32)
-    per_token = []
+    ce_detached, ce_parts, kd_parts = [], [], []
     for start in range(0, N, chunk):
         stop = min(N, start + chunk)
         args = [hidden[start:stop], labels[start:stop]]
         if topk_ids is not None:
             args += [topk_ids[start:stop], topk_logprobs[start:stop]]
+            if tail_logprob is not None:
+                args += [tail_logprob[start:stop]]
         elif teacher_logits is not None:
             args += [teacher_logits[start:stop]]
 
@@ -64,6 +67,8 @@ def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tens
             logits = head(h).float()
             if softcap:
                 logits = torch.tanh(logits / softcap) * softcap
+            if len(t) == 3:
+                return ce_and_sparse_kd(logits, y, t[0], t[1], cfg, tail_logprob=t[2])
             if len(t) == 2:
                 return ce_and_sparse_kd(logits, y, t[0], t[1], cfg)
             if len(t) == 1:
@@ -76,16 +81,23 @@ def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tens
             ce, kd = piece(*args)
         ce_sum = ce_sum + ce.sum()
         kd_sum = kd_sum + kd.sum()
-        per_token.append(ce.detach())
-    return ce_sum, kd_sum, torch.cat(per_token) if per_token else hidden.new_zeros(0)
+        ce_detached.append(ce.detach())
+        if per_token:
+            ce_parts.append(ce)
+            kd_parts.append(kd)
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    out = (ce_sum, kd_sum, torch.cat(ce_detached) if ce_detached else empty)
+    if per_token:
+        out += (torch.cat(ce_parts) if ce_parts else empty, torch.cat(kd_parts) if kd_parts else empty)
+    return out
 
 
 class StudentLoss(torch.nn.Module):
     """A causal LM whose forward returns the training loss's sums (see the module docstring).
 
     forward(input_ids [B, L], labels [B, L-1] (IGNORE_INDEX: no loss), topk_ids/topk_logprobs
-    [B, L-1, K] or teacher_logits [B, L-1, V] or neither) -> (CE sum, KD sum, per-position CE
-    [B*(L-1)] detached)."""
+    [B, L-1, K] (and the stored tail_logprob [B, L-1]) or teacher_logits [B, L-1, V] or
+    neither) -> (CE sum, KD sum, per-position CE [B*(L-1)] detached)."""
 
     def __init__(self, model: Any, cfg: KDConfig, chunk: int = DEFAULT_CHUNK, minillm: Any = None) -> None:
         super().__init__()
@@ -100,25 +112,26 @@ class StudentLoss(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor | None = None,
                 topk_logprobs: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
-                target_logprob: torch.Tensor | None = None, old_logprob: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                target_logprob: torch.Tensor | None = None, old_logprob: torch.Tensor | None = None,
+                tail_logprob: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         hidden = self._decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
         if self.minillm is not None and target_logprob is not None:  # evaluation passes tokens only: CE
-            return self._minillm(hidden, labels, topk_ids, topk_logprobs, target_logprob, old_logprob)
+            return self._minillm(hidden, labels, topk_ids, topk_logprobs, target_logprob, old_logprob, tail_logprob)
         N = hidden.shape[0] * hidden.shape[1]
         flat = lambda t: None if t is None else t.reshape(N, *t.shape[2:])  # noqa: E731
         return chunked_loss(hidden.reshape(N, -1), self._head, labels.reshape(N), self.cfg,
                             topk_ids=flat(topk_ids), topk_logprobs=flat(topk_logprobs), teacher_logits=flat(teacher_logits),
-                            chunk=self.chunk, softcap=self._softcap)
+                            chunk=self.chunk, softcap=self._softcap, tail_logprob=None if tail_logprob is None else tail_logprob.reshape(N))
 
 
     def _minillm(self, hidden: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                 target_logprob: torch.Tensor, old_logprob: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                 target_logprob: torch.Tensor, old_logprob: torch.Tensor, tail_logprob: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """(CE sum detached: logged, not trained; MiniLLM's objective summed over the response;
         per-position CE detached), in chunks of response positions (minillm.chunked_minillm)."""
         from .minillm import chunked_minillm
 
         return chunked_minillm(hidden, self._head, labels, topk_ids, topk_logprobs, target_logprob, old_logprob, self.minillm,
-                               chunk=self.chunk, softcap=self._softcap, ignore_index=IGNORE_INDEX)
+                               chunk=self.chunk, softcap=self._softcap, ignore_index=IGNORE_INDEX, tail_logprob=tail_logprob)
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:

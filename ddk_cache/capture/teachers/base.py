@@ -87,10 +87,19 @@ class EngineStats:
         return max(0.0, 1.0 - self.busy / self.wall) if self.wall else 0.0
 
 
-def finish_topk(ids: np.ndarray, lps: np.ndarray, target: np.ndarray, tokens: np.ndarray, spec: TargetSpec, seed: list[int]) -> RowScores:
-    """One sequence's engine output (top-k or a sampling pool, [P, k']) -> its targets."""
+def finish_topk(ids: np.ndarray, lps: np.ndarray, target: np.ndarray, tokens: np.ndarray, spec: TargetSpec, seed: list[int],
+                pool_tail: np.ndarray | None = None) -> RowScores:
+    """One sequence's engine output (top-k or a sampling pool, [P, k']) -> its targets.
+    `pool_tail` [P], where the engine knows it exactly, is the log of the mass outside the k'
+    ids it returned; the targets' tail adds what the adaptive cut drops."""
     if spec.kind == "topk":
-        return RowScores(ids[:, : spec.k], adaptive_cut(lps[:, : spec.k], spec), target, tokens[1:])
+        kept = adaptive_cut(lps[:, : spec.k], spec)
+        tail = None
+        if pool_tail is not None:
+            dropped = np.where(np.isfinite(kept), -np.inf, lps[:, : spec.k]).astype(np.float64)
+            with np.errstate(under="ignore"):
+                tail = np.logaddexp.reduce(np.concatenate([dropped, np.asarray(pool_tail, np.float64)[:, None]], 1), axis=1)
+        return RowScores(ids[:, : spec.k], kept, target, tokens[1:], tail_logprob=tail)
     out_ids, counts, out_lps = sample_from_topk(ids, lps, spec, np.random.default_rng(seed))
     return RowScores(out_ids.astype(np.int32), out_lps, target, tokens[1:], counts)
 

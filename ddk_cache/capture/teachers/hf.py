@@ -130,7 +130,12 @@ class HFTeacher(Teacher):
                         else:
                             values, indices = torch.topk(logprobs, k, dim=-1)
                             ids, lps = indices.to(torch.int32).cpu().numpy(), values.cpu().numpy()
-                            results.append((row, (lambda i=ids, v=lps, g=target, x=chunk[row], s=seed: finish_topk(i, v, g, x, spec, s))))
+                            # The mass outside the top-k, exactly (1 - their sum would round away
+                            # a peaked teacher's tail): a log-sum-exp over the other ids.
+                            tail = (torch.logsumexp(logprobs.scatter(-1, indices, float("-inf")), -1).cpu().numpy()
+                                    if k < logprobs.shape[-1] else np.full(len(lps), -np.inf, np.float32))
+                            results.append((row, (lambda i=ids, v=lps, g=target, x=chunk[row], s=seed, t=tail:
+                                                  finish_topk(i, v, g, x, spec, s, t))))
                 for row, finish in results:
                     self.stats.busy, self.stats.wall = busy.seconds, time.perf_counter() - started
                     self.stats.rows += 1

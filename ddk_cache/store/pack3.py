@@ -1,0 +1,276 @@
+"""The `pack-v3` target codec: one sequence's top-k teacher targets <-> one byte string, every
+kept probability (and the tail) to a bounded *relative* error.
+
+storage_layout.md ("Encoding pack-v3") specifies the bytes; this module is their only
+writer. Why a new codec: pack-v2 bounds the forward KL of each position, which leaves a
+small probability's *log* far off (its sqrt-scale bins are absolute). Forward KL does not
+mind; reverse KL, AKL, the skew KLs and JSD weight the student's mass by log p and do:
+from a default pack-v2 cache of a peaked teacher their gradients pointed elsewhere.
+
+What pack-v3 stores, per position, in rank order (entry 0 = the top-1):
+
+  * the kept ids, exactly;
+  * each kept entry's log-ratio to the top-1, r_j = log p_1 - log p_j >= 0, and the tail's,
+    r_t = log p_1 - log(1 - sum kept p) (of either sign), quantised on a companded scale
+    F(r) = r up to the knee r0, r0 (1 + log(r / r0)) beyond, with step `step` in F: an
+    absolute log error of step/2 for entries within e^r0 of the top-1, and a relative one
+    (step / (2 r0)) of r further down, where the student's log q - log p is as large;
+  * the target token's log-prob as a reference into the kept entries (slot + 1), or its
+    exact float32 value.
+
+Decoding is a softmax over the kept entries and the tail: the decoded values are a
+distribution by construction (positive, summing to 1) and 1 - p_1 keeps its relative
+precision even at p_1 = 1 - 1e-9. The encoder checks, in float64 at every position, that
+each decoded log-probability (kept entries and tail) is within step * max(1, |r| / r0) of
+the teacher's, and halves that position's step (at most MAX_REFINE times) where it is not.
+
+Sampled targets are stored exactly as pack-v2 stores them (their counts are exact); a
+pack-v3 row of sampled targets is a pack-v2 frame.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .pack2 import HEADER, MAX_ENTRIES, Pack2Codec, _gather_planes, _nbytes, _planes, _unplanes, _workspace
+
+VERSION = 3
+DEFAULT_STEP = 2.0**-9  # in F: |log error| <= 2^-10 ~ 0.1% of each probability near the top
+DEFAULT_KNEE = 4.0  # r0: entries within e^4 ~ 55x of the top-1 get the absolute step
+MAX_REFINE = 12
+HAS_TAIL = 1
+REFINE_SHIFT = 2  # per-position flag bits 2..7: the step exponent e (step / 2^e)
+MAX_R = 160.0  # log-ratios are clipped here (float32 log-probs end near -104)
+
+
+def compand(r: np.ndarray, knee: float) -> np.ndarray:
+    """F(r) = r up to the knee, knee * (1 + log(r / knee)) beyond (continuous, slope 1 at the knee)."""
+    return np.where(r <= knee, r, knee * (1.0 + np.log(np.maximum(r, knee) / knee)))
+
+
+def expand(f: np.ndarray, knee: float) -> np.ndarray:
+    """The inverse of `compand`."""
+    return np.where(f <= knee, f, knee * np.exp(np.minimum(f, 1e3) / knee - 1.0))
+
+
+def _log1mexp(x: np.ndarray) -> np.ndarray:
+    """log(1 - exp(x)) for x <= 0 in float64 (-inf at 0): Maechler's two branches."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(x > -0.6931, np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
+
+
+class Pack3Codec(Pack2Codec):
+    """Encode and decode sequences of P positions holding at most `max_entries` entries each
+    (sampled targets: pack-v2's frames, see the module docstring)."""
+
+    frame_versions = (2, 3)
+
+    def __init__(self, *, vocab_size: int, max_entries: int, step: float = DEFAULT_STEP, knee: float = DEFAULT_KNEE,
+                 sampled: bool = False, sample_logp: bool = False, exact_target: bool = False, id_level: int = 7) -> None:
+        super().__init__(vocab_size=vocab_size, max_entries=max_entries, kl_budget=1e-4, sampled=sampled,
+                         sample_logp=sample_logp, exact_target=exact_target, id_level=id_level)
+        if not 0 < step <= 0.5:
+            raise ValueError(f"pack-v3 step must be in (0, 0.5], got {step}")
+        if not 0 < knee <= 64:
+            raise ValueError(f"pack-v3 knee must be in (0, 64], got {knee}")
+        self.step, self.knee = float(step), float(knee)
+        self.f_max = float(compand(np.array(MAX_R), self.knee))
+        self._q_table = None
+
+    # ------------------------------------------------------------------ sizes
+    def capacity(self, positions: int) -> int:
+        """The most bytes a frame can take (zstd's bound on every stream; sampled rows too)."""
+        P, K = positions, self.max_entries
+        bound = lambda n: n + (n >> 8) + (((128 << 10) - n) >> 11 if n < (128 << 10) else 0) + 64  # noqa: E731
+        streams = [P * (2 * self.count_bytes + 1 + 4), P * K * self.id_bytes, P * K * 4, 4 * P]
+        return max(super().capacity(positions), HEADER.size + 8 * len(streams) + sum(bound(n) for n in streams))
+
+    # ------------------------------------------------------------------ top-k
+    def encode_topk(self, ids: np.ndarray, logprobs: np.ndarray, target_logprob: np.ndarray, next_tokens: np.ndarray,
+                    tail_logprob: np.ndarray | None = None) -> bytes:
+        """ids int [P, K] and float log-probs [P, K] in rank order (entry 0 = top-1), -inf where
+        an entry is not kept (adaptive k); the teacher's log-prob of each next token [P], the
+        next tokens [P]; `tail_logprob` [P], if the engine knows it exactly, the log of the
+        teacher's mass outside the kept entries (default: 1 - their sum, in float64; -inf:
+        none, e.g. every id kept)."""
+        P, K = ids.shape
+        lp = np.asarray(logprobs, np.float64)
+        if np.isnan(lp).any() or np.isposinf(lp).any() or not np.isfinite(lp[:, 0]).all():
+            bad = int(np.flatnonzero(~np.isfinite(lp[:, 0]) | np.isnan(lp).any(1) | np.isposinf(lp).any(1))[0])
+            raise ValueError(f"pack-v3: non-finite teacher log-probability at position {bad} "
+                             f"(top-1 {lp[bad, 0]!r}); the teacher's output is broken there")
+        keep = np.isfinite(lp)
+        if ((lp[:, 1:] > lp[:, :-1]) & keep[:, 1:]).any() or (keep[:, 1:] & ~keep[:, :-1]).any():
+            order = np.argsort(-np.where(keep, lp, -np.inf), axis=1, kind="stable")  # rank order, dropped entries last
+            ids, lp, keep = (np.take_along_axis(a, order, 1) for a in (np.asarray(ids), lp, keep))
+        n = keep.sum(1)
+        with np.errstate(under="ignore", over="ignore"):
+            kept_lse = np.logaddexp.reduce(np.where(keep, lp, -np.inf), axis=1)
+        if tail_logprob is None:
+            tail = _log1mexp(np.minimum(kept_lse, 0.0)) if K < self.vocab_size or (n < K).any() else np.full(P, -np.inf)
+            if K >= self.vocab_size:
+                tail = np.where(n < K, tail, -np.inf)
+        else:
+            tail = np.asarray(tail_logprob, np.float64)
+            if np.isnan(tail).any() or np.isposinf(tail).any():
+                raise ValueError("pack-v3: non-finite tail log-probability from the teacher")
+        has_tail = np.isfinite(tail)
+        top = lp[:, 0]
+        r = np.where(keep, np.clip(top[:, None] - lp, 0.0, MAX_R), 0.0)
+        rt = np.where(has_tail, np.clip(top - tail, -MAX_R, MAX_R), 0.0)
+        # The teacher's own log-probs, renormalised over kept + tail (what decoding targets).
+        with np.errstate(divide="ignore", under="ignore"):
+            z = np.log1p(np.where(keep[:, 1:], np.exp(-r[:, 1:]), 0.0).sum(1) + np.where(has_tail, np.exp(-rt), 0.0))
+        exact, exact_t = -r - z[:, None], -rt - z
+        f, ft = compand(r, self.knee), compand(np.abs(rt), self.knee)
+        neg_t = rt < 0
+        # Allowed error per value: step * max(1, |r| / r0) (see the module docstring).
+        tol = self.step * np.maximum(1.0, r / self.knee)
+        tol_t = self.step * np.maximum(1.0, np.abs(rt) / self.knee)
+
+        levels = np.zeros((P, K), np.int64)
+        tail_level = np.zeros(P, np.int64)
+        exponent = np.zeros(P, np.int64)
+        todo = np.arange(P)
+        for e in range(MAX_REFINE + 1):
+            h = self.step / 2.0**e
+            sel = slice(None) if e == 0 else todo
+            lv = np.where(keep[sel], np.rint(f[sel] / h), 0).astype(np.int64)
+            lv[:, 0] = 0
+            tl = np.where(neg_t[sel], np.rint(np.abs(rt[sel]) / h), np.rint(ft[sel] / h)).astype(np.int64)
+            r_hat = expand(lv * h, self.knee)
+            rt_hat = np.where(neg_t[sel], -tl * h, expand(tl * h, self.knee))
+            with np.errstate(under="ignore", over="ignore"):
+                zh = np.log1p(np.where(keep[sel][:, 1:], np.exp(-r_hat[:, 1:]), 0.0).sum(1)
+                              + np.where(has_tail[sel], np.exp(-rt_hat), 0.0))
+            err = np.where(keep[sel], np.abs((-r_hat - zh[:, None]) - exact[sel]) - tol[sel], -1.0).max(1)
+            err_t = np.where(has_tail[sel], np.abs((-rt_hat - zh) - exact_t[sel]) - tol_t[sel], -1.0)
+            ok = (err <= 0) & (err_t <= 0)
+            if e == MAX_REFINE:
+                ok[:] = True  # step / 4096: finer than the float32 input can tell apart
+            done = todo[ok]
+            levels[done] = lv[ok]
+            tail_level[done] = np.where(has_tail[done], tl[ok], 0)
+            exponent[done] = e
+            todo = todo[~ok]
+            if not len(todo):
+                break
+
+        # Stored: per position the kept ids in rank order, the level steps between neighbours.
+        deltas = np.diff(levels, axis=1)[keep[:, 1:]]
+        tail_z = np.where(neg_t, 2 * tail_level + 1, 2 * tail_level) * has_tail
+        flags = (has_tail * HAS_TAIL) | (exponent << REFINE_SHIFT)
+        if self.exact_target:
+            refs = np.zeros(P, np.int64)
+        else:
+            match = (np.asarray(ids, np.int64) == np.asarray(next_tokens, np.int64)[:, None]) & keep
+            refs = np.where(match.any(1), match.argmax(1) + 1, 0)
+        exact_target = np.asarray(target_logprob, np.float32)[refs == 0]
+        if not np.isfinite(exact_target).all():
+            raise ValueError("pack-v3: non-finite target log-probability from the teacher")
+        lb, tb, cb = _nbytes(int(deltas.max(initial=0))), _nbytes(int(tail_z.max(initial=0))), self.count_bytes
+        per_position = _planes(n, cb) + flags.astype(np.uint8).tobytes() + _planes(refs, cb) + _planes(tail_z, tb)
+        streams = [per_position, _planes(np.asarray(ids, np.int64)[keep], self.id_bytes), _planes(deltas, lb),
+                   exact_target.astype("<f4").tobytes()]
+        return self._frame3(FLAG_EXACT if self.exact_target else 0, lb, tb, streams, [3, self.id_level, 3, 3])
+
+    def _frame3(self, flags: int, level_bytes: int, tail_bytes: int, streams: list[bytes], levels: list[int]) -> bytes:
+        frame = bytearray(self._frame(flags, level_bytes, tail_bytes, streams, levels))
+        frame[4] = VERSION  # the header's version byte (pack-v2's framing, version 3 layout)
+        return bytes(frame)
+
+    # ------------------------------------------------------------------ decode
+    def _level_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """r and exp(-r) (float64) for every level at the base step."""
+        if self._q_table is None:
+            n = int(math.ceil(self.f_max / self.step)) + 2
+            r = expand(np.arange(n, dtype=np.float64) * self.step, self.knee)
+            self._r_table, self._q_table = r, np.exp(-r)
+        return self._r_table, self._q_table
+
+    def decode(self, frames: list, positions: int, temperature: float = 1.0,
+               out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, tail: bool = False) -> tuple:
+        """Frames of B sequences -> (ids int32 [B, P, K], log-probs float32 [B, P, K], target
+        log-probs float32 [B, P]), and with `tail` the tail's log-probs float32 [B, P] (-inf:
+        none; None for sampled targets, which have none). Kept entries in rank order (entry
+        0 = top-1), then padding (id 0, log-prob -inf); sampled targets as pack-v2 decodes
+        them. Vectorised over the whole batch, with per-thread scratch arrays (see
+        Pack2Codec.decode)."""
+        B, P, K = len(frames), positions, self.max_entries
+        ids, logq, target = out if out is not None else (
+            np.empty((B, P, K), np.int32), np.empty((B, P, K), np.float32), np.empty((B, P), np.float32))
+        if B == 0:
+            return (ids, logq, target, np.empty((0, P), np.float32)) if tail else (ids, logq, target)
+        ws = _workspace()
+        parsed = [self._unframe(f, ws, i) for i, f in enumerate(frames)]
+        if parsed[0][0][2] & 1:  # sampled: pack-v2 frames
+            got = self._decode_sampled(parsed, P, K, temperature, (ids, logq, target))
+            return (*got, None) if tail else got
+        cb, BP = self.count_bytes, B * P
+        n = ws.array("n3", BP, np.int64)
+        ref, tail_z = ws.array("ref3", BP, np.intp), ws.array("tail3", BP, np.int64)
+        fl = ws.array("flags3", BP, np.uint8)
+        for i, (head, (s_pos, _, _, _)) in enumerate(parsed):
+            r = slice(i * P, (i + 1) * P)
+            n[r] = _unplanes(s_pos, P, cb)
+            fl[r] = np.frombuffer(s_pos, np.uint8, P, P * cb)
+            ref[r] = _unplanes(s_pos, P, cb, P * cb + P)
+            tail_z[r] = _unplanes(s_pos, P, head[6], 2 * P * cb + P)
+        per_row = n.reshape(B, P).sum(1)
+        flat_ids = _gather_planes([s[1] for _, s in parsed], per_row, self.id_bytes, ws, "ids3")
+        deltas = _gather_planes([s[2] for _, s in parsed], per_row - P, [h[5] for h, _ in parsed], ws, "deltas3")
+        exponent = fl >> REFINE_SHIFT
+        has_tail = (fl & HAS_TAIL) != 0
+        r_tab, q_tab = self._level_tables()
+        ids2, logq2 = ids.reshape(BP, K), logq.reshape(BP, K)
+        T = int(per_row.sum())
+        if T == BP * K:  # every position holds K entries: plain reshapes, no scatter
+            ids2[:] = flat_ids.reshape(BP, K)
+            lv = ws.array("lv3", (BP, K), np.int64)
+            lv[:, 0] = 0
+            np.cumsum(deltas.reshape(BP, K - 1), axis=1, dtype=np.int64, out=lv[:, 1:])
+        else:
+            n_i = n.astype(np.intp)
+            starts = np.cumsum(n_i) - n_i
+            pos = np.repeat(np.arange(BP), n_i)
+            col = np.arange(T) - np.repeat(starts, n_i)
+            # Levels: the running sum of each position's steps, restarting at its top-1 (level 0).
+            steps = np.zeros(T, np.int64)
+            steps[col > 0] = deltas
+            run = np.cumsum(steps)
+            lv_flat = run - np.repeat(run[starts], n_i)
+            ids2[:] = 0
+            ids2[pos, col] = flat_ids
+            lv = np.zeros((BP, K), np.int64)
+            lv[pos, col] = lv_flat
+        kept = np.arange(K)[None, :] < n[:, None]
+        refined = np.flatnonzero(exponent)
+        if lv.max(initial=0) < len(r_tab) and not len(refined):
+            r = r_tab[lv]
+            q = q_tab[lv]
+        else:
+            h = (self.step / 2.0 ** exponent.astype(np.float64))[:, None]
+            r = expand(lv * h, self.knee)
+            q = np.exp(-r)
+        # Tail: even zigzag = a companded positive ratio, odd = a negative one (tail > top-1).
+        h1 = self.step / 2.0 ** exponent.astype(np.float64)
+        half = tail_z >> 1
+        rt = np.where(tail_z & 1, -half * h1, expand(half * h1, self.knee))
+        s = np.where(kept, q, 0.0)[:, 1:].sum(1) + np.where(has_tail, np.exp(-rt), 0.0)
+        log_z = np.log1p(s)
+        logq2[:] = np.where(kept, -r - log_z[:, None], -np.inf)
+        t2 = target.reshape(BP)
+        hit = np.flatnonzero(ref)
+        t2[hit] = logq2[hit, ref[hit] - 1]
+        t2[ref == 0] = np.concatenate([np.frombuffer(s_[3], "<f4") for _, s_ in parsed])
+        if not tail:
+            return ids, logq, target
+        tails = np.where(has_tail, -rt - log_z, -np.inf).astype(np.float32).reshape(B, P)
+        return ids, logq, target, tails
+
+
+FLAG_EXACT = 4  # frame flag bit 2, as in pack-v2: every target log-prob stored exactly
+
+__all__ = ["DEFAULT_KNEE", "DEFAULT_STEP", "MAX_ENTRIES", "Pack3Codec", "compand", "expand"]
