@@ -71,6 +71,9 @@ def inspect(cache: str, as_json: bool, fidelity: bool, sequences: int, teacher: 
         for r in rows
     ]
     click.echo(format_table(header, table, left=2))
+    skipped = [f"{d}/{s} {info.split(s).nonfinite:,}" for d, info in meta.domains.items() for s in ("train", "val") if info.split(s).nonfinite]
+    if skipped:
+        click.echo("sequences with label-only targets (non-finite teacher output, --on-nonfinite skip): " + ", ".join(skipped))
     _refuse_incomplete(cache, meta.state, pending)
 
 

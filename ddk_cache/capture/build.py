@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .. import config as cfgmod
 from ..config import CommandConfig, option, validate
-from ..errors import ConfigError, CorpusError, StoreError, StoreVersionError
+from ..errors import ConfigError, CorpusError, NonFiniteTeacher, StoreError, StoreVersionError, TeacherError
 from ..runtime import Worker, assign_gpus, resolve_device, resolve_worker
 from ..store.cache import (
     LOSS_MASK, SAMPLE_LOGPROB, STATE_COMPLETE, STATE_INITIALIZING, TOKENS, CacheWriter, Shard, describe_pending, format_bytes, read_root_meta,
@@ -103,6 +103,7 @@ class BuildConfig(CommandConfig):
     max_num_batched_tokens: int | None = option(None, "vLLM: tokens per engine step (can change results in the last bits).")
     logprobs_format: str = option("flat", "vLLM: how prompt log-probs come back; flat lists convert far faster (same values).", choices=("flat", "dict"), fingerprint=False)
     engine_args: dict[str, Any] = option({}, "vLLM: any other engine argument, repeatable (e.g. --engine-arg quantization=fp8); part of the fingerprint.", flag="--engine-arg")
+    on_nonfinite: str = option("stop", "Teacher output with NaN or infinity for a sequence (a broken head, bf16 overflow): stop (one line naming the domain, sequence, position and teacher; the cache stays resumable) or skip (the sequence keeps its tokens but gets label-only targets, and is left out of the teacher PPL table; the build and inspect count such sequences).", choices=("stop", "skip"), fingerprint=False)
 
     def __post_init__(self) -> None:
         validate([
@@ -420,7 +421,7 @@ def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teac
         all_shards = writer.shards()
         mine = [s for s in assign_shards(all_shards, worker.world_size)[worker.rank] if s.key not in records]
         threads = config.writer_threads or auto_writer_threads()
-        _score(writer, plan, mine, teacher, spec, result, progress, hook, threads, tuple(worker))
+        _score(writer, plan, mine, teacher, spec, result, progress, hook, threads, tuple(worker), config.on_nonfinite)
         stats = teacher.stats
         result.teacher_seconds, result.engine_idle_share = stats.busy, stats.idle_share
     phases["score + write"], mark = time.perf_counter() - mark, time.perf_counter()
@@ -562,10 +563,26 @@ class _ShardState:
     nll: list[float] = field(default_factory=list)  # per row; summed exactly (fsum): the same
     positions: list[int] = field(default_factory=list)  # record whatever order rows finish in
     mass: list[float] = field(default_factory=list)
+    nonfinite: list[int] = field(default_factory=list)  # rows given label-only targets (--on-nonfinite skip)
+
+
+def _label_only(tokens: np.ndarray, spec: TargetSpec) -> RowScores:
+    """Targets that say nothing beyond the label (the next token with probability 1): what a
+    sequence whose teacher output was not finite gets with --on-nonfinite skip."""
+    P, K = len(tokens) - 1, spec.entries
+    ids = np.zeros((P, K), np.int32)
+    ids[:, 0] = tokens[1:]
+    lps = np.full((P, K), -np.inf, np.float32)
+    lps[:, 0] = 0.0
+    counts = None
+    if spec.kind == "sampled":
+        counts = np.zeros((P, K), np.int64)
+        counts[:, 0] = spec.samples
+    return RowScores(ids, lps, np.zeros(P, np.float32), tokens[1:], counts, tail_logprob=np.full(P, -np.inf))
 
 
 def _score(writer: CacheWriter, plan: Plan, shards: list[Shard], teacher: Any, spec: TargetSpec, result: BuildResult,
-           progress: bool, hook: Hook, threads: int, worker: tuple[int, int]) -> None:
+           progress: bool, hook: Hook, threads: int, worker: tuple[int, int], on_nonfinite: str = "stop") -> None:
     """Score `shards`: the teacher streams, `threads` writer threads finish, encode and write."""
     if not shards:
         return
@@ -614,9 +631,19 @@ def _score(writer: CacheWriter, plan: Plan, shards: list[Shard], teacher: Any, s
     def finish_row(job: Job, row: int, finish: Callable[[], RowScores | None]) -> float:
         t0 = time.perf_counter()
         shard: Shard = job.key
-        scores = finish()
-        mask, sampled = masks[shard.key]
         tokens = job.tokens[row]
+        skipped = False
+        try:
+            scores = finish()
+        except NonFiniteTeacher as e:
+            if on_nonfinite != "skip":
+                raise TeacherError(
+                    f"the teacher ({writer.meta.teacher.get('name_or_path')}) gave non-finite output ({e.detail}) for "
+                    f"{shard.domain}/{shard.split} sequence {int(job.rows[row])}, predicted position {e.position}: the build "
+                    "stopped and the shards written so far are kept (the same command resumes); pass --on-nonfinite skip to "
+                    "give such sequences label-only targets instead") from None
+            scores, skipped = _label_only(tokens, spec), True
+        mask, sampled = masks[shard.key]
         chunks = {TOKENS: writer.array(shard.domain, shard.split, TOKENS).encode_row(tokens)}
         # Positions that carry loss: all of them, or where the next token is a label (chat).
         carry = np.ones(seq_len - 1, bool) if mask is None else mask[row, 1:].astype(bool)
@@ -632,16 +659,22 @@ def _score(writer: CacheWriter, plan: Plan, shards: list[Shard], teacher: Any, s
             with np.errstate(under="ignore"):
                 kept = np.exp(scores.logprobs.astype(np.float64)).sum(1)
             mass = float(np.sum(kept[carry]))
+        if skipped:  # no teacher values: not in the perplexity table
+            carry = np.zeros_like(carry)
+            nll = mass = 0.0
         with guard:
             state = states[shard.key]
             for name, chunk in chunks.items():
                 state.chunks[name][row] = chunk
             state.nll[row], state.positions[row], state.mass[row] = nll, int(carry.sum()), mass
+            if skipped:
+                state.nonfinite.append(row)
             state.left -= 1
             complete = state.left == 0
         if complete:
             sizes = writer.put_shard(shard, state.chunks)  # type: ignore[arg-type]
-            record = ShardRecord(shard.key, shard.stop - shard.start, math.fsum(state.nll), sum(state.positions), math.fsum(state.mass), sizes)
+            record = ShardRecord(shard.key, shard.stop - shard.start, math.fsum(state.nll), sum(state.positions), math.fsum(state.mass), sizes,
+                                 sorted(state.nonfinite))
             with log_guard:
                 log.append(record)
             with guard:

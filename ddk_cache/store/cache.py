@@ -408,6 +408,7 @@ class CacheWriter(_CacheNode):
                 positions = sum(r.positions for r in mine)
                 mass = math.fsum(r.kept_mass_sum for r in mine)
                 info.split(split).loss_positions = positions
+                info.split(split).nonfinite = sum(len(r.nonfinite) for r in mine)
                 table[domain][split] = PPLEntry(
                     ppl=math.exp(nll / positions) if positions and self.has_targets else float("nan"), nll_sum=nll,
                     predicted_tokens=positions, kept_mass=mass / positions if positions and self.has_targets else None)

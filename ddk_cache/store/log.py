@@ -32,9 +32,15 @@ class ShardRecord:
     positions: int = 0  # predicted positions that carry loss
     kept_mass_sum: float = 0.0  # sum over those positions of the kept teacher probability
     objects: dict[str, int] = field(default_factory=dict)  # stored object sizes, by array
+    # Rows (indices within the shard) whose teacher output was not finite, kept with
+    # `--on-nonfinite skip`: they hold label-only targets and are not in the sums.
+    nonfinite: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        body = asdict(self)
+        if not self.nonfinite:  # absent when empty: records stay as older versions wrote them
+            del body["nonfinite"]
+        return json.dumps(body, separators=(",", ":"))
 
 
 class LogWriter:

@@ -33,10 +33,11 @@ class SplitInfo:
     sequences: int
     documents: int = 0  # documents contributing at least one token
     loss_positions: int | None = None  # predicted positions that carry loss (None: all of them)
+    nonfinite: int = 0  # sequences whose teacher output was not finite (--on-nonfinite skip): label-only targets
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SplitInfo":
-        return cls(int(d["sequences"]), int(d.get("documents", 0)), d.get("loss_positions"))
+        return cls(int(d["sequences"]), int(d.get("documents", 0)), d.get("loss_positions"), int(d.get("nonfinite", 0)))
 
 
 @dataclass

@@ -153,7 +153,12 @@ def _check_shard(cache: Cache, shard: Shard, stored: dict[str, int], record: Sha
         why = check_targets(targets.ids, targets.logprobs, vocab)
         if why:
             problems.append(Problem(f"{shard.key}/targets", why))
+        if not np.isfinite(targets.target_logprob).all():
+            problems.append(Problem(f"{shard.key}/targets", "decoded target log-probs contain NaN or infinity"))
+        if targets.tail_logprob is not None and (np.isnan(targets.tail_logprob).any() or (targets.tail_logprob > 1e-6).any()):
+            problems.append(Problem(f"{shard.key}/targets", "decoded tail log-probs contain NaN or exceed 0"))
         if record is not None:
+            carry[record.nonfinite] = False  # label-only rows (--on-nonfinite skip) are not in the sums
             nll = math.fsum(-math.fsum(t.astype(np.float64)[c].tolist()) for t, c in zip(targets.target_logprob, carry))
             positions = int(carry.sum())
             exact = cache.encoding.name == "plain-v1"

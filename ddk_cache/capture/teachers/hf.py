@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from ...errors import TeacherError
+from ...errors import NonFiniteTeacher, TeacherError
 from ...store.encodings import RowScores
 from ...store.targets import TargetSpec, sample_from_logprobs
 from ..tokenization import first_line, load_tokenizer
@@ -119,6 +119,13 @@ class HFTeacher(Teacher):
                     chunk = job.tokens[start : start + self.batch_size]
                     results = []
                     for row, logprobs, nxt in self.rows(chunk):
+                        # NaN or +inf logits (a broken head, bf16 overflow) give NaN log-probs:
+                        # one reduction on the device, and the row's finisher reports where.
+                        nan = torch.isnan(logprobs).any(-1)
+                        if bool(nan.any()):
+                            position = int(nan.nonzero()[0, 0])
+                            results.append((row, (lambda r=start + row, p=position: _raise(NonFiniteTeacher(r, p, "NaN log-probabilities")))))
+                            continue
                         target = logprobs.gather(-1, nxt[:, None]).squeeze(-1).cpu().numpy()
                         seed = [*job.seed, int(job.rows[start + row])]
                         if full_sampling:
@@ -146,3 +153,7 @@ class HFTeacher(Teacher):
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _raise(error: Exception) -> RowScores:
+    raise error

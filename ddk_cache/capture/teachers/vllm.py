@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from ...errors import ConfigError, TeacherError
+from ...errors import ConfigError, NonFiniteTeacher, TeacherError
 from ...runtime import engine_env
 from ...store.encodings import RowScores
 from ...store.targets import TargetSpec
@@ -207,7 +207,7 @@ class VLLMTeacher(Teacher):
                 self.stats.rows += 1
                 self.stats.wall = time.perf_counter() - started
                 self.stats.busy = self.stats.wall - idle
-                yield job, r, (lambda raw=raw, tokens=tokens, seed=seed: finish_topk(*convert(raw, tokens, k), tokens, spec, seed))
+                yield job, r, (lambda raw=raw, tokens=tokens, seed=seed, r=r: finish_topk(*checked(convert(raw, tokens, k), r), tokens, spec, seed))
         self.stats.wall = time.perf_counter() - started
         self.stats.busy = self.stats.wall - idle - (time.perf_counter() - idle_since if idle_since is not None else 0.0)
 
@@ -222,6 +222,16 @@ def shutdown_engine(llm: Any) -> None:
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()
+
+
+def checked(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The converted prompt log-probs, refused (NonFiniteTeacher) where the engine returned
+    NaN, +inf or a non-finite top-1 (a broken head, bf16 overflow)."""
+    ids, lps, target = arrays
+    bad = np.isnan(lps).any(-1) | np.isposinf(lps).any(-1) | ~np.isfinite(lps[:, 0]) | ~np.isfinite(target)
+    if bad.any():
+        raise NonFiniteTeacher(row, int(np.flatnonzero(bad)[0]), "NaN or infinite log-probabilities from vLLM")
+    return arrays
 
 
 def flat_to_arrays(flat: Any, tokens: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
