@@ -249,8 +249,8 @@ def test_domain_too_small(tmp_path, teacher_dir):
 
 
 def test_newer_format_at_out_is_refused_as_such(tmp_path, built_cache, teacher_dir, corpus_dir):
-    out = copy_cache(built_cache, tmp_path / "c.zarr", edit=lambda meta: meta.update(format_version=4))
-    with pytest.raises(StoreError, match="has cache format version 4; this ddk-cache .* reads versions 1, 2, 3; upgrade ddk-cache"):
+    out = copy_cache(built_cache, tmp_path / "c.zarr", edit=lambda meta: meta.update(format_version=5))
+    with pytest.raises(StoreError, match="has cache format version 5; this ddk-cache .* reads versions 1, 2, 3, 4; upgrade ddk-cache"):
         build(small_config(teacher_dir, corpus_dir, out), progress=False)
 
 

@@ -32,7 +32,7 @@ from ..errors import StoreError, StoreVersionError
 from .encodings import Encoding, Targets
 from .log import LOG_DIR, LogWriter, ShardRecord, read_records, shard_key
 from .meta import (
-    CHAT, FORMAT_VERSION, SPLITS, STATE_BUILDING, STATE_COMPLETE, STATE_INITIALIZING, CacheMeta, DomainInfo, PPLEntry,
+    CHAT, FORMAT_VERSION, SAMPLED_FORMAT_VERSION, SPLITS, STATE_BUILDING, STATE_COMPLETE, STATE_INITIALIZING, CacheMeta, DomainInfo, PPLEntry,
 )
 from .objects import Objects, is_url
 from .shards import ArraySpec, RowArray, RowReader, damaged, read_zarr_json
@@ -376,6 +376,8 @@ class CacheWriter(_CacheNode):
                         pass  # a concurrent worker made it a moment ago
         if meta.state == STATE_INITIALIZING:
             meta.state = STATE_BUILDING
+        if any(info.sampled for info in domains.values()):
+            meta.format_version = SAMPLED_FORMAT_VERSION  # see meta.SAMPLED_FORMAT_VERSION
         self.write_meta(meta)
 
     def put_shard(self, shard: Shard, chunks: dict[str, list[bytes]]) -> dict[str, int]:

@@ -17,7 +17,12 @@ from .encodings import Encoding, Layout, PlainV1, encoding_from_dict
 from .targets import TargetSpec
 
 FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# The version is per cache: one with a domain of generated samples (`sample_logprob`, the
+# `sampled` attribute) is version 4, since a version-3 reader would read it without error
+# and weight teacher-mixed samples wrongly; every other cache stays version 3, which older
+# readers read correctly.
+SAMPLED_FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 SPLITS = ("train", "val")
 
 # Root states: inputs being tokenized -> teacher shards pending -> done.
@@ -146,7 +151,7 @@ class CacheMeta:
             raise StoreVersionError(
                 f"{where} has cache format version {version}; this ddk-cache {__version__} reads versions "
                 f"{', '.join(map(str, READABLE_VERSIONS))}"
-                + ("; upgrade ddk-cache" if isinstance(version, int) and version > FORMAT_VERSION else "; rebuild the cache")
+                + ("; upgrade ddk-cache" if isinstance(version, int) and version > max(READABLE_VERSIONS) else "; rebuild the cache")
             )
         encoding = encoding_from_dict(d["encoding"])
         if version == 1:  # plain top-k, no `targets` attribute
@@ -168,5 +173,5 @@ class CacheMeta:
         )
 
 
-__all__ = ["CHAT", "CacheMeta", "DomainInfo", "FORMAT_VERSION", "PPLEntry", "PlainV1", "READABLE_VERSIONS", "SPLITS",
+__all__ = ["CHAT", "CacheMeta", "DomainInfo", "FORMAT_VERSION", "SAMPLED_FORMAT_VERSION", "PPLEntry", "PlainV1", "READABLE_VERSIONS", "SPLITS",
            "STATE_BUILDING", "STATE_COMPLETE", "STATE_INITIALIZING", "SplitInfo", "TEXT"]
