@@ -60,6 +60,11 @@ def build(config_file: str | None, finalize_only: bool, quiet: bool, **options: 
             f"engine busy {result.teacher_seconds:.1f}s, idle {result.engine_idle_share:.1%} of the scoring time; "
             f"writers {result.write_seconds:.1f}s in the background, the teacher waited on them {result.stall_seconds:.1f}s)"
         )
+        if result.positions_written:
+            from ddk_cache.store.cache import format_bytes
+
+            click.echo(f"{who}stored {format_bytes(result.bytes_written)} in shard objects, "
+                       f"{result.bytes_written / result.positions_written:.1f} B/position (tokens and targets)")
     for domain, n in result.chat_cut.items():
         click.echo(f"warning: {domain}: {n:,} chat sample(s) longer than --seq-len {cfg.seq_len}: their ends are not in the cache", err=True)
     for domain, n in result.chat_no_loss.items():

@@ -179,6 +179,8 @@ class BuildResult:
     pending_elsewhere: int = 0  # shards other workers still have to write
     chat_no_loss: dict[str, int] = field(default_factory=dict)  # per domain: chat samples left out (no loss within seq-len)
     chat_cut: dict[str, int] = field(default_factory=dict)  # per domain: chat samples longer than seq-len (their ends lost)
+    bytes_written: int = 0  # of the shard objects this worker wrote
+    positions_written: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -201,13 +203,35 @@ def auto_shard_sequences(config: BuildConfig, spec: TargetSpec, encoding: Encodi
     return max(1, min(1 << 16, int(config.shard_mb * (1 << 20) // per_sequence)))
 
 
-def expected_size(meta: CacheMeta, encoding: Encoding) -> str:
-    """A rough size of the finished cache, printed before the teacher starts."""
-    sequences = sum(info.split(s).sequences for info in meta.domains.values() for s in ("train", "val"))
-    positions = sequences * (meta.seq_len - 1)
-    per = encoding.bytes_per_position(meta.targets)
-    total = positions * (per + 2.5)
-    return f"expected cache size: about {format_bytes(total)} ({per:.0f} B/position for the targets, {positions:,} positions)"
+class SizeProjection:
+    """The finished cache's size, projected from the shards written so far: each domain's
+    bytes per position (targets, tokens and the rest) times its positions. A size guessed
+    before any teacher output is unreliable (a peaked teacher's rows take a third of a flat
+    one's), so the build says nothing until every domain it works on has a written shard,
+    then prints this once."""
+
+    def __init__(self, meta: CacheMeta, shards: list[Shard]) -> None:
+        P = meta.seq_len - 1
+        self.total = {d: P * sum(info.split(s).sequences for s in ("train", "val")) for d, info in meta.domains.items()}
+        self.waiting = {s.domain for s in shards}
+        self.bytes: dict[str, int] = {}
+        self.positions: dict[str, int] = {}
+        self.P = P
+        self.done = False
+
+    def add(self, shard: Shard, sizes: dict[str, int]) -> str | None:
+        """Record a written shard; the line to print once every domain has one."""
+        self.bytes[shard.domain] = self.bytes.get(shard.domain, 0) + sum(sizes.values())
+        self.positions[shard.domain] = self.positions.get(shard.domain, 0) + (shard.stop - shard.start) * self.P
+        self.waiting.discard(shard.domain)
+        if self.done or self.waiting:
+            return None
+        self.done = True
+        per = {d: self.bytes[d] / self.positions[d] for d in self.bytes}
+        mean = sum(self.bytes.values()) / sum(self.positions.values())
+        total = sum(self.total[d] * per.get(d, mean) for d in self.total)
+        return (f"cache size, projected from the shards written so far: about {format_bytes(total)} "
+                f"({total / sum(self.total.values()):.1f} B/position, {sum(self.total.values()):,} positions)")
 
 
 def build_fingerprint(config: BuildConfig, corpus: list[dict], teacher_fp: str, tokenizer_fp: str, backend: str) -> str:
@@ -414,8 +438,6 @@ def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teac
             plan = Plan.from_bytes(_need(writer.objects.get(PLAN_KEY), f"{config.out}: the build plan is missing"))
         writer = CacheWriter(config.out, objects)  # re-read: the arrays and domains now exist
         hook("store_created", {"path": config.out})
-        if progress and worker.rank == 0:
-            tqdm.write(expected_size(writer.meta, encoding))
 
         records = writer.records()
         all_shards = writer.shards()
@@ -594,6 +616,7 @@ def _score(writer: CacheWriter, plan: Plan, shards: list[Shard], teacher: Any, s
                unit=" tok", unit_scale=True, disable=not progress)
     log = writer.log_writer(worker)
     log_guard = threading.Lock()
+    projection = SizeProjection(writer.meta, shards)
     states: dict[str, _ShardState] = {}
     masks: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}  # loss mask, sampling log-probs
     guard = threading.Lock()
@@ -673,6 +696,12 @@ def _score(writer: CacheWriter, plan: Plan, shards: list[Shard], teacher: Any, s
             complete = state.left == 0
         if complete:
             sizes = writer.put_shard(shard, state.chunks)  # type: ignore[arg-type]
+            with log_guard:
+                result.bytes_written += sum(sizes.values())
+                result.positions_written += (shard.stop - shard.start) * (seq_len - 1)
+                line = projection.add(shard, sizes)
+            if line and progress:
+                tqdm.write(line)
             record = ShardRecord(shard.key, shard.stop - shard.start, math.fsum(state.nll), sum(state.positions), math.fsum(state.mass), sizes,
                                  sorted(state.nonfinite))
             with log_guard:
