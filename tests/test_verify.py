@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from click.testing import CliRunner
 
 from ddk_cache.cli.main import main
+from ddk_cache.store.verify import verify_cache
 
 from .helpers import copy_cache
 
@@ -58,3 +61,43 @@ def test_tampered_table_is_caught(built_cache, tmp_path):
     out = copy(built_cache, tmp_path, tamper)
     result = CliRunner().invoke(main, ["verify", str(out), "--quiet"])
     assert result.exit_code == 1 and "teacher_ppl[alpha/val]" in result.output
+
+
+def test_swapped_or_foreign_shard_objects_are_refused_by_readers_and_verify(tmp_path, teacher_dir, corpus_dir):
+    """An object swapped with another domain's (same array, same shard index, same size of
+    shard), or restored from another build of the same layout, used to read as this one's
+    (distill then trained on other sequences' targets) and pass verify."""
+    import shutil
+
+    from ddk_cache.capture.build import build
+    from ddk_cache.errors import StoreError
+    from ddk_cache.models import ModelSpec, make_model_dir
+    from ddk_cache.store.cache import Cache
+
+    from .helpers import WORDS, make_docs, small_config
+
+    a = tmp_path / "a.zarr"
+    build(small_config(teacher_dir, corpus_dir, a, encoding="pack"), progress=False)
+    cache = Cache(str(a))
+    alpha = cache.array("alpha", "train", "targets").object_key(0)
+    beta = cache.array("beta", "train", "targets").object_key(0)
+    swapped = tmp_path / "swapped.zarr"
+    shutil.copytree(a, swapped)
+    shutil.copyfile(a / beta, swapped / alpha)
+    with pytest.raises(StoreError, match="holds another shard's rows"):
+        Cache(str(swapped)).read("alpha", "train", 0, 2)
+    problems, _ = verify_cache(str(swapped))
+    assert any(p.where.endswith(alpha) or alpha in p.where for p in problems)
+
+    # Another build of the same corpus and layout (a different teacher): same keys, same shapes.
+    other_teacher = make_model_dir([d for dom in WORDS for d in make_docs(dom, 30)], tmp_path / "t2",
+                                   ModelSpec(vocab_size=400, hidden_size=32, layers=2, heads=1, max_position_embeddings=64, seed=5))
+    b = tmp_path / "b.zarr"
+    build(small_config(other_teacher, corpus_dir, b, encoding="pack"), progress=False)
+    foreign = tmp_path / "foreign.zarr"
+    shutil.copytree(a, foreign)
+    shutil.copyfile(b / alpha, foreign / alpha)
+    with pytest.raises(StoreError, match="written by another build"):
+        Cache(str(foreign)).read("alpha", "train", 0, 2)
+    problems, _ = verify_cache(str(foreign))
+    assert any("another build" in p.what or "bytes; the build log recorded" in p.what for p in problems)

@@ -695,7 +695,7 @@ def _score(writer: CacheWriter, plan: Plan, shards: list[Shard], teacher: Any, s
             state.left -= 1
             complete = state.left == 0
         if complete:
-            sizes = writer.put_shard(shard, state.chunks)  # type: ignore[arg-type]
+            sizes, hashes = writer.put_shard(shard, state.chunks)  # type: ignore[arg-type]
             with log_guard:
                 result.bytes_written += sum(sizes.values())
                 result.positions_written += (shard.stop - shard.start) * (seq_len - 1)
@@ -703,7 +703,7 @@ def _score(writer: CacheWriter, plan: Plan, shards: list[Shard], teacher: Any, s
             if line and progress:
                 tqdm.write(line)
             record = ShardRecord(shard.key, shard.stop - shard.start, math.fsum(state.nll), sum(state.positions), math.fsum(state.mass), sizes,
-                                 sorted(state.nonfinite))
+                                 sorted(state.nonfinite), hashes)
             with log_guard:
                 log.append(record)
             with guard:

@@ -35,7 +35,7 @@ from .meta import (
     CHAT, FORMAT_VERSION, SAMPLED_FORMAT_VERSION, SPLITS, STATE_BUILDING, STATE_COMPLETE, STATE_INITIALIZING, CacheMeta, DomainInfo, PPLEntry,
 )
 from .objects import Objects, is_url
-from .shards import ArraySpec, RowArray, RowReader, damaged, read_zarr_json
+from .shards import TRAILER, ArraySpec, RowArray, RowReader, damaged, read_zarr_json
 from .targets import TargetSpec
 
 ROOT_ATTR = "ddk_cache"
@@ -136,7 +136,7 @@ class _CacheNode:
         self.path = str(path)
         self.objects = objects or Objects.open(self.path)
         self.meta = read_root_meta(self.path, self.objects)
-        self.reader = RowReader(self.objects)
+        self.reader = RowReader(self.objects, build_id=self.meta.build_id)
         self._arrays: dict[tuple[str, str, str], RowArray] = {}
 
     @property
@@ -328,6 +328,7 @@ class CacheWriter(_CacheNode):
         objects = Objects.open(path)
         meta.format_version, meta.state = FORMAT_VERSION, STATE_INITIALIZING
         meta.created_at = meta.created_at or now()
+        meta.shard_identity = True
         created = objects.put_if_absent("zarr.json", group_json({ROOT_ATTR: meta.to_dict()}))
         objects.put_if_absent(f"{BUILD_DIR}/zarr.json", group_json({"ddk_cache_build_state": "logs and staged tokens; see storage_layout.md"}))
         return read_root_meta(path, objects), created
@@ -362,6 +363,9 @@ class CacheWriter(_CacheNode):
                 self.objects.put_if_absent(f"{domain}/{split}/zarr.json", group_json())
                 group = zarr.open_group(store=self.path, path=f"{domain}/{split}", mode="r+")
                 n = domains[domain].split(split).sequences
+                # A split smaller than a shard gets shards of its size: every shard object holds
+                # an index slot per row of its shard, which would dwarf a small split's rows.
+                shard_rows = meta.shard_rows(n)
                 for name, spec in self.array_specs(domain).items():
                     shape = (n, *spec.row_shape)
                     existing = read_zarr_json(self.objects, f"{domain}/{split}/{name}")
@@ -370,7 +374,7 @@ class CacheWriter(_CacheNode):
                             raise StoreError(f"{self.path}: {domain}/{split}/{name} has shape {tuple(existing['shape'])}, this build needs {shape}")
                         continue
                     try:
-                        group.create_array(name, shape=shape, dtype=spec.dtype, chunks=(1, *spec.row_shape), shards=(S, *spec.row_shape),
+                        group.create_array(name, shape=shape, dtype=spec.dtype, chunks=(1, *spec.row_shape), shards=(shard_rows, *spec.row_shape),
                                            compressors=spec.codecs(), fill_value=0, dimension_names=("sequence", *spec.dims))
                     except zarr.errors.ContainsArrayError:
                         pass  # a concurrent worker made it a moment ago
@@ -380,15 +384,19 @@ class CacheWriter(_CacheNode):
             meta.format_version = SAMPLED_FORMAT_VERSION  # see meta.SAMPLED_FORMAT_VERSION
         self.write_meta(meta)
 
-    def put_shard(self, shard: Shard, chunks: dict[str, list[bytes]]) -> dict[str, int]:
-        """Write one shard's objects (inner chunks per array, in row order); their sizes."""
-        sizes = {}
+    def put_shard(self, shard: Shard, chunks: dict[str, list[bytes]]) -> tuple[dict[str, int], dict[str, str]]:
+        """Write one shard's objects (inner chunks per array, in row order); their sizes and
+        content hashes (of the chunk bytes, as their identity trailers record them)."""
+        sizes, hashes = {}, {}
+        build_id = self.meta.build_id
         for name, rows in chunks.items():
             array = self.array(shard.domain, shard.split, name)
-            blob = array.assemble(shard.index, rows)
+            blob = array.assemble(shard.index, rows, build_id)
             self.objects.put(array.object_key(shard.index), blob)
             sizes[name] = len(blob)
-        return sizes
+            if build_id is not None:
+                hashes[name] = RowArray.content_hash(blob[len(blob) - array.index_bytes() - TRAILER:][:TRAILER])
+        return sizes, hashes
 
     def log_writer(self, worker: tuple[int, int]) -> LogWriter:
         return LogWriter(self.objects, worker)

@@ -35,11 +35,15 @@ class ShardRecord:
     # Rows (indices within the shard) whose teacher output was not finite, kept with
     # `--on-nonfinite skip`: they hold label-only targets and are not in the sums.
     nonfinite: list[int] = field(default_factory=list)
+    # blake2b-128 (hex) of each object's chunk bytes, as its identity trailer records them
+    # (caches built since ddk-cache 0.3; `verify` recomputes them).
+    hashes: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         body = asdict(self)
-        if not self.nonfinite:  # absent when empty: records stay as older versions wrote them
-            del body["nonfinite"]
+        for key in ("nonfinite", "hashes"):  # absent when empty: records stay as older versions wrote them
+            if not body[key]:
+                del body[key]
         return json.dumps(body, separators=(",", ":"))
 
 

@@ -103,11 +103,27 @@ class CacheMeta:
     # "none"; None for caches built before the rule was recorded (their rows start as the
     # stream falls, as "none").
     row_start: str | None = None
+    # Shard objects carry an identity trailer (build id, place, content hash; storage_layout.md,
+    # "Row arrays and shard objects"), checked by every reader: caches built since ddk-cache 0.3.
+    shard_identity: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they are
 
     @property
     def complete(self) -> bool:
         return self.state == STATE_COMPLETE
+
+    def shard_rows(self, n: int) -> int:
+        """Rows per shard object of a split of `n` sequences: `shard_sequences`, or the split's
+        size when smaller (caches since ddk-cache 0.3: a shard's index has a slot per row)."""
+        return max(1, min(self.shard_sequences, n)) if self.shard_identity else self.shard_sequences
+
+    @property
+    def build_id(self) -> bytes | None:
+        """The 16 bytes of the build fingerprint every shard object's trailer names (None:
+        a cache written before objects carried one)."""
+        if not self.shard_identity or not self.build_fingerprint.startswith("sha256:"):
+            return None
+        return bytes.fromhex(self.build_fingerprint[7:39])
 
     def describe_row_start(self) -> str:
         """One line for `inspect`: what each row begins with."""
@@ -140,6 +156,8 @@ class CacheMeta:
             d["completed_at"] = self.completed_at
         if self.row_start is not None:
             d["row_start"] = self.row_start
+        if self.shard_identity:
+            d["shard_identity"] = 1
         if self.teacher_ppl is not None:
             d["teacher_ppl"] = {dom: {s: dataclasses.asdict(e) for s, e in by.items()} for dom, by in self.teacher_ppl.items()}
         return d
@@ -168,7 +186,7 @@ class CacheMeta:
             corpus=d.get("corpus", {}), build_args=d.get("build_args", {}), build_fingerprint=d.get("build_fingerprint", ""),
             teacher_ppl={dom: {s: PPLEntry.from_dict(e) for s, e in by.items()} for dom, by in table.items()} if table else None,
             tool_version=d.get("tool_version", ""), created_at=d.get("created_at", ""), completed_at=d.get("completed_at"),
-            row_start=d.get("row_start"),
+            row_start=d.get("row_start"), shard_identity=bool(d.get("shard_identity", 0)),
             extra={k: v for k, v in d.items() if k not in known},
         )
 

@@ -20,6 +20,7 @@ of those bytes; (2^64-1, 2^64-1) marks a slot never written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections import OrderedDict
@@ -33,6 +34,19 @@ from ..errors import StoreError
 from .objects import Objects
 
 EMPTY = 2**64 - 1  # offset and nbytes of an inner chunk that was never written
+# Identity trailer between a shard object's chunks and its index (Zarr ignores bytes no index
+# entry points at): magic, the build's id, a hash of the object's place (array path and
+# shard index), a hash of its chunk bytes. A reader checks it with the index (one read).
+TRAILER = 64
+TRAILER_MAGIC = b"DDKS"
+
+
+def identity_trailer(build_id: bytes, path: str, shard: int, body: bytes) -> bytes:
+    """The 64-byte trailer of the shard object `shard` of array `path` (storage_layout.md,
+    "Row arrays and shard objects"): magic, build id (16 bytes), place (8), content (16), zeros."""
+    place = hashlib.blake2b(f"{path}#{shard}".encode(), digest_size=8).digest()
+    content = hashlib.blake2b(body, digest_size=16).digest()
+    return (TRAILER_MAGIC + build_id[:16].ljust(16, b"\0") + place + content).ljust(TRAILER, b"\0")
 COMPRESSORS = ("blosc", "zstd")
 _CRC = CRC32C(location="end")
 
@@ -135,8 +149,9 @@ class RowArray:
             data = arr.tobytes()
         return bytes(_CRC.encode(data))
 
-    def assemble(self, shard: int, chunks: list[bytes]) -> bytes:
-        """The shard object of `shard` from its rows' inner chunks (in row order)."""
+    def assemble(self, shard: int, chunks: list[bytes], build_id: bytes | None = None) -> bytes:
+        """The shard object of `shard` from its rows' inner chunks (in row order); with a
+        `build_id`, the identity trailer between the chunks and the index."""
         start, stop = self.shard_range(shard)
         if len(chunks) != stop - start:
             raise ValueError(f"{self.path} shard {shard}: {len(chunks)} rows, expected {stop - start}")
@@ -145,7 +160,54 @@ class RowArray:
         for i, chunk in enumerate(chunks):
             index[i] = (offset, len(chunk))
             offset += len(chunk)
-        return b"".join(chunks) + bytes(_CRC.encode(index.tobytes()))
+        body = b"".join(chunks)
+        trailer = identity_trailer(build_id, self.path, shard, body) if build_id is not None else b""
+        return body + trailer + bytes(_CRC.encode(index.tobytes()))
+
+    def check_trailer(self, trailer: bytes, shard: int, build_id: bytes, where: str) -> None:
+        """StoreError unless `trailer` says this object is shard `shard` of this array, written
+        by the build `build_id` (an object swapped in from another place or build)."""
+        if len(trailer) != TRAILER or trailer[:4] != TRAILER_MAGIC:
+            raise damaged(f"{where} has no identity trailer (written by another tool, or not this cache's object)")
+        if trailer[4:20] != build_id[:16].ljust(16, b"\0"):
+            raise damaged(f"{where} was written by another build of a cache (its build id differs from this cache's)")
+        if trailer[20:28] != hashlib.blake2b(f"{self.path}#{shard}".encode(), digest_size=8).digest():
+            raise damaged(f"{where} holds another shard's rows (its identity is not {self.path} shard {shard})")
+
+    def open_object(self, blob: bytes, shard: int, build_id: bytes | None, where: str) -> tuple[list[bytes], str | None]:
+        """A whole shard object -> (its rows' decoded payloads, the hash of its chunk bytes or
+        None without a trailer), after checking its index, its identity trailer (with a
+        `build_id`) and that the chunks hash to what the trailer records (`verify`)."""
+        tail = TRAILER if build_id is not None else 0
+        if len(blob) < tail + self.index_bytes():
+            raise damaged(f"{where} is truncated")
+        try:
+            index = np.frombuffer(_CRC.decode(blob[len(blob) - self.index_bytes():]), "<u8").reshape(-1, 2)
+        except RuntimeError:
+            raise damaged(f"{where}: shard index checksum mismatch") from None
+        body_end = len(blob) - self.index_bytes() - tail
+        digest = None
+        if build_id is not None:
+            trailer = blob[body_end: body_end + TRAILER]
+            self.check_trailer(trailer, shard, build_id, where)
+            digest = hashlib.blake2b(blob[:body_end], digest_size=16).hexdigest()
+            if digest != self.content_hash(trailer):
+                raise damaged(f"{where}: its chunks do not hash to what its trailer records (changed after it was written)")
+        start, stop = self.shard_range(shard)
+        rows = []
+        for slot in range(stop - start):
+            off, size = int(index[slot, 0]), int(index[slot, 1])
+            if off == EMPTY:
+                raise damaged(f"{where}: row {start + slot} was never written")
+            if off + size > body_end:
+                raise damaged(f"{where} is truncated")
+            rows.append(self.decode_chunk(blob[off: off + size], f"{where} row {start + slot}"))
+        return rows, digest
+
+    @staticmethod
+    def content_hash(trailer: bytes) -> str:
+        """The hex hash of the chunk bytes the trailer records."""
+        return trailer[28:44].hex()
 
     # ------------------------------------------------------------------ reading
     def index_bytes(self) -> int:
@@ -183,8 +245,9 @@ class RowReader:
     The index cache is bounded (`index_cache_bytes`), so a reader over a cache of any size
     holds the same memory; a shard whose index was dropped costs one more small read."""
 
-    def __init__(self, objects: Objects, index_cache_bytes: int = 64 << 20) -> None:
+    def __init__(self, objects: Objects, index_cache_bytes: int = 64 << 20, build_id: bytes | None = None) -> None:
         self.objects = objects
+        self.build_id = build_id  # objects carry identity trailers: each is checked with its index
         self._indexes: OrderedDict[str, np.ndarray] = OrderedDict()
         self._budget = index_cache_bytes
         self._held = 0
@@ -197,7 +260,14 @@ class RowReader:
             if found is not None:
                 self._indexes.move_to_end(key)
                 return found
-        index = array.parse_index(self.objects.get_range(key, -array.index_bytes(), None), key, self.objects)
+        if self.build_id is None:
+            index = array.parse_index(self.objects.get_range(key, -array.index_bytes(), None), key, self.objects)
+        else:
+            raw = self.objects.get_range(key, -(TRAILER + array.index_bytes()), None)
+            if raw is not None and len(raw) < TRAILER + array.index_bytes():
+                raise damaged(f"{self.objects.describe(key)} is truncated")
+            index = array.parse_index(None if raw is None else raw[TRAILER:], key, self.objects)
+            array.check_trailer(bytes(raw[:TRAILER]), shard, self.build_id, self.objects.describe(key))
         with self._guard:
             self._indexes[key] = index
             self._held += index.nbytes

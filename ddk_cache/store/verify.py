@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import StoreError
 from .cache import LOSS_MASK, SAMPLE_LOGPROB, SPLITS, STATE_COMPLETE, TOKENS, Cache, Shard
 from .log import ShardRecord
+from .shards import damaged
 
 # pack-v2 stores a kept target's log-prob as a reference to its quantised entry: the
 # recomputed NLL may differ from the exact one by the quantisation (nats per position).
@@ -81,9 +82,9 @@ def verify_cache(path: str, progress: Callable[[Iterator], Iterator] = iter) -> 
                     ok = False
                     continue
                 n = cache.num_sequences(domain, split)
-                if array.n_rows != n or array.shard_rows != meta.shard_sequences:
+                if array.n_rows != n or array.shard_rows != meta.shard_rows(n):
                     problems.append(Problem(f"{domain}/{split}/{name}", f"{array.n_rows} rows in shards of {array.shard_rows}, "
-                                            f"expected {n} in shards of {meta.shard_sequences}"))
+                                            f"expected {n} in shards of {meta.shard_rows(n)}"))
                     ok = False
             arrays_ok[(domain, split)] = ok
     sums: dict[tuple[str, str], list[ShardRecord]] = {}
@@ -124,8 +125,17 @@ def _check_shard(cache: Cache, shard: Shard, stored: dict[str, int], record: Sha
         if key not in stored:
             problems.append(Problem(key, "object is missing"))
             continue
+        if record is not None and name in record.objects and stored[key] != record.objects[name]:
+            problems.append(Problem(key, f"has {stored[key]:,} bytes; the build log recorded {record.objects[name]:,} "
+                                         "(replaced or changed after it was written)"))
+            continue
         try:
-            raw[name] = cache.reader.raw_rows(array, rows)
+            blob = cache.objects.get(key)
+            if blob is None:
+                raise damaged(f"{cache.objects.describe(key)} is missing")
+            raw[name], digest = array.open_object(blob, shard.index, cache.meta.build_id, cache.objects.describe(key))
+            if record is not None and digest is not None and record.hashes.get(name) not in (None, digest):
+                problems.append(Problem(key, "its content hash differs from the build log's record (replaced after it was written)"))
         except StoreError as e:
             problems.append(Problem(key, f"does not decode ({_reason(e)})"))
     if len(problems) > before:
