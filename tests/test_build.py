@@ -268,3 +268,23 @@ def test_capped_build_sizes_validation_from_the_cap(tmp_path, teacher_dir, corpu
 def test_cap_too_small_says_raise_the_cap(tmp_path, teacher_dir, corpus_dir):
     with pytest.raises(Exception, match=r"domain 'alpha' keeps 40 tokens; it needs at least 64 .*raise --max-tokens-per-domain"):
         build(small_config(teacher_dir, corpus_dir, tmp_path / "c.zarr", max_tokens_per_domain=40), progress=False)
+
+
+def test_resume_with_weights_changed_in_place_is_refused(tmp_path, teacher_dir, corpus_dir):
+    """Weights rewritten between a kill and a resume, same file size: the whole-file hash sees
+    it (the old fingerprint hashed only the first and last 64 KiB) and names the file."""
+    import shutil
+
+    from .helpers import partial_cache
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, teacher)
+    out = partial_cache(teacher, corpus_dir, tmp_path / "c.zarr", shards=2)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    size = (teacher / "model.safetensors").stat().st_size
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # a tensor in the middle of the file
+    model.save_pretrained(teacher)
+    assert (teacher / "model.safetensors").stat().st_size == size
+    with pytest.raises(StoreError, match=r"the teacher differs \(cache: .*: weights changed \(model.safetensors\)\)"):
+        build(small_config(teacher, corpus_dir, out), progress=False)

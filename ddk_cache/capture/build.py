@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 import zlib
+from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -50,7 +51,7 @@ from .packing import (
     PLAN_KEY, Candidates, Gatherer, PackingConfig, Plan, done_pieces, make_plan, read_index, tokenize_piece, write_summary,
 )
 from .teachers import BACKENDS, Teacher, load_teacher, resolve_backend
-from .teachers.base import EngineStats, Job, model_fingerprint, resolve_dtype
+from .teachers.base import EngineStats, Job, model_fingerprint, resolve_dtype, weight_digests
 from .tokenization import document_tokenizer, load_tokenizer, resolve_row_start, tokenizer_info
 
 ENCODINGS = ("pack", "pack-v2", "plain")
@@ -263,7 +264,11 @@ def _mismatch(existing: CacheMeta, config: BuildConfig, fps: dict[str, Any]) -> 
     if existing.corpus.get("layout") != fps["corpus"]:
         diffs.append("the corpus files differ (names or sizes)")
     if existing.teacher.get("fingerprint") != fps["teacher"]:
-        diffs.append(f"the teacher differs (cache: {existing.teacher.get('name_or_path')})")
+        before = existing.teacher.get("weights") or {}
+        now = weight_digests(Path(config.teacher)) if before and Path(config.teacher).is_dir() else {}
+        changed = sorted(f for f in set(before) | set(now) if before.get(f) != now.get(f))
+        what = f": weights changed ({', '.join(changed[:4])})" if changed else ""
+        diffs.append(f"the teacher differs (cache: {existing.teacher.get('name_or_path')}{what})")
     if existing.tokenizer.get("fingerprint") != fps["tokenizer"]:
         diffs.append("the tokenizer differs")
     if existing.teacher.get("backend") != fps["backend"]:

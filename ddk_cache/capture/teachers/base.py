@@ -134,10 +134,13 @@ class Teacher(ABC):
     def _info(self, *, name_or_path: str, revision: str | None, architecture: str, num_parameters: int | None,
               dtype: str, backend_version: str, max_context: int | None) -> dict[str, Any]:
         """The root metadata's `teacher` object: its keys are named here only (storage_layout.md)."""
+        local = Path(name_or_path)
         return {
-            "name_or_path": name_or_path,
+            # A local directory by its absolute path: `inspect --fidelity` finds it from anywhere.
+            "name_or_path": str(local.resolve()) if local.is_dir() else name_or_path,
             "revision": revision,
             "fingerprint": model_fingerprint(name_or_path, revision),
+            "weights": weight_digests(Path(name_or_path)) if Path(name_or_path).is_dir() else {},
             "architecture": architecture,
             "num_parameters": num_parameters,
             "dtype": dtype,
@@ -186,12 +189,35 @@ class Timer:
         self.seconds += time.perf_counter() - self._t0
 
 
-def model_fingerprint(name_or_path: str, revision: str | None) -> str:
-    """Identify a model's weights cheaply, to refuse resuming a cache with another teacher.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> sha256: one hash per file per process
 
-    A local directory: sha256 over config.json and, per weight file, its name, size and
-    first and last 64 KiB (retraining changes those bytes; hashing many GB would not be
-    cheap). A hub id: the id and the resolved commit.
+
+def weight_digests(path: Path) -> dict[str, str]:
+    """sha256 of every weight file of a local model directory, by file name: the whole file,
+    streamed (README: the cost per GB), or, for a file that links to a Hugging Face hub blob,
+    the blob's own name (the hub names blobs by their sha256: free)."""
+    out = {}
+    for w in sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+        target = w.resolve()
+        if w.is_symlink() and len(target.name) == 64 and all(c in "0123456789abcdef" for c in target.name):
+            out[w.name] = target.name
+            continue
+        st = target.stat()
+        key = (str(target), st.st_size, st.st_mtime_ns, st.st_ino)
+        if key not in _DIGESTS:
+            with open(target, "rb") as f:
+                _DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()
+        out[w.name] = _DIGESTS[key]
+    return out
+
+
+def model_fingerprint(name_or_path: str, revision: str | None) -> str:
+    """Identify a model's weights, to refuse resuming a cache with another teacher.
+
+    A local directory: sha256 over config.json and every weight file's name and sha256 (of
+    the whole file: weights changed in place, same size, are a different teacher). A hub
+    id: the id and the resolved commit.
     """
     path = Path(name_or_path)
     h = hashlib.sha256()
@@ -201,12 +227,6 @@ def model_fingerprint(name_or_path: str, revision: str | None) -> str:
     config = path / "config.json"
     if config.is_file():
         h.update(config.read_bytes())
-    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
-    for w in weights:
-        size = w.stat().st_size
-        h.update(f"{w.name}:{size}".encode())
-        with open(w, "rb") as f:
-            h.update(f.read(1 << 16))
-            f.seek(max(0, size - (1 << 16)))
-            h.update(f.read(1 << 16))
+    for name, digest in weight_digests(path).items():
+        h.update(f"{name}:{digest}".encode())
     return "sha256:" + h.hexdigest()
