@@ -47,6 +47,11 @@ def build(config_file: str | None, finalize_only: bool, quiet: bool, **options: 
     result = run_build(cfg, progress=not quiet)
     meta = result.meta
     out = cfg.out
+    if result.unread:
+        from ddk_cache.capture.corpus import DOCUMENT_SUFFIXES
+
+        shown = ", ".join(result.unread[:5]) + (", ..." if len(result.unread) > 5 else "")
+        click.echo(f"warning: {len(result.unread)} file(s) in the corpus are not read (not {', '.join(DOCUMENT_SUFFIXES)}): {shown}", err=True)
     if result.already_complete:
         click.echo(f"{out} is already complete ({len(meta.domains)} domains); nothing to do.")
         return

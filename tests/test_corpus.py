@@ -170,3 +170,60 @@ def test_domain_without_documents_fails_the_build(tmp_path, teacher_dir):
     with pytest.raises(CorpusError, match="domain 'empty' has no documents"):
         build(small_config(teacher_dir, corpus, tmp_path / "c.zarr"), progress=False)
     assert not (tmp_path / "c.zarr").exists()
+
+
+def _docs(domain) -> list[str]:
+    return list(iter_documents(domain))
+
+
+def test_zstd_jsonl_is_read_like_plain_jsonl(tmp_path):
+    """A folder of .jsonl.zst used to vanish as a domain without a word."""
+    import json
+
+    import zstandard
+
+    lines = "".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(50)).encode()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "a.jsonl").write_bytes(lines)
+    (tmp_path / "zst").mkdir()
+    (tmp_path / "zst" / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress(lines))
+    domains = {d.name: d for d in discover_domains(tmp_path)}
+    assert set(domains) == {"plain", "zst"}
+    assert _docs(domains["zst"]) == _docs(domains["plain"])
+
+
+def test_files_not_read_are_reported_and_hidden_entries_skipped_at_every_depth(tmp_path, teacher_dir):
+    from ddk_cache.capture.build import build
+
+    from .helpers import make_docs, small_config
+
+    import json
+
+    web = tmp_path / "web"
+    (web / ".ipynb_checkpoints").mkdir(parents=True)
+    web_docs = [json.dumps({"text": t}) + "\n" for t in make_docs("alpha", 40)]
+    (web / "a.jsonl").write_text("".join(web_docs))
+    (web / ".ipynb_checkpoints" / "a-checkpoint.jsonl").write_text('{"text": "a stale copy, must not be read"}\n')
+    (web / "notes.md").write_text("not a corpus file")
+    (tmp_path / "extra.json").write_text("{}")
+    (tmp_path / "code.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in make_docs("beta", 40)))
+    domains = {d.name: d for d in discover_domains(tmp_path)}
+    assert [p.name for p in domains["web"].files] == ["a.jsonl"]  # the hidden checkpoint copy is not a document
+    result = build(small_config(teacher_dir, tmp_path, tmp_path / "out" / "c.zarr"), progress=False)
+    assert sorted(result.unread) == sorted([str(tmp_path / "extra.json"), str(web / "notes.md")])
+    assert result.meta.corpus["unread_count"] == 2
+
+
+def test_a_file_claimed_by_two_domains_is_refused(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "spec.yaml").write_text("domains:\n  one: raw/*.jsonl\n  two: raw/a.*\n")
+    with pytest.raises(CorpusError, match=r"a.jsonl is matched by the globs of two domains \('one' and 'two'\)"):
+        discover_domains(tmp_path / "spec.yaml")
+
+
+def test_corrupt_gzip_body_is_one_line(tmp_path):
+    good = gzip.compress(b'{"text": "hello"}\n' * 2000)
+    (tmp_path / "d.jsonl.gz").write_bytes(good[:40] + bytes(200) + good[240:])
+    with pytest.raises(CorpusError, match=r"d.jsonl.gz: cannot read: .*damaged or truncated"):
+        _docs(discover_domains(tmp_path)[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import numpy as np
@@ -337,3 +338,87 @@ def test_loader_accepts_float32_weights_and_refuses_bad_ones(built_cache):
     loader.close()
     with pytest.raises(ValueError, match="mixing weights must be finite"):
         CacheLoader(cache, batch_size=2, weights=np.zeros(3), seed=0)
+
+
+def test_out_that_is_not_an_unfinished_run_of_this_config_is_refused(tmp_path, built_cache, student_small, corpus_dir):
+    """--out used to overwrite a finished run's final/ and metrics, a student's config.json, or
+    write into the cache; a file or a read-only directory gave tracebacks."""
+    import os
+
+    from ddk_cache.errors import ConfigError
+
+    done = tmp_path / "done"
+    distill(distill_config(built_cache, student_small, done, max_steps=2, save_every=100), progress=False)
+    before = (done / "final" / "model.safetensors").read_bytes()
+    cases = {
+        done: "holds a finished run",
+        Path(student_small): "is the student",
+        Path(built_cache): "is the cache",
+        Path(corpus_dir): "holds files that are not a ddk-cache run",
+    }
+    (tmp_path / "afile").write_text("x")
+    cases[tmp_path / "afile"] = "is a file"
+    for out, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            distill(distill_config(built_cache, student_small, out, max_steps=2), progress=False)
+    assert (done / "final" / "model.safetensors").read_bytes() == before
+    assert (Path(student_small) / "config.json").exists()
+    # The start of a run (no checkpoint yet) with other settings: refused, naming them.
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "config.json").write_text(json.dumps({**json.loads((done / "config.json").read_text()), "lr": 0.5}))
+    with pytest.raises(ConfigError, match="holds the start of a run with other settings .*--lr"):
+        distill(distill_config(built_cache, student_small, started, max_steps=2), progress=False)
+    # Read-only: one line through the CLI.
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores permissions: nothing to show here
+            return
+        result = CliRunner().invoke(main, ["distill", "--cache", str(built_cache), "--student", str(student_small), "--out", str(ro / "run"),
+                                           "--max-steps", "1", "--device", "cpu", "--quiet"])
+        assert result.exit_code == 1 and "is not writable" in result.output and "Traceback" not in result.output
+    finally:
+        os.chmod(ro, 0o700)
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "truncated state.json", "missing .metadata"])
+def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(tmp_path, built_cache, student_small, monkeypatch, capsys, damage):
+    """8 flipped bytes in a .distcp used to resume with rc 0 and different weights; a truncated
+    state.json or a missing .metadata gave raw tracebacks. Now: the one before, one line, and
+    the run ends exactly as an uninterrupted one."""
+    import ddk_cache.train.checkpoint as mod
+
+    common = dict(max_steps=6, save_every=2, ddk_interval=2, keep_checkpoints=3)
+    straight = distill(distill_config(built_cache, student_small, tmp_path / "a", **common), progress=False)
+    real_save = mod.save
+    saved = []
+
+    def save_and_stop_at_4(*args, **kwargs):
+        out = real_save(*args, **kwargs)
+        saved.append(out)
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(mod, "save", save_and_stop_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        distill(distill_config(built_cache, student_small, tmp_path / "b", **common), progress=False)
+    monkeypatch.setattr(mod, "save", real_save)
+    newest = saved[-1]
+    if damage == "flipped bytes":
+        shard = next((newest / "dcp").glob("*.distcp"))
+        raw = bytearray(shard.read_bytes())
+        raw[len(raw) // 2: len(raw) // 2 + 8] = bytes(b ^ 0xFF for b in raw[len(raw) // 2: len(raw) // 2 + 8])
+        shard.write_bytes(bytes(raw))
+    elif damage == "truncated state.json":
+        state = newest / "state.json"
+        state.write_text(state.read_text()[:50])
+    else:
+        (newest / "dcp" / ".metadata").unlink()
+    capsys.readouterr()
+    resumed = distill(distill_config(built_cache, student_small, tmp_path / "b", resume=True, **common), progress=False)
+    out = capsys.readouterr()
+    assert f"checkpoint {newest.name} is damaged" in out.out + out.err
+    assert resumed.losses == straight.losses[2:]  # from step 2, exactly

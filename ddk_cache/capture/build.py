@@ -46,7 +46,7 @@ from ..store.log import ShardRecord
 from ..store.meta import CHAT, CacheMeta
 from ..store.objects import DiskFull, Objects, is_disk_full, is_url
 from ..store.targets import DEFAULT_SAMPLE_POOL, TargetSpec
-from .corpus import DomainSource, Piece, corpus_layout, discover_domains, plan_pieces
+from .corpus import DomainSource, Piece, corpus_layout, discover_domains, plan_pieces, unread_files
 from .packing import (
     PLAN_KEY, Candidates, Gatherer, PackingConfig, Plan, done_pieces, make_plan, read_index, tokenize_piece, write_summary,
 )
@@ -180,6 +180,7 @@ class BuildResult:
     pending_elsewhere: int = 0  # shards other workers still have to write
     chat_no_loss: dict[str, int] = field(default_factory=dict)  # per domain: chat samples left out (no loss within seq-len)
     chat_cut: dict[str, int] = field(default_factory=dict)  # per domain: chat samples longer than seq-len (their ends lost)
+    unread: list[str] = field(default_factory=list)  # corpus files not read (not a corpus format)
     bytes_written: int = 0  # of the shard objects this worker wrote
     positions_written: int = 0
 
@@ -364,6 +365,7 @@ def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teac
     phases: dict[str, float] = {}
     mark = time.perf_counter()
     result = BuildResult(meta=existing, worker=tuple(worker), phase_seconds=phases)  # type: ignore[arg-type]
+    result.unread = [str(p) for p in unread_files(domains)]
     with ExitStack() as stack:
         own_teacher = teacher is None
         if config.tokens_only:
@@ -398,11 +400,13 @@ def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teac
 
         if existing is None:
             files = [{"domain": s.name, **stat} for s in domains for stat in s.stats()]
+            unread = [str(p) for p in unread_files(domains)]
             meta = CacheMeta(
                 format_version=0, state=STATE_INITIALIZING, encoding=encoding, targets=spec, seq_len=config.seq_len,
                 shard_sequences=config.shard_sequences, vocab_size=vocab, top_k=spec.entries,
                 teacher=teacher.info() if not config.tokens_only else {"name_or_path": tok_source, "backend": "none", "fingerprint": ""},
-                tokenizer=tokenizer_info(tok), corpus={"path": config.data if is_url(config.data) else os.path.abspath(config.data), "layout": layout, "files": files},
+                tokenizer=tokenizer_info(tok), corpus={"path": config.data if is_url(config.data) else os.path.abspath(config.data), "layout": layout, "files": files,
+                        **({"unread": unread[:100], "unread_count": len(unread)} if unread else {})},
                 build_args={k: v for k, v in config.to_dict().items() if k not in ("num_shards", "shard_index")},
                 build_fingerprint=fingerprint, row_start=row_start,
             )

@@ -28,6 +28,7 @@ import math
 import os
 import re
 import tomllib
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,7 +38,8 @@ import yaml
 from ..errors import CorpusError
 
 # Suffixes a domain file may have, longest first so `.jsonl.gz` wins over `.gz`.
-DOCUMENT_SUFFIXES = (".jsonl.gz", ".jsonl", ".txt", ".parquet")
+DOCUMENT_SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".txt", ".parquet")
+COMPRESSED = (".jsonl.gz", ".jsonl.zst")  # read as streams: one piece per file
 SPEC_SUFFIXES = (".yaml", ".yml", ".toml")
 # Domain names become Zarr group names: keep them portable across file systems and object stores.
 DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -53,6 +55,7 @@ class DomainSource:
     name: str
     files: tuple[Path, ...]
     root: Path | None = None  # file names in shuffle keys and metadata are relative to it
+    unread: tuple[Path, ...] = ()  # files in the domain's folder that are not a corpus format (reported, not read)
 
     def relative(self, path: Path) -> str:
         try:
@@ -113,8 +116,15 @@ def _check_name(name: str, origin: Path) -> str:
     return name
 
 
-def _files_under(folder: Path) -> tuple[Path, ...]:
-    return tuple(sorted(p for p in folder.rglob("*") if p.is_file() and _suffix(p)))
+def _hidden(path: Path, root: Path) -> bool:
+    """A hidden entry at any depth below `root` (.git, .ipynb_checkpoints, .DS_Store...)."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _files_under(folder: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """(corpus files, other files) under a domain folder, sorted; hidden entries at every depth are skipped."""
+    found = [p for p in folder.rglob("*") if p.is_file() and not _hidden(p, folder)]
+    return tuple(sorted(p for p in found if _suffix(p))), tuple(sorted(p for p in found if not _suffix(p)))
 
 
 def discover_domains(data: str | Path) -> list[DomainSource]:
@@ -134,30 +144,43 @@ def discover_domains(data: str | Path) -> list[DomainSource]:
         return _domains_from_spec(path)
 
     domains: dict[str, DomainSource] = {}
+    unread: list[Path] = []
     for entry in sorted(path.iterdir()):
         if entry.name.startswith("."):
             continue
+        other: tuple[Path, ...] = ()
         if entry.is_dir():
-            files = _files_under(entry)
+            files, other = _files_under(entry)
             if not files:
+                unread.extend(other)
                 continue
             name = _check_name(entry.name, entry)
         elif _suffix(entry):
             files = (entry,)
             name = _check_name(_stem(entry), entry)
         else:
+            unread.append(entry)
             continue
         if name in domains:
             raise CorpusError(
                 f"{path}: domain {name!r} is defined twice ({domains[name].files[0]} and {files[0]}); rename one"
             )
-        domains[name] = DomainSource(name, files, path)
+        domains[name] = DomainSource(name, files, path, other)
     if not domains:
         raise CorpusError(
             f"{path} holds no corpus files: expected one domain per {', '.join(DOCUMENT_SUFFIXES)} file "
             "or per sub-folder of such files"
+            + (f" (found {len(unread)} other file(s), e.g. {unread[0].name})" if unread else "")
         )
-    return [domains[n] for n in sorted(domains)]
+    out = [domains[n] for n in sorted(domains)]
+    if unread:  # top-level files that are no domain: reported with the first domain (build prints them)
+        out[0] = DomainSource(out[0].name, out[0].files, out[0].root, out[0].unread + tuple(unread))
+    return out
+
+
+def unread_files(domains: list[DomainSource]) -> list[Path]:
+    """Files in the corpus folders that are not read (not a corpus format), for the build's report."""
+    return sorted({p for d in domains for p in d.unread})
 
 
 def _domains_from_spec(spec: Path) -> list[DomainSource]:
@@ -170,6 +193,7 @@ def _domains_from_spec(spec: Path) -> list[DomainSource]:
     if not isinstance(mapping, dict) or not mapping:
         raise CorpusError(f"{spec}: expected a mapping 'domains: {{name: [glob, ...]}}' with at least one domain")
     domains = []
+    claimed: dict[Path, str] = {}
     for name, globs in sorted(mapping.items()):
         _check_name(str(name), spec)
         globs = [globs] if isinstance(globs, str) else globs
@@ -182,10 +206,20 @@ def _domains_from_spec(spec: Path) -> list[DomainSource]:
             matched = [Path(p) for p in glob.glob(full, recursive=True) if Path(p).is_file()]
             if not matched:
                 raise CorpusError(f"{spec}: glob {pattern!r} of domain {name!r} matches no file")
+            literal = Path(*[part for part in Path(full).parts[: next((i for i, part in enumerate(Path(full).parts)
+                                                                        if any(c in part for c in "*?[")), len(Path(full).parts))]])
             for p in matched:
+                if _hidden(p, literal):
+                    continue  # hidden entries the glob walked into (.git, .ipynb_checkpoints...) are never read
                 if not _suffix(p):
                     raise CorpusError(f"{spec}: {p} (domain {name!r}) is not a {', '.join(DOCUMENT_SUFFIXES)} file")
+                owner = claimed.setdefault(p.resolve(), str(name))
+                if owner != str(name):
+                    raise CorpusError(f"{spec}: {p} is matched by the globs of two domains ({owner!r} and {name!r}); "
+                                      "a document can be in one domain only: narrow one glob")
                 files.add(p)
+            if not files:
+                raise CorpusError(f"{spec}: glob {pattern!r} of domain {name!r} matches only hidden files")
         domains.append(DomainSource(str(name), tuple(sorted(files)), spec.parent))
     return domains
 
@@ -216,7 +250,7 @@ def plan_pieces(source: DomainSource, piece_bytes: int) -> list[Piece]:
 
     for i, path in enumerate(source.files):
         suffix = _suffix(path)
-        if suffix == ".jsonl.gz":
+        if suffix in COMPRESSED:
             emit()
             current, fill = [(i, 0, None)], 4 * path.stat().st_size  # compressed: about 4x the text
             emit()
@@ -253,7 +287,7 @@ def read_segment(source: DomainSource, file_index: int, start: int, end: int | N
     path = source.files[file_index]
     rel = source.relative(path)
     suffix = _suffix(path)
-    if suffix in (".jsonl", ".jsonl.gz"):
+    if suffix in (".jsonl", *COMPRESSED):
         yield from _read_jsonl(path, rel, start, end, text_field, part_chars, digest)
     elif suffix == ".txt":
         yield from _read_txt(path, rel, start, end, part_chars, digest)
@@ -380,9 +414,9 @@ def _record(line: bytes, path: Path, rel: str, offset: int, text_field: str, par
 
 
 def _read_jsonl(path: Path, rel: str, start: int, end: int | None, text_field: str, part_chars: int | None, digest: Any) -> Iterator[Document]:
-    gz = path.name.lower().endswith(".gz")
+    name = path.name.lower()
     try:
-        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+        with _open_stream(path, name) as f:
             pos = start
             if start > 0:  # the line that starts before `start` belongs to the previous range
                 f.seek(start - 1)
@@ -400,8 +434,26 @@ def _read_jsonl(path: Path, rel: str, start: int, end: int | None, text_field: s
                 lazy = (lambda p=pos: _line_number(path, p)) if line_no is None else line_no
                 yield from _record(line, path, rel, pos, text_field, part_chars, lazy)
                 pos += len(line)
-    except (OSError, EOFError) as e:
-        raise CorpusError(f"{path}: cannot read: {e}") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise CorpusError(f"{path}: cannot read: {e} (damaged or truncated file?)") from None
+    except Exception as e:  # zstandard.ZstdError: a damaged .zst stream
+        if type(e).__name__ != "ZstdError":
+            raise
+        raise CorpusError(f"{path}: cannot read: {e} (damaged or truncated file?)") from None
+
+
+def _open_stream(path: Path, name: str) -> Any:
+    """A binary file object of a .jsonl file's (decompressed) bytes: gzip, zstd, or plain."""
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        import io
+
+        import zstandard
+
+        # A buffered reader over zstd's stream: readline() works and memory stays bounded.
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True), 1 << 20)
+    return open(path, "rb")
 
 
 def _txt_part_start(f: Any, j: int, part_chars: int, size: int) -> int:

@@ -363,7 +363,13 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
     every rank instead of interleaving its checkpoints and metrics with this one's."""
     worker: Worker = resolve_worker()
     run = Path(cfg.out)
-    with LocalObjects(str(run)).lock(f"{LOCK_DIR}/rank-{worker.rank}.lock", f"a distill into {run}"):
+    check_out(cfg)
+    try:
+        lock = LocalObjects(str(run)).lock(f"{LOCK_DIR}/rank-{worker.rank}.lock", f"a distill into {run}")
+        lock.__enter__()
+    except PermissionError as e:
+        raise ConfigError(f"--out {run} is not writable ({e.strerror}); choose a directory you can write to") from None
+    with _Release(lock):
         try:
             return _distill(cfg, worker, run, progress)
         except BaseException as e:  # DCP's CheckpointException is a BaseException
@@ -371,6 +377,57 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
                 raise
             raise DiskFull(f"no space left on the device holding {run}; the last complete checkpoint is kept: free space (or copy "
                            "the run directory elsewhere), then run the same command with --resume") from None
+
+
+RUN_ENTRIES = {CKPT_DIR, LOCK_DIR, METRICS, "config.json", FINAL, "tensorboard", "weights.png", "ppl.png", "loss.png", "report.md"}
+
+
+class _Release:
+    """Leaves an already entered context manager on exit (the run lock, entered early so a
+    read-only --out is one line)."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.ctx.__exit__(*exc)
+
+
+def check_out(cfg: DistillConfig) -> None:
+    """Refuse an --out that holds anything but an unfinished run of this config: a file, a
+    directory this run reads (the cache, the student, its tokenizer, a teacher), a finished
+    run (unless --resume), another run's settings, or files that are not a run's. One line
+    each, saying what to do; nothing is written before this passes."""
+    run = Path(cfg.out)
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"--out {run} is a file; give a directory for the run")
+    inputs = {"the cache": cfg.cache, "the student": cfg.student, "the student's config": str(Path(cfg.student_config).parent) if cfg.student_config else "",
+              "the tokenizer": cfg.tokenizer, "the online teacher": cfg.online_teacher, "the pre-training cache": cfg.pretrain_cache}
+    here = run.resolve()
+    for what, path in inputs.items():
+        if path and Path(path).exists() and (Path(path).resolve() == here or here in Path(path).resolve().parents):
+            raise ConfigError(f"--out {run} is {what} ({path}): the run would write into it; choose a new directory for the run")
+    if not run.is_dir():
+        return
+    entries = {p.name for p in run.iterdir()}
+    foreign = sorted(entries - RUN_ENTRIES)
+    if foreign:
+        raise ConfigError(f"--out {run} holds files that are not a ddk-cache run ({', '.join(foreign[:4])}); choose a new directory for the run")
+    if FINAL in entries and not cfg.resume and CKPT_DIR not in entries:  # with checkpoints, _distill says "pass --resume"
+        raise ConfigError(f"--out {run} holds a finished run ({FINAL}/); choose another --out, or pass --resume to continue it "
+                          "with a larger --max-steps")
+    saved = run / "config.json"
+    if saved.is_file() and not (run / CKPT_DIR).is_dir():
+        try:
+            old = json.loads(saved.read_text())
+        except ValueError:
+            old = None
+        diffs = changed(old, cfg) if isinstance(old, dict) else ["its config.json does not parse"]
+        if diffs:
+            raise ConfigError(f"--out {run} holds the start of a run with other settings ({'; '.join(diffs[:3])}); choose another --out")
 
 
 def cache_identity(cache: Cache) -> str:
@@ -412,6 +469,10 @@ def _distill(cfg: DistillConfig, worker: Worker, run: Path, progress: bool) -> D
         # An interrupted first save leaves only a .tmp folder: nothing to continue, so start.
         tqdm.write(f"--resume: no complete checkpoint in {run / CKPT_DIR}; starting from step 0")
     if ckpt is not None:
+        ckpt = checkpoint.latest_whole(run, rank, world, tqdm.write)
+        if ckpt is None:
+            raise ConfigError(f"--resume: every checkpoint in {run / CKPT_DIR} is damaged (files that do not match their "
+                              "recorded sha256, or missing); restore them from a copy, or start a new --out")
         check_resume(checkpoint.read_state(ckpt), cfg, cache, run, world)
     try:
         ddk = DDKController(cache, mixing=cfg.mixing, alpha=cfg.ddk_alpha)
