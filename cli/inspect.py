@@ -31,7 +31,8 @@ def inspect(cache: str, as_json: bool, fidelity: bool, sequences: int, teacher: 
             click.echo(json.dumps(report, indent=2))
             return
         click.echo(f"{cache}: {meta.encoding.name}, {report['targets']}; {report['positions']:,} positions re-scored")
-        budget = f" (budget {report['kl_budget']:.1e} per position)" if report["kl_budget"] else ""
+        budget = (f" (budget {report['kl_budget']:.1e} per position)" if report["kl_budget"] else
+                  f" (pack-v3: each log-prob within {report['logprob_step']:.2g} of the teacher's)" if report.get("logprob_step") else "")
         click.echo(f"coarse {report['kl_direction']}: mean {report['coarse_kl']:.3e}, p99 {report['coarse_kl_p99']:.3e}, "
                    f"max {report['coarse_kl_max']:.3e} nats{budget}")
         click.echo(f"covered mass {report['covered_mass']:.4f}; invalid rows {report['invalid_share']:.2%}")

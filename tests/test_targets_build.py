@@ -265,12 +265,15 @@ def test_verify_names_a_packed_row_that_is_not_a_distribution(caches, tmp_path):
 
 
 def test_fidelity_report(caches, built_cache):
-    """plain-v1 top-k is exact (coarse KL ~ 0); pack-v2 stays within its budget at every position."""
+    """plain-v1 top-k is exact (coarse KL ~ 0); pack-v2 stays within its budget at every position;
+    pack-v3's per-entry bound keeps its KL far below that budget."""
     from ddk_cache.capture.fidelity import fidelity
 
     exact = fidelity(Cache(str(built_cache)), sequences=2, device="cpu")
-    packed = fidelity(Cache(str(caches["pack"])), sequences=2, device="cpu")
-    assert exact["coarse_kl"] < 1e-6 and 0 < packed["coarse_kl"] <= packed["coarse_kl_p99"] <= packed["coarse_kl_max"] <= 1.001e-4 + 1e-6
+    packed = fidelity(Cache(str(caches["pack-v2"])), sequences=2, device="cpu")
+    assert abs(exact["coarse_kl"]) < 1e-6 and 0 < packed["coarse_kl"] <= packed["coarse_kl_p99"] <= packed["coarse_kl_max"] <= 1.001e-4 + 1e-6
+    v3 = fidelity(Cache(str(caches["pack"])), sequences=2, device="cpu")
+    assert abs(v3["coarse_kl_max"]) < 1e-5 and v3["invalid_share"] == 0 and v3["logprob_step"] == 2.0**-9
     assert exact["invalid_share"] == packed["invalid_share"] == 0
     assert exact["covered_mass"] == pytest.approx(packed["covered_mass"], rel=1e-6)  # same ids
     assert set(packed["bytes_per_token"]) >= {"targets", "tokens"}
@@ -293,3 +296,24 @@ def test_size_projection_matches_what_the_build_writes(tmp_path, teacher_dir, co
     stored = sum(r["bytes"] for r in cache.summary())
     positions = sum(r["sequences"] for r in cache.summary()) * (cache.seq_len - 1)
     assert abs(projected / (stored / positions) - 1) < 0.10, (projected, stored / positions)
+
+
+def test_fidelity_refuses_another_model_at_the_teachers_path(tmp_path, caches, teacher_dir):
+    """inspect --fidelity with another model where the teacher was reported that model's numbers
+    as the cache's fidelity."""
+    import shutil
+
+    from ddk_cache.capture.fidelity import fidelity
+    from ddk_cache.errors import ConfigError
+    from ddk_cache.models import ModelSpec, make_model_dir
+
+    from .helpers import WORDS, make_docs
+
+    other = make_model_dir([d for dom in WORDS for d in make_docs(dom, 30)], tmp_path / "other",
+                           ModelSpec(vocab_size=400, hidden_size=32, layers=2, heads=1, max_position_embeddings=64, seed=9))
+    with pytest.raises(ConfigError, match="is not the teacher this cache was built with"):
+        fidelity(Cache(str(caches["pack"])), sequences=1, device="cpu", teacher=str(other))
+    moved = tmp_path / "moved"
+    shutil.copytree(teacher_dir, moved)
+    report = fidelity(Cache(str(caches["pack"])), sequences=1, device="cpu", teacher=str(moved))  # the same teacher, moved: fine
+    assert report["positions"] > 0 and report["coarse_kl_max"] < 1e-3
