@@ -382,6 +382,12 @@ def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teac
         if own_teacher:
             stack.callback(teacher.close)
         vocab = len(tok) if config.tokens_only else teacher.vocab_size
+        if not config.tokens_only and len(tok) > vocab:
+            raise ConfigError(f"the tokenizer ({tok_source}) has {len(tok):,} tokens but the teacher's output has {vocab:,} rows: "
+                              "token ids past its rows would crash its forward pass; use the teacher's own tokenizer")
+        if not config.tokens_only and vocab > len(tok) and progress and worker.rank == 0:
+            tqdm.write(f"warning: the teacher has {vocab:,} output rows, its tokenizer {len(tok):,} tokens: targets may keep ids past "
+                       "the tokenizer (padding rows, usually of tiny probability); a student needs as many output rows")
         if not config.tokens_only:
             if spec.kind == "topk" and config.top_k > vocab:
                 raise ConfigError(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab})")

@@ -107,13 +107,30 @@ def _stem(path: Path) -> str:
     return path.name[: len(path.name) - len(suffix)]
 
 
+RESERVED_NAMES = {"zarr.json", "c"}  # a group named so would collide with the store's own keys
+
+
 def _check_name(name: str, origin: Path) -> str:
     if not DOMAIN_NAME.match(name):
         raise CorpusError(
             f"{origin}: domain name {name!r} must be 1-100 letters, digits, '_', '.' or '-' "
             "starting with a letter or digit; rename it"
         )
+    if name.lower() in RESERVED_NAMES:
+        raise CorpusError(f"{origin}: domain name {name!r} is reserved by the cache's layout (Zarr's own keys); rename it")
     return name
+
+
+def _utf8(text: str, where: Any) -> str:
+    """`text`, refused with its place if it holds what UTF-8 cannot encode (a lone surrogate
+    such as "\\ud83d", valid in JSON text but not a character)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        place = where() if callable(where) else where
+        raise CorpusError(f"{place}: the text holds {text[e.start:e.end]!r} at character {e.start}, which is not a character "
+                          "(a lone UTF-16 surrogate: a broken emoji escape?); fix or remove it") from None
+    return text
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -400,11 +417,14 @@ def _record(line: bytes, path: Path, rel: str, offset: int, text_field: str, par
         if not isinstance(value, str):
             raise CorpusError(f"{where()}: field {text_field!r} is {type(value).__name__}, expected a string")
         if value.strip():
+            _utf8(value, where)
             for j, part in enumerate(split_parts(value, part_chars)):
                 yield Document(f"{rel}\0{offset}\0{j}", f"{path}@{offset}", text=part)
         return
     messages = _chat_messages(record, where())
     if messages is not None:
+        for m in messages:
+            _utf8(m["content"], where)
         yield Document(f"{rel}\0{offset}\00", f"{path}@{offset}", messages=messages, sample=_sample(record, messages, where))
         return
     raise CorpusError(

@@ -56,6 +56,8 @@ SUMMARY_DIR = "_build/summary"
 SAMPLED = "sampled"  # a piece's kind while tokenizing: chat records with their sampling log-probs
 KIND_NAMES = {TEXT: "plain-text records", CHAT: "chat records", SAMPLED: "generated samples (with 'response_ids' and 'logprobs')"}
 PLAN_KEY = "_build/plan.json"
+BATCH_DOCS = 256  # documents per tokenizer call (the fast tokenizer encodes a batch in parallel)
+BATCH_CHARS = 4 << 20  # ... and at most about this much text per call: bounded memory for long documents
 
 
 def _kinds(*kinds: str) -> str:
@@ -156,10 +158,12 @@ def tokenize_piece(objects: Objects, source: DomainSource, piece: Piece, tokeniz
     keys, tokens, masks, logprobs = [], [], [], []
     kind = None
     batch: list = []
+    batch_chars = 0
     no_loss = cut = 0
 
     def flush() -> None:
-        nonlocal no_loss, cut
+        nonlocal no_loss, cut, batch_chars
+        batch_chars = 0
         ids, ms, lps = tokenize(batch)
         if ms is None:
             keys.extend(doc_hash(cfg.seed, source.name, d.key) for d in batch)
@@ -193,7 +197,10 @@ def tokenize_piece(objects: Objects, source: DomainSource, piece: Piece, tokeniz
         elif doc_kind != kind:
             raise CorpusError(f"{doc.origin}: domain {source.name!r} mixes {_kinds(kind, doc_kind)}; give each kind its own domain")
         batch.append(doc)
-        if len(batch) >= 256:
+        batch_chars += len(doc.text) if doc.text is not None else sum(len(m["content"]) for m in doc.messages or [])
+        # A batch is bounded by documents and by text: 256 documents of 1 Mi characters each
+        # held ~5 GB in the tokenizer at once (its offsets and encodings per token).
+        if len(batch) >= BATCH_DOCS or batch_chars >= BATCH_CHARS:
             flush()
     if batch:
         flush()

@@ -198,8 +198,24 @@ class _CacheNode:
             meta = read_zarr_json(self.objects, path)
             if meta is None:
                 raise damaged(f"{self.objects.describe(path + '/zarr.json')} is missing")
-            self._arrays[key] = RowArray.from_zarr_json(path, meta)
+            array = RowArray.from_zarr_json(path, meta)
+            spec = self.array_specs(domain).get(name)
+            want = (self.num_sequences(domain, split), *(spec.row_shape if spec else array.row_shape))
+            if (array.n_rows, *array.row_shape) != want:
+                raise damaged(f"{self.objects.describe(path + '/zarr.json')} gives the shape {(array.n_rows, *array.row_shape)}, "
+                              f"the cache's metadata {want} (edited after the build?)")
+            self._arrays[key] = array
         return self._arrays[key]
+
+    def array_specs(self, domain: str) -> dict[str, ArraySpec]:
+        L = self.seq_len
+        specs = {TOKENS: ArraySpec("int32", (L,), "blosc", 5, ("token",))}
+        if self.is_chat(domain):
+            specs[LOSS_MASK] = ArraySpec("uint8", (L,), "blosc", 5, ("token",))
+        if self.is_sampled(domain):
+            specs[SAMPLE_LOGPROB] = ArraySpec("float32", (L,), "blosc", 5, ("token",))
+        specs.update(self.encoding.arrays(self.layout))
+        return specs
 
     def shards(self) -> list[Shard]:
         """Every shard of the cache, in a fixed order (domain, split, index)."""
@@ -336,16 +352,6 @@ class CacheWriter(_CacheNode):
     def write_meta(self, meta: CacheMeta) -> None:
         self.objects.put("zarr.json", group_json({ROOT_ATTR: meta.to_dict()}))
         self.meta = meta
-
-    def array_specs(self, domain: str) -> dict[str, ArraySpec]:
-        L = self.seq_len
-        specs = {TOKENS: ArraySpec("int32", (L,), "blosc", 5, ("token",))}
-        if self.is_chat(domain):
-            specs[LOSS_MASK] = ArraySpec("uint8", (L,), "blosc", 5, ("token",))
-        if self.is_sampled(domain):
-            specs[SAMPLE_LOGPROB] = ArraySpec("float32", (L,), "blosc", 5, ("token",))
-        specs.update(self.encoding.arrays(self.layout))
-        return specs
 
     def create_arrays(self, domains: dict[str, DomainInfo]) -> None:
         """Create every domain's groups and arrays (idempotent: arrays already there must

@@ -180,6 +180,14 @@ def load_student(cfg: DistillConfig, cache: Cache) -> tuple[Any, Any]:
     rows = model.get_output_embeddings().weight.shape[0]
     if rows < len(tok):
         raise ConfigError(f"the student's vocabulary ({rows} rows) is smaller than the tokenizer ({len(tok)} tokens)")
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    context = next((getattr(text, k) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                    if isinstance(getattr(text, k, None), int)), None)
+    if context is not None and context < cache.seq_len:
+        # GPT-2 would index past its position table; a Llama would train silently on positions
+        # its RoPE scaling was never set up for.
+        raise ConfigError(f"the student's context is {context} positions, the cache's rows are {cache.seq_len} tokens; "
+                          "use a student with max_position_embeddings (n_positions) >= the cache's --seq-len")
     return model, tok
 
 

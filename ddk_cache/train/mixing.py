@@ -47,10 +47,11 @@ def parse_static(spec: str, domains: list[str]) -> np.ndarray:
         if w < 0 or not math.isfinite(w):
             raise ValueError(f"--mixing static: weight of {name!r} must be >= 0, got {w}")
         weights[name] = w
-    total = sum(weights.values())
-    if total <= 0:
+    top = max(weights.values())
+    if top <= 0:
         raise ValueError("--mixing static: at least one domain needs a positive weight")
-    return np.array([weights[d] / total for d in domains])
+    scaled = [weights[d] / top for d in domains]  # by the largest first: weights near 1e308 do not overflow the sum
+    return np.array([w / sum(scaled) for w in scaled])
 
 
 @dataclass
