@@ -50,6 +50,9 @@ class _Group(click.Group):
             hint = _RESUME.get(ctx.meta.get("ddk_command", ""), "run the same command again")
             click.echo(f"\ninterrupted; nothing complete was lost: {hint}", err=True)
             sys.exit(130)  # the shell convention for SIGINT
+        except PermissionError as e:
+            where = e.filename or "the output"
+            raise click.ClickException(f"no permission to write {where}: choose a location you can write to (--out)") from None
         except Exception as e:
             if not is_disk_full(e):
                 raise

@@ -40,6 +40,7 @@ def test_a_lone_surrogate_names_the_file_and_line(tmp_path, teacher_dir):
                                        "--top-k", "8", "--seq-len", "32", "--val-tokens", "64", "--device", "cpu", "--backend", "hf", "--quiet"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"{corpus / 'web.jsonl'}:8: the text holds '\\ud83d'" in result.output
+    assert not (tmp_path / "c.zarr").exists()  # nothing half-made: the fixed file is a fresh build, not a refused resume
 
 
 def test_a_tokenizer_larger_than_the_teachers_output_is_refused(tmp_path, teacher_dir, corpus_dir):

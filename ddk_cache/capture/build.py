@@ -428,8 +428,17 @@ def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teac
                                 bos_id=tok.bos_token_id if row_start == "bos" else None)
         pieces = {s.name: plan_pieces(s, max(1, int(config.piece_mb * (1 << 20)))) for s in domains}
         if writer.meta.state == STATE_INITIALIZING:
-            result.pieces_tokenized = _tokenize(writer.objects, domains, pieces, document_tokenizer(tok, config.chat_template or None, tok_source),
-                                                packing, worker, progress, config.wait_timeout, hook)
+            try:
+                result.pieces_tokenized = _tokenize(writer.objects, domains, pieces, document_tokenizer(tok, config.chat_template or None, tok_source),
+                                                    packing, worker, progress, config.wait_timeout, hook)
+            except CorpusError:
+                # A bad line found while tokenizing: nothing was scored, and the fix edits a
+                # corpus file (which a resume would refuse). A single worker that created this
+                # store removes it, so the fixed command starts clean.
+                if created and worker.world_size == 1:
+                    stack.close()
+                    objects.delete("")
+                raise
             hook("tokenized", {})
             phases["tokenize"], mark = time.perf_counter() - mark, time.perf_counter()
             try:
