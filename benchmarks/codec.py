@@ -5,14 +5,18 @@
         --tokens /tmp/codec-bench/tokens.zarr --scale 8 --out /tmp/codec-bench/peaked                  # a peaked one
     python benchmarks/codec.py --tokens /tmp/codec-bench/tokens.zarr \
         --teacher flat:/tmp/codec-bench/teacher-run/final peaked:/tmp/codec-bench/peaked/x8
+    python benchmarks/codec.py --tokens /tmp/rt/tokens.zarr --teacher smollm2:smollm2 smollm2-x8:smollm2:8 \
+        --encodings pack-v3 pack-v2          # the real teacher (SmolLM2-135M), and it with logits x 8 (a stress test)
 
 Scores `--sequences` validation sequences per domain once per teacher (full float32
-distributions, the build's own forward pass), derives the targets with the build's own
-functions (targets.py), packs them with pack-v2 exactly as the build does, unpacks, and
-reports per predicted position: bytes of the targets (the target token's log-prob
-included: pack-v2 stores it); the codec's coarse KL (teacher's kept entries + tail vs the
-decoded ones + tail) as mean, p99 and max over positions (pack-v2's bound is the budget at
-every position); the coarse KL vs the full teacher (truncation included); covered mass.
+distributions, the build's own forward pass; `NAME:DIR:S` multiplies the logits by S, a
+stress test), derives the targets with the build's own functions (targets.py; the tail
+from the full distribution, as the transformers backend does), packs them with each
+`--encodings` exactly as the build does, unpacks, and reports per predicted position:
+bytes of the targets (the target token's log-prob included: pack stores it); the codec's
+coarse KL (teacher's kept entries + tail vs the decoded ones + tail, the decoded tail as
+stored) as mean, p99 and max over positions; the coarse KL vs the full teacher (truncation
+included); covered mass.
 Baselines at the same k and vocabulary: fp16 values + int32 ids + zstd-3 per sequence,
 plain-v1 (float32 + int32, blosc-zstd-5 with shuffle), both plus 4 B of target log-prob,
 and DistillKit's recommended formula (56 + k * ceil(log2 V) / 8 bytes). Sampled rows:
@@ -39,11 +43,15 @@ from common import machine, print_table  # noqa: E402
 from ddk_cache.capture.fidelity import coarse_kl  # noqa: E402
 from ddk_cache.capture.teachers.hf import HFTeacher  # noqa: E402
 from ddk_cache.store.cache import Cache  # noqa: E402
-from ddk_cache.store.encodings import Layout, PackV2, RowScores  # noqa: E402
+from ddk_cache.store.encodings import Layout, PackV2, PackV3, RowScores  # noqa: E402
+from common import real_teacher  # noqa: E402
+
+ENCODINGS = {"pack-v3": PackV3, "pack-v2": PackV2}
 from ddk_cache.store.targets import TargetSpec, adaptive_cut, sample_from_logprobs  # noqa: E402
 
 SETTINGS = [("top-k", TargetSpec(k=k)) for k in (16, 64, 128, 256)]
-SETTINGS += [("adaptive", TargetSpec(k=256, min_mass=0.9)), ("adaptive", TargetSpec(k=256, min_prob=1e-3))]
+SETTINGS += [("adaptive", TargetSpec(k=256, min_mass=0.9)), ("adaptive", TargetSpec(k=256, min_mass=0.99)),
+             ("adaptive", TargetSpec(k=256, min_prob=1e-3))]
 SETTINGS += [("sampled", TargetSpec(kind="sampled", k=1, samples=n)) for n in (16, 50)]
 
 
@@ -63,10 +71,10 @@ def name_of(label: str, spec: TargetSpec) -> str:
     return f"{label} k={spec.k}{cut}"
 
 
-def evaluate(teacher_path: str, tokens: np.ndarray, args: argparse.Namespace) -> tuple[list, dict]:
+def evaluate(teacher_path: str, tokens: np.ndarray, args: argparse.Namespace, scale: float = 1.0, encoding: str = "pack-v3") -> tuple[list, dict]:
     teacher = HFTeacher(teacher_path, device="cpu", dtype="float32", batch_size=4)
     V = teacher.vocab_size
-    rows_full = [(logp, nxt) for _, logp, nxt in teacher.rows(tokens)]
+    rows_full = [(logp if scale == 1 else torch.log_softmax(logp.double() * scale, -1).float(), nxt) for _, logp, nxt in teacher.rows(tokens)]
     teacher.close()
     P = tokens.shape[1] - 1
     n_pos = len(tokens) * P
@@ -76,7 +84,7 @@ def evaluate(teacher_path: str, tokens: np.ndarray, args: argparse.Namespace) ->
         if args.only and args.only not in name:
             continue
         layout = Layout(positions=P, entries=spec.entries, vocab_size=V, targets=spec)
-        enc = PackV2(kl_budget=args.kl_budget, zstd_level=args.zstd_level)
+        enc = PackV2(kl_budget=args.kl_budget, zstd_level=args.zstd_level) if encoding == "pack-v2" else PackV3(zstd_level=args.zstd_level)
         codec = enc.codec(layout)
         packed = fp16 = plain = 0
         kl_codec, kl_full, mass, kept, blobs = [], [], [], [], []
@@ -89,25 +97,33 @@ def evaluate(teacher_path: str, tokens: np.ndarray, args: argparse.Namespace) ->
                 row = RowScores(ids.astype(np.int32), lps, target, nxt.numpy(), counts)
             else:
                 lp, ids = logp.topk(spec.k, -1)
-                row = RowScores(ids.numpy().astype(np.int32), adaptive_cut(lp.numpy(), spec), target, nxt.numpy())
+                kept = adaptive_cut(lp.numpy(), spec)
+                outside = torch.ones_like(logp, dtype=torch.bool).scatter(-1, ids, torch.from_numpy(~np.isfinite(kept)))
+                tail = torch.logsumexp(logp.double().masked_fill(~outside, float("-inf")), -1).numpy()
+                row = RowScores(ids.numpy().astype(np.int32), kept, target, nxt.numpy(), tail_logprob=tail)
                 fp16 += len(Zstd(3).encode(lp.numpy().astype(np.float16).tobytes())) + len(Zstd(3).encode(row.ids.tobytes())) + 4 * P
                 plain += len(Blosc("zstd", 5, Blosc.SHUFFLE).encode(lp.numpy())) + len(Blosc("zstd", 5, Blosc.SHUFFLE).encode(row.ids)) + 4 * P
             blob, t = median_time(args.repeats, lambda r=row: enc.encode(r, layout)["targets"])
             enc_s += t
             packed += len(blob)
             blobs.append(blob)
-            d_ids, d_lps, _ = (a[0] for a in codec.decode([blob], P, spec.sample_temperature))
+            decoded = enc.decode({"targets": [blob]}, layout)
+            d_ids, d_lps = decoded.ids[0], decoded.logprobs[0]
+            d_tail = None if decoded.tail_logprob is None else np.exp(decoded.tail_logprob[0].astype(np.float64))
             valid = np.isfinite(d_lps)
             dec = np.where(valid, np.exp(d_lps.astype(np.float64)), 0.0)
-            p = np.where(valid, np.exp(np.take_along_axis(logp.double().numpy(), d_ids.astype(np.int64), 1)), 0.0)
+            full64 = logp.double().numpy()
+            p = np.where(valid, np.exp(np.take_along_axis(full64, d_ids.astype(np.int64), 1)), 0.0)
             if spec.kind == "sampled":
                 kl_full.append(coarse_kl(dec, p))
                 kl_codec.append(np.zeros(P))  # counts are exact
             else:
-                order = np.argsort(np.where(np.isfinite(row.logprobs), row.ids, 1 << 30), 1, kind="stable")
-                orig = np.exp(np.take_along_axis(row.logprobs, order, 1).astype(np.float64))  # exp(-inf) = 0
-                kl_codec.append(coarse_kl(orig, dec))
-                kl_full.append(coarse_kl(p, dec))
+                # The teacher's exact tail outside the decoded ids (the same ids the codec kept).
+                inside = np.zeros_like(full64, bool)
+                np.put_along_axis(inside, np.where(valid, d_ids, d_ids[:, :1]).astype(np.int64), True, 1)
+                p_tail = np.exp(np.logaddexp.reduce(np.where(inside, -np.inf, full64), 1))
+                kl_codec.append(coarse_kl(p, dec, p_tail, d_tail))
+                kl_full.append(coarse_kl(p, dec, p_tail, d_tail))
             kept.append(valid.sum(1))
             mass.append(p.sum(1))
         B = args.decode_batch
@@ -135,11 +151,12 @@ def evaluate(teacher_path: str, tokens: np.ndarray, args: argparse.Namespace) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", nargs="+", required=True, metavar="NAME:DIR")
+    ap.add_argument("--teacher", nargs="+", required=True, metavar="NAME:DIR[:SCALE]", help="DIR may be 'smollm2'")
+    ap.add_argument("--encodings", nargs="+", default=["pack-v3"], choices=list(ENCODINGS))
     ap.add_argument("--tokens", required=True, help="a cache whose validation sequences are scored (codec_teacher.py's tokens.zarr)")
     ap.add_argument("--sequences", type=int, default=6, help="validation sequences per domain")
     ap.add_argument("--kl-budget", type=float, default=1e-4)
-    ap.add_argument("--zstd-level", type=int, default=PackV2().zstd_level)
+    ap.add_argument("--zstd-level", type=int, default=PackV3().zstd_level)
     ap.add_argument("--repeats", type=int, default=5, help="timed calls; the median counts")
     ap.add_argument("--decode-batch", type=int, default=8, help="sequences per decode call (the loader decodes a batch at once)")
     ap.add_argument("--only", default=None, help="run the settings whose name contains this")
@@ -147,18 +164,20 @@ def main() -> None:
     torch.set_num_threads(1)
     cache = Cache(args.tokens)
     tokens = np.concatenate([cache.tokens(d, "val", np.arange(min(args.sequences, cache.num_sequences(d, "val")))) for d in cache.domains])
-    print(f"machine: {machine()}; {len(tokens)} sequences x {tokens.shape[1] - 1} positions; pack-v2 kl_budget {args.kl_budget}, "
-          f"zstd level {args.zstd_level} (ids)\n")
+    print(f"machine: {machine()}; {len(tokens)} sequences x {tokens.shape[1] - 1} positions; pack-v3 step 2^-9; pack-v2 kl_budget "
+          f"{args.kl_budget}; zstd level {args.zstd_level} (ids)\n")
     for spec in args.teacher:
-        name, path = spec.split(":", 1)
-        rows, speed = evaluate(path, tokens, args)
-        print(f"### {name} teacher ({path})\n")
-        print_table(("targets", "entries/pos", "pack-v2 B/pos", "fp16+int32+zstd", "plain-v1", "DistillKit formula", "pack / DistillKit",
-                     "codec coarse KL mean / p99 / max", "coarse KL vs full teacher (mean)", "covered mass"), rows)
-        print()
-        print_table(("targets", "encode pos/s (1 core)", f"decode pos/s (1 core, batches of {args.decode_batch})"),
-                    [(k, f"{e:,.0f}", f"{d:,.0f}") for k, (e, d) in speed.items()])
-        print()
+        name, path, *scale = spec.split(":")
+        path = real_teacher(path)
+        for encoding in args.encodings:
+            rows, speed = evaluate(path, tokens, args, float(scale[0]) if scale else 1.0, encoding)
+            print(f"### {name} teacher ({path}{f', logits x {scale[0]}: a stress test' if scale else ''}), {encoding}\n")
+            print_table(("targets", "entries/pos", f"{encoding} B/pos", "fp16+int32+zstd", "plain-v1", "DistillKit formula", "pack / DistillKit",
+                         "codec coarse KL mean / p99 / max", "coarse KL vs full teacher (mean)", "covered mass"), rows)
+            print()
+            print_table(("targets", "encode pos/s (1 core)", f"decode pos/s (1 core, batches of {args.decode_batch})"),
+                        [(k, f"{e:,.0f}", f"{d:,.0f}") for k, (e, d) in speed.items()])
+            print()
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def test_k_equals_v_with_min_mass_decodes_the_teachers_distribution():
     p, q = np.exp(exact), np.exp(dec)
     assert np.abs(np.where(np.isfinite(dec), p - q, 0)).max() <= 1e-3
     assert np.abs(np.exp(tail) - np.exp(dec_tail)).max() <= 1e-3
-    np.testing.assert_allclose(q.sum(1) + np.exp(dec_tail), 1.0, atol=1e-9)
+    np.testing.assert_allclose(q.sum(1) + np.exp(dec_tail), 1.0, atol=1e-6)  # float32 log-probs
 
 
 def test_the_encoder_refuses_non_finite_teacher_output():

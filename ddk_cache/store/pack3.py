@@ -187,11 +187,11 @@ class Pack3Codec(Pack2Codec):
 
     # ------------------------------------------------------------------ decode
     def _level_tables(self) -> tuple[np.ndarray, np.ndarray]:
-        """r and exp(-r) (float64) for every level at the base step."""
+        """r and exp(-r) (float32) for every level at the base step."""
         if self._q_table is None:
             n = int(math.ceil(self.f_max / self.step)) + 2
             r = expand(np.arange(n, dtype=np.float64) * self.step, self.knee)
-            self._r_table, self._q_table = r, np.exp(-r)
+            self._r_table, self._q_table = r.astype(np.float32), np.exp(-r).astype(np.float32)
         return self._r_table, self._q_table
 
     def decode(self, frames: list, positions: int, temperature: float = 1.0,
@@ -230,11 +230,13 @@ class Pack3Codec(Pack2Codec):
         r_tab, q_tab = self._level_tables()
         ids2, logq2 = ids.reshape(BP, K), logq.reshape(BP, K)
         T = int(per_row.sum())
-        if T == BP * K:  # every position holds K entries: plain reshapes, no scatter
+        dense = T == BP * K
+        if dense:  # every position holds K entries: plain reshapes, no scatter
             ids2[:] = flat_ids.reshape(BP, K)
-            lv = ws.array("lv3", (BP, K), np.int64)
+            lv = ws.array("lv3", (BP, K), np.int32)
             lv[:, 0] = 0
-            np.cumsum(deltas.reshape(BP, K - 1), axis=1, dtype=np.int64, out=lv[:, 1:])
+            np.cumsum(deltas.reshape(BP, K - 1), axis=1, dtype=np.int32, out=lv[:, 1:])
+            top_level = int(lv[:, -1].max(initial=0))  # levels rise with rank: the last is the largest
         else:
             n_i = n.astype(np.intp)
             starts = np.cumsum(n_i) - n_i
@@ -247,24 +249,35 @@ class Pack3Codec(Pack2Codec):
             lv_flat = run - np.repeat(run[starts], n_i)
             ids2[:] = 0
             ids2[pos, col] = flat_ids
-            lv = np.zeros((BP, K), np.int64)
+            lv = np.zeros((BP, K), np.int32)
             lv[pos, col] = lv_flat
-        kept = np.arange(K)[None, :] < n[:, None]
+            top_level = int(lv_flat.max(initial=0))
         refined = np.flatnonzero(exponent)
-        if lv.max(initial=0) < len(r_tab) and not len(refined):
-            r = r_tab[lv]
-            q = q_tab[lv]
-        else:
-            h = (self.step / 2.0 ** exponent.astype(np.float64))[:, None]
-            r = expand(lv * h, self.knee)
-            q = np.exp(-r)
-        # Tail: its log-ratio on the plain (not companded) step; odd zigzag = tail > top-1.
         h1 = self.step / 2.0 ** exponent.astype(np.float64)
+        # Tail: its log-ratio on the plain (not companded) step; odd zigzag = tail > top-1.
         half = tail_z >> 1
         rt = np.where(tail_z & 1, -half * h1, half * h1)
-        s = np.where(kept, q, 0.0)[:, 1:].sum(1) + np.where(has_tail, np.exp(-rt), 0.0)
-        log_z = np.log1p(s)
-        logq2[:] = np.where(kept, -r - log_z[:, None], -np.inf)
+        tail_q = np.where(has_tail, np.exp(-rt), 0.0)
+        if top_level < len(r_tab) and not len(refined):
+            # The usual case: r and exp(-r) by table lookups, float32, in place (no exp per entry).
+            q = ws.array("q3", (BP, K), np.float32)
+            np.take(q_tab, lv, out=q)
+            np.take(r_tab, lv, out=logq2)
+            if not dense:
+                q[lv == 0] = 0.0  # padding (level 0 past n) adds nothing; rank 0 is dropped below anyway
+            s = q[:, 1:].sum(1, dtype=np.float64) + tail_q
+            log_z = np.log1p(s)
+            np.add(logq2, log_z.astype(np.float32)[:, None], out=logq2)
+            np.negative(logq2, out=logq2)
+        else:
+            h = h1[:, None]
+            r = expand(lv * h, self.knee)
+            kept_all = np.arange(K)[None, :] < n[:, None]
+            s = np.where(kept_all, np.exp(-r), 0.0)[:, 1:].sum(1) + tail_q
+            log_z = np.log1p(s)
+            logq2[:] = -r - log_z[:, None]
+        if not dense:
+            logq2[np.arange(K)[None, :] >= n[:, None]] = -np.inf
         t2 = target.reshape(BP)
         hit = np.flatnonzero(ref)
         t2[hit] = logq2[hit, ref[hit] - 1]
