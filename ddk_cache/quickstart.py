@@ -123,15 +123,20 @@ def run(out: str | Path, scale: str = "default", say: Callable[[str], None] = pr
             init_model(ModelSpec(vocab_size=s.vocab, hidden_size=hidden, layers=layers, heads=max(1, hidden // 32),
                                  max_position_embeddings=max(512, s.seq_len + 1), seed=i + 1), tok).save_pretrained(path)
             tok.save_pretrained(path)
-        run_dir = out / "runs" / name
-        distill(DistillConfig(cache=str(out / "cache.zarr"), student=str(path), out=str(run_dir), max_steps=s.student_steps,
-                              batch_size=s.batch_size, lr=2e-3, warmup_steps=10, ddk_interval=s.ddk_interval,
-                              save_every=s.student_steps, device="cpu", resume=(run_dir / "checkpoints").exists()), progress=progress)
-        _, evals = read_metrics(run_dir)
-        table["students"][name] = {"before": evals[0]["ppl_student"], "after": evals[-1]["ppl_student"],
-                                   "plots": [str(p) for p in write_report(run_dir)]}
+        table["students"][name] = _distill_student(out, name, path, progress, max_steps=s.student_steps, batch_size=s.batch_size,
+                                                   lr=2e-3, warmup_steps=10, ddk_interval=s.ddk_interval)
     say("[5/5] done")
     return table
+
+
+def _distill_student(out: Path, name: str, student: Path, progress: bool, **options: object) -> dict:
+    """Distill one student from the quickstart's cache (continuing an earlier run's
+    checkpoints); its before/after perplexities and report plots."""
+    run_dir = out / "runs" / name
+    distill(DistillConfig(cache=str(out / "cache.zarr"), student=str(student), out=str(run_dir), save_every=int(options["max_steps"]),  # type: ignore[arg-type]
+                          device="cpu", resume=(run_dir / "checkpoints").exists(), **options), progress=progress)  # type: ignore[arg-type]
+    _, evals = read_metrics(run_dir)
+    return {"before": evals[0]["ppl_student"], "after": evals[-1]["ppl_student"], "plots": [str(p) for p in write_report(run_dir)]}
 
 
 @dataclass(frozen=True)
@@ -181,13 +186,8 @@ def run_real(out: str | Path, scale: str = "default", say: Callable[[str], None]
         path = out / f"student-{name}"
         if not path.exists():
             init_student(teacher, path, keep=layers)
-        run_dir = out / "runs" / name
-        distill(DistillConfig(cache=str(out / "cache.zarr"), student=str(path), out=str(run_dir), max_steps=s.student_steps,
-                              batch_size=s.batch_size, lr=s.lr, warmup_steps=5, ddk_interval=s.ddk_interval, eval_batch_size=8,
-                              save_every=s.student_steps, device="cpu", resume=(run_dir / "checkpoints").exists()), progress=progress)
-        _, evals = read_metrics(run_dir)
-        table["students"][name] = {"before": evals[0]["ppl_student"], "after": evals[-1]["ppl_student"],
-                                   "plots": [str(p) for p in write_report(run_dir)]}
+        table["students"][name] = _distill_student(out, name, path, progress, max_steps=s.student_steps, batch_size=s.batch_size,
+                                                   lr=s.lr, warmup_steps=5, ddk_interval=s.ddk_interval, eval_batch_size=8)
     say("[5/5] done")
     return table
 

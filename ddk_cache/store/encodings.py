@@ -159,8 +159,45 @@ class PlainV1(Encoding):
         return 0.75 * 8 * spec.entries + 3.5  # float32 + int32, ~0.75x after blosc-zstd
 
 
+class _Packed(Encoding):
+    """What pack-v3 and pack-v2 share: one `targets` row per sequence from a codec built
+    once per layout (`_make_codec`), sampled targets as pack-v2 frames."""
+
+    exact_target: bool
+    zstd_level: int
+
+    def _make_codec(self, layout: Layout, sampled: bool, sample_logp: bool) -> Any:
+        raise NotImplementedError
+
+    def codec(self, layout: Layout) -> Any:
+        key = (layout.vocab_size, layout.entries, layout.targets)
+        cache = self.__dict__.setdefault("_codecs", {})
+        if key not in cache:
+            spec = layout.targets
+            cache[key] = self._make_codec(layout, spec.kind == "sampled", spec.kind == "sampled" and spec.sample_temperature != 1.0)
+        return cache[key]
+
+    def arrays(self, layout: Layout) -> dict[str, ArraySpec]:
+        # Rows are padded to the codec's worst case; zstd (level 1) squeezes the padding out.
+        return {"targets": ArraySpec("uint8", (self.codec(layout).capacity(layout.positions),), "zstd", 1, ("byte",))}
+
+    def encode(self, row: RowScores, layout: Layout) -> dict[str, np.ndarray | bytes]:
+        codec = self.codec(layout)
+        if layout.targets.kind == "sampled":
+            logp = row.logprobs if layout.targets.sample_temperature != 1.0 else None
+            return {"targets": codec.encode_sampled(row.ids, row.counts, logp, row.target_logprob)}
+        return {"targets": self._encode_topk(codec, row)}
+
+    def _encode_topk(self, codec: Any, row: RowScores) -> bytes:
+        return codec.encode_topk(row.ids, row.logprobs, row.target_logprob, row.next_tokens)
+
+    def _check_level(self) -> None:
+        if not 1 <= self.zstd_level <= 19:
+            raise StoreError(f"{self.name} encoding: zstd_level must be in 1..19, got {self.zstd_level}")
+
+
 @dataclass(frozen=True)
-class PackV3(Encoding):
+class PackV3(_Packed):
     """pack3.Pack3Codec rows: see that module and storage_layout.md, "Encoding pack-v3"."""
 
     step: float = 2.0**-9  # quantisation step of the companded log-ratios (|log error| <= step near the top)
@@ -174,31 +211,16 @@ class PackV3(Encoding):
             raise StoreError(f"pack-v3 encoding: step must be in 2^-16..0.5, got {self.step}")
         if not 0 < self.knee <= 64:
             raise StoreError(f"pack-v3 encoding: knee must be in (0, 64], got {self.knee}")
-        if not 1 <= self.zstd_level <= 19:
-            raise StoreError(f"pack-v3 encoding: zstd_level must be in 1..19, got {self.zstd_level}")
+        self._check_level()
 
-    def codec(self, layout: Layout) -> Any:
+    def _make_codec(self, layout: Layout, sampled: bool, sample_logp: bool) -> Any:
         from .pack3 import Pack3Codec
 
-        key = (layout.vocab_size, layout.entries, layout.targets)
-        cache = self.__dict__.setdefault("_codecs", {})
-        if key not in cache:
-            spec = layout.targets
-            cache[key] = Pack3Codec(vocab_size=layout.vocab_size, max_entries=layout.entries, step=self.step, knee=self.knee,
-                                    sampled=spec.kind == "sampled", sample_logp=spec.kind == "sampled" and spec.sample_temperature != 1.0,
-                                    exact_target=self.exact_target, id_level=self.zstd_level)
-        return cache[key]
+        return Pack3Codec(vocab_size=layout.vocab_size, max_entries=layout.entries, step=self.step, knee=self.knee, sampled=sampled,
+                          sample_logp=sample_logp, exact_target=self.exact_target, id_level=self.zstd_level)
 
-    def arrays(self, layout: Layout) -> dict[str, ArraySpec]:
-        # Rows are padded to the codec's worst case; zstd (level 1) squeezes the padding out.
-        return {"targets": ArraySpec("uint8", (self.codec(layout).capacity(layout.positions),), "zstd", 1, ("byte",))}
-
-    def encode(self, row: RowScores, layout: Layout) -> dict[str, np.ndarray | bytes]:
-        codec = self.codec(layout)
-        if layout.targets.kind == "sampled":
-            logp = row.logprobs if layout.targets.sample_temperature != 1.0 else None
-            return {"targets": codec.encode_sampled(row.ids, row.counts, logp, row.target_logprob)}
-        return {"targets": codec.encode_topk(row.ids, row.logprobs, row.target_logprob, row.next_tokens, row.tail_logprob)}
+    def _encode_topk(self, codec: Any, row: RowScores) -> bytes:
+        return codec.encode_topk(row.ids, row.logprobs, row.target_logprob, row.next_tokens, row.tail_logprob)
 
     def decode(self, rows: dict[str, list], layout: Layout, out: Targets | None = None) -> Targets:
         out = out or empty_targets(len(rows["targets"]), layout)
@@ -216,7 +238,7 @@ class PackV3(Encoding):
 
 
 @dataclass(frozen=True)
-class PackV2(Encoding):
+class PackV2(_Packed):
     """pack2.Pack2Codec rows: see that module and storage_layout.md, "Encoding pack-v2"."""
 
     kl_budget: float = 1e-4
@@ -228,31 +250,13 @@ class PackV2(Encoding):
     def __post_init__(self) -> None:
         if not 1e-6 <= self.kl_budget <= 1e-1:
             raise StoreError(f"pack-v2 encoding: kl_budget must be in 1e-06..0.1, got {self.kl_budget}")
-        if not 1 <= self.zstd_level <= 19:
-            raise StoreError(f"pack-v2 encoding: zstd_level must be in 1..19, got {self.zstd_level}")
+        self._check_level()
 
-    def codec(self, layout: Layout) -> Any:
+    def _make_codec(self, layout: Layout, sampled: bool, sample_logp: bool) -> Any:
         from .pack2 import Pack2Codec
 
-        key = (layout.vocab_size, layout.entries, layout.targets)
-        cache = self.__dict__.setdefault("_codecs", {})
-        if key not in cache:
-            spec = layout.targets
-            cache[key] = Pack2Codec(vocab_size=layout.vocab_size, max_entries=layout.entries, kl_budget=self.kl_budget,
-                                    sampled=spec.kind == "sampled", sample_logp=spec.kind == "sampled" and spec.sample_temperature != 1.0,
-                                    exact_target=self.exact_target, id_level=self.zstd_level)
-        return cache[key]
-
-    def arrays(self, layout: Layout) -> dict[str, ArraySpec]:
-        # Rows are padded to the codec's worst case; zstd (level 1) squeezes the padding out.
-        return {"targets": ArraySpec("uint8", (self.codec(layout).capacity(layout.positions),), "zstd", 1, ("byte",))}
-
-    def encode(self, row: RowScores, layout: Layout) -> dict[str, np.ndarray | bytes]:
-        codec = self.codec(layout)
-        if layout.targets.kind == "sampled":
-            logp = row.logprobs if layout.targets.sample_temperature != 1.0 else None
-            return {"targets": codec.encode_sampled(row.ids, row.counts, logp, row.target_logprob)}
-        return {"targets": codec.encode_topk(row.ids, row.logprobs, row.target_logprob, row.next_tokens)}
+        return Pack2Codec(vocab_size=layout.vocab_size, max_entries=layout.entries, kl_budget=self.kl_budget, sampled=sampled,
+                          sample_logp=sample_logp, exact_target=self.exact_target, id_level=self.zstd_level)
 
     def decode(self, rows: dict[str, list], layout: Layout, out: Targets | None = None) -> Targets:
         out = out or empty_targets(len(rows["targets"]), layout)
