@@ -6,7 +6,7 @@
 
 `loss`: peak memory and time of one forward + backward of CE + gamma * KD (top-64 forward
 KL with the tail bucket) from the decoder's last hidden states [tokens, 1024], unchunked
-(whole-batch logits, as before) and chunked (student.chunked_loss). Each variant runs in a
+(whole-batch logits, as before) and chunked (losses.chunked_loss). Each variant runs in a
 fresh process; memory is its peak RSS (ru_maxrss) minus the RSS after the inputs were made
 (CPU tensors: what the loss itself adds). Time: median of 3 after one warm-up.
 `--objective minillm`: MiniLLM's loss instead (train/minillm.py: whole-logits minillm_loss
@@ -43,7 +43,7 @@ def rss_mib() -> float:
 def one_loss(vocab: int, tokens: int, hidden: int, chunked: bool, chunk: int, objective: str = "kd") -> dict:
     from ddk_cache.train.losses import KDConfig, ce_and_sparse_kd
     from ddk_cache.train.minillm import MiniLLMConfig, chunked_minillm, minillm_loss
-    from ddk_cache.train.student import chunked_loss
+    from ddk_cache.train.losses import chunked_loss
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

@@ -41,7 +41,7 @@ def build(config_file: str | None, finalize_only: bool, quiet: bool, **options: 
         if not getattr(cfg, required):
             raise click.UsageError(f"Missing option '--{required}' (only --finalize works without --data).")
     if quiet:
-        from .main import quiet_libraries
+        from .common import quiet_libraries
 
         quiet_libraries()
     result = run_build(cfg, progress=not quiet)

@@ -25,7 +25,7 @@ def distill(config_file: str | None, quiet: bool, **overrides: object) -> None:
     """
     cfg = DistillConfig.from_sources(config_file, overrides)
     if quiet:
-        from .main import quiet_libraries
+        from .common import quiet_libraries
 
         quiet_libraries()
     result = run_distill(cfg, progress=not quiet)

@@ -26,7 +26,7 @@ def generate(config_file: str | None, quiet: bool, **options: object) -> None:
     """
     cfg = GenerateConfig.from_sources(config_file, options)
     if quiet:
-        from .main import quiet_libraries
+        from .common import quiet_libraries
 
         quiet_libraries()
     bar = tqdm(desc="generate", unit=" sample", disable=quiet)

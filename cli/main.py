@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -10,6 +9,9 @@ import click
 from ddk_cache import __version__
 from ddk_cache.errors import DDKCacheError
 from ddk_cache.store.objects import is_disk_full
+
+from . import build, distill, generate, init_model, inspect, minillm, quickstart, verify
+from .common import quiet_libraries  # noqa: F401  (re-exported: older scripts import it from here)
 
 
 # What to run after an interruption or a full disk, per command.
@@ -21,18 +23,6 @@ _RESUME = {
 }
 
 
-
-
-def quiet_libraries() -> None:
-    """--quiet: also silence transformers' and huggingface_hub's own progress bars (loading
-    and saving weights), so a quiet run prints only its result or its one-line error."""
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    try:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 class _Group(click.Group):
@@ -80,8 +70,6 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import build, distill, generate, init_model, inspect, minillm, quickstart, verify
-
     main.add_command(build.build)
     main.add_command(generate.generate)
     main.add_command(minillm.minillm)

@@ -24,7 +24,7 @@ def minillm(config_file: str | None, quiet: bool, **options: object) -> None:
     """
     cfg = RoundsConfig.from_sources(config_file, options)
     if quiet:
-        from .main import quiet_libraries
+        from .common import quiet_libraries
 
         quiet_libraries()
     final = run_rounds(cfg, progress=not quiet, say=lambda line: click.echo(line, err=True))

@@ -24,7 +24,7 @@ def quickstart(out: str, scale: str, teacher: str, as_json: bool, quiet: bool) -
     distill two differently sized students from that one cache with DDK, and print
     per-domain perplexities (teacher; each student before/after)."""
     if quiet:
-        from .main import quiet_libraries
+        from .common import quiet_libraries
 
         quiet_libraries()
     say = lambda line: click.echo(line, err=True)  # noqa: E731

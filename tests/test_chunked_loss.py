@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddk_cache.train.losses import IGNORE_INDEX, KINDS, KDConfig, ce_and_dense_kd, ce_and_sparse_kd
-from ddk_cache.train.student import chunked_loss
+from ddk_cache.train.losses import chunked_loss
 
 
 def setup(N=37, H=16, V=50, K=6, seed=0):

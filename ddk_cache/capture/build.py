@@ -10,7 +10,7 @@ processes or machines at once; any worker can be killed and restarted):
      showing progress, until every worker's pieces are staged;
   4. make the plan (which tokens go into which sequence) and the arrays, once;
   5. score this worker's pending shards: the teacher streams, a pool of writer threads
-     converts, encodes and writes (stores.py's shard objects, then a log record);
+     converts, encodes and writes (store/cache.py's shard objects, then a log record);
   6. whoever sees no shard pending finalizes: the teacher perplexity table from the
      logged sums, state "complete" (also `ddk-cache build --finalize`).
 """
@@ -24,7 +24,6 @@ import os
 import queue
 import threading
 import time
-import zlib
 from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -45,7 +44,7 @@ from ..store.encodings import Encoding, PackV2, PackV3, PlainV1, RowScores, Toke
 from ..store.log import ShardRecord
 from ..store.meta import CHAT, CacheMeta
 from ..store.objects import DiskFull, Objects, is_disk_full, is_url
-from ..store.targets import DEFAULT_SAMPLE_POOL, TargetSpec
+from ..store.targets import DEFAULT_SAMPLE_POOL, TargetSpec, split_seed
 from .corpus import DomainSource, Piece, corpus_layout, discover_domains, plan_pieces, unread_files
 from .packing import (
     PLAN_KEY, Candidates, Gatherer, PackingConfig, Plan, done_pieces, make_plan, read_index, tokenize_piece, write_summary,
@@ -672,7 +671,7 @@ def _score(writer: CacheWriter, plan: Plan, shards: list[Shard], teacher: Any, s
                 n = len(tokens)
                 states[shard.key] = _ShardState(shard, {a: [None] * n for a in arrays}, n, [0.0] * n, [0] * n, [0.0] * n)
                 masks[shard.key] = mask
-            seed = [spec.seed, zlib.crc32(shard.domain.encode()), zlib.crc32(shard.split.encode())]
+            seed = split_seed(spec, shard.domain, shard.split)
             yield Job(shard, tokens, np.arange(shard.start, shard.stop), seed)
 
     def finish_row(job: Job, row: int, finish: Callable[[], RowScores | None]) -> float:

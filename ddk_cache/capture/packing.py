@@ -4,7 +4,8 @@ The rule (storage_layout.md, "Packing"), in bounded memory and independent of ho
 workers share the build:
 
 1. Each domain is cut into pieces (corpus.plan_pieces). Workers tokenize whole pieces
-   (worker i of N takes pieces j with j % N == i, counting over all domains) and stage
+   (build.balance: largest pieces first, each to the least loaded worker, the same split in
+   every worker) and stage
    each one under `_build/pieces/<domain>/<piece>`: its documents' tokens, ordered by the
    document's shuffle key h = blake2b-64(seed, domain, file, offset, part), and an index
    of (h, length). A piece's index is written last: it marks the piece done.

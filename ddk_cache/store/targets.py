@@ -169,8 +169,9 @@ def sample_from_topk(ids: np.ndarray, logprobs: np.ndarray, spec: TargetSpec, rn
     return out_ids, counts, np.where(counts > 0, lps, -np.inf).astype(np.float32)
 
 
-def shard_seed(spec: TargetSpec, domain: str, split: str, index: int) -> list[int]:
-    """Seed sequence of one shard's draws: the same shard draws the same ids on any resume."""
+def split_seed(spec: TargetSpec, domain: str, split: str) -> list[int]:
+    """The seed sequence of a split's draws; a sequence's own is this plus its row index in
+    the split, so the same sequence draws the same ids on any resume, whatever the sharding."""
     import zlib
 
-    return [spec.seed, zlib.crc32(domain.encode()), zlib.crc32(split.encode()), index]
+    return [spec.seed, zlib.crc32(domain.encode()), zlib.crc32(split.encode())]

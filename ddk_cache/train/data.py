@@ -31,8 +31,7 @@ import numpy as np
 import torch
 
 from ..store.cache import Cache
-
-IGNORE_INDEX = -100  # labels of positions that carry no loss (PyTorch's and Hugging Face's convention)
+from .losses import IGNORE_INDEX  # labels of positions that carry no loss (one definition)
 
 
 @dataclass

@@ -45,10 +45,10 @@ from . import checkpoint
 from .checkpoint import CKPT_DIR, LOCK_DIR, latest_checkpoint
 from .data import CacheLoader
 from .evaluate import evaluate_domains
-from .losses import IGNORE_INDEX, KINDS, TAILS, KDConfig
+from .losses import DEFAULT_CHUNK, IGNORE_INDEX, KINDS, TAILS, KDConfig
 from .minillm import MiniLLMConfig
 from .ddk import DDKController
-from .student import DEFAULT_CHUNK, StudentLoss, parallelize
+from .student import StudentLoss, parallelize
 
 METRICS = "metrics.jsonl"
 FINAL = "final"

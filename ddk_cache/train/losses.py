@@ -21,15 +21,16 @@ entries with log-prob -inf are padding (adaptive k, sampled targets). Sampled ta
 weights summing to 1 (a = 1): their tail bucket is empty, and forward KL against them is the
 unbiased sampled-KD loss.
 
-Divergences D(P, Q) over the resulting categories (references.md):
+Divergences D(P, Q) over the resulting categories (MiniLLM arXiv 2306.08543; DistiLLM arXiv
+2402.03898; GKD arXiv 2306.13649; AKL arXiv 2404.02657):
   fkl   sum P (log P - log Q)                              forward KL
   rkl   sum Q (log Q - log P)                              reverse KL (MiniLLM's single-step term)
   skl   KL(P || a P + (1-a) Q),        a = skew_alpha      DistiLLM skew KL
   srkl  KL(Q || (1-a) P + a Q)                             DistiLLM skew reverse KL
   jsd   b KL(P || M) + (1-b) KL(Q || M), M = b P + (1-b) Q  generalised JSD, b = jsd_beta
-  akl   g_h/(g_h+g_t) KL(P||Q) + g_t/(g_h+g_t) KL(Q||P)     adaptive KL: head = smallest set of
-        categories (by P, top-1 always in) whose P reaches akl_mu; g = sum |P - Q| over head /
-        tail, Q detached
+  akl   g_h/(g_h+g_t) KL(P||Q) + g_t/(g_h+g_t) KL(Q||P)     adaptive KL: head = the categories,
+        by P descending, whose cumulative P (themselves included) is <= akl_mu, and always the
+        top-1 (the authors' released code); g = sum |P - Q| over head / tail, Q detached
 """
 
 from __future__ import annotations
@@ -221,6 +222,7 @@ def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 
 IGNORE_INDEX = -100  # a label that carries no loss (PyTorch's and Hugging Face's convention)
+DEFAULT_CHUNK = 1024  # positions per loss chunk (~V * 12 bytes each at the peak)
 
 
 def _ce(student_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,6 +306,61 @@ def kd_loss(
     return (total, ce, kd) if return_parts else total
 
 
+def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, cfg: KDConfig, *,
+                 topk_ids: torch.Tensor | None = None, topk_logprobs: torch.Tensor | None = None,
+                 teacher_logits: torch.Tensor | None = None, chunk: int = DEFAULT_CHUNK, softcap: float | None = None,
+                 checkpoint: bool = True, tail_logprob: torch.Tensor | None = None, per_token: bool = False) -> tuple[torch.Tensor, ...]:
+    """CE + KD over positions in chunks: (CE sum, KD sum, per-position CE detached [N]); with
+    `per_token`, also the per-position CE and KD with their gradients (CE + KD [N] each).
+
+    hidden [N, H] (the decoder's output at the positions that predict `labels` [N]); the
+    targets are sparse (topk_ids/topk_logprobs [N, K]) or dense (teacher_logits [N, V]) or
+    none (CE only); `tail_logprob` [N] the teacher's stored tail (pack-v3). Each chunk's logits = head(hidden chunk) in float32; with `checkpoint`
+    they are recomputed in the backward pass instead of kept. Equal to the unchunked loss
+    and its gradients (tests/test_chunked_loss.py)."""
+    N = hidden.shape[0]
+    ce_sum = hidden.new_zeros((), dtype=torch.float32)
+    kd_sum = hidden.new_zeros((), dtype=torch.float32)
+    ce_detached, ce_parts, kd_parts = [], [], []
+    for start in range(0, N, chunk):
+        stop = min(N, start + chunk)
+        args = [hidden[start:stop], labels[start:stop]]
+        if topk_ids is not None:
+            args += [topk_ids[start:stop], topk_logprobs[start:stop]]
+            if tail_logprob is not None:
+                args += [tail_logprob[start:stop]]
+        elif teacher_logits is not None:
+            args += [teacher_logits[start:stop]]
+
+        def piece(h: torch.Tensor, y: torch.Tensor, *t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = head(h).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            if len(t) == 3:
+                return ce_and_sparse_kd(logits, y, t[0], t[1], cfg, tail_logprob=t[2])
+            if len(t) == 2:
+                return ce_and_sparse_kd(logits, y, t[0], t[1], cfg)
+            if len(t) == 1:
+                return ce_and_dense_kd(logits, y, t[0], cfg)
+            return ce_and_sparse_kd(logits, y, None, None, KDConfig("none"))
+
+        if checkpoint and torch.is_grad_enabled():
+            ce, kd = torch.utils.checkpoint.checkpoint(piece, *args, use_reentrant=False)
+        else:
+            ce, kd = piece(*args)
+        ce_sum = ce_sum + ce.sum()
+        kd_sum = kd_sum + kd.sum()
+        ce_detached.append(ce.detach())
+        if per_token:
+            ce_parts.append(ce)
+            kd_parts.append(kd)
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    out = (ce_sum, kd_sum, torch.cat(ce_detached) if ce_detached else empty)
+    if per_token:
+        out += (torch.cat(ce_parts) if ce_parts else empty, torch.cat(kd_parts) if kd_parts else empty)
+    return out
+
+
 class KDLoss(torch.nn.Module):
     """The distillation loss as a module: `KDLoss("fkl", kd_weight=0.2)(logits, labels,
     topk_ids, topk_logprobs)`; see `kd_loss` for the shapes. Every divergence (KINDS), both
@@ -328,8 +385,6 @@ class KDLoss(torch.nn.Module):
         """The same loss from the decoder's last hidden states [B, L, H] and the output head,
         `chunk` positions at a time, with the module's reduction (none: per predicted position
         [B*(L-1)], 0 where the label is IGNORE_INDEX, as `forward` returns)."""
-        from .student import chunked_loss
-
         h, y, ids, lps = _shift(hidden, labels, [topk_ids, topk_logprobs], True)
         tail = None if tail_logprob is None else tail_logprob.reshape(-1)
         ce, kd, _, ce_tok, kd_tok = chunked_loss(h, head, y, self.config, topk_ids=None if ids is None else ids.long(), topk_logprobs=lps,

@@ -1,6 +1,6 @@
 """Domain sampling weights: DDK's discrepancy-driven mix (arXiv 2407.16154) and the baselines.
 
-DDK (references.md): with student and teacher validation perplexities l_S[i], l_T[i],
+DDK (arXiv 2407.16154): with student and teacher validation perplexities l_S[i], l_T[i],
   discrepancy factor   r[i] = exp(l_S[i]/l_T[i]) / sum_j exp(l_S[j]/l_T[j])
   smooth update        psi[i] = r_prev[i] * exp(l_S[i]/l_T[i]);
                        r[i] = alpha * psi[i] / sum_j psi[j] + (1 - alpha) / N

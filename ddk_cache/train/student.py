@@ -2,7 +2,7 @@
 how it is spread over ranks (DDP, or FSDP2 with one shard group per decoder layer).
 
 Why a wrapper: the loss is computed inside the module's forward, over chunks of positions
-(`chunked_loss`), from the decoder's hidden states and the output head. The [tokens,
+(`losses.chunked_loss`), from the decoder's hidden states and the output head. The [tokens,
 vocabulary] logits and their float32 log-softmax are never materialised for a whole batch
 (at V = 151,936 that is ~1.8 MB per token with its gradient): each chunk's logits are made,
 used and dropped, and recomputed in the backward pass (activation checkpointing). And
@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from .losses import IGNORE_INDEX, KDConfig, ce_and_dense_kd, ce_and_sparse_kd
+from .losses import DEFAULT_CHUNK, IGNORE_INDEX, KDConfig, chunked_loss
+from .minillm import chunked_minillm
 
-DEFAULT_CHUNK = 1024  # positions per loss chunk (~V * 12 bytes each at the peak)
 
 
 def _head_parts(model: Any) -> tuple[Any, Any, float | None]:
@@ -35,61 +35,6 @@ def _head_parts(model: Any) -> tuple[Any, Any, float | None]:
     if scale not in (None, 1, 1.0):
         raise TypeError(f"{type(model).__name__} scales its logits (logit_scale {scale}); the chunked loss does not apply it")
     return decoder, head, cap
-
-
-def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, cfg: KDConfig, *,
-                 topk_ids: torch.Tensor | None = None, topk_logprobs: torch.Tensor | None = None,
-                 teacher_logits: torch.Tensor | None = None, chunk: int = DEFAULT_CHUNK, softcap: float | None = None,
-                 checkpoint: bool = True, tail_logprob: torch.Tensor | None = None, per_token: bool = False) -> tuple[torch.Tensor, ...]:
-    """CE + KD over positions in chunks: (CE sum, KD sum, per-position CE detached [N]); with
-    `per_token`, also the per-position CE and KD with their gradients (CE + KD [N] each).
-
-    hidden [N, H] (the decoder's output at the positions that predict `labels` [N]); the
-    targets are sparse (topk_ids/topk_logprobs [N, K]) or dense (teacher_logits [N, V]) or
-    none (CE only); `tail_logprob` [N] the teacher's stored tail (pack-v3). Each chunk's logits = head(hidden chunk) in float32; with `checkpoint`
-    they are recomputed in the backward pass instead of kept. Equal to the unchunked loss
-    and its gradients (tests/test_chunked_loss.py)."""
-    N = hidden.shape[0]
-    ce_sum = hidden.new_zeros((), dtype=torch.float32)
-    kd_sum = hidden.new_zeros((), dtype=torch.float32)
-    ce_detached, ce_parts, kd_parts = [], [], []
-    for start in range(0, N, chunk):
-        stop = min(N, start + chunk)
-        args = [hidden[start:stop], labels[start:stop]]
-        if topk_ids is not None:
-            args += [topk_ids[start:stop], topk_logprobs[start:stop]]
-            if tail_logprob is not None:
-                args += [tail_logprob[start:stop]]
-        elif teacher_logits is not None:
-            args += [teacher_logits[start:stop]]
-
-        def piece(h: torch.Tensor, y: torch.Tensor, *t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = head(h).float()
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            if len(t) == 3:
-                return ce_and_sparse_kd(logits, y, t[0], t[1], cfg, tail_logprob=t[2])
-            if len(t) == 2:
-                return ce_and_sparse_kd(logits, y, t[0], t[1], cfg)
-            if len(t) == 1:
-                return ce_and_dense_kd(logits, y, t[0], cfg)
-            return ce_and_sparse_kd(logits, y, None, None, KDConfig("none"))
-
-        if checkpoint and torch.is_grad_enabled():
-            ce, kd = torch.utils.checkpoint.checkpoint(piece, *args, use_reentrant=False)
-        else:
-            ce, kd = piece(*args)
-        ce_sum = ce_sum + ce.sum()
-        kd_sum = kd_sum + kd.sum()
-        ce_detached.append(ce.detach())
-        if per_token:
-            ce_parts.append(ce)
-            kd_parts.append(kd)
-    empty = hidden.new_zeros(0, dtype=torch.float32)
-    out = (ce_sum, kd_sum, torch.cat(ce_detached) if ce_detached else empty)
-    if per_token:
-        out += (torch.cat(ce_parts) if ce_parts else empty, torch.cat(kd_parts) if kd_parts else empty)
-    return out
 
 
 class StudentLoss(torch.nn.Module):
@@ -128,8 +73,6 @@ class StudentLoss(torch.nn.Module):
                  target_logprob: torch.Tensor, old_logprob: torch.Tensor, tail_logprob: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """(CE sum detached: logged, not trained; MiniLLM's objective summed over the response;
         per-position CE detached), in chunks of response positions (minillm.chunked_minillm)."""
-        from .minillm import chunked_minillm
-
         return chunked_minillm(hidden, self._head, labels, topk_ids, topk_logprobs, target_logprob, old_logprob, self.minillm,
                                chunk=self.chunk, softcap=self._softcap, ignore_index=IGNORE_INDEX, tail_logprob=tail_logprob)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 
 from ...errors import ConfigError
 from ...store.encodings import RowScores
-from ...store.targets import DEFAULT_SAMPLE_POOL, TargetSpec, adaptive_cut, sample_from_topk
+from ...store.targets import DEFAULT_SAMPLE_POOL, TargetSpec, adaptive_cut, sample_from_topk, split_seed
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -67,11 +66,6 @@ class Job:
     tokens: np.ndarray
     rows: np.ndarray
     seed: list[int] = field(default_factory=list)
-
-
-def row_seed(spec: TargetSpec, domain: str, split: str, row: int) -> list[int]:
-    """Seed sequence of one sequence's draws: the same on every resume, whatever the sharding."""
-    return [spec.seed, zlib.crc32(domain.encode()), zlib.crc32(split.encode()), int(row)]
 
 
 @dataclass
@@ -165,7 +159,7 @@ class Teacher(ABC):
 
     def targets(self, tokens: np.ndarray, spec: TargetSpec, domain: str = "d", split: str = "train", first_row: int = 0) -> list[RowScores]:
         """The targets `spec` asks for, one RowScores per sequence (tests, benchmarks)."""
-        job = Job(None, tokens, np.arange(first_row, first_row + len(tokens)), [spec.seed, zlib.crc32(domain.encode()), zlib.crc32(split.encode())])
+        job = Job(None, tokens, np.arange(first_row, first_row + len(tokens)), split_seed(spec, domain, split))
         rows: dict[int, RowScores] = {}
         for _, row, finish in self.stream([job], spec):
             rows[row] = finish()
