@@ -147,13 +147,24 @@ def test_batch_size_and_device_may_change_on_resume(built_cache, teacher_dir, co
         ({"seq_len": 16}, r"--seq-len: 32 in the cache, 16 here"),
         ({"top_k": 4}, r"--top-k: 8 in the cache, 4 here"),
         ({"seed": 1}, r"--seed: 0 in the cache, 1 here"),
-        ({"max_num_batched_tokens": 512}, r"--max-num-batched-tokens: None in the cache, 512 here"),
-        ({"engine_args": {"quantization": "fp8"}}, r"--engine-arg: \{\} in the cache, \{'quantization': 'fp8'\} here"),
+        ({"row_start": "bos"}, r"--row-start: 'none' in the cache, 'bos' here"),
+        ({"val_tokens": 128}, r"--val-tokens: 64 in the cache, 128 here"),
     ],
 )
 def test_store_of_another_build_is_refused(built_cache, teacher_dir, corpus_dir, override, message):
     with pytest.raises(StoreError, match=message):
         build(small_config(teacher_dir, corpus_dir, built_cache, **override), progress=False)
+
+
+def test_vllm_engine_options_are_in_the_fingerprint():
+    """A vLLM build resumed with other engine options is another build (an hf build refuses
+    them outright: test_vllm_only_options_are_refused_for_the_hf_backend)."""
+    from ddk_cache import config as cfgmod
+    from ddk_cache.capture.build import BuildConfig
+
+    values = cfgmod.fingerprint_values(BuildConfig(teacher="t", data="d", out="o"))
+    assert {"max_num_batched_tokens", "engine_args", "tensor_parallel_size"} <= set(values)
+    assert not {"gpu_memory_utilization", "logprobs_format", "batch_size", "device"} & set(values)
 
 
 def test_changed_corpus_is_refused(tmp_path, built_cache, teacher_dir, corpus_dir):
@@ -288,3 +299,13 @@ def test_resume_with_weights_changed_in_place_is_refused(tmp_path, teacher_dir, 
     assert (teacher / "model.safetensors").stat().st_size == size
     with pytest.raises(StoreError, match=r"the teacher differs \(cache: .*: weights changed \(model.safetensors\)\)"):
         build(small_config(teacher, corpus_dir, out), progress=False)
+
+
+def test_vllm_only_options_are_refused_for_the_hf_backend(tmp_path, teacher_dir, corpus_dir):
+    """They used to be dropped silently: a user asking for 2 GPUs per engine got one."""
+    with pytest.raises(ConfigError, match=r"--tensor-parallel-size applies to --backend vllm only; this build runs hf: drop it"):
+        build(small_config(teacher_dir, corpus_dir, tmp_path / "c.zarr", tensor_parallel_size=2), progress=False)
+    with pytest.raises(ConfigError, match=r"--gpu-memory-utilization, --engine-arg apply to --backend vllm only"):
+        build(small_config(teacher_dir, corpus_dir, tmp_path / "c.zarr", gpu_memory_utilization=0.5, engine_args={"enforce_eager": True}),
+              progress=False)
+    assert not (tmp_path / "c.zarr").exists()

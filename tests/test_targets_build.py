@@ -235,7 +235,9 @@ def test_version_1_caches_still_read(built_cache, tmp_path):
     (dict(targets="sampled", encoding="plain"), "--targets sampled needs --encoding pack"),
     (dict(min_mass=1.5), r"--min-mass must be in \(0, 1\]"),
     (dict(samples=5000, targets="sampled", encoding="pack"), "--samples must be in 1..4096"),
-    (dict(kl_budget=1.0), "--kl-budget must be in 1e-06..0.1"),
+    (dict(kl_budget=1.0, encoding="pack-v2"), "--kl-budget must be in 1e-06..0.1"),
+    (dict(kl_budget=1e-3, encoding="pack"), "--kl-budget applies to --encoding pack-v2 only; this build writes pack"),
+    (dict(logprob_step=0.9, encoding="pack"), "--logprob-step must be in 1.5e-05..0.5"),
     (dict(targets="sampled", min_prob=0.1, encoding="pack"), "--min-mass/--min-prob apply to --targets topk only"),
     (dict(teacher="", top_k=8), "--teacher is required"),
 ])

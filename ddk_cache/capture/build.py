@@ -17,6 +17,7 @@ processes or machines at once; any worker can be killed and restarted):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -49,7 +50,7 @@ from .corpus import DomainSource, Piece, corpus_layout, discover_domains, plan_p
 from .packing import (
     PLAN_KEY, Candidates, Gatherer, PackingConfig, Plan, done_pieces, make_plan, read_index, tokenize_piece, write_summary,
 )
-from .teachers import BACKENDS, Teacher, load_teacher, resolve_backend
+from .teachers import BACKENDS, Teacher, check_options, load_teacher, resolve_backend
 from .teachers.base import EngineStats, Job, model_fingerprint, resolve_dtype, weight_digests
 from .tokenization import document_tokenizer, load_tokenizer, resolve_row_start, tokenizer_info
 
@@ -127,13 +128,19 @@ class BuildConfig(CommandConfig):
             (self.tensor_parallel_size >= 1, f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}"),
             (self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1, f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
             (self.encoding in ENCODINGS, f"--encoding must be pack or plain, got {self.encoding!r}"),
-            (self.encoding != "plain" or self.targets == "topk", "--targets sampled needs --encoding pack (plain-v1 stores no draw counts)"),
             (self.sample_pool is None or self.sample_pool >= 2, f"--sample-pool must be >= 2, got {self.sample_pool}"),
-            (1e-6 <= self.kl_budget <= 1e-1, f"--kl-budget must be in 1e-06..0.1, got {self.kl_budget}"),
-            (2.0**-16 <= self.logprob_step <= 0.5, f"--logprob-step must be in 1.5e-05..0.5, got {self.logprob_step}"),
             (bool(self.teacher) or (self.top_k == 0 and bool(self.tokenizer)), "--teacher is required (a tokens-only cache, --top-k 0, needs only --tokenizer)"),
         ])
         self.target_spec()  # validates the target options
+        # An encoding's own option given to another encoding is refused, not dropped.
+        for flag, name, owner in (("--kl-budget", "kl_budget", "pack-v2"), ("--logprob-step", "logprob_step", "pack")):
+            default = next(f.default for f in dataclasses.fields(self) if f.name == name)
+            if getattr(self, name) != default and self.encoding != owner and not self.tokens_only:
+                raise ConfigError(f"{flag} applies to --encoding {owner} only; this build writes {self.encoding}: drop it")
+        try:  # the encoding owns its checks (--kl-budget, what it can store)
+            self.storage_encoding().check(self.target_spec())
+        except StoreError as e:
+            raise ConfigError(str(e)) from None
 
     @property
     def tokens_only(self) -> bool:
@@ -153,6 +160,21 @@ class BuildConfig(CommandConfig):
         if self.encoding == "pack":
             return PackV3(step=self.logprob_step)
         return PackV2(kl_budget=self.kl_budget) if self.encoding == "pack-v2" else PlainV1(clevel=self.clevel)
+
+    def teacher_options(self) -> dict[str, Any]:
+        """The options the teacher backend is loaded with: the common ones, and each backend's
+        own (vLLM's) only where given (not at their defaults), so a backend that does not take
+        one refuses it instead of dropping it (teachers.check_options)."""
+        from .teachers import COMMON_OPTIONS, VLLM_OPTIONS
+
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        own = {}
+        for name in VLLM_OPTIONS:
+            f = fields[name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if getattr(self, name) != default:
+                own[name] = dict(getattr(self, name)) if name == "engine_args" else getattr(self, name)
+        return {**{name: getattr(self, name) for name in COMMON_OPTIONS}, **own}
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -329,6 +351,8 @@ def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teac
     # the tokenizer's thread pool starts, which is at its first batch).
     os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, worker.local_world_size))))
     backend = "none" if config.tokens_only else resolve_backend(config.backend)
+    if not config.tokens_only and teacher is None:
+        check_options(backend, config.teacher_options())  # cheap errors first: before any model or corpus is read
     # Before anything touches CUDA: this worker's GPU set (vLLM's engine uses the first t visible GPUs).
     if backend == "vllm" or (config.device == "auto" and worker.local_world_size > 1):
         assign_gpus(worker, config.tensor_parallel_size if backend == "vllm" else 1)
@@ -370,14 +394,8 @@ def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teac
         if config.tokens_only:
             teacher = _TokensOnlyTeacher()  # type: ignore[assignment]
         elif teacher is None:
-            teacher = load_teacher(
-                backend, config.teacher, top_k=max(config.top_k, config.samples if config.targets == "sampled" else 0, pool or 0),
-                seq_len=config.seq_len, dtype=config.dtype, device=config.device, batch_size=config.batch_size,
-                revision=config.revision, trust_remote_code=config.trust_remote_code,
-                tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=config.gpu_memory_utilization,
-                max_num_batched_tokens=config.max_num_batched_tokens, logprobs_format=config.logprobs_format,
-                engine_args=dict(config.engine_args),
-            )
+            teacher = load_teacher(backend, config.teacher, top_k=max(config.top_k, config.samples if config.targets == "sampled" else 0, pool or 0),
+                                   seq_len=config.seq_len, **config.teacher_options())
         if own_teacher:
             stack.callback(teacher.close)
         vocab = len(tok) if config.tokens_only else teacher.vocab_size

@@ -208,7 +208,7 @@ class PackV3(_Packed):
 
     def __post_init__(self) -> None:
         if not 2.0**-16 <= self.step <= 0.5:
-            raise StoreError(f"pack-v3 encoding: step must be in 2^-16..0.5, got {self.step}")
+            raise StoreError(f"--logprob-step must be in 1.5e-05..0.5, got {self.step}")
         if not 0 < self.knee <= 64:
             raise StoreError(f"pack-v3 encoding: knee must be in (0, 64], got {self.knee}")
         self._check_level()
@@ -249,7 +249,7 @@ class PackV2(_Packed):
 
     def __post_init__(self) -> None:
         if not 1e-6 <= self.kl_budget <= 1e-1:
-            raise StoreError(f"pack-v2 encoding: kl_budget must be in 1e-06..0.1, got {self.kl_budget}")
+            raise StoreError(f"--kl-budget must be in 1e-06..0.1, got {self.kl_budget}")
         self._check_level()
 
     def _make_codec(self, layout: Layout, sampled: bool, sample_logp: bool) -> Any:

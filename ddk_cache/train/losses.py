@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-KINDS = ("fkl", "rkl", "skl", "srkl", "jsd", "akl", "none")
 TAILS = ("bucket", "renorm")
 
 
@@ -87,39 +87,86 @@ def _finite(logx: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(logx), logx, torch.full_like(logx, -1e30))
 
 
+@dataclass(frozen=True)
+class Divergence:
+    """One registered divergence: `fn(logp, logq, p, q, cfg)` -> D(P, Q) per row (P the
+    teacher, Q the student; log-probs finite, zero-probability categories at -1e30)."""
+
+    name: str
+    summary: str  # one line: `distill --help` lists it
+    fn: Callable[..., torch.Tensor]
+
+
+DIVERGENCES: dict[str, Divergence] = {}
+
+
+def register(name: str, summary: str) -> Callable:
+    """Add a divergence to `--kd-loss` (a new one is this decorator on one function, plus its test)."""
+    def add(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        DIVERGENCES[name] = Divergence(name, summary, fn)
+        return fn
+    return add
+
+
+@register("fkl", "forward KL")
+def _fkl(logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor, q: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
+    return _xlogy_diff(p, logp, logq)
+
+
+@register("rkl", "token-level reverse KL: MiniLLM's single-step term")
+def _rkl(logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor, q: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
+    return _xlogy_diff(q, logq, logp)
+
+
+def _log_mixture(logp: torch.Tensor, logq: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w P + (1 - w) Q), in log space so tiny probabilities stay exact."""
+    return torch.logaddexp(logp + math.log(w), logq + math.log(1 - w))
+
+
+@register("skl", "DistiLLM skew KL")
+def _skl(logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor, q: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
+    return _xlogy_diff(p, logp, _log_mixture(logp, logq, cfg.skew_alpha))
+
+
+@register("srkl", "DistiLLM skew reverse KL")
+def _srkl(logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor, q: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
+    return _xlogy_diff(q, logq, _log_mixture(logp, logq, 1 - cfg.skew_alpha))
+
+
+@register("jsd", "generalised JSD")
+def _jsd(logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor, q: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
+    w = cfg.jsd_beta
+    logm = _log_mixture(logp, logq, w)
+    return w * _xlogy_diff(p, logp, logm) + (1 - w) * _xlogy_diff(q, logq, logm)
+
+
+@register("akl", "adaptive KL")
+def _akl(logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor, q: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
+    # The AKL authors' rule (arXiv 2404.02657, their released code): sort by P, a category
+    # is in the head when the cumulative P *including* it is <= mu; the top-1 always is.
+    # The category whose cumulative mass crosses mu is in the tail.
+    order = torch.argsort(p, dim=-1, descending=True, stable=True)
+    p_sorted = p.gather(-1, order)
+    head_sorted = torch.cumsum(p_sorted, -1) <= cfg.akl_mu
+    head_sorted[..., 0] = True
+    head = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
+    gap = (p - q.detach()).abs()
+    g_h = torch.where(head, gap, torch.zeros_like(gap)).sum(-1)
+    g_t = torch.where(head, torch.zeros_like(gap), gap).sum(-1)
+    total = (g_h + g_t).clamp_min(1e-12)
+    return g_h / total * _xlogy_diff(p, logp, logq) + g_t / total * _xlogy_diff(q, logq, logp)
+
+
+KINDS = (*DIVERGENCES, "none")  # `none`: CE only
+
+
 def divergence(kind: str, logp: torch.Tensor, logq: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
     """D(P, Q) per row for categorical log-distributions [N, C] (P the teacher, Q the student;
     -inf: a category of zero probability)."""
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}")
     logp, logq = _finite(logp), _finite(logq)
-    p, q = logp.exp(), logq.exp()
-    if kind == "fkl":
-        return _xlogy_diff(p, logp, logq)
-    if kind == "rkl":
-        return _xlogy_diff(q, logq, logp)
-    if kind in ("skl", "srkl", "jsd"):
-        w = {"skl": cfg.skew_alpha, "srkl": 1 - cfg.skew_alpha, "jsd": cfg.jsd_beta}[kind]
-        # log M = log(w P + (1-w) Q), computed in log space so tiny probabilities stay exact.
-        logm = torch.logaddexp(logp + math.log(w), logq + math.log(1 - w))
-        if kind == "skl":
-            return _xlogy_diff(p, logp, logm)
-        if kind == "srkl":
-            return _xlogy_diff(q, logq, logm)
-        return w * _xlogy_diff(p, logp, logm) + (1 - w) * _xlogy_diff(q, logq, logm)
-    if kind == "akl":
-        # The AKL authors' rule (arXiv 2404.02657, their released code): sort by P, a category
-        # is in the head when the cumulative P *including* it is <= mu; the top-1 always is.
-        # The category whose cumulative mass crosses mu is in the tail.
-        order = torch.argsort(p, dim=-1, descending=True, stable=True)
-        p_sorted = p.gather(-1, order)
-        head_sorted = torch.cumsum(p_sorted, -1) <= cfg.akl_mu
-        head_sorted[..., 0] = True
-        head = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
-        gap = (p - q.detach()).abs()
-        g_h = torch.where(head, gap, torch.zeros_like(gap)).sum(-1)
-        g_t = torch.where(head, torch.zeros_like(gap), gap).sum(-1)
-        total = (g_h + g_t).clamp_min(1e-12)
-        return g_h / total * _xlogy_diff(p, logp, logq) + g_t / total * _xlogy_diff(q, logq, logp)
-    raise ValueError(f"unknown divergence {kind!r}")
+    return DIVERGENCES[kind].fn(logp, logq, logp.exp(), logq.exp(), cfg)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:

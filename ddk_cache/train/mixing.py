@@ -28,6 +28,12 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def check_alpha(alpha: float) -> None:
+    """DDK's smoothing alpha is a share: ValueError outside [0, 1] (the one check of it)."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"--ddk-alpha must be in [0, 1], got {alpha}")
+
+
 def parse_static(spec: str, domains: list[str]) -> np.ndarray:
     """`dom=w,dom=w` -> weights over `domains` (unlisted domains get 0), normalised.
 
@@ -73,8 +79,7 @@ class Mixer:
         if kind == "static" and ":" in self.kind:
             self.static = self.kind.split(":", 1)[1]
         self.kind = kind
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"--ddk-alpha must be in [0, 1], got {self.alpha}")
+        check_alpha(self.alpha)
         n = len(self.domains)
         if kind == "natural":
             self.weights = np.asarray(self.sizes, float) / float(sum(self.sizes))
