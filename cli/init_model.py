@@ -8,7 +8,7 @@ import itertools
 import click
 
 from ddk_cache.capture.corpus import discover_domains, iter_documents
-from ddk_cache.models import ModelSpec, from_gguf, init_student as make_student, make_model_dir, smollm2, smollm2_gguf
+from ddk_cache.models import ModelSpec, from_gguf, init_student as make_student, make_model_dir, smollm2
 
 
 @click.command("init-model")

@@ -75,7 +75,6 @@ def test_pack_v3_keeps_every_probability_and_the_tail_to_a_relative_bound(caches
         err = np.abs(batch.topk_logprobs.astype(np.float64) - lps)
         assert (err <= enc.step * np.maximum(1, r / enc.knee) + 1e-6).all()
         tail = exact_tails(teacher_dir, batch.tokens, 8)
-        rt = np.abs(lps[..., 0] - tail)
         assert (np.abs(batch.tail_logprob - tail) <= enc.step + 1e-6).all()
         total = np.exp(batch.topk_logprobs.astype(np.float64)).sum(-1) + np.exp(batch.tail_logprob.astype(np.float64))
         np.testing.assert_allclose(total, 1.0, atol=2e-6)  # decoded targets are distributions

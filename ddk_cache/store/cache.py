@@ -360,7 +360,6 @@ class CacheWriter(_CacheNode):
 
         meta = self.meta
         meta.domains = domains
-        S = meta.shard_sequences
         for domain in domains:
             # Groups by an exclusive create of their zarr.json: several workers may get here at
             # once, and zarr's require_group is check-then-create.
