@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine, print_table, real_teacher
+from common import machine, print_table
 from quality import sh, stage
 
 from ddk_cache.train.report import read_metrics

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from ddk_cache.capture.build import build
 from ddk_cache.cli.main import main
-from ddk_cache.errors import ConfigError, CorpusError, StoreError
+from ddk_cache.errors import ConfigError, CorpusError
 
 from .helpers import copy_cache, distill_config, make_docs, make_student, small_config
 
