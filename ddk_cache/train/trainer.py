@@ -280,7 +280,7 @@ def check_resume(saved: dict, cfg: DistillConfig, cache: Cache, run: Path, world
                         f"(build {theirs[:12]} before, {cache_identity(cache)[:12]} now)")
     if diffs:
         raise ConfigError(f"--resume: {run} was trained with other settings: {'; '.join(diffs)}. "
-                          f"Only these may change on resume: {', '.join(free_fields(DistillConfig))}; "
+                          f"Only these may change on resume: {', '.join(free_fields(type(cfg)))}; "
                           "for anything else start a new --out")
 
 
