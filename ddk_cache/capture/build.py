@@ -20,39 +20,71 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import queue
-import threading
 import time
-from pathlib import Path
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from .. import config as cfgmod
 from ..config import CommandConfig, option, validate
-from ..errors import ConfigError, CorpusError, NonFiniteTeacher, StoreError, StoreVersionError, TeacherError
+from ..errors import (
+    ConfigError,
+    CorpusError,
+    StoreError,
+    StoreVersionError,
+)
 from ..runtime import Worker, assign_gpus, resolve_device, resolve_worker
 from ..store.cache import (
-    LOSS_MASK, SAMPLE_LOGPROB, STATE_COMPLETE, STATE_INITIALIZING, TOKENS, CacheWriter, Shard, describe_pending, format_bytes, read_root_meta,
+    STATE_COMPLETE,
+    STATE_INITIALIZING,
+    CacheWriter,
+    Shard,
+    describe_pending,
+    read_root_meta,
 )
-from ..store.encodings import Encoding, PackV2, PackV3, PlainV1, RowScores, TokensOnly
-from ..store.log import ShardRecord
+from ..store.encodings import Encoding, PackV2, PackV3, PlainV1, TokensOnly
 from ..store.meta import CHAT, CacheMeta
 from ..store.objects import DiskFull, Objects, is_disk_full, is_url
-from ..store.targets import DEFAULT_SAMPLE_POOL, TargetSpec, split_seed
-from .corpus import DomainSource, Piece, corpus_layout, discover_domains, plan_pieces, unread_files
-from .packing import (
-    PLAN_KEY, Candidates, Gatherer, PackingConfig, Plan, done_pieces, make_plan, read_index, tokenize_piece, write_summary,
+from ..store.targets import DEFAULT_SAMPLE_POOL, TargetSpec
+from .corpus import (
+    DomainSource,
+    Piece,
+    corpus_layout,
+    discover_domains,
+    plan_pieces,
+    unread_files,
 )
+from .packing import (
+    PLAN_KEY,
+    Candidates,
+    PackingConfig,
+    Plan,
+    done_pieces,
+    make_plan,
+    read_index,
+    tokenize_piece,
+    write_summary,
+)
+from .scoring import Hook, Scorer
 from .teachers import BACKENDS, Teacher, check_options, load_teacher, resolve_backend
-from .teachers.base import EngineStats, Job, model_fingerprint, resolve_dtype, weight_digests
-from .tokenization import document_tokenizer, load_tokenizer, resolve_row_start, tokenizer_info
+from .teachers.base import (
+    EngineStats,
+    Job,
+    model_fingerprint,
+    resolve_dtype,
+    weight_digests,
+)
+from .tokenization import (
+    document_tokenizer,
+    load_tokenizer,
+    resolve_row_start,
+    tokenizer_info,
+)
 
 ENCODINGS = ("pack", "pack-v2", "plain")
 
@@ -210,9 +242,6 @@ class BuildResult:
         return self.tokens_scored / self.seconds if self.seconds else 0.0
 
 
-Hook = Callable[[str, dict[str, Any]], None]
-
-
 def auto_writer_threads() -> int:
     """Half the cores, 1 to 8: the rest stay with the teacher (tokenizer, CPU forward passes)."""
     return max(1, min(8, (os.cpu_count() or 2) // 2))
@@ -224,37 +253,6 @@ def auto_shard_sequences(config: BuildConfig, spec: TargetSpec, encoding: Encodi
     P = config.seq_len - 1
     per_sequence = encoding.bytes_per_position(spec) * P + 2.5 * config.seq_len
     return max(1, min(1 << 16, int(config.shard_mb * (1 << 20) // per_sequence)))
-
-
-class SizeProjection:
-    """The finished cache's size, projected from the shards written so far: each domain's
-    bytes per position (targets, tokens and the rest) times its positions. A size guessed
-    before any teacher output is unreliable (a peaked teacher's rows take a third of a flat
-    one's), so the build says nothing until every domain it works on has a written shard,
-    then prints this once."""
-
-    def __init__(self, meta: CacheMeta, shards: list[Shard]) -> None:
-        P = meta.seq_len - 1
-        self.total = {d: P * sum(info.split(s).sequences for s in ("train", "val")) for d, info in meta.domains.items()}
-        self.waiting = {s.domain for s in shards}
-        self.bytes: dict[str, int] = {}
-        self.positions: dict[str, int] = {}
-        self.P = P
-        self.done = False
-
-    def add(self, shard: Shard, sizes: dict[str, int]) -> str | None:
-        """Record a written shard; the line to print once every domain has one."""
-        self.bytes[shard.domain] = self.bytes.get(shard.domain, 0) + sum(sizes.values())
-        self.positions[shard.domain] = self.positions.get(shard.domain, 0) + (shard.stop - shard.start) * self.P
-        self.waiting.discard(shard.domain)
-        if self.done or self.waiting:
-            return None
-        self.done = True
-        per = {d: self.bytes[d] / self.positions[d] for d in self.bytes}
-        mean = sum(self.bytes.values()) / sum(self.positions.values())
-        total = sum(self.total[d] * per.get(d, mean) for d in self.total)
-        return (f"cache size, projected from the shards written so far: about {format_bytes(total)} "
-                f"({total / sum(self.total.values()):.1f} B/position, {sum(self.total.values()):,} positions)")
 
 
 def build_fingerprint(config: BuildConfig, corpus: list[dict], teacher_fp: str, tokenizer_fp: str, backend: str) -> str:
@@ -343,150 +341,77 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
                        "the same command again: it resumes") from None
 
 
+@dataclass
+class _Inputs:
+    """A build's inputs, resolved and checked once (stage 1)."""
+
+    config: BuildConfig  # with every "auto" choice resolved: the fingerprint names what is used
+    worker: Worker
+    backend: str
+    domains: list[DomainSource]
+    tok: Any
+    tok_source: str
+    spec: TargetSpec
+    encoding: Encoding
+    fps: dict[str, Any]  # corpus layout, teacher, tokenizer and backend fingerprints
+    fingerprint: str
+
+
 def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teacher | None) -> BuildResult:
     hook = hook or (lambda event, info: None)
     started = time.perf_counter()
-    worker = resolve_worker(config.num_shards, config.shard_index)
-    # The tokenizer's own threads: the node's cores shared among its workers (set before
-    # the tokenizer's thread pool starts, which is at its first batch).
-    os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, worker.local_world_size))))
-    backend = "none" if config.tokens_only else resolve_backend(config.backend)
-    if not config.tokens_only and teacher is None:
-        check_options(backend, config.teacher_options())  # cheap errors first: before any model or corpus is read
-    # Before anything touches CUDA: this worker's GPU set (vLLM's engine uses the first t visible GPUs).
-    if backend == "vllm" or (config.device == "auto" and worker.local_world_size > 1):
-        assign_gpus(worker, config.tensor_parallel_size if backend == "vllm" else 1)
-    domains = discover_domains(config.data)
-    tok_source = config.tokenizer or config.teacher
-    tok = load_tokenizer(tok_source, revision=config.revision if not config.tokenizer else None, trust_remote_code=config.trust_remote_code)
-    spec0 = config.target_spec()
-    encoding = config.storage_encoding()
-    # Resolve "auto" choices first: the fingerprint must name what was actually used.
-    dtype = config.dtype if config.tokens_only else resolve_dtype(config.dtype, resolve_device(config.device, worker))
-    pool = config.sample_pool or (DEFAULT_SAMPLE_POOL if backend == "vllm" and config.targets == "sampled" else None)
-    row_start = resolve_row_start(config.row_start, tok)
-    config = replace(config, dtype=dtype, backend=config.backend if config.tokens_only else backend, sample_pool=pool, row_start=row_start)
-    config = replace(config, shard_sequences=config.shard_sequences or auto_shard_sequences(config, spec0, encoding))
-    spec = config.target_spec()
-    layout = corpus_layout(domains)
-    fps = {
-        "corpus": layout,
-        "teacher": model_fingerprint(config.teacher, config.revision) if config.teacher else "",
-        "tokenizer": tokenizer_info(tok)["fingerprint"],
-        "backend": backend,
-    }
-    fingerprint = build_fingerprint(config, layout, fps["teacher"], fps["tokenizer"], backend)
+    inputs = _resolve(config, cheap_checks=teacher is None)
+    config, worker = inputs.config, inputs.worker
     objects = Objects.open(config.out)
     existing = _existing(config.out, objects)
     if existing is not None:
-        if existing.build_fingerprint != fingerprint:
-            raise StoreError(f"{config.out} was built by another build ({_mismatch(existing, config, fps)}); use another --out or delete it")
-        _check_unchanged(existing, domains)
+        if existing.build_fingerprint != inputs.fingerprint:
+            raise StoreError(f"{config.out} was built by another build ({_mismatch(existing, config, inputs.fps)}); use another --out or delete it")
+        _check_unchanged(existing, inputs.domains)
         if existing.state == STATE_COMPLETE:
             return BuildResult(meta=existing, worker=tuple(worker), already_complete=True, seconds=time.perf_counter() - started)
 
     phases: dict[str, float] = {}
     mark = time.perf_counter()
     result = BuildResult(meta=existing, worker=tuple(worker), phase_seconds=phases)  # type: ignore[arg-type]
-    result.unread = [str(p) for p in unread_files(domains)]
+    result.unread = [str(p) for p in unread_files(inputs.domains)]
     with ExitStack() as stack:
-        own_teacher = teacher is None
-        if config.tokens_only:
-            teacher = _TokensOnlyTeacher()  # type: ignore[assignment]
-        elif teacher is None:
-            teacher = load_teacher(backend, config.teacher, top_k=max(config.top_k, config.samples if config.targets == "sampled" else 0, pool or 0),
-                                   seq_len=config.seq_len, **config.teacher_options())
-        if own_teacher:
-            stack.callback(teacher.close)
-        vocab = len(tok) if config.tokens_only else teacher.vocab_size
-        if not config.tokens_only and len(tok) > vocab:
-            raise ConfigError(f"the tokenizer ({tok_source}) has {len(tok):,} tokens but the teacher's output has {vocab:,} rows: "
-                              "token ids past its rows would crash its forward pass; use the teacher's own tokenizer")
-        if not config.tokens_only and vocab > len(tok) and progress and worker.rank == 0:
-            tqdm.write(f"warning: the teacher has {vocab:,} output rows, its tokenizer {len(tok):,} tokens: targets may keep ids past "
-                       "the tokenizer (padding rows, usually of tiny probability); a student needs as many output rows")
-        if not config.tokens_only:
-            if spec.kind == "topk" and config.top_k > vocab:
-                raise ConfigError(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab})")
-            if pool is not None and pool > vocab:
-                raise ConfigError(f"--sample-pool {pool} is larger than the teacher's vocabulary ({vocab})")
-            if teacher.max_context is not None and config.seq_len > teacher.max_context:
-                raise ConfigError(f"--seq-len {config.seq_len} is longer than the teacher's context ({teacher.max_context} tokens)")
-            encoding.check(spec)
-        created = False
+        teacher, vocab = _open_teacher(inputs, teacher, stack, progress)
         phases["load teacher"], mark = time.perf_counter() - mark, time.perf_counter()
         # One process per worker slot: a second identical command refuses instead of racing
         # (local stores; the lock dies with its process, so a crash never leaves it stuck).
         # Taken after the cheap checks, so a refused command leaves no trace in --out.
         stack.enter_context(objects.lock(f"_build/locks/worker-{worker.rank}-of-{worker.world_size}.lock",
                                          f"a build of {config.out} as worker {worker.rank} of {worker.world_size}"))
-
+        created = False
         if existing is None:
-            files = [{"domain": s.name, **stat} for s in domains for stat in s.stats()]
-            unread = [str(p) for p in unread_files(domains)]
-            meta = CacheMeta(
-                format_version=0, state=STATE_INITIALIZING, encoding=encoding, targets=spec, seq_len=config.seq_len,
-                shard_sequences=config.shard_sequences, vocab_size=vocab, top_k=spec.entries,
-                teacher=teacher.info() if not config.tokens_only else {"name_or_path": tok_source, "backend": "none", "fingerprint": ""},
-                tokenizer=tokenizer_info(tok), corpus={"path": config.data if is_url(config.data) else os.path.abspath(config.data), "layout": layout, "files": files,
-                        **({"unread": unread[:100], "unread_count": len(unread)} if unread else {})},
-                build_args={k: v for k, v in config.to_dict().items() if k not in ("num_shards", "shard_index")},
-                build_fingerprint=fingerprint, row_start=row_start,
-            )
-            existing, created = CacheWriter.initialize(config.out, meta)
-            if existing.build_fingerprint != fingerprint:  # another build won a race for this --out
-                raise StoreError(f"{config.out} was just created by another build ({_mismatch(existing, config, fps)})")
+            created = _create_store(inputs, teacher, vocab)
         writer = CacheWriter(config.out, objects)
-
-        packing = PackingConfig(seq_len=config.seq_len, seed=config.seed, text_field=config.text_field, val_tokens=config.val_tokens,
-                                val_max_fraction=config.val_max_fraction, max_tokens=config.max_tokens_per_domain,
-                                part_chars=config.max_document_chars, vocab_size=vocab,
-                                pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                                bos_id=tok.bos_token_id if row_start == "bos" else None)
-        pieces = {s.name: plan_pieces(s, max(1, int(config.piece_mb * (1 << 20)))) for s in domains}
         if writer.meta.state == STATE_INITIALIZING:
             try:
-                result.pieces_tokenized = _tokenize(writer.objects, domains, pieces, document_tokenizer(tok, config.chat_template or None, tok_source),
-                                                    packing, worker, progress, config.wait_timeout, hook)
+                plan = _stage(inputs, writer, vocab, result, phases, progress, hook)
             except CorpusError:
-                # A bad line found while tokenizing: nothing was scored, and the fix edits a
-                # corpus file (which a resume would refuse). A single worker that created this
-                # store removes it, so the fixed command starts clean.
+                # A bad line, or a corpus too small for its split sizes: nothing was scored,
+                # and the fix edits a corpus file (which a resume would refuse). A single
+                # worker that created this store removes it, so the fixed command starts clean.
                 if created and worker.world_size == 1:
                     stack.close()
                     objects.delete("")
                 raise
-            hook("tokenized", {})
-            phases["tokenize"], mark = time.perf_counter() - mark, time.perf_counter()
-            try:
-                plan = _plan(writer.objects, domains, pieces, packing)
-                result.chat_no_loss = {d: p.no_loss for d, p in plan.domains.items() if p.no_loss}
-                result.chat_cut = {d: p.cut for d, p in plan.domains.items() if p.cut}
-            except CorpusError:
-                # A corpus too small for its split sizes: nothing was scored. A single worker that
-                # created this store removes it, so the fixed command starts clean.
-                if created and worker.world_size == 1:
-                    stack.close()
-                    objects.delete("")
-                raise
-            if writer.meta.state == STATE_INITIALIZING:
-                meta = writer.meta
-                meta.corpus["sha256"] = plan.corpus_sha256()
-                writer.meta = meta
-                writer.create_arrays({name: p.info() for name, p in plan.domains.items()})
-            phases["plan + create store"], mark = time.perf_counter() - mark, time.perf_counter()
+            mark = time.perf_counter()
         else:
             plan = Plan.from_bytes(_need(writer.objects.get(PLAN_KEY), f"{config.out}: the build plan is missing"))
         writer = CacheWriter(config.out, objects)  # re-read: the arrays and domains now exist
         hook("store_created", {"path": config.out})
 
         records = writer.records()
-        all_shards = writer.shards()
-        mine = [s for s in assign_shards(all_shards, worker.world_size)[worker.rank] if s.key not in records]
-        threads = config.writer_threads or auto_writer_threads()
-        _score(writer, plan, mine, teacher, spec, result, progress, hook, threads, tuple(worker), config.on_nonfinite)
-        stats = teacher.stats
-        result.teacher_seconds, result.engine_idle_share = stats.busy, stats.idle_share
+        mine = [s for s in assign_shards(writer.shards(), worker.world_size)[worker.rank] if s.key not in records]
+        scorer = Scorer(writer, plan, inputs.spec, threads=config.writer_threads or auto_writer_threads(), worker=tuple(worker),
+                        on_nonfinite=config.on_nonfinite, progress=progress, hook=hook)
+        stats = scorer.run(mine, teacher)
+        for name, value in dataclasses.asdict(stats).items():
+            setattr(result, name, value)
+        result.teacher_seconds, result.engine_idle_share = teacher.stats.busy, teacher.stats.idle_share
     phases["score + write"], mark = time.perf_counter() - mark, time.perf_counter()
     records = writer.records()
     pending = writer.pending(records)
@@ -500,6 +425,115 @@ def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teac
     phases["finalize"] = time.perf_counter() - mark
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _resolve(config: BuildConfig, cheap_checks: bool) -> _Inputs:
+    """Stage 1: the worker, tokenizer, corpus layout and every "auto" choice, resolved once;
+    the cheap checks (backend options) before any model or corpus is read."""
+    worker = resolve_worker(config.num_shards, config.shard_index)
+    # The tokenizer's own threads: the node's cores shared among its workers (set before
+    # the tokenizer's thread pool starts, which is at its first batch).
+    os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, worker.local_world_size))))
+    backend = "none" if config.tokens_only else resolve_backend(config.backend)
+    if not config.tokens_only and cheap_checks:
+        check_options(backend, config.teacher_options())
+    # Before anything touches CUDA: this worker's GPU set (vLLM's engine uses the first t visible GPUs).
+    if backend == "vllm" or (config.device == "auto" and worker.local_world_size > 1):
+        assign_gpus(worker, config.tensor_parallel_size if backend == "vllm" else 1)
+    domains = discover_domains(config.data)
+    tok_source = config.tokenizer or config.teacher
+    tok = load_tokenizer(tok_source, revision=config.revision if not config.tokenizer else None, trust_remote_code=config.trust_remote_code)
+    encoding = config.storage_encoding()
+    dtype = config.dtype if config.tokens_only else resolve_dtype(config.dtype, resolve_device(config.device, worker))
+    pool = config.sample_pool or (DEFAULT_SAMPLE_POOL if backend == "vllm" and config.targets == "sampled" else None)
+    resolved = replace(config, dtype=dtype, backend=config.backend if config.tokens_only else backend, sample_pool=pool,
+                       row_start=resolve_row_start(config.row_start, tok))
+    config = replace(resolved, shard_sequences=config.shard_sequences or auto_shard_sequences(resolved, resolved.target_spec(), encoding))
+    layout = corpus_layout(domains)
+    fps = {
+        "corpus": layout,
+        "teacher": model_fingerprint(config.teacher, config.revision) if config.teacher else "",
+        "tokenizer": tokenizer_info(tok)["fingerprint"],
+        "backend": backend,
+    }
+    return _Inputs(config, worker, backend, domains, tok, tok_source, config.target_spec(), encoding, fps,
+                   build_fingerprint(config, layout, fps["teacher"], fps["tokenizer"], backend))
+
+
+def _open_teacher(inputs: _Inputs, teacher: Teacher | None, stack: ExitStack, progress: bool) -> tuple[Any, int]:
+    """Stage 2: the teacher (loaded unless given; closed with `stack` if loaded here) and
+    its vocabulary, checked against the tokenizer and the options."""
+    config, spec, tok = inputs.config, inputs.spec, inputs.tok
+    if config.tokens_only:
+        return _TokensOnlyTeacher(), len(tok)
+    if teacher is None:
+        teacher = load_teacher(inputs.backend, config.teacher, seq_len=config.seq_len, **config.teacher_options(),
+                               top_k=max(config.top_k, config.samples if config.targets == "sampled" else 0, config.sample_pool or 0))
+        stack.callback(teacher.close)
+    vocab = teacher.vocab_size
+    if len(tok) > vocab:
+        raise ConfigError(f"the tokenizer ({inputs.tok_source}) has {len(tok):,} tokens but the teacher's output has {vocab:,} rows: "
+                          "token ids past its rows would crash its forward pass; use the teacher's own tokenizer")
+    if vocab > len(tok) and progress and inputs.worker.rank == 0:
+        tqdm.write(f"warning: the teacher has {vocab:,} output rows, its tokenizer {len(tok):,} tokens: targets may keep ids past "
+                   "the tokenizer (padding rows, usually of tiny probability); a student needs as many output rows")
+    if spec.kind == "topk" and config.top_k > vocab:
+        raise ConfigError(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab})")
+    if config.sample_pool is not None and config.sample_pool > vocab:
+        raise ConfigError(f"--sample-pool {config.sample_pool} is larger than the teacher's vocabulary ({vocab})")
+    if teacher.max_context is not None and config.seq_len > teacher.max_context:
+        raise ConfigError(f"--seq-len {config.seq_len} is longer than the teacher's context ({teacher.max_context} tokens)")
+    inputs.encoding.check(spec)
+    return teacher, vocab
+
+
+def _create_store(inputs: _Inputs, teacher: Any, vocab: int) -> bool:
+    """Stage 3: the store's metadata (state "initializing"); True if this worker created it."""
+    config, domains, tok = inputs.config, inputs.domains, inputs.tok
+    files = [{"domain": s.name, **stat} for s in domains for stat in s.stats()]
+    unread = [str(p) for p in unread_files(domains)]
+    meta = CacheMeta(
+        format_version=0, state=STATE_INITIALIZING, encoding=inputs.encoding, targets=inputs.spec, seq_len=config.seq_len,
+        shard_sequences=config.shard_sequences, vocab_size=vocab, top_k=inputs.spec.entries,
+        teacher=teacher.info() if not config.tokens_only else {"name_or_path": inputs.tok_source, "backend": "none", "fingerprint": ""},
+        tokenizer=tokenizer_info(tok), corpus={"path": config.data if is_url(config.data) else os.path.abspath(config.data),
+                                               "layout": inputs.fps["corpus"], "files": files,
+                                               **({"unread": unread[:100], "unread_count": len(unread)} if unread else {})},
+        build_args={k: v for k, v in config.to_dict().items() if k not in ("num_shards", "shard_index")},
+        build_fingerprint=inputs.fingerprint, row_start=config.row_start,
+    )
+    existing, created = CacheWriter.initialize(config.out, meta)
+    if existing.build_fingerprint != inputs.fingerprint:  # another build won a race for this --out
+        raise StoreError(f"{config.out} was just created by another build ({_mismatch(existing, config, inputs.fps)})")
+    return created
+
+
+def _stage(inputs: _Inputs, writer: CacheWriter, vocab: int, result: BuildResult, phases: dict[str, float], progress: bool,
+           hook: Hook) -> Plan:
+    """Stages 4-5: tokenize and stage this worker's pieces, wait for every worker's, then
+    make the plan (which tokens go into which sequence) and the arrays, once."""
+    config, tok = inputs.config, inputs.tok
+    packing = PackingConfig(seq_len=config.seq_len, seed=config.seed, text_field=config.text_field, val_tokens=config.val_tokens,
+                            val_max_fraction=config.val_max_fraction, max_tokens=config.max_tokens_per_domain,
+                            part_chars=config.max_document_chars, vocab_size=vocab,
+                            pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                            bos_id=tok.bos_token_id if config.row_start == "bos" else None)
+    pieces = {s.name: plan_pieces(s, max(1, int(config.piece_mb * (1 << 20)))) for s in inputs.domains}
+    mark = time.perf_counter()
+    result.pieces_tokenized = _tokenize(writer.objects, inputs.domains, pieces, document_tokenizer(tok, config.chat_template or None, inputs.tok_source),
+                                        packing, inputs.worker, progress, config.wait_timeout, hook)
+    hook("tokenized", {})
+    phases["tokenize"], mark = time.perf_counter() - mark, time.perf_counter()
+    plan = _plan(writer.objects, inputs.domains, pieces, packing)
+    result.chat_no_loss = {d: p.no_loss for d, p in plan.domains.items() if p.no_loss}
+    result.chat_cut = {d: p.cut for d, p in plan.domains.items() if p.cut}
+    if writer.meta.state == STATE_INITIALIZING:
+        meta = writer.meta
+        meta.corpus["sha256"] = plan.corpus_sha256()
+        writer.meta = meta
+        writer.create_arrays({name: p.info() for name, p in plan.domains.items()})
+    phases["plan + create store"] = time.perf_counter() - mark
+    return plan
 
 
 def balance(sizes: list[int], workers: int) -> list[list[int]]:
@@ -616,174 +650,6 @@ def _plan(objects: Objects, domains: list[DomainSource], pieces: dict[str, list[
     return Plan.from_bytes(objects.get(PLAN_KEY) or plan.to_bytes())
 
 
-@dataclass
-class _ShardState:
-    """A shard being finished: its rows' chunks and sums, filled in any order by the writers."""
-
-    shard: Shard
-    chunks: dict[str, list[bytes | None]]
-    left: int
-    nll: list[float] = field(default_factory=list)  # per row; summed exactly (fsum): the same
-    positions: list[int] = field(default_factory=list)  # record whatever order rows finish in
-    mass: list[float] = field(default_factory=list)
-    nonfinite: list[int] = field(default_factory=list)  # rows given label-only targets (--on-nonfinite skip)
-
-
-def _label_only(tokens: np.ndarray, spec: TargetSpec) -> RowScores:
-    """Targets that say nothing beyond the label (the next token with probability 1): what a
-    sequence whose teacher output was not finite gets with --on-nonfinite skip."""
-    P, K = len(tokens) - 1, spec.entries
-    ids = np.zeros((P, K), np.int32)
-    ids[:, 0] = tokens[1:]
-    lps = np.full((P, K), -np.inf, np.float32)
-    lps[:, 0] = 0.0
-    counts = None
-    if spec.kind == "sampled":
-        counts = np.zeros((P, K), np.int64)
-        counts[:, 0] = spec.samples
-    return RowScores(ids, lps, np.zeros(P, np.float32), tokens[1:], counts, tail_logprob=np.full(P, -np.inf))
-
-
-def _score(writer: CacheWriter, plan: Plan, shards: list[Shard], teacher: Any, spec: TargetSpec, result: BuildResult,
-           progress: bool, hook: Hook, threads: int, worker: tuple[int, int], on_nonfinite: str = "stop") -> None:
-    """Score `shards`: the teacher streams, `threads` writer threads finish, encode and write."""
-    if not shards:
-        return
-    gather = Gatherer(writer.objects, plan)
-    layout = writer.layout
-    encoding = writer.encoding
-    seq_len = writer.seq_len
-    bar = tqdm(total=sum(s.stop - s.start for s in shards) * seq_len, desc="teacher" if worker[1] == 1 else f"teacher (worker {worker[0]}/{worker[1]})",
-               unit=" tok", unit_scale=True, disable=not progress)
-    log = writer.log_writer(worker)
-    log_guard = threading.Lock()
-    projection = SizeProjection(writer.meta, shards)
-    states: dict[str, _ShardState] = {}
-    masks: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}  # loss mask, sampling log-probs
-    guard = threading.Lock()
-    written: queue.Queue = queue.Queue()
-
-    def jobs() -> Iterator[Job]:
-        # Gathering a shard's tokens is I/O: a thread stays one shard ahead of the engine.
-        ahead: queue.Queue = queue.Queue(maxsize=2)
-
-        def produce() -> None:
-            try:
-                for shard in shards:
-                    tokens, mask, sampled = gather.sequences(shard.domain, shard.split, shard.start, shard.stop)
-                    ahead.put((shard, tokens, (mask, sampled)))
-                ahead.put(None)
-            except BaseException as e:  # surfaced in the scoring thread
-                ahead.put(e)
-
-        threading.Thread(target=produce, daemon=True, name="ddk-cache-gather").start()
-        while True:
-            item = ahead.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            shard, tokens, mask = item
-            arrays = writer.array_names(shard.domain)
-            with guard:
-                n = len(tokens)
-                states[shard.key] = _ShardState(shard, {a: [None] * n for a in arrays}, n, [0.0] * n, [0] * n, [0.0] * n)
-                masks[shard.key] = mask
-            seed = split_seed(spec, shard.domain, shard.split)
-            yield Job(shard, tokens, np.arange(shard.start, shard.stop), seed)
-
-    def finish_row(job: Job, row: int, finish: Callable[[], RowScores | None]) -> float:
-        t0 = time.perf_counter()
-        shard: Shard = job.key
-        tokens = job.tokens[row]
-        skipped = False
-        try:
-            scores = finish()
-        except NonFiniteTeacher as e:
-            if on_nonfinite != "skip":
-                raise TeacherError(
-                    f"the teacher ({writer.meta.teacher.get('name_or_path')}) gave non-finite output ({e.detail}) for "
-                    f"{shard.domain}/{shard.split} sequence {int(job.rows[row])}, predicted position {e.position}: the build "
-                    "stopped and the shards written so far are kept (the same command resumes); pass --on-nonfinite skip to "
-                    "give such sequences label-only targets instead") from None
-            scores, skipped = _label_only(tokens, spec), True
-        mask, sampled = masks[shard.key]
-        chunks = {TOKENS: writer.array(shard.domain, shard.split, TOKENS).encode_row(tokens)}
-        # Positions that carry loss: all of them, or where the next token is a label (chat).
-        carry = np.ones(seq_len - 1, bool) if mask is None else mask[row, 1:].astype(bool)
-        if mask is not None:
-            chunks[LOSS_MASK] = writer.array(shard.domain, shard.split, LOSS_MASK).encode_row(mask[row])
-        if sampled is not None:
-            chunks[SAMPLE_LOGPROB] = writer.array(shard.domain, shard.split, SAMPLE_LOGPROB).encode_row(sampled[row])
-        nll = mass = 0.0
-        if scores is not None:
-            for name, value in encoding.encode(scores, layout).items():
-                chunks[name] = writer.array(shard.domain, shard.split, name).encode_row(value)
-            nll = -math.fsum(scores.target_logprob.astype(np.float64)[carry].tolist())
-            with np.errstate(under="ignore"):
-                kept = np.exp(scores.logprobs.astype(np.float64)).sum(1)
-            mass = float(np.sum(kept[carry]))
-        if skipped:  # no teacher values: not in the perplexity table
-            carry = np.zeros_like(carry)
-            nll = mass = 0.0
-        with guard:
-            state = states[shard.key]
-            for name, chunk in chunks.items():
-                state.chunks[name][row] = chunk
-            state.nll[row], state.positions[row], state.mass[row] = nll, int(carry.sum()), mass
-            if skipped:
-                state.nonfinite.append(row)
-            state.left -= 1
-            complete = state.left == 0
-        if complete:
-            sizes, hashes = writer.put_shard(shard, state.chunks)  # type: ignore[arg-type]
-            with log_guard:
-                result.bytes_written += sum(sizes.values())
-                result.positions_written += (shard.stop - shard.start) * (seq_len - 1)
-                line = projection.add(shard, sizes)
-            if line and progress:
-                tqdm.write(line)
-            record = ShardRecord(shard.key, shard.stop - shard.start, math.fsum(state.nll), sum(state.positions), math.fsum(state.mass), sizes,
-                                 sorted(state.nonfinite), hashes)
-            with log_guard:
-                log.append(record)
-            with guard:
-                del states[shard.key], masks[shard.key]
-            written.put(shard)
-        return time.perf_counter() - t0
-
-    in_flight: list[Future] = []
-    limit = 4 * threads + 16  # rows finishing at once: bounds what waits in memory
-
-    def drain(keep: int) -> None:
-        while len(in_flight) > keep:
-            future = in_flight.pop(0)
-            t0 = time.perf_counter()
-            result.write_seconds += future.result()
-            result.stall_seconds += time.perf_counter() - t0
-        while not written.empty():
-            shard = written.get()
-            result.shards_written += 1
-            hook("shard_written", {"shard": shard, "count": result.shards_written})
-
-    try:
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ddk-cache-writer") as pool:
-            try:
-                for job, row, finish in teacher.stream(jobs(), spec):
-                    in_flight.append(pool.submit(finish_row, job, row, finish))
-                    result.tokens_scored += seq_len
-                    bar.update(seq_len)
-                    drain(keep=limit)
-                drain(keep=0)
-            except BaseException:
-                for f in in_flight:
-                    f.cancel()
-                raise
-    finally:
-        log.close()
-        bar.close()
-
-
 def finalize(out: str) -> CacheMeta:
     """`ddk-cache build --finalize`: mark a cache whose shards are all written complete."""
     writer = CacheWriter(out)
@@ -798,4 +664,4 @@ def finalize(out: str) -> CacheMeta:
     return writer.finalize(records)
 
 
-__all__ = ["BuildConfig", "BuildResult", "build", "finalize", "auto_shard_sequences", "resolve_worker"]
+__all__ = ["BuildConfig", "BuildResult", "auto_shard_sequences", "build", "finalize", "resolve_worker"]
