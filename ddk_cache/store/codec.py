@@ -28,6 +28,8 @@ import struct
 import numpy as np
 from numcodecs import Zstd
 
+from .planes import planes as _planes, starts as _starts, unplanes as _unplanes
+
 TOP1_STEP = 2.0**-7  # nats per unit of the top-1 code (uint16: up to 512 nats; error <= 2^-8 nats)
 TAIL_STEP = 2.0**-8  # nats per unit of -log(tail mass) (relative error <= 0.2%); code 65535 = no tail
 LOGP_STEP = 2.0**-10  # nats per unit of a sampled id's -log p (uint16: up to 64 nats)
@@ -38,25 +40,6 @@ MAX_ENTRIES = 255  # entries per position fit a uint8 count
 def step_for_budget(kl_budget: float, max_entries: int) -> float:
     """The sqrt(p) quantisation step that keeps the expected KL per position near `kl_budget`."""
     return math.sqrt(6.0 * kl_budget / max(1, max_entries))
-
-
-def _planes(values: np.ndarray, nbytes: int) -> bytes:
-    """Little-endian byte planes of non-negative ints: all low bytes, then all next bytes..."""
-    v = np.ascontiguousarray(values, dtype="<u4").view(np.uint8).reshape(-1, 4)
-    return np.ascontiguousarray(v[:, :nbytes].T).tobytes()
-
-
-def _unplanes(buf: bytes | memoryview, count: int, nbytes: int) -> np.ndarray:
-    b = np.frombuffer(buf, np.uint8, count * nbytes).reshape(nbytes, count).astype(np.uint32)
-    out = b[0].copy()
-    for i in range(1, nbytes):
-        out |= b[i] << (8 * i)
-    return out
-
-
-def _starts(counts: np.ndarray) -> np.ndarray:
-    """Index of each position's first entry in the flat, position-major entry arrays."""
-    return np.cumsum(counts) - counts
 
 
 def id_bytes(vocab_size: int) -> int:

@@ -38,6 +38,8 @@ import threading
 import numpy as np
 from numcodecs import Zstd
 
+from .planes import nbytes as _nbytes, planes as _planes, starts as _starts, unplanes as _unplanes
+
 VERSION = 2
 STEP_SCALE = 3.0  # h^2 = STEP_SCALE * budget / K
 MAX_REFINE = 12  # per-position step halvings the encoder may use
@@ -60,26 +62,6 @@ REFINE_SHIFT = 2  # bits 2..7: the step exponent e (step h / 2^e)
 def base_step(kl_budget: float, max_entries: int) -> float:
     """The sqrt(p) step of an unrefined position (see the module docstring)."""
     return math.sqrt(STEP_SCALE * kl_budget / max(1, max_entries))
-
-
-def _nbytes(max_value: int) -> int:
-    return 1 if max_value < 1 << 8 else 2 if max_value < 1 << 16 else 3 if max_value < 1 << 24 else 4
-
-
-def _planes(values: np.ndarray, nbytes: int) -> bytes:
-    """Non-negative ints as little-endian byte planes: all low bytes, then all next bytes..."""
-    v = np.ascontiguousarray(values, dtype="<u4").view(np.uint8).reshape(-1, 4)
-    return np.ascontiguousarray(v[:, :nbytes].T).tobytes()
-
-
-def _unplanes(buf: memoryview | bytes, count: int, nbytes: int, at: int = 0) -> np.ndarray:
-    """Inverse of _planes: uint32 [count] from `nbytes` planes starting at byte `at`."""
-    b = np.frombuffer(buf, np.uint8, count * nbytes, at).reshape(nbytes, count)
-    out = b[nbytes - 1].astype(np.uint32)
-    for i in range(nbytes - 2, -1, -1):
-        out <<= 8
-        out |= b[i]
-    return out
 
 
 def _gather_planes(streams: list, counts: np.ndarray, nbytes: int | list[int], ws: "_Workspace", name: str) -> np.ndarray:
@@ -130,10 +112,6 @@ _WORKSPACE = _Workspace()
 
 def _workspace() -> _Workspace:
     return _WORKSPACE
-
-
-def _starts(counts: np.ndarray) -> np.ndarray:
-    return np.cumsum(counts) - counts
 
 
 class Pack2Codec:
