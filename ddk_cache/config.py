@@ -42,6 +42,19 @@ def option(default: Any, help: str, *, fingerprint: bool = True, choices: tuple[
     return dataclasses.field(default=default, metadata=meta)
 
 
+def inherit(cls: type, name: str, default: Any = _MISSING, *, help: str | None = None, flag: str | None = None) -> Any:
+    """A field that another command's config already declares (`cls.name`): its help,
+    choices and fingerprint role, with this command's own default where given. A command
+    that drives others (`minillm` runs generate, build and distill) declares each option
+    once, here, instead of restating it."""
+    f = {x.name: x for x in dataclasses.fields(cls)}[name]
+    if default is _MISSING:
+        default = f.default if f.default is not _MISSING else f.default_factory()  # type: ignore[misc]
+    m = f.metadata
+    return option(default, help or m["help"], fingerprint=m["fingerprint"], choices=m["choices"], flag=flag or m["flag"],
+                  metavar=m["metavar"], cli=m["cli"])
+
+
 def _type_of(f: dataclasses.Field) -> tuple[str, bool]:
     """('int' | 'float' | 'str' | 'bool' | 'dict', optional) from a field's annotation string."""
     text = str(f.type).replace(" ", "")

@@ -24,12 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import CommandConfig, option, validate
+from .capture.build import BuildConfig, build
+from .capture.generate import GenerateConfig, generate
+from .config import CommandConfig, inherit, option, validate
+from .errors import ConfigError
+from .train.distill import DistillConfig, distill
 
 
 @dataclass(frozen=True)
 class RoundsConfig(CommandConfig):
-    """Everything `ddk-cache minillm` takes."""
+    """Everything `ddk-cache minillm` takes. Options it hands to generate, build or distill
+    are declared by those commands (`inherit`) and passed on by name (`_GENERATE`, `_BUILD`,
+    `_DISTILL`)."""
 
     student: str = option("", "The starting student (a transformers directory of the teacher's tokenizer family).")
     teacher: str = option("", "The teacher that scores each round's samples (transformers directory).")
@@ -37,23 +43,23 @@ class RoundsConfig(CommandConfig):
     out: str = option("", "Work directory: round-0/, round-1/, ...; the last round's run/final is the result.")
     rounds: int = option(3, "Rounds of generate -> build -> distill.")
     steps_per_round: int = option(100, "Optimizer steps per round.")
-    max_prompts: int = option(0, "Prompts sampled per round, at most (0: all).")
-    max_new_tokens: int = option(128, "Tokens per sampled response, at most.")
-    seq_len: int = option(256, "Cache sequence length (prompt + response; longer samples are cut).")
-    top_k: int = option(64, "Teacher entries kept per response position.")
-    batch_size: int = option(8, "Sequences per step.")
-    lr: float = option(5e-5, "Learning rate (constant after --warmup-steps in each round's cosine schedule).")
-    warmup_steps: int = option(10, "Warm-up steps per round.")
-    clip: float = option(0.2, "Epsilon of the clipped importance weight.")
-    no_length_norm: bool = option(False, "Ablation: sum the long-horizon rewards instead of averaging them.")
-    no_single_step: bool = option(False, "Ablation: no single-step term.")
-    pretrain_cache: str = option("", "MiniLLM's pre-training LM term: a cache of pre-training text whose CE is added to every step (distill --pretrain-cache).")
-    pretrain_weight: float = option(1.0, "Weight of the --pretrain-cache term (MiniLLM: 1).")
-    pretrain_mixing: str = option("natural", "Domain mixing of --pretrain-cache (distill --pretrain-mixing; ddk needs its teacher PPL table).")
+    max_prompts: int = inherit(GenerateConfig, "max_prompts", help="Prompts sampled per round, at most (0: all).")
+    max_new_tokens: int = inherit(GenerateConfig, "max_new_tokens")
+    seq_len: int = inherit(BuildConfig, "seq_len", 256, help="Cache sequence length (prompt + response; longer samples are cut).")
+    top_k: int = inherit(BuildConfig, "top_k", help="Teacher entries kept per response position.")
+    batch_size: int = inherit(DistillConfig, "batch_size", help="Sequences per step.")
+    lr: float = inherit(DistillConfig, "lr", 5e-5, help="Learning rate (constant after --warmup-steps in each round's cosine schedule).")
+    warmup_steps: int = inherit(DistillConfig, "warmup_steps", 10, help="Warm-up steps per round.")
+    clip: float = inherit(DistillConfig, "minillm_clip", flag="--clip")
+    no_length_norm: bool = inherit(DistillConfig, "minillm_no_length_norm", flag="--no-length-norm")
+    no_single_step: bool = inherit(DistillConfig, "minillm_no_single_step", flag="--no-single-step")
+    pretrain_cache: str = inherit(DistillConfig, "pretrain_cache")
+    pretrain_weight: float = inherit(DistillConfig, "pretrain_weight")
+    pretrain_mixing: str = inherit(DistillConfig, "pretrain_mixing")
     mix_alpha: float = option(0.0, "Teacher-mixed sampling: draw from a*p + (1-a)*q with a = this (MiniLLM: 0.2); 0: the student samples alone.")
     engine: str = option("auto", "Sampling and scoring engine: auto (vLLM when installed), vllm or hf (transformers). Teacher-mixed sampling always uses transformers.",
                          choices=("auto", "vllm", "hf"))
-    chat_template: str = option("", "A Jinja chat template (file or text) instead of the tokenizer's.")
+    chat_template: str = inherit(GenerateConfig, "chat_template")
     seed: int = option(0, "Seed of round 0's samples (round r: seed + r) and of training.")
     device: str = option("auto", "torch device for sampling and training (the teacher uses it too).")
 
@@ -65,13 +71,20 @@ class RoundsConfig(CommandConfig):
         ])
 
 
+# What each stage takes from the rounds' options: its field <- ours.
+_GENERATE = {"max_prompts": "max_prompts", "max_new_tokens": "max_new_tokens", "chat_template": "chat_template", "device": "device"}
+_BUILD = {"top_k": "top_k", "seq_len": "seq_len", "chat_template": "chat_template", "device": "device", "seed": "seed", "backend": "engine"}
+_DISTILL = {"batch_size": "batch_size", "eval_batch_size": "batch_size", "lr": "lr", "warmup_steps": "warmup_steps", "minillm_clip": "clip",
+            "minillm_no_length_norm": "no_length_norm", "minillm_no_single_step": "no_single_step", "pretrain_cache": "pretrain_cache",
+            "pretrain_weight": "pretrain_weight", "pretrain_mixing": "pretrain_mixing", "seed": "seed", "device": "device"}
+
+
+def _taken(cfg: RoundsConfig, mapping: dict[str, str]) -> dict[str, object]:
+    return {theirs: getattr(cfg, ours) for theirs, ours in mapping.items()}
+
+
 def run_rounds(cfg: RoundsConfig, *, progress: bool = True, say: Callable[[str], None] = print) -> Path:
     """Run (or continue) the rounds; returns the final student's directory."""
-    from .capture.build import BuildConfig, build
-    from .capture.generate import GenerateConfig, generate
-    from .errors import ConfigError
-    from .train.distill import DistillConfig, distill
-
     if not (cfg.student and cfg.teacher and cfg.prompts and cfg.out):
         raise ConfigError("minillm needs --student, --teacher, --prompts and --out")
     out = Path(cfg.out)
@@ -90,21 +103,15 @@ def run_rounds(cfg: RoundsConfig, *, progress: bool = True, say: Callable[[str],
             continue
         say(f"round {r}: sampling from {student}")
         generate(GenerateConfig(model=student, prompts=cfg.prompts, out=str(here / "samples" / "chat.jsonl"), seed=cfg.seed + r,
-                                max_new_tokens=cfg.max_new_tokens, max_prompts=cfg.max_prompts, chat_template=cfg.chat_template,
-                                device=cfg.device, engine="hf" if cfg.mix_alpha else cfg.engine,
+                                engine="hf" if cfg.mix_alpha else cfg.engine, **_taken(cfg, _GENERATE),
                                 **({"mix_teacher": cfg.teacher, "mix_alpha": cfg.mix_alpha} if cfg.mix_alpha else {})))
         say(f"round {r}: scoring the samples with {cfg.teacher}")
-        build(BuildConfig(teacher=cfg.teacher, data=str(here / "samples"), out=str(here / "cache.zarr"), top_k=cfg.top_k,
-                          seq_len=cfg.seq_len, encoding="plain", backend=cfg.engine, device=cfg.device, chat_template=cfg.chat_template,
-                          val_tokens=8 * cfg.seq_len, seed=cfg.seed), progress=progress)
+        build(BuildConfig(teacher=cfg.teacher, data=str(here / "samples"), out=str(here / "cache.zarr"), encoding="plain",
+                          val_tokens=8 * cfg.seq_len, **_taken(cfg, _BUILD)), progress=progress)
         say(f"round {r}: {cfg.steps_per_round} MiniLLM steps")
         distill(DistillConfig(cache=str(here / "cache.zarr"), student=student, out=str(here / "run"), kd_loss="minillm",
-                              mixing="uniform", max_steps=cfg.steps_per_round, batch_size=cfg.batch_size, lr=cfg.lr,
-                              warmup_steps=cfg.warmup_steps, ddk_interval=cfg.steps_per_round, save_every=max(1, cfg.steps_per_round // 2),
-                              minillm_clip=cfg.clip, minillm_no_length_norm=cfg.no_length_norm, minillm_no_single_step=cfg.no_single_step,
-                              seed=cfg.seed, device=cfg.device, resume=True, eval_batch_size=cfg.batch_size,
-                              pretrain_cache=cfg.pretrain_cache, pretrain_weight=cfg.pretrain_weight,
-                              pretrain_mixing=cfg.pretrain_mixing), progress=progress)
+                              mixing="uniform", max_steps=cfg.steps_per_round, ddk_interval=cfg.steps_per_round,
+                              save_every=max(1, cfg.steps_per_round // 2), resume=True, **_taken(cfg, _DISTILL)), progress=progress)
         student = str(final)
     return Path(student)
 
