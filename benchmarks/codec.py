@@ -97,10 +97,10 @@ def evaluate(teacher_path: str, tokens: np.ndarray, args: argparse.Namespace, sc
                 row = RowScores(ids.astype(np.int32), lps, target, nxt.numpy(), counts)
             else:
                 lp, ids = logp.topk(spec.k, -1)
-                kept = adaptive_cut(lp.numpy(), spec)
-                outside = torch.ones_like(logp, dtype=torch.bool).scatter(-1, ids, torch.from_numpy(~np.isfinite(kept)))
+                kept_lp = adaptive_cut(lp.numpy(), spec)
+                outside = torch.ones_like(logp, dtype=torch.bool).scatter(-1, ids, torch.from_numpy(~np.isfinite(kept_lp)))
                 tail = torch.logsumexp(logp.double().masked_fill(~outside, float("-inf")), -1).numpy()
-                row = RowScores(ids.numpy().astype(np.int32), kept, target, nxt.numpy(), tail_logprob=tail)
+                row = RowScores(ids.numpy().astype(np.int32), kept_lp, target, nxt.numpy(), tail_logprob=tail)
                 fp16 += len(Zstd(3).encode(lp.numpy().astype(np.float16).tobytes())) + len(Zstd(3).encode(row.ids.tobytes())) + 4 * P
                 plain += len(Blosc("zstd", 5, Blosc.SHUFFLE).encode(lp.numpy())) + len(Blosc("zstd", 5, Blosc.SHUFFLE).encode(row.ids)) + 4 * P
             blob, t = median_time(args.repeats, lambda r=row: enc.encode(r, layout)["targets"])

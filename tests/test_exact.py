@@ -1,8 +1,8 @@
 """Every divergence is exact from a default (pack-v3) cache: the gradient w.r.t. the student's
 logits from the decoded targets equals, to cosine >= 0.9999 and relative error <= 1e-3, the
 same loss on the teacher's exact log-probs at the cached ids (and its exact tail), in float64,
-on adversarial rows: top-1 of 0.9, 0.999 and 1 - 1e-6, entries down to 1e-12, ties, dropped
-entries (-inf), k = V with an adaptive cut. pack-v2 is shown failing the same check for the
+on adversarial rows: top-1 of 0.9, 0.999 and 1 - 1e-6, entries down to 1e-12, ties (also
+with the top-1), dropped entries (-inf), k = V with an adaptive cut. pack-v2 is shown failing the same check for the
 losses `distill` refuses on it."""
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ def adversarial_teacher(seed: int = 0) -> np.ndarray:
             rows.append(np.log(np.concatenate([[p1], rest])))
     for _ in range(6):
         z = rng.normal(0, 2, V)
+        rows.append(z - np.logaddexp.reduce(z))
+    for top in (2, 3):  # the top-1 tied with the next entries (their level is the top-1's)
+        z = rng.normal(0, 2, V)
+        z[:top] = z.max() + 1.0
         rows.append(z - np.logaddexp.reduce(z))
     out = np.stack(rows)
     return np.stack([rng.permutation(r) for r in out])  # the top-1 anywhere

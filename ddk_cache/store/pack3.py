@@ -263,8 +263,8 @@ class Pack3Codec(Pack2Codec):
             q = ws.array("q3", (BP, K), np.float32)
             np.take(q_tab, lv, out=q)
             np.take(r_tab, lv, out=logq2)
-            if not dense:
-                q[lv == 0] = 0.0  # padding (level 0 past n) adds nothing; rank 0 is dropped below anyway
+            if not dense:  # padding past n adds nothing (not `lv == 0`: entries tied with the top-1 have level 0 too)
+                q[np.arange(K)[None, :] >= n[:, None]] = 0.0
             s = q[:, 1:].sum(1, dtype=np.float64) + tail_q
             log_z = np.log1p(s)
             np.add(logq2, log_z.astype(np.float32)[:, None], out=logq2)
