@@ -101,3 +101,21 @@ def test_damage_is_named(tmp_path, built_cache):
     index_damage.write_bytes(bytes(data))
     with pytest.raises(StoreError, match="shard index checksum mismatch"):
         Cache(str(out)).tokens("alpha", "train", [1])
+
+
+def test_a_small_split_gets_shards_of_its_size(tmp_path, teacher_dir, corpus_dir):
+    """Validation splits of 2 rows in a cache of 64-row shards: their objects index 2 rows, not
+    64 (a full index made small splits cost 1,600-6,600 bytes per token)."""
+    from ddk_cache.capture.build import build
+
+    out = tmp_path / "c.zarr"
+    build(small_config(teacher_dir, corpus_dir, out, shard_sequences=64), progress=False)
+    cache = Cache(str(out))
+    objects = Objects.open(str(out))
+    for domain in cache.domains:
+        n = cache.num_sequences(domain, "val")
+        assert n < 64
+        array = RowArray.from_zarr_json(f"{domain}/val/tokens", read_zarr_json(objects, f"{domain}/val/tokens"))
+        assert array.shard_rows == n
+        size = len(objects.get(array.object_key(0)))
+        assert size < 16 * 64  # smaller than a 64-row index alone
