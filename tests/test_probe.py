@@ -93,3 +93,25 @@ def test_a_student_with_a_shorter_context_than_the_rows_is_refused(tmp_path, bui
     tok.save_pretrained(tmp_path / "s")
     with pytest.raises(ConfigError, match=r"the student's context is 16 positions, the cache's rows are 32 tokens"):
         distill(distill_config(built_cache, Path(tmp_path / "s"), tmp_path / "run"), progress=False)
+
+
+def test_a_read_only_out_is_one_line_for_build_and_distill(tmp_path, teacher_dir, corpus_dir, built_cache, student_small, monkeypatch):
+    """Permission errors were tracebacks. Root ignores file modes (CI runs as root), so the
+    refusal is simulated where the filesystem would give it: creating a directory under --out."""
+    ro = tmp_path / "ro"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if str(self).startswith(str(ro)):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    result = CliRunner().invoke(main, ["build", "--teacher", str(teacher_dir), "--data", str(corpus_dir), "--out", str(ro / "c.zarr"),
+                                       "--top-k", "8", "--seq-len", "32", "--val-tokens", "64", "--backend", "hf", "--quiet"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "permission" in result.output.lower() and str(ro) in result.output
+    result = CliRunner().invoke(main, ["distill", "--cache", str(built_cache), "--student", str(student_small), "--out", str(ro / "run"),
+                                       "--max-steps", "1", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "not writable" in result.output or "permission" in result.output.lower()
