@@ -60,6 +60,8 @@ class RoundsConfig(CommandConfig):
     engine: str = option("auto", "Sampling and scoring engine: auto (vLLM when installed), vllm or hf (transformers). Teacher-mixed sampling always uses transformers.",
                          choices=("auto", "vllm", "hf"))
     chat_template: str = inherit(GenerateConfig, "chat_template")
+    engine_args: dict = inherit(BuildConfig, "engine_args", help="vLLM: any other engine argument for both engines (sampling and scoring), "
+                                                                 "repeatable (e.g. --engine-arg enforce_eager=true).")
     seed: int = option(0, "Seed of round 0's samples (round r: seed + r) and of training.")
     device: str = option("auto", "torch device for sampling and training (the teacher uses it too).")
 
@@ -73,7 +75,8 @@ class RoundsConfig(CommandConfig):
 
 # What each stage takes from the rounds' options: its field <- ours.
 _GENERATE = {"max_prompts": "max_prompts", "max_new_tokens": "max_new_tokens", "chat_template": "chat_template", "device": "device"}
-_BUILD = {"top_k": "top_k", "seq_len": "seq_len", "chat_template": "chat_template", "device": "device", "seed": "seed", "backend": "engine"}
+_BUILD = {"top_k": "top_k", "seq_len": "seq_len", "chat_template": "chat_template", "device": "device", "seed": "seed", "backend": "engine",
+          "engine_args": "engine_args"}
 _DISTILL = {"batch_size": "batch_size", "eval_batch_size": "batch_size", "lr": "lr", "warmup_steps": "warmup_steps", "minillm_clip": "clip",
             "minillm_no_length_norm": "no_length_norm", "minillm_no_single_step": "no_single_step", "pretrain_cache": "pretrain_cache",
             "pretrain_weight": "pretrain_weight", "pretrain_mixing": "pretrain_mixing", "seed": "seed", "device": "device"}
@@ -104,7 +107,8 @@ def run_rounds(cfg: RoundsConfig, *, progress: bool = True, say: Callable[[str],
         say(f"round {r}: sampling from {student}")
         generate(GenerateConfig(model=student, prompts=cfg.prompts, out=str(here / "samples" / "chat.jsonl"), seed=cfg.seed + r,
                                 engine="hf" if cfg.mix_alpha else cfg.engine, **_taken(cfg, _GENERATE),
-                                **({"mix_teacher": cfg.teacher, "mix_alpha": cfg.mix_alpha} if cfg.mix_alpha else {})))
+                                # Teacher-mixed sampling runs on transformers: the engine arguments are the scoring engine's only.
+                                **({"mix_teacher": cfg.teacher, "mix_alpha": cfg.mix_alpha} if cfg.mix_alpha else {"engine_args": cfg.engine_args})))
         say(f"round {r}: scoring the samples with {cfg.teacher}")
         build(BuildConfig(teacher=cfg.teacher, data=str(here / "samples"), out=str(here / "cache.zarr"), encoding="plain",
                           val_tokens=8 * cfg.seq_len, **_taken(cfg, _BUILD)), progress=progress)

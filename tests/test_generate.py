@@ -75,7 +75,7 @@ def test_vllm_samples_equal_a_rescoring_and_do_not_depend_on_the_batch(tmp_path,
     tmpl.write_text(CHAT_TEMPLATE)
     cfg = GenerateConfig(model=str(teacher_dir), prompts=str(prompts_file(tmp_path / "p.jsonl")), out=str(tmp_path / "a.jsonl"),
                          max_new_tokens=12, seed=3, samples_per_prompt=2, temperature=0.8, top_p=0.95, chat_template=str(tmpl),
-                         engine="vllm", dtype="float32", batch_size=1)
+                         engine="vllm", dtype="float32", batch_size=1, engine_args={"enforce_eager": True})  # no graph compilation
     sampler = _VLLMSampler(cfg, 400)
     try:
         assert generate(cfg, llm=sampler.llm) == 6
@@ -252,3 +252,9 @@ def test_bad_prompts_name_file_and_line(tmp_path, teacher_dir):
     result = CliRunner().invoke(main, ["generate", "--model", str(teacher_dir), "--prompts", str(p), "--out", str(tmp_path / "o.jsonl"),
                                        "--chat-template", CHAT_TEMPLATE, "--quiet"])
     assert result.exit_code == 1 and f"{p}:2: expected {{'prompt': ...}} or {{'messages': [...]}}" in result.output
+
+
+def test_vllm_engine_arguments_are_refused_where_transformers_samples(tmp_path, teacher_dir):
+    result = run(tmp_path, teacher_dir, tmp_path / "a.jsonl", "--engine-arg", "enforce_eager=true")
+    assert result.exit_code != 0 and "--engine-arg applies to vLLM only; this run samples with transformers: drop it" in result.output
+    assert not (tmp_path / "a.jsonl").exists()

@@ -323,7 +323,7 @@ def test_one_round_with_vllm_sampling_and_scoring(tmp_path, teacher_dir):
     res = CliRunner().invoke(main, ["minillm", "--student", str(student), "--teacher", str(teacher_dir), "--prompts", str(prompts),
                                     "--out", str(tmp_path / "m"), "--rounds", "1", "--steps-per-round", "2", "--max-new-tokens", "12",
                                     "--seq-len", "63", "--top-k", "8", "--batch-size", "4", "--chat-template", str(tmp_path / "t.jinja"),
-                                    "--device", "cpu", "--quiet"])
+                                    "--device", "cpu", "--quiet", "--engine-arg", "enforce_eager=true"])  # no graph compilation: faster on CPU
     assert res.exit_code == 0, res.output
     sample = json.loads((tmp_path / "m" / "round-0" / "samples" / "chat.jsonl").read_text().splitlines()[0])["sample"]
     assert sample["engine"] == "vllm"

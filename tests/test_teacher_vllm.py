@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def vllm_teacher(teacher_dir):
-    teacher = load_teacher("vllm", str(teacher_dir), top_k=8, seq_len=32, dtype="float32")
+    # enforce_eager: no graph compilation (a minute on CPU; the numbers are the same)
+    teacher = load_teacher("vllm", str(teacher_dir), top_k=8, seq_len=32, dtype="float32", engine_args={"enforce_eager": True})
     yield teacher
     teacher.close()
 

@@ -67,6 +67,8 @@ class GenerateConfig(CommandConfig):
                                   "distribution (a transformers directory of the same tokenizer; loaded next to the model, transformers engine).")
     mix_alpha: float = option(0.2, "a of --mix-teacher: the teacher's share of the sampling distribution (MiniLLM: 0.2).")
     gpu_memory_utilization: float = option(0.0, "vLLM: share of GPU memory (of host RAM on vLLM's CPU build) for the engine (0: 0.9 on GPU, 0.3 on CPU).")
+    engine_args: dict[str, Any] = option({}, "vLLM: any other engine argument, repeatable (e.g. --engine-arg enforce_eager=true, "
+                                             "--engine-arg quantization=fp8).", flag="--engine-arg")
     dtype: str = option("auto", "vLLM: the weights' dtype in the engine (auto: vLLM's choice, bf16 for fp32 checkpoints; float32: exact log-probs). transformers samples in float32.")
     device: str = option("auto", "torch device (transformers engine).")
 
@@ -80,6 +82,8 @@ class GenerateConfig(CommandConfig):
             (not (self.mix_teacher and self.engine == "vllm"), "--mix-teacher samples with transformers (vLLM's sampler cannot mix in a "
                                                               "second model's distribution); use --engine hf or auto"),
             (0 <= self.gpu_memory_utilization < 1, f"--gpu-memory-utilization must be in [0, 1), got {self.gpu_memory_utilization}"),
+            (not (self.engine_args and (self.engine == "hf" or self.mix_teacher)),
+             "--engine-arg applies to vLLM only; this run samples with transformers: drop it"),
         ])
 
     def use_vllm(self) -> bool:
@@ -288,7 +292,8 @@ class _VLLMSampler:
             try:
                 from vllm import LLM
 
-                llm = LLM(model=cfg.model, seed=cfg.seed, dtype=cfg.dtype, gpu_memory_utilization=util, logprobs_mode="processed_logprobs")
+                llm = LLM(**{"model": cfg.model, "seed": cfg.seed, "dtype": cfg.dtype, "gpu_memory_utilization": util,
+                             "logprobs_mode": "processed_logprobs", **cfg.engine_args})
             except Exception as e:
                 raise ConfigError(f"vLLM could not start --model {cfg.model!r}: {first_line(e)} (or use --engine hf)") from None
             self.owned = True
