@@ -98,7 +98,13 @@ def targets_for(logp: torch.Tensor, nxt: torch.Tensor, spec: TargetSpec, encodin
     exact = torch.where(valid, lp64.gather(-1, d_ids), torch.full_like(d_lps, float("-inf"), dtype=torch.float64))
     ex_tail = torch.logsumexp(lp64.scatter(-1, torch.where(valid, d_ids, d_ids[:, :1]), float("-inf")), -1)
     d_tail = None if t.tail_logprob is None else torch.from_numpy(t.tail_logprob[0])
-    return {"ids": d_ids, "lps": d_lps, "tail": d_tail, "exact": exact, "exact_tail": ex_tail, "bytes": len(blob)}
+    # The codec's coarse KL per position: the teacher's exact kept entries + tail vs the decoded ones.
+    if d_tail is None:
+        kl = torch.full((len(d_ids),), float("nan"), dtype=torch.float64)
+    else:
+        pe, pd = torch.cat([exact, ex_tail[:, None]], 1), torch.cat([d_lps.double(), d_tail.double()[:, None]], 1)
+        kl = torch.where(torch.isfinite(pe), pe.exp() * (pe - pd), torch.zeros_like(pe)).sum(1)
+    return {"ids": d_ids, "lps": d_lps, "tail": d_tail, "exact": exact, "exact_tail": ex_tail, "bytes": len(blob), "kl": kl}
 
 
 def stats(g: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -125,7 +131,14 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=4, help="independent draws per batch for sampled targets")
     p.add_argument("--gamma", type=float, default=0.2)
     p.add_argument("--no-dense", action="store_true", help="only the codec's fidelity (vs exact values), not the parameter gradients vs dense KD")
+    p.add_argument("--pareto", metavar="PNG", help="also plot bytes/position against the worst KD-gradient cosine vs dense KD "
+                                                  "(over --losses) and the codec's KL p99, per target and encoding, with DistillKit's formula")
+    p.add_argument("--replot", metavar="OUTPUT", help="with --pareto: remake the Pareto table and plot from a saved run's output, running nothing")
     args = p.parse_args()
+    if args.replot:
+        rows, kl_p99, vocab = read_output(args.replot)
+        pareto(rows, kl_p99, vocab, args.pareto or "pareto.png")
+        return
     torch.set_grad_enabled(True)
     cache = Cache(args.tokens)
     weights = np.full(len(cache.domains), 1 / len(cache.domains))
@@ -138,14 +151,17 @@ def main() -> None:
     specs = parse_targets(args.targets)
     print(f"machine: {machine()}")
     stress = f", logits x {args.scale:g} (a stress test: a stand-in for a peaked teacher)" if args.scale != 1 else ""
+    print(f"vocabulary {V}")
     print(f"teacher {teacher_path}{stress}; {args.batches} batches of {args.batch_size} x {P + 1} tokens, uniform over domains; "
           f"gamma {args.gamma}; sampled: {args.draws} draws per batch\n")
 
     rows = []
+    kl_p99: dict[tuple, float] = {}
     for student in args.student:
         name, model = load_student(student)
         acc: dict[tuple, list] = {}
         nbytes: dict[tuple, list[float]] = {}
+        kls: dict[tuple, list[np.ndarray]] = {}
         for x in batches:
             labels = x[:, 1:].reshape(-1)
             with torch.no_grad():
@@ -178,6 +194,7 @@ def main() -> None:
                         cat = {key: None if parts[0][key] is None else torch.cat([q[key] for q in parts]).reshape(labels.numel(), *parts[0][key].shape[1:])
                                for key in ("ids", "lps", "tail", "exact", "exact_tail")}
                         nbytes.setdefault((label, enc_name), []).append(sum(q["bytes"] for q in parts) / labels.numel())
+                        kls.setdefault((label, enc_name), []).append(torch.cat([q["kl"] for q in parts]).numpy())
                         for kind in kinds:
                             fid = (stats(logit_grad(kind, z, cat["ids"], cat["lps"], cat["tail"]),
                                          logit_grad(kind, z, cat["ids"], cat["exact"], cat["exact_tail"]))
@@ -208,9 +225,87 @@ def main() -> None:
             fmt = lambda v, f: "-" if np.isnan(v) else format(v, f)  # noqa: E731
             rows.append((name, label, enc_name, f"{np.mean(nbytes[(label, enc_name)]):.1f}", kind, how,
                          fmt(m[0], ".6f"), fmt(m[1], ".1e"), fmt(m[2], ".5f"), fmt(m[3], ".4f"), fmt(m[4], ".5f"), fmt(m[5], ".4f")))
+        for (label, enc_name), v in kls.items():
+            flat = np.concatenate(v)
+            kl_p99[(name, label, enc_name)] = float("nan") if np.isnan(flat).all() else float(np.nanpercentile(flat, 99))
     print_table(("student", "targets", "encoding", "B/pos", "loss", "sampled", "vs exact values: logit-grad cosine", "rel. error",
                  "vs dense: KD grad cosine", "rel. error", "CE+gamma*KD cosine", "rel. error"), rows)
+    if args.pareto:
+        pareto(rows, kl_p99, V, args.pareto)
 
+
+def pareto(rows: list[tuple], kl_p99: dict[tuple, float], vocab_size: int, path: str) -> None:
+    """Per student, target and encoding: bytes/position against each loss's KD-gradient cosine
+    vs dense KD (sampled rows: one draw, as a cache holds; forward KL only) and the codec's KL p99;
+    printed and plotted, with DistillKit's formula at the same k."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cos: dict[tuple, dict[str, float]] = {}
+    size: dict[tuple, float] = {}
+    for name, label, enc, nbytes, kind, how, *_, dense_cos, _, _, _ in rows:
+        if how.startswith("mean of") or dense_cos == "-":  # a cache holds one draw per position
+            continue
+        cos.setdefault((name, label, enc), {})[kind] = float(dense_cos)
+        size[(name, label, enc)] = float(nbytes)
+    formula = lambda k: 56 + k * math.ceil(math.log2(vocab_size)) / 8  # noqa: E731
+    kinds = [k for k in ("fkl", "skl", "srkl", "jsd", "akl", "rkl") if any(k in c for c in cos.values())]
+    fmt = lambda c, k: f"{c[k]:.4f}" if k in c else "-"  # noqa: E731
+    table = []
+    for key in sorted(cos, key=lambda key: size[key]):
+        name, label, enc = key
+        k = int(label[4:]) if label.startswith("top-") else None
+        table.append((name, label, enc, f"{size[key]:.1f}", f"{formula(k):.0f}" if k else "-", *(fmt(cos[key], kd) for kd in kinds),
+                      f"{kl_p99.get(key, float('nan')):.1e}"))
+    print("\nPareto: bytes vs each loss's KD-gradient cosine vs dense KD, and the codec's KL p99 (kept + tail vs exact)\n")
+    print_table(("student", "targets", "encoding", "B/pos", "DistillKit formula B/pos", *(f"{k} cosine" for k in kinds), "codec KL p99"), table)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    markers = dict(zip(kinds, "osD^vx"))
+    for kind in kinds:
+        pts = sorted((size[key], c[kind], key[1]) for key, c in cos.items() if kind in c)
+        axes[0].plot([b for b, _, _ in pts], [1 - v for _, v, _ in pts], marker=markers[kind], linestyle="none", label=kind)
+    for b, v, lb in sorted((size[key], c["fkl"], key[1]) for key, c in cos.items() if "fkl" in c):
+        axes[0].annotate(lb.replace("adaptive min-mass ", "mm ").replace("sampled ", ""), (b, 1 - v), fontsize=7, xytext=(3, 3),
+                         textcoords="offset points")
+    tops = sorted((int(key[1][4:]), c["fkl"]) for key, c in cos.items() if key[1].startswith("top-") and "fkl" in c)
+    if tops:
+        axes[0].plot([formula(k) for k, _ in tops], [1 - c for _, c in tops], "k--", label="fkl top-k at DistillKit's formula bytes")
+    axes[0].set(xscale="log", yscale="log", xlabel="bytes / position", ylabel="1 - KD-gradient cosine vs dense KD (lower is better)",
+                title="what the targets carry, per loss")
+    kx = sorted((size[key], v, key[1]) for key, v in kl_p99.items() if key in size and not math.isnan(v))
+    axes[1].plot([b for b, _, _ in kx], [v for _, v, _ in kx], "o")
+    for b, v, lb in kx:
+        axes[1].annotate(lb.replace("adaptive min-mass ", "mm "), (b, v), fontsize=7)
+    axes[1].set(xscale="log", yscale="log", xlabel="bytes / position", ylabel="codec coarse KL, p99", title="what the codec loses (top-k, adaptive)")
+    from matplotlib.ticker import ScalarFormatter
+
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"\nplot: {path}")
+
+
+def read_output(path: str) -> tuple[list[tuple], dict[tuple, float], int]:
+    """The rows, KL p99 and V back from a saved run's output (`--replot`)."""
+    rows, kl, vocab = [], {}, 49152
+    for line in Path(path).read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("vocabulary "):
+            vocab = int(line.split()[1])
+        elif len(cells) == 12 and cells[0] != "student" and not set(cells[0]) <= {"-"}:
+            rows.append(tuple(cells))
+        elif len(cells) >= 7 and cells[0] != "student" and not set(cells[0]) <= {"-"} and cells[-1] not in ("codec KL p99",):
+            kl[(cells[0], cells[1], cells[2])] = float(cells[-1])
+    return rows, kl, vocab
 
 if __name__ == "__main__":
     main()
