@@ -122,3 +122,37 @@ def test_the_encoder_refuses_non_finite_teacher_output():
         row = RowScores(order.astype(np.int32), broken, vals[:, 0], order[:, 0])
         with pytest.raises(ValueError, match="non-finite teacher log-probability at position 2"):
             PackV3().encode(row, layout)
+
+
+def test_a_batch_decodes_as_its_sequences_do_alone():
+    """The loader decodes sequences of a batch together, by paths that depend on the batch
+    (every frame's level steps in one byte, or some in two; every row full, or some cut):
+    each sequence must come out as it does alone, and within pack-v3's bound."""
+    from ddk_cache.store.pack3 import Pack3Codec
+
+    rng = np.random.default_rng(3)
+    flat = [rng.normal(0, 0.3, (20, V)) for _ in range(2)]  # small steps: one byte each
+    seqs = [z - np.logaddexp.reduce(z, 1, keepdims=True) for z in flat] + [adversarial_teacher(s) for s in (4, 5)]  # 20 rows each
+    codec = Pack3Codec(vocab_size=V, max_entries=K)
+    frames, exact = [], []
+    for i, lp in enumerate(seqs):
+        order = np.argsort(-lp, 1, kind="stable")[:, :K]
+        vals = np.take_along_axis(lp, order, 1)
+        if i == 3:
+            vals[::3, 40:] = -np.inf  # some rows cut: not every row full
+        frames.append(codec.encode_topk(order, vals, vals[:, 0], order[:, 0]))
+        exact.append((order, vals))
+    widths = [codec._unframe(f)[0][5] for f in frames]
+    assert 1 in widths and max(widths) >= 2
+    for batch in ([0, 1], [0, 2], [1, 3], [0, 1, 2, 3]):
+        together = codec.decode([frames[i] for i in batch], 20, tail=True)
+        for j, i in enumerate(batch):
+            alone = codec.decode([frames[i]], 20, tail=True)
+            for a, b in zip(together, alone):
+                np.testing.assert_array_equal(a[j], b[0])
+            ids, lps = exact[i]
+            kept = np.isfinite(lps)
+            assert np.array_equal(np.where(kept, together[0][j], 0), np.where(kept, ids, 0))
+            # Decoded values are renormalised over kept + tail; compare log-ratios to the top-1.
+            r, d = lps[:, :1] - lps, together[1][j][:, :1].astype(np.float64) - together[1][j]
+            assert (np.abs(np.where(kept, d - r, 0)) <= codec.step * np.maximum(1, r / codec.knee) * 2 + 1e-5).all()

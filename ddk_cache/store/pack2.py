@@ -34,11 +34,15 @@ from __future__ import annotations
 import math
 import struct
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numcodecs import Zstd
 
 from .planes import nbytes as _nbytes, planes as _planes, starts as _starts, unplanes as _unplanes
+
+if TYPE_CHECKING:
+    import zstandard
 
 VERSION = 2
 STEP_SCALE = 3.0  # h^2 = STEP_SCALE * budget / K
@@ -91,6 +95,7 @@ class _Workspace(threading.local):
     def __init__(self) -> None:
         self.buffers: dict[tuple[str, str], np.ndarray] = {}
         self.constants: dict[tuple[str, int], np.ndarray] = {}
+        self.dctx: "zstandard.ZstdDecompressor | None" = None
 
     def array(self, name: str, shape: int | tuple[int, ...], dtype: type) -> np.ndarray:
         size = int(np.prod(shape))
@@ -100,11 +105,29 @@ class _Workspace(threading.local):
             buf = self.buffers[key] = np.empty(max(size, 1), dtype)
         return buf[:size].reshape(shape)
 
+    def decompressor(self) -> "zstandard.ZstdDecompressor":
+        """This thread's zstd decompression context, reused across calls: numcodecs' Zstd
+        makes and frees one per call, a large share of a decode made of many small streams
+        (4 per sequence). python-zstandard is already a dependency (.jsonl.zst corpora)."""
+        if self.dctx is None:
+            import zstandard
+
+            self.dctx = zstandard.ZstdDecompressor()
+        return self.dctx
+
     def arange(self, k: int) -> np.ndarray:
         return self.constants.setdefault(("arange", k), np.arange(k, dtype=np.int32))
 
     def ones(self, k: int) -> np.ndarray:
         return self.constants.setdefault(("ones", k), np.ones(k, np.float64))
+
+    def not_first(self, k: int) -> np.ndarray:
+        """float32 [k]: 0, then ones (a row sum that skips entry 0, as a matrix-vector product)."""
+        w = self.constants.get(("not_first", k))
+        if w is None:
+            w = self.constants[("not_first", k)] = np.ones(k, np.float32)
+            w[0] = 0.0
+        return w
 
 
 _WORKSPACE = _Workspace()
@@ -171,8 +194,9 @@ class Pack2Codec:
             elif ws is None:
                 out.append(self._zstd.decode(blob[at : at + size]))
             else:
-                dest = ws.array(f"stream{j}.{row}", raw, np.uint8)
-                self._zstd.decode(blob[at : at + size], out=dest)
+                dest = ws.decompressor().decompress(blob[at : at + size])
+                if len(dest) != raw:
+                    raise ValueError(f"pack frame stream {j} decompressed to {len(dest)} bytes, its header says {raw}")
                 out.append(dest)
             at += size
         return head, out
