@@ -243,20 +243,20 @@ class Pack3Codec(Pack2Codec):
                 deltas = _gather_planes([s_[2] for _, s_ in parsed], per_row - P, level_bytes, ws, "deltas3")
                 np.cumsum(deltas.reshape(BP, K - 1), axis=1, dtype=np.int32, out=lv[:, 1:])
             top_level = int(lv[:, -1].max(initial=0))  # levels rise with rank: the last is the largest
-        else:
+        else:  # ragged rows (adaptive k): the arithmetic on the T kept entries only, then one scatter
             n_i = n.astype(np.intp)
             starts = np.cumsum(n_i) - n_i
             pos = np.repeat(np.arange(BP), n_i)
-            col = np.arange(T) - np.repeat(starts, n_i)
+            first = np.zeros(T, bool)
+            first[starts] = True  # every position keeps its top-1 (n >= 1)
             # Levels: the running sum of each position's steps, restarting at its top-1 (level 0).
             steps = np.zeros(T, np.int64)
-            steps[col > 0] = _gather_planes([s_[2] for _, s_ in parsed], per_row - P, level_bytes, ws, "deltas3")
+            steps[~first] = _gather_planes([s_[2] for _, s_ in parsed], per_row - P, level_bytes, ws, "deltas3")
             run = np.cumsum(steps)
-            lv_flat = run - np.repeat(run[starts], n_i)
-            ids2[:] = 0
-            ids2[pos, col] = flat_ids
-            lv = np.zeros((BP, K), np.int32)
-            lv[pos, col] = lv_flat
+            lv_flat = run - run[starts][pos]
+            slot = np.arange(T) + (pos * K - starts[pos])  # each entry's place in the padded [BP, K] output
+            ids2.fill(0)
+            ids2.reshape(-1)[slot] = flat_ids
             top_level = int(lv_flat.max(initial=0))
         refined = np.flatnonzero(exponent)
         h1 = self.step / 2.0 ** exponent.astype(np.float64)
@@ -264,27 +264,37 @@ class Pack3Codec(Pack2Codec):
         half = tail_z >> 1
         rt = np.where(tail_z & 1, -half * h1, half * h1)
         tail_q = np.where(has_tail, np.exp(-rt), 0.0)
-        if top_level < len(neg_r_tab) and not len(refined):
-            # The usual case: r and exp(-r) by table lookups, float32, in place (no exp per entry).
+        fast = top_level < len(neg_r_tab) and not len(refined)
+        if fast and dense:
+            # The usual case: -r and exp(-r) by table lookups, float32, in place (no exp per entry).
             q = ws.array("q3", (BP, K), np.float32)
             np.take(q_tab, lv, out=q)
-            np.take(neg_r_tab, lv, out=logq2)  # -r
-            if not dense:  # padding past n adds nothing (not `lv == 0`: entries tied with the top-1 have level 0 too)
-                q[np.arange(K)[None, :] >= n[:, None]] = 0.0
+            np.take(neg_r_tab, lv, out=logq2)
             # sum_{j>=1} q_j as one float32 matrix-vector product (BLAS: ~10x numpy's row sums);
             # its relative error, <= K * 2^-24, is far below the quantisation step.
             s = np.matmul(q, ws.not_first(K)).astype(np.float64) + tail_q
             log_z = np.log1p(s)
             np.subtract(logq2, log_z.astype(np.float32)[:, None], out=logq2)
+        elif fast:
+            # The row sums as the dense path does them (zeros past n add nothing), so that a
+            # sequence decodes to the same bits whatever shares its batch.
+            q = ws.array("q3", (BP, K), np.float32)
+            q.fill(0.0)
+            q.reshape(-1)[slot] = q_tab[lv_flat]
+            s = np.matmul(q, ws.not_first(K)).astype(np.float64) + tail_q
+            log_z = np.log1p(s)
+            logq2.fill(-np.inf)
+            logq2.reshape(-1)[slot] = neg_r_tab[lv_flat] - log_z.astype(np.float32)[pos]
         else:
+            if not dense:
+                lv = np.zeros((BP, K), np.int64)
+                lv.reshape(-1)[slot] = lv_flat
             h = h1[:, None]
             r = expand(lv * h, self.knee)
             kept_all = np.arange(K)[None, :] < n[:, None]
             s = np.where(kept_all, np.exp(-r), 0.0)[:, 1:].sum(1) + tail_q
             log_z = np.log1p(s)
-            logq2[:] = -r - log_z[:, None]
-        if not dense:
-            logq2[np.arange(K)[None, :] >= n[:, None]] = -np.inf
+            logq2[:] = np.where(kept_all, -r - log_z[:, None], -np.inf)
         t2 = target.reshape(BP)
         hit = np.flatnonzero(ref)
         t2[hit] = logq2[hit, ref[hit] - 1]
