@@ -237,16 +237,16 @@ def init_student(teacher: str | Path, out: str | Path, *, layers: list[int] | No
     order, or `keep` of them chosen by `keep_layers`), written as a plain transformers
     directory. Returns the directory and the layers kept."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from .capture.tokenization import load_tokenizer
+    from .runtime import load_causal_lm
 
     out = Path(out)
     _refuse_nonempty(out)
     if (layers is None) == (keep is None):
         raise ConfigError("give exactly one of --layers and --keep")
     tok = load_tokenizer(str(teacher))
-    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    model = load_causal_lm(str(teacher), dtype=torch.float32)
     stack, name = _decoder_layers(model)
     total = len(stack)
     chosen = keep_layers(total, keep) if keep is not None else list(layers or [])

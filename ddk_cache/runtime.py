@@ -153,3 +153,28 @@ def init_distributed(worker: Worker, device: Any) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.distributed.init_process_group(backend, rank=worker.rank, world_size=worker.world_size)
+
+
+def load_causal_lm(path: str, **kwargs: Any) -> Any:
+    """`AutoModelForCausalLM.from_pretrained(path, **kwargs)`, never left partly on the meta device.
+
+    In a long-lived process that had run many other models (the full test suite, twice in
+    several runs, never alone), transformers 5.19 returned SmolLM2 with its tied output head
+    untied and on the meta device (its load report calls `lm_head.weight` missing), and
+    `.to(device)` then failed with "cannot copy out of meta tensor". A checkpoint whose
+    config ties the head is made whole by tying it again; any other parameter still on meta
+    is an error that names it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if any(p.is_meta for p in model.parameters()):
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+        if (getattr(text, "tie_word_embeddings", False) and head is not None and embed is not None
+                and head.weight.is_meta and not embed.weight.is_meta):
+            head.weight = embed.weight
+        missing = [name for name, p in model.named_parameters() if p.is_meta]
+        if missing:
+            raise ConfigError(f"{path}: the checkpoint holds no weights for {', '.join(missing[:4])}"
+                              f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}; is it complete?")
+    return model

@@ -106,3 +106,37 @@ def test_distill_writes_tensorboard_events(tmp_path, built_cache, teacher_dir):
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert (tmp_path / "run" / "metrics.jsonl").exists()  # metrics.jsonl stays
+
+
+def test_a_tied_head_left_on_the_meta_device_is_tied_again(tmp_path, monkeypatch):
+    """transformers 5.19 once returned a tied output head untied and on the meta device in a
+    long-lived process (the full suite); load_causal_lm ties it again, and names any other
+    parameter that has no weights instead of failing later in `.to()`."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from ddk_cache.errors import ConfigError
+    from ddk_cache.runtime import load_causal_lm
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,
+                         num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "m")(torch.tensor([[1, 2, 3]])).logits
+    real = AutoModelForCausalLM.from_pretrained
+
+    def loses(*names):
+        def load(*args, **kwargs):
+            model = real(*args, **kwargs)
+            for name in names:
+                owner, attr = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+                setattr(owner, attr, torch.nn.Parameter(torch.empty_like(getattr(owner, attr), device="meta")))
+            return model
+        return load
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", loses("lm_head.weight"))
+    model = load_causal_lm(str(tmp_path / "m"))
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    torch.testing.assert_close(model.to("cpu")(torch.tensor([[1, 2, 3]])).logits, expected, rtol=0, atol=0)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", loses("lm_head.weight", "model.norm.weight"))
+    with pytest.raises(ConfigError, match=r"the checkpoint holds no weights for model\.norm\.weight; is it complete\?"):
+        load_causal_lm(str(tmp_path / "m"))

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoModelForCausalLM
 
 from ddk_cache.capture.build import build
 from ddk_cache.capture.tokenization import load_tokenizer
 from ddk_cache.cli.main import main
+from ddk_cache.runtime import load_causal_lm
 from ddk_cache.store.cache import SPLITS, Cache
 
 from .helpers import small_config, write_corpus
@@ -55,7 +55,7 @@ def cache(tmp_path_factory, smollm2, corpus) -> Path:
 
 def exact_rows(model_dir: Path, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(top-k ids, their log-probs, the tail's log mass) from a direct forward pass (float64 softmax)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load_causal_lm(str(model_dir), dtype=torch.float32).eval()
     with torch.inference_mode():
         lp = torch.log_softmax(model(torch.from_numpy(tokens).long()).logits[:, :-1].double(), -1)
     values, ids = lp.topk(k, -1)

@@ -213,10 +213,10 @@ class _HFSampler:
             self.teacher = self._load(cfg.mix_teacher, "--mix-teacher")
 
     def _load(self, path: str, flag: str) -> Any:
-        from transformers import AutoModelForCausalLM
+        from ..runtime import load_causal_lm
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device).eval()
+            model = load_causal_lm(path, dtype=torch.float32).to(self.device).eval()
         except Exception as e:
             raise ConfigError(f"cannot load {flag} {path!r}: {str(e).splitlines()[0]}") from None
         rows = model.get_output_embeddings().weight.shape[0]

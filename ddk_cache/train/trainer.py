@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..capture.tokenization import check_model_path, load_tokenizer, tokenizer_fingerprint
 from ..config import changed, free_fields
 from ..errors import ConfigError, DDKCacheError, TeacherError
-from ..runtime import Worker, init_distributed, resolve_device
+from ..runtime import Worker, init_distributed, load_causal_lm, resolve_device
 from ..store.cache import Cache
 from . import checkpoint
 from .checkpoint import CKPT_DIR, latest_checkpoint
@@ -87,7 +87,7 @@ def load_student(cfg: DistillConfig, cache: Cache) -> tuple[Any, Any]:
     check_model_path(cfg.student or cfg.student_config, ConfigError)
     try:
         if cfg.student:
-            model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
+            model = load_causal_lm(cfg.student, dtype=torch.float32)
         else:
             torch.manual_seed(cfg.seed)
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.student_config))

@@ -15,7 +15,7 @@ from ...errors import NonFiniteTeacher, TeacherError
 from ...store.encodings import RowScores
 from ...store.targets import TargetSpec, sample_from_logprobs
 from ..tokenization import first_line, load_tokenizer
-from ...runtime import resolve_device
+from ...runtime import load_causal_lm, resolve_device
 from .base import EngineStats, Job, Teacher, TeacherScores, Timer, finish_topk, resolve_dtype
 
 class HFTeacher(Teacher):
@@ -33,8 +33,6 @@ class HFTeacher(Teacher):
         revision: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        from transformers import AutoModelForCausalLM
-
         self.name_or_path = name_or_path
         self.revision = revision
         self.batch_size = batch_size
@@ -42,9 +40,7 @@ class HFTeacher(Teacher):
         self.dtype = resolve_dtype(dtype, self.device)
         self._tokenizer = load_tokenizer(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                name_or_path, revision=revision, dtype=getattr(torch, self.dtype), trust_remote_code=trust_remote_code
-            )
+            model = load_causal_lm(name_or_path, revision=revision, dtype=getattr(torch, self.dtype), trust_remote_code=trust_remote_code)
         except Exception as e:  # OSError, ValueError, safetensors errors... all mean "does not load"
             raise TeacherError(f"cannot load the teacher model from {name_or_path!r}: {first_line(e)}") from None
         self.model = model.to(self.device).eval()
