@@ -280,7 +280,8 @@ def pareto(rows: list[tuple], kl_p99: dict[tuple, float], vocab_size: int, path:
     axes[1].plot([b for b, _, _ in kx], [v for _, v, _ in kx], "o")
     for b, v, lb in kx:
         axes[1].annotate(lb.replace("adaptive min-mass ", "mm "), (b, v), fontsize=7)
-    axes[1].set(xscale="log", yscale="log", xlabel="bytes / position", ylabel="codec coarse KL, p99", title="what the codec loses (top-k, adaptive)")
+    axes[1].set(xscale="log", yscale="log" if kx else "linear", xlabel="bytes / position", ylabel="codec coarse KL, p99",
+                title="what the codec loses (top-k, adaptive)")
     from matplotlib.ticker import ScalarFormatter
 
     for ax in axes:
@@ -295,17 +296,25 @@ def pareto(rows: list[tuple], kl_p99: dict[tuple, float], vocab_size: int, path:
 
 
 def read_output(path: str) -> tuple[list[tuple], dict[tuple, float], int]:
-    """The rows, KL p99 and V back from a saved run's output (`--replot`)."""
-    rows, kl, vocab = [], {}, 49152
+    """The rows, KL p99 and V back from a saved run's output (`--replot`): the main table's
+    rows, and the Pareto table's last column."""
+    rows, kl, vocab, table = [], {}, 49152, None
     for line in Path(path).read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("vocabulary "):
             vocab = int(line.split()[1])
-        elif len(cells) == 12 and cells[0] != "student" and not set(cells[0]) <= {"-"}:
+        elif not line.startswith("|"):
+            continue
+        elif cells[0] == "student":  # a header: which table follows
+            table = "pareto" if cells[-1] == "codec KL p99" else "main"
+        elif set(cells[0]) <= {"-"}:
+            continue
+        elif table == "main":
             rows.append(tuple(cells))
-        elif len(cells) >= 7 and cells[0] != "student" and not set(cells[0]) <= {"-"} and cells[-1] not in ("codec KL p99",):
+        elif table == "pareto":
             kl[(cells[0], cells[1], cells[2])] = float(cells[-1])
     return rows, kl, vocab
+
 
 if __name__ == "__main__":
     main()
