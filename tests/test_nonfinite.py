@@ -5,6 +5,7 @@ label-only targets and are counted."""
 from __future__ import annotations
 
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -45,6 +46,12 @@ def test_nan_stops_the_build_naming_where(tmp_path, broken_teacher, corpus_dir):
                                            r"predicted position \d+: the build stopped .* --on-nonfinite skip"):
         build(small_config(teacher, corpus_dir, out), progress=False)
     assert Cache(str(out), require_complete=False).meta.state == "building"  # resumable, not complete
+    # The thread that gathers shards ahead of the teacher ends with the build, not blocked on
+    # its queue for the rest of the process (a library user retrying builds would pile them up).
+    gatherers = [t for t in threading.enumerate() if t.name == "ddk-cache-gather"]
+    for t in gatherers:
+        t.join(timeout=5)
+    assert not any(t.is_alive() for t in gatherers)
     result = CliRunner().invoke(main, ["build", "--teacher", str(teacher), "--data", str(corpus_dir), "--out", str(tmp_path / "d.zarr"),
                                        "--top-k", "8", "--seq-len", "32", "--val-tokens", "64", "--shard-sequences", "4",
                                        "--device", "cpu", "--backend", "hf", "--quiet"])

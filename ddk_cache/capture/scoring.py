@@ -142,10 +142,11 @@ class Scorer:
         self._projection = SizeProjection(self.writer.meta, shards)
         in_flight: list[Future] = []
         limit = 4 * self.threads + 16  # rows finishing at once: bounds what waits in memory
+        jobs = self._jobs(shards)
         try:
             with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="ddk-cache-writer") as pool:
                 try:
-                    for job, row, finish in teacher.stream(self._jobs(shards), self.spec):
+                    for job, row, finish in teacher.stream(jobs, self.spec):
                         in_flight.append(pool.submit(self._finish_row, job, row, finish))
                         self.stats.tokens_scored += seq_len
                         bar.update(seq_len)
@@ -156,6 +157,7 @@ class Scorer:
                         f.cancel()
                     raise
         finally:
+            jobs.close()  # its gathering thread ends now, not when the generator is collected
             self._log.close()
             bar.close()
         return self.stats
@@ -165,30 +167,45 @@ class Scorer:
         stays one shard ahead of the engine."""
         gather = Gatherer(self.writer.objects, self.plan)
         ahead: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()  # the scoring side is gone (done, or stopped by an error): stop gathering
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    ahead.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def produce() -> None:
             try:
                 for shard in shards:
-                    tokens, mask, sampled = gather.sequences(shard.domain, shard.split, shard.start, shard.stop)
-                    ahead.put((shard, tokens, mask, sampled))
-                ahead.put(None)
+                    if not put((shard, *gather.sequences(shard.domain, shard.split, shard.start, shard.stop))):
+                        return
+                put(None)
             except BaseException as e:  # surfaced in the scoring thread
-                ahead.put(e)
+                put(e)
 
-        threading.Thread(target=produce, daemon=True, name="ddk-cache-gather").start()
-        while True:
-            item = ahead.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            shard, tokens, mask, sampled = item
-            arrays = self.writer.array_names(shard.domain)
-            n = len(tokens)
-            with self._guard:
-                self._states[shard.key] = _ShardState(shard, {a: [None] * n for a in arrays}, n, [0.0] * n, [0] * n, [0.0] * n,
-                                                      mask=mask, sampled=sampled)
-            yield Job(shard, tokens, np.arange(shard.start, shard.stop), split_seed(self.spec, shard.domain, shard.split))
+        producer = threading.Thread(target=produce, daemon=True, name="ddk-cache-gather")
+        producer.start()
+        try:
+            while True:
+                item = ahead.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                shard, tokens, mask, sampled = item
+                arrays = self.writer.array_names(shard.domain)
+                n = len(tokens)
+                with self._guard:
+                    self._states[shard.key] = _ShardState(shard, {a: [None] * n for a in arrays}, n, [0.0] * n, [0] * n, [0.0] * n,
+                                                          mask=mask, sampled=sampled)
+                yield Job(shard, tokens, np.arange(shard.start, shard.stop), split_seed(self.spec, shard.domain, shard.split))
+        finally:
+            stop.set()
+            producer.join(timeout=30)  # at most the shard it is reading
 
     def _scores(self, job: Job, row: int, finish: Callable[[], RowScores | None]) -> tuple[RowScores | None, bool]:
         """The row's scores from the teacher, and whether they were replaced (non-finite output, skip)."""
