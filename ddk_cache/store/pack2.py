@@ -153,8 +153,6 @@ class Pack2Codec:
         self.count_bytes = _nbytes(max_entries + 1)  # slot references run to K (0 = not kept)
         self.max_level = int(math.floor(1.0 / (self.h / 2**MAX_REFINE))) + 1
         self.id_level = id_level
-        self._zstd = Zstd(level=3)
-        self._zstd_ids = Zstd(level=id_level)
         self._tables: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------ sizes
@@ -176,9 +174,8 @@ class Pack2Codec:
         head = HEADER.pack(total, VERSION, flags, self.id_bytes, self.count_bytes, level_bytes, tail_bytes, len(packed))
         return head + sizes + b"".join(packed)
 
-    def _unframe(self, blob: memoryview | bytes, ws: "_Workspace | None" = None, row: int = 0) -> tuple[tuple, list]:
-        """(header, streams) of one frame. With a workspace, stream j of the frame is
-        decompressed into that workspace's buffer `stream{j}.{row}` instead of new bytes."""
+    def _unframe(self, blob: memoryview | bytes) -> tuple[tuple, list]:
+        """(header, streams) of one frame, each stream decompressed by this thread's zstd context."""
         head = HEADER.unpack_from(blob, 0)
         total, version, n = head[0], head[1], head[-1]
         if version not in self.frame_versions:
@@ -187,17 +184,13 @@ class Pack2Codec:
         at = HEADER.size + 8 * n
         if at + sum(sizes[:n]) != total or total > len(blob):
             raise ValueError("pack-v2 frame is truncated or its stream sizes do not add up")
+        dctx = _workspace().decompressor()
         out = []
         for j, (size, raw) in enumerate(zip(sizes[:n], sizes[n:])):
-            if not size:
-                out.append(b"")
-            elif ws is None:
-                out.append(self._zstd.decode(blob[at : at + size]))
-            else:
-                dest = ws.decompressor().decompress(blob[at : at + size])
-                if len(dest) != raw:
-                    raise ValueError(f"pack frame stream {j} decompressed to {len(dest)} bytes, its header says {raw}")
-                out.append(dest)
+            stream = dctx.decompress(blob[at : at + size]) if size else b""
+            if len(stream) != raw:
+                raise ValueError(f"pack frame stream {j} decompressed to {len(stream)} bytes, its header says {raw}")
+            out.append(stream)
             at += size
         return head, out
 
@@ -345,7 +338,7 @@ class Pack2Codec:
         if B == 0:
             return ids, logq, target
         ws = _workspace()
-        parsed = [self._unframe(f, ws, i) for i, f in enumerate(frames)]
+        parsed = [self._unframe(f) for f in frames]
         if parsed[0][0][2] & FLAG_SAMPLED:
             return self._decode_sampled(parsed, P, K, temperature, (ids, logq, target))
         cb, BP = self.count_bytes, B * P

@@ -208,7 +208,7 @@ class Pack3Codec(Pack2Codec):
         if B == 0:
             return (ids, logq, target, np.empty((0, P), np.float32)) if tail else (ids, logq, target)
         ws = _workspace()
-        parsed = [self._unframe(f, ws, i) for i, f in enumerate(frames)]
+        parsed = [self._unframe(f) for f in frames]
         if parsed[0][0][2] & 1:  # sampled: pack-v2 frames
             got = self._decode_sampled(parsed, P, K, temperature, (ids, logq, target))
             return (*got, None) if tail else got
