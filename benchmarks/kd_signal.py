@@ -38,6 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table, real_teacher  # noqa: E402
 
+from ddk_cache.capture.fidelity import coarse_kl  # noqa: E402
 from ddk_cache.store.cache import Cache  # noqa: E402
 from ddk_cache.store.encodings import Layout, PackV2, PackV3, RowScores  # noqa: E402
 from ddk_cache.store.targets import TargetSpec, adaptive_cut, sample_from_logprobs  # noqa: E402
@@ -100,10 +101,9 @@ def targets_for(logp: torch.Tensor, nxt: torch.Tensor, spec: TargetSpec, encodin
     d_tail = None if t.tail_logprob is None else torch.from_numpy(t.tail_logprob[0])
     # The codec's coarse KL per position: the teacher's exact kept entries + tail vs the decoded ones.
     if d_tail is None:
-        kl = torch.full((len(d_ids),), float("nan"), dtype=torch.float64)
+        kl = np.full(len(d_ids), np.nan)
     else:
-        pe, pd = torch.cat([exact, ex_tail[:, None]], 1), torch.cat([d_lps.double(), d_tail.double()[:, None]], 1)
-        kl = torch.where(torch.isfinite(pe), pe.exp() * (pe - pd), torch.zeros_like(pe)).sum(1)
+        kl = coarse_kl(exact.exp().numpy(), d_lps.double().exp().numpy(), ex_tail.exp().numpy(), d_tail.double().exp().numpy())
     return {"ids": d_ids, "lps": d_lps, "tail": d_tail, "exact": exact, "exact_tail": ex_tail, "bytes": len(blob), "kl": kl}
 
 
@@ -194,7 +194,7 @@ def main() -> None:
                         cat = {key: None if parts[0][key] is None else torch.cat([q[key] for q in parts]).reshape(labels.numel(), *parts[0][key].shape[1:])
                                for key in ("ids", "lps", "tail", "exact", "exact_tail")}
                         nbytes.setdefault((label, enc_name), []).append(sum(q["bytes"] for q in parts) / labels.numel())
-                        kls.setdefault((label, enc_name), []).append(torch.cat([q["kl"] for q in parts]).numpy())
+                        kls.setdefault((label, enc_name), []).append(np.concatenate([q["kl"] for q in parts]))
                         for kind in kinds:
                             fid = (stats(logit_grad(kind, z, cat["ids"], cat["lps"], cat["tail"]),
                                          logit_grad(kind, z, cat["ids"], cat["exact"], cat["exact_tail"]))
