@@ -42,7 +42,7 @@ from common import machine, print_table, real_teacher  # noqa: E402
 from ddk_cache.capture.teachers.hf import HFTeacher  # noqa: E402
 from ddk_cache.store.cache import Cache  # noqa: E402
 from ddk_cache.store.pack2 import HEADER  # noqa: E402
-from ddk_cache.store.pack3 import Pack3Codec, compand  # noqa: E402
+from ddk_cache.store.pack3 import DEFAULT_KNEE, Pack3Codec, compand  # noqa: E402
 
 
 def entropy_bits(values: np.ndarray) -> float:
@@ -50,11 +50,6 @@ def entropy_bits(values: np.ndarray) -> float:
     counts = np.unique(np.asarray(values).ravel(), return_counts=True)[1]
     p = counts / counts.sum()
     return float(-(p * np.log2(p)).sum())
-
-
-def conditional_entropy_bits(context: np.ndarray, values: np.ndarray) -> float:
-    """H(values | context), bits per value, from the joint counts."""
-    return entropy_bits(np.asarray(context, np.int64) * (1 << 20) + np.asarray(values, np.int64)) - entropy_bits(context)
 
 
 def score(teacher: str, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -73,7 +68,7 @@ def score(teacher: str, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     return ids, lps, tgt, V
 
 
-def levels_of(lps: np.ndarray, step: float, knee: float = 4.0) -> np.ndarray:
+def levels_of(lps: np.ndarray, step: float, knee: float = DEFAULT_KNEE) -> np.ndarray:
     """pack-v3's levels at the base step (no refinement): companded log-ratio to the top-1 / step."""
     return np.rint(compand(lps[..., :1] - lps, knee) / step).astype(np.int64)
 
