@@ -42,10 +42,12 @@ def sharpen(src: str, scale: float, out: Path) -> Path:
     return out
 
 
-def peakedness(teacher: str, cache: Cache, sequences: int) -> dict[str, np.ndarray]:
-    """Per position: top-1 probability and the mass of the top 16/64/256."""
+def peakedness(teacher: str, cache: Cache, sequences: int, domains: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Per position of the first `sequences` validation sequences of each domain (default:
+    all): top-1 probability and the mass of the top 16/64/256."""
     t = HFTeacher(teacher, device="cpu", dtype="float32")
-    tokens = np.concatenate([cache.tokens(d, "val", np.arange(min(sequences, cache.num_sequences(d, "val")))) for d in cache.domains])
+    tokens = np.concatenate([cache.tokens(d, "val", np.arange(min(sequences, cache.num_sequences(d, "val"))))
+                             for d in domains or cache.domains])
     top1, mass = [], {k: [] for k in (16, 64, 256)}
     nll = []
     for _, logprobs, nxt in t.rows(tokens):
