@@ -2,8 +2,9 @@
 # Do two revisions of ddk-cache produce the same caches and the same training? For moves and
 # refactors that must not change behaviour (issue #24). Builds pack, pack-v2 and plain caches
 # of a small corpus with a peaked random teacher, distills fkl/rkl/akl for 6 steps from each
-# revision's code, and compares: shard objects byte for byte (before the 64-byte identity
-# trailer, which holds each build's random id), domain metadata, losses and DDK weights.
+# revision's code, and compares: shard objects byte for byte (but for the build id in the
+# identity trailer, the build fingerprint, which two revisions need not share), domain
+# metadata, losses and DDK weights.
 #
 #   bash benchmarks/same_results.sh REV_A REV_B CORPUS_DIR [WORK]
 #   bash benchmarks/same_results.sh b44690e HEAD ../shared/corpora/dev
