@@ -4,7 +4,11 @@
 
 Same student, same batches (read before timing), one process: every mode starts from the
 same weights with a fresh AdamW, runs warm-up steps, then timed steps (forward, backward,
-optimizer). On a GPU, CUDA events time the steps and torch.cuda.max_memory_allocated gives
+optimizer). Every mode computes its loss as `distill` does (student.StudentLoss: the decoder,
+then the loss in chunks of --loss-chunk positions from the hidden states and the head) with
+the fused head loss, its default; `cache fkl (recompute)` recomputes each chunk's logits in
+the backward pass instead, and `cache fkl (whole logits)` is the model's own [tokens,
+vocabulary] logits with the loss on them. On a GPU, CUDA events time the steps and torch.cuda.max_memory_allocated gives
 each mode's peak; on a CPU, wall time (no per-mode memory). Ratios are against CE. Then the
 loader: batches/s it sustains from the cache with prefetch vs what the CE step consumes.
 """
@@ -21,7 +25,8 @@ from common import machine, print_table
 from transformers import AutoModelForCausalLM
 
 from ddk_cache.train.data import CacheLoader
-from ddk_cache.train.losses import KDConfig, ce_and_dense_kd, ce_and_sparse_kd
+from ddk_cache.train.losses import KDConfig, ce_and_sparse_kd
+from ddk_cache.train.student import StudentLoss
 from ddk_cache.store.cache import Cache
 
 
@@ -33,6 +38,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--loss-chunk", type=int, default=1024)
     p.add_argument("--loader-batches", type=int, default=50)
     p.add_argument("--loader-workers", type=int, nargs="+", default=[0], help="reader-process counts to measure (0: the reader thread alone)")
     args = p.parse_args()
@@ -61,24 +67,29 @@ def main() -> None:
         for i, b in enumerate(batches):
             x = b.tokens.to(device)
             ids, lps = b.topk_ids.to(device), b.topk_logprobs.to(device)
+            tail = None if b.tail_logprob is None else b.tail_logprob.to(device)  # pack-v3 caches store it
             start = time.perf_counter()
             if cuda:
                 ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 ev0.record()
             with (torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)):
-                logits = model(input_ids=x, use_cache=False).logits[:, :-1]
-                flat = logits.reshape(-1, logits.shape[-1])
-                labels = x[:, 1:].reshape(-1)
-                if mode == "ce" or mode.startswith("cache "):
-                    # The trainer's own path: `ce` is its --kd-loss none.
-                    kind = "none" if mode == "ce" else mode.split()[1]
-                    ce, kd = ce_and_sparse_kd(flat, labels, ids.reshape(flat.shape[0], -1), lps.reshape(flat.shape[0], -1), KDConfig(kind))
+                labels = x[:, 1:]
+                kind = "none" if mode == "ce" else mode.split()[1]
+                if mode.endswith("(whole logits)"):
+                    logits = model(input_ids=x, use_cache=False).logits[:, :-1]
+                    flat = logits.reshape(-1, logits.shape[-1])
+                    ce, kd = ce_and_sparse_kd(flat, labels.reshape(-1), ids.reshape(flat.shape[0], -1), lps.reshape(flat.shape[0], -1), KDConfig(kind),
+                                              tail_logprob=None if tail is None else tail.reshape(-1))
                     loss = (ce.sum() + 0.2 * kd.sum()) / ce.numel()
-                else:  # online: the teacher runs every step and its full distribution is the target
-                    with torch.no_grad():
-                        t_logits = teacher(input_ids=x, use_cache=False).logits[:, :-1].reshape(flat.shape)
-                    ce, kd = ce_and_dense_kd(flat, labels, t_logits, KDConfig("fkl"))  # distill --online-teacher's path
-                    loss = (ce.sum() + 0.2 * kd.sum()) / ce.numel()
+                else:
+                    wrapped = StudentLoss(model, KDConfig(kind), chunk=args.loss_chunk, fused="(recompute)" not in mode, kd_weight=0.2)
+                    if mode.startswith("online"):  # the teacher runs every step and its full distribution is the target
+                        with torch.no_grad():
+                            targets = {"teacher_logits": teacher(input_ids=x, use_cache=False).logits[:, :-1].float()}
+                    else:
+                        targets = {"topk_ids": ids.long(), "topk_logprobs": lps, "tail_logprob": tail} if kind != "none" else {}
+                    ce, kd, _ = wrapped(x, labels, **targets)
+                    loss = (ce + 0.2 * kd) / labels.numel()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -94,7 +105,8 @@ def main() -> None:
         del model, opt
         return statistics.median(times), peak
 
-    modes = ["ce"] + [f"cache {k}" for k in ("fkl", "rkl", "skl", "srkl", "jsd", "akl")] + ["online fkl"]
+    modes = (["ce"] + [f"cache {k}" for k in ("fkl", "rkl", "skl", "srkl", "jsd", "akl")]
+             + ["cache fkl (recompute)", "cache fkl (whole logits)", "online fkl"])
     results = {m: run(m) for m in modes}
     base_t, base_m = results["ce"]
     rows = []

@@ -1,12 +1,14 @@
 """Memory of the training step: the chunked loss, and FSDP2 against DDP.
 
-    python benchmarks/memory.py loss --vocab 32000 151936 --tokens 8192
+    python benchmarks/memory.py loss --vocab 32000 151936 --tokens 8192 --chunk 256 512 1024
     python benchmarks/memory.py loss --objective minillm --vocab 32000 151936 --tokens 8192
     torchrun --nproc-per-node 2 benchmarks/memory.py shard --work /tmp/mem     # per-rank state, checkpoint times
 
 `loss`: peak memory and time of one forward + backward of CE + gamma * KD (top-64 forward
 KL with the tail bucket) from the decoder's last hidden states [tokens, 1024], unchunked
-(whole-batch logits, as before) and chunked (losses.chunked_loss). Each variant runs in a
+(whole-batch logits, as before) and chunked (losses.chunked_loss): `recompute` (each chunk's
+logits recomputed in the backward pass) and `fused` (the head's gradients computed in the
+forward pass, the default of `distill`), at each `--chunk`. Each variant runs in a
 fresh process; memory is its peak RSS (ru_maxrss) minus the RSS after the inputs were made
 (CPU tensors: what the loss itself adds). Time: median of 3 after one warm-up.
 `--objective minillm`: MiniLLM's loss instead (train/minillm.py: whole-logits minillm_loss
@@ -40,7 +42,7 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def one_loss(vocab: int, tokens: int, hidden: int, chunked: bool, chunk: int, objective: str = "kd") -> dict:
+def one_loss(vocab: int, tokens: int, hidden: int, impl: str, chunk: int, objective: str = "kd") -> dict:
     from ddk_cache.train.losses import KDConfig, ce_and_sparse_kd
     from ddk_cache.train.minillm import MiniLLMConfig, chunked_minillm, minillm_loss
     from ddk_cache.train.losses import chunked_loss
@@ -61,17 +63,20 @@ def one_loss(vocab: int, tokens: int, hidden: int, chunked: bool, chunk: int, ob
     y = labels[: B * T].view(B, T)
     teacher_lp, old_lp = (torch.log_softmax(torch.randn(B, T, 8), -1)[..., 0] for _ in range(2))
 
+    chunked = impl != "unchunked"
+
     def step() -> None:
         if objective == "minillm":
             hb = h[: B * T].view(B, T, hidden)
             if chunked:
                 _, total, _ = chunked_minillm(hb, head, torch.where(mask, y, torch.full_like(y, -100)), ids[: B * T].view(B, T, -1),
-                                              lps[: B * T].view(B, T, -1), teacher_lp, old_lp, MiniLLMConfig(), chunk=chunk)
+                                              lps[: B * T].view(B, T, -1), teacher_lp, old_lp, MiniLLMConfig(), chunk=chunk,
+                                              fused=impl == "fused")
             else:
                 total = minillm_loss(head(hb), y, mask, ids[: B * T].view(B, T, -1), lps[: B * T].view(B, T, -1), teacher_lp, old_lp)
             total.backward()
         elif chunked:
-            ce, kd, _ = chunked_loss(h, head, labels, cfg, topk_ids=ids, topk_logprobs=lps, chunk=chunk)
+            ce, kd, _ = chunked_loss(h, head, labels, cfg, topk_ids=ids, topk_logprobs=lps, chunk=chunk, fused=impl == "fused", kd_weight=0.2)
             (ce + 0.2 * kd).backward()
         else:
             ce, kd = ce_and_sparse_kd(head(h), labels, ids, lps, cfg)
@@ -90,22 +95,25 @@ def one_loss(vocab: int, tokens: int, hidden: int, chunked: bool, chunk: int, ob
 
 
 def cmd_loss(args: argparse.Namespace) -> None:
+    impls = ["recompute", "fused"]
     rows = []
     for vocab in args.vocab:
-        res = {}
-        for chunked in (False, True):
+        def run(impl: str, chunk: int) -> dict:
             out = subprocess.run([sys.executable, __file__, "_one", "--vocab", str(vocab), "--tokens", str(args.tokens),
-                                  "--hidden", str(args.hidden), "--chunk", str(args.chunk), "--objective", args.objective,
-                                  *(["--chunked"] if chunked else [])],
+                                  "--hidden", str(args.hidden), "--chunk", str(chunk), "--objective", args.objective, "--impl", impl],
                                  capture_output=True, text=True, check=True)
-            res[chunked] = json.loads(out.stdout.strip().splitlines()[-1])
-        u, c = res[False], res[True]
-        rows.append((f"{vocab:,}", f"{args.tokens:,}", f"{u['extra_mib']:,.0f}", f"{c['extra_mib']:,.0f}", f"{c['extra_mib'] / u['extra_mib']:.3f}",
-                     f"{u['seconds']:.2f}", f"{c['seconds']:.2f}", f"{c['seconds'] / u['seconds']:.2f}"))
+            return json.loads(out.stdout.strip().splitlines()[-1])
+
+        u = run("unchunked", 0)
+        rows.append((f"{vocab:,}", f"{args.tokens:,}", "unchunked", "-", f"{u['extra_mib']:,.0f}", "1", f"{u['seconds']:.2f}", "1"))
+        # recompute (the previous default) at the largest chunk only: the before of each table
+        for impl, chunk in [(i, c) for c in args.chunk for i in impls if i == "fused" or c == max(args.chunk)]:
+            c = run(impl, chunk)
+            rows.append((f"{vocab:,}", f"{args.tokens:,}", impl, f"{chunk:,}", f"{c['extra_mib']:,.0f}", f"{c['extra_mib'] / u['extra_mib']:.3f}",
+                         f"{c['seconds']:.2f}", f"{c['seconds'] / u['seconds']:.2f}"))
     what = "top-64 forward KL + CE" if args.objective == "kd" else "MiniLLM (sequences of 512, response = second half)"
-    print(f"machine: {machine()}; hidden {args.hidden}, {what}, chunk {args.chunk}")
-    print_table(("vocabulary", "tokens", "unchunked extra MiB", "chunked extra MiB", "chunked / unchunked", "unchunked s", "chunked s",
-                 "time ratio"), rows)
+    print(f"machine: {machine()}; hidden {args.hidden}, {what}")
+    print_table(("vocabulary", "tokens", "loss", "chunk", "extra MiB", "/ unchunked", "seconds", "time / unchunked"), rows)
 
 
 def local_bytes(tensors) -> int:  # noqa: ANN001
@@ -170,13 +178,13 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 151936])
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--chunk", type=int, default=1024)
-    ap.add_argument("--chunked", action="store_true")
+    ap.add_argument("--chunk", type=int, nargs="+", default=[1024])
+    ap.add_argument("--impl", choices=["unchunked", "recompute", "fused"], default="fused")  # _one
     ap.add_argument("--objective", choices=["kd", "minillm"], default="kd")
     ap.add_argument("--work", default="/tmp/ddk-memory")
     args = ap.parse_args()
     if args.stage == "_one":
-        print(json.dumps(one_loss(args.vocab[0], args.tokens, args.hidden, args.chunked, args.chunk, args.objective)))
+        print(json.dumps(one_loss(args.vocab[0], args.tokens, args.hidden, args.impl, args.chunk[0], args.objective)))
     elif args.stage == "loss":
         cmd_loss(args)
     else:

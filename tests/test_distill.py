@@ -326,6 +326,25 @@ def test_accumulation_checkpointing_and_max_tokens(tmp_path, built_cache, studen
     assert all(math.isfinite(x) for x in result.losses)
 
 
+@pytest.mark.parametrize("kd_loss", ["fkl", "akl"])
+def test_fused_head_loss_trains_what_the_recomputing_loss_trains(tmp_path, built_cache, student_small, kd_loss):
+    """distill's default fused head loss (the head's gradients computed in the forward pass)
+    against the checkpointed chunks that recompute the logits: equal step losses, gradient
+    norms and final weights, with gradient accumulation, decoder gradient checkpointing and a
+    chunk that does not divide the batch (a tied head: test_chunked_loss, test_parallel)."""
+    runs = {}
+    for impl in ("recompute", "fused"):
+        out = tmp_path / impl
+        distill(distill_config(built_cache, student_small, out, batch_size=2, grad_accum=2, gradient_checkpointing=True,
+                               max_steps=3, kd_loss=kd_loss, loss_chunk=7, loss_impl=impl), progress=False)
+        runs[impl] = (steps(out), load_file(out / "final" / "model.safetensors"))
+    (a, wa), (b, wb) = runs["recompute"], runs["fused"]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+
+
 def test_missing_cache_is_refused(tmp_path, student_small):
     result = CliRunner().invoke(main, ["distill", "--cache", str(tmp_path / "nope.zarr"), "--student", str(student_small), "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and f"{tmp_path / 'nope.zarr'} is not a ddk-cache store" in result.output and "Traceback" not in result.output

@@ -75,12 +75,14 @@ def test_minillm_equals_the_dense_reference_with_the_teacher_loaded(tmp_path, te
     assert ((ratio - 1).abs()[mask.bool()] > cfg.clip).any()  # clipping is exercised
 
 
-@pytest.mark.parametrize("cfg", [MiniLLMConfig(), MiniLLMConfig(length_norm=False), MiniLLMConfig(single_step=False)],
-                         ids=["paper", "no-length-norm", "no-single-step"])
-def test_chunked_minillm_equals_the_whole_logits_loss(cfg):
-    """chunked_minillm (what distill runs: response positions only, a few at a time, logits
-    recomputed in backward) = minillm_loss on the whole [B, T, V] logits, value and gradients
-    of the decoder output and the head."""
+@pytest.mark.parametrize("cfg", [MiniLLMConfig(), MiniLLMConfig(length_norm=False), MiniLLMConfig(single_step=False),
+                                 MiniLLMConfig(variant="lmops")], ids=["paper", "no-length-norm", "no-single-step", "lmops"])
+@pytest.mark.parametrize("fused", [False, True], ids=["recompute", "fused"])
+def test_chunked_minillm_equals_the_whole_logits_loss(cfg, fused):
+    """chunked_minillm (what distill runs: response positions only, a few at a time, the
+    head's gradients fused into the forward pass or the logits recomputed in backward) =
+    minillm_loss on the whole [B, T, V] logits, value and gradients of the decoder output
+    and the head."""
     from ddk_cache.train.minillm import chunked_minillm
 
     g = torch.Generator().manual_seed(3)
@@ -97,7 +99,7 @@ def test_chunked_minillm_equals_the_whole_logits_loss(cfg):
     target = teacher.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     old = torch.log_softmax(torch.randn(B, T, V, generator=g), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
-    ce, total, ce_tok = chunked_minillm(hidden, head, labels, topk_ids, topk_logprobs, target, old, cfg, chunk=4)
+    ce, total, ce_tok = chunked_minillm(hidden, head, labels, topk_ids, topk_logprobs, target, old, cfg, chunk=4, fused=fused)
     total.backward()
     got = (hidden.grad.clone(), head.weight.grad.clone())
     hidden.grad = head.weight.grad = None

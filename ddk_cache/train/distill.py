@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..runtime import Worker, resolve_worker
 from ..store.objects import DiskFull, LocalObjects, is_disk_full
 from .checkpoint import CKPT_DIR, LOCK_DIR
-from .losses import DEFAULT_CHUNK, DIVERGENCES, KINDS, TAILS, KDConfig
+from .losses import DIVERGENCES, KINDS, TAILS, KDConfig
 from .minillm import MiniLLMConfig
 from .mixing import check_alpha
 from .trainer import (  # noqa: F401  (re-exported: the trainer's pieces were importable from here)
@@ -69,7 +69,9 @@ class DistillConfig(CommandConfig):
     device: str = option("auto", "auto = this rank's GPU (cuda:LOCAL_RANK) if available, else cpu.", fingerprint=False)
     bf16: str = option("auto", "bfloat16 compute: auto (GPU only), on, off. With --fsdp: bf16 parameters in compute, fp32 master weights and reductions.", choices=("auto", "on", "off"))
     gradient_checkpointing: bool = option(False, "Trade compute for activation memory.", fingerprint=False)
-    loss_chunk: int = option(DEFAULT_CHUNK, "Positions per chunk of the loss (and evaluation): peak loss memory ~ chunk x vocabulary x 12 bytes.", fingerprint=False)
+    loss_chunk: int = option(0, "Positions per chunk of the loss (and evaluation): peak loss memory ~ chunk x vocabulary x 16 bytes; 0 = by the vocabulary (1,024 up to 65,536 ids, 512 up to 131,072, 256 up to 262,144).", fingerprint=False)
+    loss_impl: str = option("fused", "How the chunked loss gets its gradients: fused (the head's and the hidden states' gradients computed chunk by chunk in the forward pass: 3 head matmuls per chunk) or recompute (each chunk's logits recomputed in the backward pass: 4). Equal results; MiniLLM always recomputes.",
+                            choices=("fused", "recompute"), fingerprint=False)
     eval_batch_size: int = option(8, "Sequences per evaluation forward pass (per rank).", fingerprint=False)
     save_every: int = option(500, "Checkpoint every N steps (the final model is always saved).", fingerprint=False)
     keep_checkpoints: int = option(2, "Newest checkpoints kept.", fingerprint=False)
@@ -95,7 +97,7 @@ class DistillConfig(CommandConfig):
             (self.weight_decay >= 0 and self.grad_clip >= 0, "--weight-decay and --grad-clip must be >= 0"),
             (self.save_every >= 1, f"--save-every must be >= 1, got {self.save_every}"),
             (self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}"),
-            (self.eval_batch_size >= 1 and self.loss_chunk >= 1, "--eval-batch-size and --loss-chunk must be >= 1"),
+            (self.eval_batch_size >= 1 and self.loss_chunk >= 0, "--eval-batch-size must be >= 1 and --loss-chunk >= 0"),
             (self.prefetch >= 1 and self.loader_workers >= 0, "--prefetch must be >= 1 and --loader-workers >= 0"),
             (not (self.online_teacher and self.kd_loss == "none"), "--online-teacher with --kd-loss none would run the teacher for nothing; drop one"),
             (self.bf16 in ("auto", "on", "off"), f"--bf16 must be auto, on or off, got {self.bf16!r}"),

@@ -272,6 +272,17 @@ IGNORE_INDEX = -100  # a label that carries no loss (PyTorch's and Hugging Face'
 DEFAULT_CHUNK = 1024  # positions per loss chunk (~V * 12 bytes each at the peak)
 
 
+def auto_chunk(vocab_size: int) -> int:
+    """Positions per loss chunk for a vocabulary: the largest power of two (128 to 1,024)
+    whose [chunk, vocabulary] float32 tensor stays within 256 MiB: 1,024 up to V = 65,536,
+    512 up to 131,072, 256 at 151,936 (Qwen) up to 262,144. A chunk's logits, log-softmax
+    and their gradients (about five such tensors at the peak) are what the loss adds beyond
+    the head's gradient; at this size the fused loss adds <= 1/8 of the unchunked loss's
+    memory at 8k tokens (BENCHMARKS.md, *the loss's memory*)."""
+    fit = (1 << 26) // max(1, vocab_size)
+    return max(128, min(DEFAULT_CHUNK, 1 << max(0, fit.bit_length() - 1)))
+
+
 def _ce(student_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE [N], the float32 log-softmax [N, V] it came from), for the KD term to share.
     Positions labelled IGNORE_INDEX get CE 0."""
@@ -356,40 +367,40 @@ def kd_loss(
 def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, cfg: KDConfig, *,
                  topk_ids: torch.Tensor | None = None, topk_logprobs: torch.Tensor | None = None,
                  teacher_logits: torch.Tensor | None = None, chunk: int = DEFAULT_CHUNK, softcap: float | None = None,
-                 checkpoint: bool = True, tail_logprob: torch.Tensor | None = None, per_token: bool = False) -> tuple[torch.Tensor, ...]:
+                 checkpoint: bool = True, tail_logprob: torch.Tensor | None = None, per_token: bool = False,
+                 fused: bool = False, kd_weight: float = 1.0) -> tuple[torch.Tensor, ...]:
     """CE + KD over positions in chunks: (CE sum, KD sum, per-position CE detached [N]); with
     `per_token`, also the per-position CE and KD with their gradients (CE + KD [N] each).
 
     hidden [N, H] (the decoder's output at the positions that predict `labels` [N]); the
     targets are sparse (topk_ids/topk_logprobs [N, K]) or dense (teacher_logits [N, V]) or
-    none (CE only); `tail_logprob` [N] the teacher's stored tail (pack-v3). Each chunk's logits = head(hidden chunk) in float32; with `checkpoint`
-    they are recomputed in the backward pass instead of kept. Equal to the unchunked loss
-    and its gradients (tests/test_chunked_loss.py)."""
+    none (CE only); `tail_logprob` [N] the teacher's stored tail (pack-v3). Each chunk's
+    logits = head(hidden chunk) in float32. Two ways to get the gradients without keeping
+    any chunk's logits:
+      * `fused` (a `torch.nn.Linear`-like head with `weight` and `bias`): the gradients of
+        CE + kd_weight * KD w.r.t. the hidden states and the head are computed chunk by chunk
+        in the forward pass (`FusedHead`); the sums must then be combined with exactly
+        that weight (the trainer's and `KDLoss`'s loss). Not with `per_token`.
+      * otherwise, with `checkpoint`, each chunk's logits are recomputed in the backward pass.
+    Both equal the unchunked loss and its gradients (tests/test_chunked_loss.py)."""
     N = hidden.shape[0]
+    if fused and not per_token and torch.is_grad_enabled():  # evaluation: the plain loop, no gradients
+        targets = (topk_ids, topk_logprobs, tail_logprob if topk_ids is not None else None, teacher_logits if topk_ids is None else None)
+        return _fused_kd(hidden, head, labels, cfg, targets, chunk, softcap, kd_weight)
     ce_sum = hidden.new_zeros((), dtype=torch.float32)
     kd_sum = hidden.new_zeros((), dtype=torch.float32)
     ce_detached, ce_parts, kd_parts = [], [], []
+    has = (topk_ids is not None, topk_ids is not None, topk_ids is not None and tail_logprob is not None,
+           topk_ids is None and teacher_logits is not None)
     for start in range(0, N, chunk):
         stop = min(N, start + chunk)
         args = [hidden[start:stop], labels[start:stop]]
-        if topk_ids is not None:
-            args += [topk_ids[start:stop], topk_logprobs[start:stop]]
-            if tail_logprob is not None:
-                args += [tail_logprob[start:stop]]
-        elif teacher_logits is not None:
-            args += [teacher_logits[start:stop]]
+        args += [t[start:stop] for t, on in zip((topk_ids, topk_logprobs, tail_logprob, teacher_logits), has) if on]
 
         def piece(h: torch.Tensor, y: torch.Tensor, *t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = head(h).float()
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            if len(t) == 3:
-                return ce_and_sparse_kd(logits, y, t[0], t[1], cfg, tail_logprob=t[2])
-            if len(t) == 2:
-                return ce_and_sparse_kd(logits, y, t[0], t[1], cfg)
-            if len(t) == 1:
-                return ce_and_dense_kd(logits, y, t[0], cfg)
-            return ce_and_sparse_kd(logits, y, None, None, KDConfig("none"))
+            it = iter(t)
+            targets = tuple(next(it) if on else None for on in has)
+            return _chunk_loss(head(h).float(), y, cfg, softcap, targets)
 
         if checkpoint and torch.is_grad_enabled():
             ce, kd = torch.utils.checkpoint.checkpoint(piece, *args, use_reentrant=False)
@@ -406,6 +417,132 @@ def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tens
     if per_token:
         out += (torch.cat(ce_parts) if ce_parts else empty, torch.cat(kd_parts) if kd_parts else empty)
     return out
+
+
+def _chunk_loss(logits: torch.Tensor, y: torch.Tensor, cfg: KDConfig, softcap: float | None,
+                targets: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE [n], KD [n]) of one chunk from its float32 logits: the loss both chunked paths share."""
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    ids, lps, tail, t_logits = targets
+    if ids is not None:
+        return ce_and_sparse_kd(logits, y, ids, lps, cfg, tail_logprob=tail)
+    if t_logits is not None:
+        return ce_and_dense_kd(logits, y, t_logits, cfg)
+    return ce_and_sparse_kd(logits, y, None, None, KDConfig("none"))
+
+
+def _matmul_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype `F.linear` computes the head in here: autocast's where it is on for the
+    weight's device (bf16 students), else the weight's own."""
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+class FusedHead(torch.autograd.Function):
+    """sum over chunks of `fn(logits, start, stop)` (a differentiable scalar of one chunk's
+    float32 logits = hidden[start:stop] @ weight.T + bias), with its gradients w.r.t. the
+    hidden states, the head's weight and its bias computed chunk by chunk in the forward
+    pass: the idea of Liger-Kernel's fused linear cross-entropy, for any loss on the logits.
+    Each chunk's logits exist only while that chunk is processed, and the backward pass only
+    scales the stored gradients: three matmuls with the head per chunk, not the four of a
+    checkpoint that recomputes the logits. The head's matmuls run in autocast's dtype where
+    autocast is on (as `head(h)` would), the weight's gradient accumulates in float32.
+
+    `FusedHead.apply(hidden [N, H], weight [V, H], bias [V] or None, fn, chunk)` -> the sum
+    (float32 scalar). One backward pass per forward (the stored gradients are scaled in
+    place); call it with gradients enabled (for evaluation, run the chunks without it)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, fn, chunk):  # noqa: ANN001
+        N = hidden.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need = need_h or need_w or (bias is not None and need_b)
+        mdt = _matmul_dtype(weight)
+        w = weight.to(mdt)
+        b = None if bias is None else bias.to(mdt)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and need_b else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, N, chunk):
+            stop = min(N, start + chunk)
+            h = hidden[start:stop].to(mdt)
+            with torch.enable_grad():
+                logits = torch.nn.functional.linear(h, w, b).float().requires_grad_(need)
+                value = fn(logits, start, stop)
+                g = torch.autograd.grad(value, logits)[0] if need and value.requires_grad else None
+            total += value.detach()
+            if g is not None:
+                g = g.to(mdt)
+                if grad_h is not None:
+                    grad_h[start:stop] = (g @ w).to(hidden.dtype)
+                if grad_w is not None:  # in place: no second vocabulary x hidden temporary
+                    if mdt == torch.float32:
+                        grad_w.addmm_(g.t(), h)
+                    else:
+                        grad_w.add_(g.t() @ h)
+                if grad_b is not None:
+                    grad_b += g.float().sum(0)
+            elif grad_h is not None:
+                grad_h[start:stop] = 0
+            del logits, g
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, g_total):  # noqa: ANN001
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        # In place: a second copy of the head's gradient (vocabulary x hidden, float32) is the
+        # memory this exists to save.
+        out_h = None if grad_h is None else grad_h.mul_(g_total.to(grad_h.dtype))
+        out_w = None if grad_w is None else grad_w.mul_(g_total).to(ctx.dtypes[0])
+        out_b = None if grad_b is None else grad_b.mul_(g_total).to(ctx.dtypes[1])
+        return out_h, out_w, out_b, None, None
+
+
+class _SplitSums(torch.autograd.Function):
+    """(CE sum, KD sum) whose gradients flow into `total` = CE + kd_weight * KD, for callers
+    that combine the two sums themselves (the trainer's objectives). The combination must be
+    a multiple of CE + kd_weight * KD: any other would need another gradient, so the
+    backward pass refuses it rather than return a wrong one."""
+
+    @staticmethod
+    def forward(ctx, total, ce_sum, kd_sum, kd_weight, kd_active):  # noqa: ANN001
+        ctx.kd_weight, ctx.kd_active = kd_weight, kd_active
+        return ce_sum.clone(), kd_sum.clone()
+
+    @staticmethod
+    def backward(ctx, g_ce, g_kd):  # noqa: ANN001
+        want = float(g_ce) * ctx.kd_weight
+        if ctx.kd_active and abs(float(g_kd) - want) > 1e-6 * max(abs(want), abs(float(g_kd)), 1e-30):
+            raise RuntimeError(f"the fused head loss was set up for CE + {ctx.kd_weight} * KD; its CE and KD sums were "
+                               f"combined with other weights (gradients {float(g_ce)} and {float(g_kd)}). Combine them as "
+                               "CE + kd_weight * KD, or use the recomputing path (fused=False, --loss-impl recompute)")
+        return g_ce, None, None, None, None
+
+
+def _fused_kd(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, cfg: KDConfig, targets: tuple,
+              chunk: int, softcap: float | None, kd_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """chunked_loss's fused path: (CE sum, KD sum, per-position CE detached)."""
+    N = hidden.shape[0]
+    sums = hidden.new_zeros(2, dtype=torch.float32)
+    ce_tok = hidden.new_zeros(N, dtype=torch.float32)
+
+    def fn(logits: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        ce, kd = _chunk_loss(logits, labels[start:stop], cfg, softcap, tuple(None if t is None else t[start:stop] for t in targets))
+        sums[0] += ce.detach().sum()
+        sums[1] += kd.detach().sum()
+        ce_tok[start:stop] = ce.detach()
+        return ce.sum() + kd_weight * kd.sum()
+
+    total = FusedHead.apply(hidden, head.weight, getattr(head, "bias", None), fn, chunk)
+    kd_active = targets[0] is not None or targets[3] is not None
+    ce_sum, kd_sum = _SplitSums.apply(total, sums[0], sums[1], kd_weight, kd_active)
+    return ce_sum, kd_sum, ce_tok
 
 
 class KDLoss(torch.nn.Module):
@@ -428,15 +565,20 @@ class KDLoss(torch.nn.Module):
                        kd_weight=self.kd_weight, reduction=self.reduction, shift=shift, tail_logprob=tail_logprob)
 
     def forward_hidden(self, hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, topk_ids: torch.Tensor | None = None,
-                       topk_logprobs: torch.Tensor | None = None, *, chunk: int = 1024, tail_logprob: torch.Tensor | None = None) -> torch.Tensor:
+                       topk_logprobs: torch.Tensor | None = None, *, chunk: int = 1024, tail_logprob: torch.Tensor | None = None,
+                       fused: bool = True) -> torch.Tensor:
         """The same loss from the decoder's last hidden states [B, L, H] and the output head,
         `chunk` positions at a time, with the module's reduction (none: per predicted position
-        [B*(L-1)], 0 where the label is IGNORE_INDEX, as `forward` returns)."""
+        [B*(L-1)], 0 where the label is IGNORE_INDEX, as `forward` returns). With `fused` (mean
+        and sum reductions, a head with a `weight`), the head's and the hidden states'
+        gradients are computed in the forward pass (`chunked_loss`): backpropagate the
+        returned loss, or a multiple of it, and nothing else."""
         h, y, ids, lps = _shift(hidden, labels, [topk_ids, topk_logprobs], True)
         tail = None if tail_logprob is None else tail_logprob.reshape(-1)
-        ce, kd, _, ce_tok, kd_tok = chunked_loss(h, head, y, self.config, topk_ids=None if ids is None else ids.long(), topk_logprobs=lps,
-                                              chunk=chunk, tail_logprob=tail, per_token=True)
+        fused = fused and self.reduction != "none" and isinstance(getattr(head, "weight", None), torch.Tensor)
+        ce, kd, _, *parts = chunked_loss(h, head, y, self.config, topk_ids=None if ids is None else ids.long(), topk_logprobs=lps,
+                                         chunk=chunk, tail_logprob=tail, per_token=not fused, fused=fused, kd_weight=self.kd_weight)
         if self.reduction == "none":
-            return ce_tok + self.kd_weight * kd_tok
+            return parts[0] + self.kd_weight * parts[1]
         total = ce + self.kd_weight * kd
         return total / (y != IGNORE_INDEX).sum().clamp_min(1) if self.reduction == "mean" else total

@@ -61,7 +61,7 @@ from typing import Any
 
 import torch
 
-from .losses import KDConfig, sparse_kd
+from .losses import FusedHead, KDConfig, sparse_kd
 
 
 VARIANTS = ("paper", "lmops")
@@ -151,7 +151,7 @@ def minillm_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
 def chunked_minillm(hidden: torch.Tensor, head: Any, labels: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                     teacher_logprob: torch.Tensor, old_logprob: torch.Tensor, cfg: MiniLLMConfig, *, chunk: int,
                     softcap: float | None = None, ignore_index: int = -100,
-                    tail_logprob: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    tail_logprob: torch.Tensor | None = None, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`minillm_loss` from the decoder's output without a [tokens, vocabulary] tensor: hidden
     [B, T, H] at the positions predicting `labels` [B, T] (ignore_index: not a response token);
     the other arguments as in `minillm_loss`. Returns (CE sum, objective sum, per-position CE
@@ -159,9 +159,11 @@ def chunked_minillm(hidden: torch.Tensor, head: Any, labels: torch.Tensor, topk_
 
     Only response positions are computed, `chunk` at a time. The returns R_t need every later
     reward, and a reward needs log q_θ of its token, so a first pass without gradient computes
-    log q_θ(y_t) chunk by chunk; the second computes each chunk's terms with gradient,
-    recomputing its logits in backward (activation checkpointing). Equal to `minillm_loss`
-    in value and gradient (tests/test_minillm.py); the cost is one more head forward."""
+    log q_θ(y_t) chunk by chunk; the second computes each chunk's terms with gradient: with
+    `fused`, the head's and hidden states' gradients in the forward pass (losses.FusedHead),
+    otherwise recomputing its logits in backward (activation checkpointing). Equal to
+    `minillm_loss` in value and gradient (tests/test_minillm.py); the cost is one more head
+    forward (the first pass: the returns must be known before any chunk's gradient)."""
     B, T = labels.shape
     mask = labels != ignore_index
     where = mask.reshape(-1).nonzero().squeeze(-1)  # response positions, row-major
@@ -185,9 +187,10 @@ def chunked_minillm(hidden: torch.Tensor, head: Any, labels: torch.Tensor, topk_
     ids, lps = topk_ids.reshape(B * T, -1)[where].long(), topk_logprobs.reshape(B * T, -1)[where]
     tails = None if tail_logprob is None else tail_logprob.reshape(-1)[where]
 
-    def piece(x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, old: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor,
+    def terms(logits: torch.Tensor, y: torch.Tensor, R: torch.Tensor, old: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor,
               tail: torch.Tensor | None = None) -> torch.Tensor:
-        logits = logits_of(x)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
         lq = torch.log_softmax(logits, -1).gather(-1, y[:, None]).squeeze(-1)
         ratio = torch.exp(lq - old)
         clipped = ratio.clamp(1 - cfg.clip, 1 + cfg.clip)
@@ -197,11 +200,19 @@ def chunked_minillm(hidden: torch.Tensor, head: Any, labels: torch.Tensor, topk_
             term = term + (rkl if cfg.variant == "lmops" else clipped.detach() * rkl)
         return term.sum()
 
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for a in range(0, len(where), chunk):
-        args = (h[a: a + chunk], y[a: a + chunk], R[a: a + chunk], old[a: a + chunk], ids[a: a + chunk], lps[a: a + chunk],
-                None if tails is None else tails[a: a + chunk])
-        total = total + (torch.utils.checkpoint.checkpoint(piece, *args, use_reentrant=False) if torch.is_grad_enabled() else piece(*args))
+    def chunk_args(a: int, z: int) -> tuple:
+        return (y[a:z], R[a:z], old[a:z], ids[a:z], lps[a:z], None if tails is None else tails[a:z])
+
+    if fused and torch.is_grad_enabled() and isinstance(getattr(head, "weight", None), torch.Tensor):
+        # The head's gradients computed in the forward pass (losses.FusedHead): no third head matmul.
+        total = FusedHead.apply(h, head.weight, getattr(head, "bias", None),
+                                lambda logits, a, z: terms(logits, *chunk_args(a, z)), chunk)
+    else:
+        piece = lambda x, *rest: terms(head(x).float(), *rest)  # noqa: E731
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for a in range(0, len(where), chunk):
+            args = (h[a: a + chunk], *chunk_args(a, a + chunk))
+            total = total + (torch.utils.checkpoint.checkpoint(piece, *args, use_reentrant=False) if torch.is_grad_enabled() else piece(*args))
     ce_tok = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
     ce_tok[where] = -logq_y
     return ce_tok.sum(), total, ce_tok

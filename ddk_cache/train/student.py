@@ -5,7 +5,8 @@ Why a wrapper: the loss is computed inside the module's forward, over chunks of 
 (`losses.chunked_loss`), from the decoder's hidden states and the output head. The [tokens,
 vocabulary] logits and their float32 log-softmax are never materialised for a whole batch
 (at V = 151,936 that is ~1.8 MB per token with its gradient): each chunk's logits are made,
-used and dropped, and recomputed in the backward pass (activation checkpointing). And
+used and dropped; the head's and the hidden states' gradients are computed there too
+(`fused`), or the logits are recomputed in the backward pass (activation checkpointing). And
 FSDP2 unshards the root's parameters (embeddings, final norm, head) in the root module's
 forward: computing the loss there is what lets the head run sharded.
 """
@@ -44,9 +45,12 @@ class StudentLoss(torch.nn.Module):
     [B, L-1, K] (and the stored tail_logprob [B, L-1]) or teacher_logits [B, L-1, V] or
     neither) -> (CE sum, KD sum, per-position CE [B*(L-1)] detached)."""
 
-    def __init__(self, model: Any, cfg: KDConfig, chunk: int = DEFAULT_CHUNK, minillm: Any = None) -> None:
+    def __init__(self, model: Any, cfg: KDConfig, chunk: int = DEFAULT_CHUNK, minillm: Any = None, *, fused: bool = False,
+                 kd_weight: float = 1.0) -> None:
         super().__init__()
         self.model, self.cfg, self.chunk, self.minillm = model, cfg, chunk, minillm
+        # fused: the sums' gradients are those of CE + kd_weight * KD (what the objective minimises).
+        self.fused, self.kd_weight = fused, kd_weight
         # Plain attributes, not submodules: registered twice, the decoder's and head's
         # parameters would get two names each, and DCP's state dicts under DDP (which strips
         # one name but not the alias) would no longer match on load.
@@ -66,7 +70,8 @@ class StudentLoss(torch.nn.Module):
         flat = lambda t: None if t is None else t.reshape(N, *t.shape[2:])  # noqa: E731
         return chunked_loss(hidden.reshape(N, -1), self._head, labels.reshape(N), self.cfg,
                             topk_ids=flat(topk_ids), topk_logprobs=flat(topk_logprobs), teacher_logits=flat(teacher_logits),
-                            chunk=self.chunk, softcap=self._softcap, tail_logprob=None if tail_logprob is None else tail_logprob.reshape(N))
+                            chunk=self.chunk, softcap=self._softcap, tail_logprob=None if tail_logprob is None else tail_logprob.reshape(N),
+                            fused=self.fused, kd_weight=self.kd_weight)
 
 
     def _minillm(self, hidden: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
@@ -74,7 +79,8 @@ class StudentLoss(torch.nn.Module):
         """(CE sum detached: logged, not trained; MiniLLM's objective summed over the response;
         per-position CE detached), in chunks of response positions (minillm.chunked_minillm)."""
         return chunked_minillm(hidden, self._head, labels, topk_ids, topk_logprobs, target_logprob, old_logprob, self.minillm,
-                               chunk=self.chunk, softcap=self._softcap, ignore_index=IGNORE_INDEX, tail_logprob=tail_logprob)
+                               chunk=self.chunk, softcap=self._softcap, ignore_index=IGNORE_INDEX, tail_logprob=tail_logprob,
+                               fused=self.fused)
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:

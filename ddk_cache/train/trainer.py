@@ -43,7 +43,7 @@ from .checkpoint import CKPT_DIR, latest_checkpoint
 from .data import CacheLoader
 from .ddk import DDKController
 from .evaluate import evaluate_domains
-from .losses import IGNORE_INDEX
+from .losses import IGNORE_INDEX, auto_chunk
 from .objectives import Objective, StepStats, make_objective
 from .student import StudentLoss, parallelize
 
@@ -201,7 +201,8 @@ def _check_memory(cfg: DistillConfig, cache: Cache, model: torch.nn.Module, devi
     tokens = cfg.batch_size * cache.seq_len
     per_token = layers * hidden if cfg.gradient_checkpointing else layers * (7 * hidden + 3 * inter)
     params = sum(p.numel() for p in model.parameters()) / (world if cfg.fsdp else 1)
-    need = 4 * (tokens * per_token + 4 * params) + 12 * min(cfg.loss_chunk, tokens) * int(cache.meta.vocab_size)
+    vocab = int(cache.meta.vocab_size)
+    need = 4 * (tokens * per_token + 4 * params) + 16 * min(cfg.loss_chunk or auto_chunk(vocab), tokens) * vocab
     if device.type == "cuda":
         have, where = torch.cuda.get_device_properties(device).total_memory, f"{device} memory"
     else:
@@ -326,7 +327,8 @@ class Trainer:
         behaviour = None
         if minillm is not None and not any(cache.is_sampled(d) for d in cache.domains):
             behaviour = _frozen_copy(model, device)
-        module = StudentLoss(model, cfg.kd(), chunk=cfg.loss_chunk, minillm=minillm).to(device)
+        module = StudentLoss(model, cfg.kd(), chunk=cfg.loss_chunk or auto_chunk(int(cache.meta.vocab_size)), minillm=minillm, fused=cfg.loss_impl == "fused",
+                             kd_weight=cfg.kd_weight).to(device)
         self.trained = parallelize(module, "fsdp" if cfg.fsdp else "ddp", device, self.world, use_bf16)
         self.opt = _optimizer(self.trained, cfg)
         # FSDP2 computes in bf16 through its policy; DDP and one process use autocast on GPU.
