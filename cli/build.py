@@ -28,6 +28,11 @@ def build(config_file: str | None, finalize_only: bool, quiet: bool, **options: 
       srun -n 64 python -m ddk_cache build ...                # likewise under Slurm
     Every worker tokenizes a share of the corpus, then scores a share of the shards; the
     last to finish finalizes (`ddk-cache build --out CACHE --finalize` does it by hand).
+
+    \b
+    On a Ray cluster (pip install 'ddk-cache[ray]'), Ray schedules the same build:
+      ddk-cache build ... --engine ray [--ray-address HOST:6379] [--ray-actors N]
+    One teacher engine per actor; a lost actor's shards are scored again elsewhere.
     """
     if finalize_only:
         out = options.get("out")

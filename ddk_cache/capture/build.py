@@ -136,6 +136,11 @@ class BuildConfig(CommandConfig):
     max_num_batched_tokens: int | None = option(None, "vLLM: tokens per engine step (can change results in the last bits).")
     logprobs_format: str = option("flat", "vLLM: how prompt log-probs come back; flat lists convert far faster (same values).", choices=("flat", "dict"), fingerprint=False)
     engine_args: dict[str, Any] = option({}, "vLLM: any other engine argument, repeatable (e.g. --engine-arg quantization=fp8); part of the fingerprint.", flag="--engine-arg")
+    engine: str = option("native", "Who schedules the scoring: native (this process is one worker; see --num-shards) or ray (a Ray cluster's actors score the shards, retried elsewhere when an actor or node is lost; the same cache; needs the ray extra).",
+                         choices=("native", "ray"), fingerprint=False)
+    ray_address: str = option("", "--engine ray: the cluster to join (host:6379, ray://host:10001); default RAY_ADDRESS, else a local cluster for this build.", fingerprint=False)
+    ray_actors: int = option(0, "--engine ray: scoring actors (each loads the teacher once); 0 = one per --tensor-parallel-size GPUs in the cluster, or 1 without GPUs.", fingerprint=False)
+    ray_actor_cpus: float = option(1.0, "--engine ray: CPUs each scoring actor reserves.", fingerprint=False)
     on_nonfinite: str = option("stop", "Teacher output with NaN or infinity for a sequence (a broken head, bf16 overflow): stop (one line naming the domain, sequence, position and teacher; the cache stays resumable) or skip (the sequence keeps its tokens but gets label-only targets, and is left out of the teacher PPL table; the build and inspect count such sequences).", choices=("stop", "skip"), fingerprint=False)
 
     def __post_init__(self) -> None:
@@ -155,6 +160,8 @@ class BuildConfig(CommandConfig):
             (self.num_shards is None or self.num_shards >= 1, f"--num-shards must be >= 1, got {self.num_shards}"),
             ((self.num_shards is None) == (self.shard_index is None), "--num-shards and --shard-index go together"),
             (self.num_shards is None or 0 <= (self.shard_index or 0) < self.num_shards, f"--shard-index must be in 0..{(self.num_shards or 1) - 1}, got {self.shard_index}"),
+            (self.engine != "ray" or self.num_shards is None, "--engine ray schedules the shards itself: drop --num-shards/--shard-index"),
+            (self.ray_actors >= 0 and self.ray_actor_cpus > 0, "--ray-actors must be >= 0 and --ray-actor-cpus > 0"),
             (0 <= self.writer_threads <= 64, f"--writer-threads must be in 0..64 (0 = automatic), got {self.writer_threads}"),
             (self.wait_timeout > 0, f"--wait-timeout must be > 0, got {self.wait_timeout}"),
             (self.tensor_parallel_size >= 1, f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}"),
@@ -332,8 +339,23 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
     simulate a crash there.
     `teacher`, if given, is an already loaded teacher of `config.teacher` and
     `config.backend` (left open afterwards), so several builds can share one engine."""
+    if config.engine == "ray":
+        from .ray_engine import build_on_ray  # ray is an optional extra
+
+        return build_on_ray(config, progress=progress, hook=hook)
+    return _guard_disk(config, lambda: _build(config, progress, hook, teacher))
+
+
+def prepare(config: BuildConfig, *, teacher: Teacher | None = None, progress: bool = False) -> BuildResult:
+    """Stages 1-5 of a build as one worker, without scoring: the store, the tokenized pieces,
+    the plan and the arrays (what an engine that schedules the scoring itself, such as
+    `--engine ray`, needs first). Resumes like `build`; a complete cache is left as it is."""
+    return _guard_disk(config, lambda: _build(config, progress, None, teacher, prepare_only=True))
+
+
+def _guard_disk(config: BuildConfig, run: Callable[[], BuildResult]) -> BuildResult:
     try:
-        return _build(config, progress, hook, teacher)
+        return run()
     except BaseException as e:  # DCP's CheckpointException is a BaseException
         if isinstance(e, (DiskFull, KeyboardInterrupt, SystemExit)) or not is_disk_full(e):
             raise
@@ -357,7 +379,7 @@ class _Inputs:
     fingerprint: str
 
 
-def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teacher | None) -> BuildResult:
+def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teacher | None, prepare_only: bool = False) -> BuildResult:
     hook = hook or (lambda event, info: None)
     started = time.perf_counter()
     inputs = _resolve(config, cheap_checks=teacher is None)
@@ -403,6 +425,10 @@ def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teac
             plan = Plan.from_bytes(_need(writer.objects.get(PLAN_KEY), f"{config.out}: the build plan is missing"))
         writer = CacheWriter(config.out, objects)  # re-read: the arrays and domains now exist
         hook("store_created", {"path": config.out})
+        if prepare_only:
+            result.meta = writer.meta
+            result.seconds = time.perf_counter() - started
+            return result
 
         records = writer.records()
         mine = [s for s in assign_shards(writer.shards(), worker.world_size)[worker.rank] if s.key not in records]

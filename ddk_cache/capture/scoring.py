@@ -129,6 +129,7 @@ class Scorer:
         self._guard = threading.Lock()  # the shard states
         self._log_guard = threading.Lock()  # the log file, the stats, the projection
         self._written: queue.Queue = queue.Queue()  # shards complete, for the hook (called in the scoring thread)
+        self._log = None  # this worker's build log, opened by the first run
 
     def run(self, shards: list[Shard], teacher: Any) -> ScoreStats:
         """Score and write `shards`; returns this run's statistics."""
@@ -138,7 +139,9 @@ class Scorer:
         rank, world = self.worker
         bar = tqdm(total=sum(s.stop - s.start for s in shards) * seq_len, desc="teacher" if world == 1 else f"teacher (worker {rank}/{world})",
                    unit=" tok", unit_scale=True, disable=not self.progress)
-        self._log = self.writer.log_writer(self.worker)
+        # One log per Scorer, appended to by every run (an engine that hands a worker one shard
+        # at a time writes one log per worker, not one per shard).
+        self._log = self._log or self.writer.log_writer(self.worker)
         self._projection = SizeProjection(self.writer.meta, shards)
         in_flight: list[Future] = []
         limit = 4 * self.threads + 16  # rows finishing at once: bounds what waits in memory
