@@ -162,6 +162,7 @@ def _schedule(ray: Any, config: BuildConfig, progress: bool, hook: Hook, started
         result.already_complete, result.seconds = True, time.perf_counter() - started
         return result
     result.pieces_tokenized = sum(r.pieces_tokenized for r in prepared)
+    result.worker = (0, 1)  # the driver reports for the whole build, as a single worker would
     writer = CacheWriter(config.out)
     records = writer.records()
     todo = deque(s.key for s in writer.shards() if s.key not in records)

@@ -461,15 +461,17 @@ class FusedHead(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need = need_h or need_w or (bias is not None and need_b)
         mdt = _matmul_dtype(weight)
-        w = weight.to(mdt)
-        b = None if bias is None else bias.to(mdt)
+        # Detached: the graph built per chunk below ends at the logits (this function is the
+        # autograd node for the weight and the hidden states).
+        w = weight.detach().to(mdt)
+        b = None if bias is None else bias.detach().to(mdt)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and need_b else None
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, N, chunk):
             stop = min(N, start + chunk)
-            h = hidden[start:stop].to(mdt)
+            h = hidden[start:stop].detach().to(mdt)
             with torch.enable_grad():
                 logits = torch.nn.functional.linear(h, w, b).float().requires_grad_(need)
                 value = fn(logits, start, stop)
