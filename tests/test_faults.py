@@ -125,7 +125,7 @@ def test_two_distills_into_one_out_then_ctrl_c_then_resume(tmp_path, built_cache
                            eval_batch_size=4), progress=False)
     out = tmp_path / "run"
     argv = distill_argv(built_cache, student, out, *steps)
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True) for _ in range(2)]
+    procs = [interruptible(argv) for _ in range(2)]
     deadline = time.time() + 120
     while time.time() < deadline and all(p.poll() is None for p in procs):
         time.sleep(0.02)
@@ -271,6 +271,15 @@ def test_distill_on_a_full_disk_says_so_and_resumes(tmp_path, built_cache, stude
 # ----------------------------------------------------------------------------- signals
 
 
+def interruptible(argv: list[str]) -> subprocess.Popen:
+    """The command in a session of its own with SIGINT at its default: a suite started in the
+    background of a non-interactive shell (`cmd &`) has SIGINT ignored, and a process that
+    starts with it ignored keeps ignoring it (Python installs no handler), so Ctrl-C could
+    not reach it."""
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def ctrl_c_when(proc: subprocess.Popen, ready, deadline: float, hint: str) -> None:
     """Send SIGINT to `proc`'s session once `ready()`; it must exit 130 with `hint`, no traceback."""
     while time.time() < deadline and proc.poll() is None and not ready():
@@ -288,7 +297,7 @@ def test_ctrl_c_during_a_build_exits_130_and_the_same_command_resumes(tmp_path, 
 
     out = tmp_path / "c.zarr"
     argv = build_argv(small_config(teacher_dir, corpus_dir, out, batch_size=1))
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = interruptible(argv)
     ctrl_c_when(proc, lambda: shards_logged(out) >= 2, time.time() + 120, "run the same command again: it resumes")
     rerun = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
