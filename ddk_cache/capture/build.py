@@ -346,11 +346,13 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
     return _guard_disk(config, lambda: _build(config, progress, hook, teacher))
 
 
-def prepare(config: BuildConfig, *, teacher: Teacher | None = None, progress: bool = False) -> BuildResult:
+def prepare(config: BuildConfig, *, teacher: Teacher | None = None, progress: bool = False, inputs: _Inputs | None = None) -> BuildResult:
     """Stages 1-5 of a build as one worker, without scoring: the store, the tokenized pieces,
     the plan and the arrays (what an engine that schedules the scoring itself, such as
-    `--engine ray`, needs first). Resumes like `build`; a complete cache is left as it is."""
-    return _guard_disk(config, lambda: _build(config, progress, None, teacher, prepare_only=True))
+    `--engine ray`, needs first). Resumes like `build`; a complete cache is left as it is.
+    `inputs`: stage 1 already done for this config (`_resolve`), not repeated (it hashes
+    every weight file of the teacher)."""
+    return _guard_disk(config, lambda: _build(config, progress, None, teacher, prepare_only=True, inputs=inputs))
 
 
 def _guard_disk(config: BuildConfig, run: Callable[[], BuildResult]) -> BuildResult:
@@ -379,10 +381,11 @@ class _Inputs:
     fingerprint: str
 
 
-def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teacher | None, prepare_only: bool = False) -> BuildResult:
+def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teacher | None, prepare_only: bool = False,
+           inputs: _Inputs | None = None) -> BuildResult:
     hook = hook or (lambda event, info: None)
     started = time.perf_counter()
-    inputs = _resolve(config, cheap_checks=teacher is None)
+    inputs = inputs or _resolve(config, cheap_checks=teacher is None)
     config, worker = inputs.config, inputs.worker
     objects = Objects.open(config.out)
     existing = _existing(config.out, objects)

@@ -68,15 +68,17 @@ class ScoringActor:
     the shards it is handed (build stages 3-6 of one worker; see the module docstring)."""
 
     def __init__(self, config: dict[str, Any], index: int, count: int) -> None:
-        self.config = BuildConfig(**config)
+        # The native worker this actor is for stages 1-5 (its share of the tokenization).
+        self.config = replace(BuildConfig(**config), num_shards=count, shard_index=index)
         self.index, self.count = index, count
         self.stack = ExitStack()
         self.scorer: Scorer | None = None
+        self.shards: dict[str, Any] = {}  # the plan's shards by key (fixed once the plan exists)
         # An error here (a teacher that does not load) is kept and raised by every call: Ray
         # reports a failed constructor only as a dead actor, without the error itself.
         self.failed: Exception | None = None
         try:
-            self.inputs = _resolve(replace(self.config, num_shards=count, shard_index=index), cheap_checks=True)
+            self.inputs = _resolve(self.config, cheap_checks=True)
             self.teacher, _ = _open_teacher(self.inputs, None, self.stack, progress=False)
         except Exception as e:
             self.failed = e
@@ -88,11 +90,12 @@ class ScoringActor:
         """Stages 3-5 as native worker `index` of `count` (see build.prepare)."""
         if self.failed is not None:
             raise self.failed
-        return prepare(replace(self.config, num_shards=self.count, shard_index=self.index), teacher=self.teacher)
+        return prepare(self.config, teacher=self.teacher, inputs=self.inputs)
 
     def score(self, key: str) -> dict[str, Any]:
-        """Score and write the shard `key` (skipped if another actor recorded it meanwhile);
-        returns this actor's statistics so far."""
+        """Score and write the shard `key` (again if it was written before: a shard handed
+        out again after its actor died is rewritten with the same bytes); returns this
+        actor's statistics so far."""
         if self.failed is not None:
             raise self.failed
         if self.scorer is None:
@@ -100,8 +103,8 @@ class ScoringActor:
             plan = Plan.from_bytes(_need(writer.objects.get(PLAN_KEY), f"{self.config.out}: the build plan is missing"))
             self.scorer = Scorer(writer, plan, self.inputs.spec, threads=self.config.writer_threads or auto_writer_threads(),
                                  worker=(self.index, self.count), on_nonfinite=self.config.on_nonfinite, progress=False)
-        writer = self.scorer.writer
-        shard = next((s for s in writer.shards() if s.key == key), None)
+            self.shards = {s.key: s for s in writer.shards()}
+        shard = self.shards.get(key)
         if shard is None:
             raise StoreError(f"{self.config.out}: no shard {key} in this cache's plan")
         self.scorer.run([shard], self.teacher)

@@ -70,7 +70,7 @@ class DistillConfig(CommandConfig):
     bf16: str = option("auto", "bfloat16 compute: auto (GPU only), on, off. With --fsdp: bf16 parameters in compute, fp32 master weights and reductions.", choices=("auto", "on", "off"))
     gradient_checkpointing: bool = option(False, "Trade compute for activation memory.", fingerprint=False)
     loss_chunk: int = option(0, "Positions per chunk of the loss (and evaluation): peak loss memory ~ chunk x vocabulary x 16 bytes; 0 = by the vocabulary (1,024 up to 65,536 ids, 512 up to 131,072, 256 up to 262,144).", fingerprint=False)
-    loss_impl: str = option("fused", "How the chunked loss gets its gradients: fused (the head's and the hidden states' gradients computed chunk by chunk in the forward pass: 3 head matmuls per chunk) or recompute (each chunk's logits recomputed in the backward pass: 4). Equal results; MiniLLM always recomputes.",
+    loss_impl: str = option("fused", "How the chunked loss gets its gradients: fused (the head's and the hidden states' gradients computed chunk by chunk in the forward pass: 3 head matmuls per chunk) or recompute (each chunk's logits recomputed in the backward pass: 4). Equal results; MiniLLM's second pass is fused too.",
                             choices=("fused", "recompute"), fingerprint=False)
     eval_batch_size: int = option(8, "Sequences per evaluation forward pass (per rank).", fingerprint=False)
     save_every: int = option(500, "Checkpoint every N steps (the final model is always saved).", fingerprint=False)

@@ -384,18 +384,18 @@ def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tens
       * otherwise, with `checkpoint`, each chunk's logits are recomputed in the backward pass.
     Both equal the unchunked loss and its gradients (tests/test_chunked_loss.py)."""
     N = hidden.shape[0]
+    # (ids, log-probs, tail, teacher logits): sparse targets, or dense ones, or none.
+    targets = (topk_ids, topk_logprobs, tail_logprob if topk_ids is not None else None, teacher_logits if topk_ids is None else None)
     if fused and not per_token and torch.is_grad_enabled():  # evaluation: the plain loop, no gradients
-        targets = (topk_ids, topk_logprobs, tail_logprob if topk_ids is not None else None, teacher_logits if topk_ids is None else None)
         return _fused_kd(hidden, head, labels, cfg, targets, chunk, softcap, kd_weight)
     ce_sum = hidden.new_zeros((), dtype=torch.float32)
     kd_sum = hidden.new_zeros((), dtype=torch.float32)
     ce_detached, ce_parts, kd_parts = [], [], []
-    has = (topk_ids is not None, topk_ids is not None, topk_ids is not None and tail_logprob is not None,
-           topk_ids is None and teacher_logits is not None)
+    has = tuple(t is not None for t in targets)
     for start in range(0, N, chunk):
         stop = min(N, start + chunk)
         args = [hidden[start:stop], labels[start:stop]]
-        args += [t[start:stop] for t, on in zip((topk_ids, topk_logprobs, tail_logprob, teacher_logits), has) if on]
+        args += [t[start:stop] for t in targets if t is not None]  # checkpoint() takes tensors, not None
 
         def piece(h: torch.Tensor, y: torch.Tensor, *t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             it = iter(t)

@@ -187,6 +187,11 @@ def load_online_teacher(cfg: DistillConfig, cache: Cache, device: torch.device, 
     return teacher
 
 
+def _loss_chunk(cfg: DistillConfig, cache: Cache) -> int:
+    """Positions per loss chunk: --loss-chunk, or by the cache's vocabulary (losses.auto_chunk)."""
+    return cfg.loss_chunk or auto_chunk(int(cache.meta.vocab_size))
+
+
 def _check_memory(cfg: DistillConfig, cache: Cache, model: torch.nn.Module, device: torch.device, world: int) -> None:
     """Refuse, before the first step, a batch whose memory certainly exceeds the device's: on
     CPU the OOM killer would end the run without a word. `need` is a lower bound: fp32
@@ -201,8 +206,7 @@ def _check_memory(cfg: DistillConfig, cache: Cache, model: torch.nn.Module, devi
     tokens = cfg.batch_size * cache.seq_len
     per_token = layers * hidden if cfg.gradient_checkpointing else layers * (7 * hidden + 3 * inter)
     params = sum(p.numel() for p in model.parameters()) / (world if cfg.fsdp else 1)
-    vocab = int(cache.meta.vocab_size)
-    need = 4 * (tokens * per_token + 4 * params) + 16 * min(cfg.loss_chunk or auto_chunk(vocab), tokens) * vocab
+    need = 4 * (tokens * per_token + 4 * params) + 16 * min(_loss_chunk(cfg, cache), tokens) * int(cache.meta.vocab_size)
     if device.type == "cuda":
         have, where = torch.cuda.get_device_properties(device).total_memory, f"{device} memory"
     else:
@@ -327,7 +331,7 @@ class Trainer:
         behaviour = None
         if minillm is not None and not any(cache.is_sampled(d) for d in cache.domains):
             behaviour = _frozen_copy(model, device)
-        module = StudentLoss(model, cfg.kd(), chunk=cfg.loss_chunk or auto_chunk(int(cache.meta.vocab_size)), minillm=minillm, fused=cfg.loss_impl == "fused",
+        module = StudentLoss(model, cfg.kd(), chunk=_loss_chunk(cfg, cache), minillm=minillm, fused=cfg.loss_impl == "fused",
                              kd_weight=cfg.kd_weight).to(device)
         self.trained = parallelize(module, "fsdp" if cfg.fsdp else "ddp", device, self.world, use_bf16)
         self.opt = _optimizer(self.trained, cfg)
