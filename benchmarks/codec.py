@@ -22,14 +22,20 @@ plain-v1 (float32 + int32, blosc-zstd-5 with shuffle), both plus 4 B of target l
 and DistillKit's recommended formula (56 + k * ceil(log2 V) / 8 bytes). Sampled rows:
 KL(target || teacher) over the sampled ids (an unbiased estimate is noisy per position),
 unique ids kept. Speeds: encode per sequence (median of --repeats) and decode per batch of
---decode-batch sequences as the loader does (median), positions/s on one core.
+--decode-batch sequences as the loader does (median), positions/s on one core. With
+`--baseline REV` the decoders of git revision REV decode the same frames, call for call
+in turn with today's (this VM's run-to-run spread, +-25%, hides a 20% change between two
+runs), and must give the same ids and log-probs to 1e-6 (relative, or absolute near 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,6 +70,40 @@ def median_time(repeats: int, fn, *args):  # noqa: ANN001, ANN202
     return out, float(np.median(times))
 
 
+def baseline_encodings(rev: str) -> dict:
+    """PackV2 and PackV3 whose codecs are the pack modules of git revision `rev`, imported
+    as a package of their own so that both versions run in one process."""
+    from ddk_cache.store import encodings
+
+    root = Path(__file__).resolve().parent.parent
+    pkg = Path(tempfile.mkdtemp(prefix="codec-baseline-")) / "baseline_pack"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name in ("pack2.py", "pack3.py", "planes.py"):
+        (pkg / name).write_text(subprocess.run(["git", "show", f"{rev}:ddk_cache/store/{name}"], cwd=root, check=True,
+                                               capture_output=True, text=True).stdout)
+    sys.path.insert(0, str(pkg.parent))
+    pack2, pack3 = importlib.import_module("baseline_pack.pack2"), importlib.import_module("baseline_pack.pack3")
+
+    def built_with(module_name: str, module):  # noqa: ANN001, ANN202
+        """An Encoding whose codec() constructs the baseline module's class (the encodings
+        import their codec module when they first build one)."""
+        def codec(self, layout: Layout):  # noqa: ANN001, ANN202
+            saved = sys.modules[module_name]
+            sys.modules[module_name] = module
+            try:
+                return type(self).__mro__[1].codec(self, layout)
+            finally:
+                sys.modules[module_name] = saved
+        return codec
+
+    import ddk_cache.store.pack2, ddk_cache.store.pack3  # noqa: E401, F401  (so that sys.modules holds both)
+
+    Base2 = type("Base2", (encodings.PackV2,), {"codec": built_with("ddk_cache.store.pack2", pack2)})
+    Base3 = type("Base3", (encodings.PackV3,), {"codec": built_with("ddk_cache.store.pack3", pack3)})
+    return {"pack-v2": Base2, "pack-v3": Base3}
+
+
 def name_of(label: str, spec: TargetSpec) -> str:
     if spec.kind == "sampled":
         return f"sampled N={spec.samples}"
@@ -86,6 +126,11 @@ def evaluate(teacher_path: str, tokens: np.ndarray, args: argparse.Namespace, sc
         layout = Layout(positions=P, entries=spec.entries, vocab_size=V, targets=spec)
         enc = PackV2(kl_budget=args.kl_budget, zstd_level=args.zstd_level) if encoding == "pack-v2" else PackV3(zstd_level=args.zstd_level)
         codec = enc.codec(layout)
+        base = None
+        if args.baseline:
+            Base = args.baseline_encodings[encoding]
+            base = (Base(kl_budget=args.kl_budget, zstd_level=args.zstd_level) if encoding == "pack-v2"
+                    else Base(zstd_level=args.zstd_level)).codec(layout)
         packed = fp16 = plain = 0
         kl_codec, kl_full, mass, kept, blobs = [], [], [], [], []
         enc_s = 0.0
@@ -129,12 +174,21 @@ def evaluate(teacher_path: str, tokens: np.ndarray, args: argparse.Namespace, sc
         B = args.decode_batch
         batches = [blobs[i : i + B] for i in range(0, len(blobs) - B + 1, B)] or [blobs]
         out = tuple(np.empty((len(batches[0]), P, spec.entries), dt) for dt in (np.int32, np.float32)) + (np.empty((len(batches[0]), P), np.float32),)
-        dec_s = []
+        out2 = tuple(a.copy() for a in out)
+        dec_s, base_s = [], []
         for _ in range(args.repeats):
             for b in batches:
                 t0 = time.perf_counter()
-                codec.decode(b, P, spec.sample_temperature, out=out if len(b) == len(batches[0]) else None)
+                got = codec.decode(b, P, spec.sample_temperature, out=out if len(b) == len(batches[0]) else None)
                 dec_s.append((time.perf_counter() - t0) / len(b))
+                if base is not None:
+                    got = tuple(a.copy() for a in got)
+                    t0 = time.perf_counter()
+                    was = base.decode(b, P, spec.sample_temperature, out=out2 if len(b) == len(batches[0]) else None)
+                    base_s.append((time.perf_counter() - t0) / len(b))
+                    assert np.array_equal(got[0], was[0]) and np.array_equal(np.isfinite(got[1]), np.isfinite(was[1]))
+                    fin = np.isfinite(was[1])
+                    assert np.allclose(got[1][fin], was[1][fin], rtol=1e-6, atol=1e-6) and np.allclose(got[2], was[2], rtol=1e-6, atol=1e-6)
         kc, kf = np.concatenate(kl_codec), np.concatenate(kl_full)
         distillkit = 56 + spec.k * math.ceil(math.log2(V)) / 8
         topk = spec.kind == "topk"
@@ -145,7 +199,7 @@ def evaluate(teacher_path: str, tokens: np.ndarray, args: argparse.Namespace, sc
             f"{kc.mean():.1e} / {np.quantile(kc, 0.99):.1e} / {kc.max():.1e}" if topk else "exact counts",
             f"{kf.mean():.2e}", f"{np.concatenate(mass).mean():.3f}",
         ))
-        speed[name] = (n_pos / enc_s, P / float(np.median(dec_s)))
+        speed[name] = (n_pos / enc_s, P / float(np.median(dec_s))) + ((P / float(np.median(base_s)),) if base_s else ())
     return rows, speed
 
 
@@ -160,7 +214,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed calls; the median counts")
     ap.add_argument("--decode-batch", type=int, default=8, help="sequences per decode call (the loader decodes a batch at once)")
     ap.add_argument("--only", default=None, help="run the settings whose name contains this")
+    ap.add_argument("--baseline", default=None, metavar="REV", help="also time the decoders of this git revision, interleaved")
     args = ap.parse_args()
+    args.baseline_encodings = baseline_encodings(args.baseline) if args.baseline else None
     torch.set_num_threads(1)
     cache = Cache(args.tokens)
     tokens = np.concatenate([cache.tokens(d, "val", np.arange(min(args.sequences, cache.num_sequences(d, "val")))) for d in cache.domains])
@@ -175,8 +231,11 @@ def main() -> None:
             print_table(("targets", "entries/pos", f"{encoding} B/pos", "fp16+int32+zstd", "plain-v1", "DistillKit formula", "pack / DistillKit",
                          "codec coarse KL mean / p99 / max", "coarse KL vs full teacher (mean)", "covered mass"), rows)
             print()
-            print_table(("targets", "encode pos/s (1 core)", f"decode pos/s (1 core, batches of {args.decode_batch})"),
-                        [(k, f"{e:,.0f}", f"{d:,.0f}") for k, (e, d) in speed.items()])
+            head = ("targets", "encode pos/s (1 core)", f"decode pos/s (1 core, batches of {args.decode_batch})")
+            if args.baseline:
+                head += (f"decode at {args.baseline}", "speed-up")
+            print_table(head, [(k, f"{v[0]:,.0f}", f"{v[1]:,.0f}") + ((f"{v[2]:,.0f}", f"{v[1] / v[2]:.2f}x") if len(v) > 2 else ())
+                               for k, v in speed.items()])
             print()
 
 

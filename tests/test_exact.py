@@ -124,6 +124,114 @@ def test_the_encoder_refuses_non_finite_teacher_output():
             PackV3().encode(row, layout)
 
 
+@pytest.mark.parametrize("k", [1, 2, 16, 64, 128])
+def test_level_running_sums_are_exact_or_handed_back(k):
+    """pack-v3 sums each row's level steps as a float32 product (BLAS): exact integers while a
+    row's total is below 2^24, and None (the caller sums in int64) from there, never a
+    rounded level."""
+    from ddk_cache.store.pack2 import _workspace
+    from ddk_cache.store.pack3 import _running_sums
+
+    rng = np.random.default_rng(k)
+    steps = rng.integers(0, 2**16, (40, k - 1)).astype(np.float32)
+    steps[:20] %= 300  # one-byte steps, as most rows have
+    want = np.concatenate([np.zeros((40, 1), np.int64), np.cumsum(steps.astype(np.int64), 1)], 1)
+    got = _running_sums(steps, _workspace())
+    assert got is not None and np.array_equal(got, want)
+    if k > 1:  # one row with a total of exactly 2^24: handed back; 2^24 - 1: exact
+        big = steps.copy()
+        big[3] = 0
+        big[3, 0] = 2**24 - 1
+        want[3] = np.concatenate([[0], np.cumsum(big[3].astype(np.int64))])
+        assert np.array_equal(_running_sums(big, _workspace()), want)
+        big[3, -1] += 1
+        assert _running_sums(big, _workspace()) is None
+
+
+def spec_decode(codec, frame: bytes, P: int) -> tuple[np.ndarray, np.ndarray]:
+    """pack-v3 decoded from storage_layout.md alone, one position at a time in float64: (ids,
+    log-probs) [P, K], padding id 0 / -inf. The reference for the codec's vectorised paths."""
+    from ddk_cache.store.pack3 import HAS_TAIL, REFINE_SHIFT, expand
+    from ddk_cache.store.planes import unplanes
+
+    head, (s_pos, s_ids, s_steps, _) = codec._unframe(frame)
+    cb, K = codec.count_bytes, codec.max_entries
+    n = unplanes(s_pos, P, cb).astype(np.int64)
+    flags = np.frombuffer(s_pos, np.uint8, P, P * cb)
+    tail_z = unplanes(s_pos, P, head[6], 2 * P * cb + P).astype(np.int64)
+    ids = unplanes(s_ids, int(n.sum()), codec.id_bytes).astype(np.int64)
+    steps = unplanes(s_steps, int((n - 1).sum()), head[5]).astype(np.int64)
+    out_ids, out = np.zeros((P, K), np.int64), np.full((P, K), -np.inf)
+    at_id = at_step = 0
+    for t in range(P):
+        h = codec.step / 2.0 ** int(flags[t] >> REFINE_SHIFT)
+        levels = np.concatenate([[0], np.cumsum(steps[at_step : at_step + n[t] - 1])])
+        r = expand(levels * h, codec.knee)
+        m = tail_z[t] >> 1
+        tail_q = np.exp(-(-m * h if tail_z[t] & 1 else m * h)) if flags[t] & HAS_TAIL else 0.0
+        out[t, : n[t]] = -r - np.log1p(np.exp(-r[1:]).sum() + tail_q)
+        out_ids[t, : n[t]] = ids[at_id : at_id + n[t]]
+        at_id, at_step = at_id + n[t], at_step + n[t] - 1
+    return out_ids, out
+
+
+@pytest.mark.parametrize("k", [64, 200])
+def test_refined_rows_decode_as_the_spec_says_in_every_path(k):
+    """Rows the encoder had to refine (a coarse step whose renormalisation error passes the
+    bound: entries on one level holding most of the mass) take the decoder's float64 path;
+    full and cut rows, below and above the float32 running sums' width (RUN_MAX), alone and
+    in a batch with unrefined rows: each equal to the spec's decode."""
+    from ddk_cache.store.pack3 import REFINE_SHIFT, RUN_MAX, Pack3Codec
+
+    rng = np.random.default_rng(k)
+    codec = Pack3Codec(vocab_size=V, max_entries=k, step=0.5, knee=0.5)
+    frames = []
+    for cut in (False, True):
+        z = np.full((20, V), -12.0)
+        z[:, 0], z[:, 1:k] = 0.0, -2.0 + rng.uniform(-0.01, 0.01, (20, k - 1))
+        z[10:] = rng.normal(0, 2, (10, V))  # unrefined rows in the same frame
+        lp = z - np.logaddexp.reduce(z, 1, keepdims=True)
+        order = np.argsort(-lp, 1, kind="stable")[:, :k]
+        vals = np.take_along_axis(lp, order, 1)
+        if cut:
+            vals[::3, k // 2 :] = -np.inf
+        frames.append(codec.encode_topk(order, vals, vals[:, 0], order[:, 0]))
+        head, streams = codec._unframe(frames[-1])
+        assert (np.frombuffer(streams[0], np.uint8, 20, 20 * codec.count_bytes) >> REFINE_SHIFT).any()  # refined
+    assert (k > RUN_MAX) == (k == 200)
+    for batch in ([0], [1], [0, 1]):
+        got = codec.decode([frames[i] for i in batch], 20)
+        for j, i in enumerate(batch):
+            ids, want = spec_decode(codec, frames[i], 20)
+            np.testing.assert_array_equal(got[0][j], ids)
+            np.testing.assert_allclose(got[1][j], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k, scale", [(16, 1.0), (64, 1.0), (64, 8.0), (200, 1.0)])
+def test_unrefined_rows_decode_as_the_spec_says(k, scale):
+    """The float32 fast paths (full rows, cut rows, one- and two-byte steps) against the
+    spec's float64 decode, to float32 rounding."""
+    from ddk_cache.store.pack3 import Pack3Codec
+
+    rng = np.random.default_rng(k)
+    codec = Pack3Codec(vocab_size=V, max_entries=k)
+    frames = []
+    for cut in (False, True):
+        z = rng.normal(0, 2, (30, V)) * scale
+        lp = z - np.logaddexp.reduce(z, 1, keepdims=True)
+        order = np.argsort(-lp, 1, kind="stable")[:, :k]
+        vals = np.take_along_axis(lp, order, 1)
+        if cut:
+            vals[::4, k // 3 :] = -np.inf
+        frames.append(codec.encode_topk(order, vals, vals[:, 0], order[:, 0]))
+    for batch in ([0], [1], [0, 1]):
+        got = codec.decode([frames[i] for i in batch], 30)
+        for j, i in enumerate(batch):
+            ids, want = spec_decode(codec, frames[i], 30)
+            np.testing.assert_array_equal(got[0][j], ids)
+            np.testing.assert_allclose(got[1][j], want, rtol=2e-6, atol=2e-6)
+
+
 def test_a_batch_decodes_as_its_sequences_do_alone():
     """The loader decodes sequences of a batch together, by paths that depend on the batch
     (every frame's level steps in one byte, or some in two; every row full, or some cut):

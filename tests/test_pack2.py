@@ -171,3 +171,23 @@ def test_a_batch_decodes_like_its_rows_one_by_one():
         one = codec.decode([blob], 64)
         for x, y in zip(batch, one):
             np.testing.assert_array_equal(x[b], y[0])
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
+def test_byte_planes_gather_into_any_wide_enough_dtype(width):
+    """Decoders assemble level steps and ids straight into their output arrays (int32 ids,
+    float32 steps): every width, every destination dtype that holds it, rows of any count."""
+    from ddk_cache.store.pack2 import _gather_planes, _workspace
+
+    rng = np.random.default_rng(width)
+    rows = [rng.integers(0, 2 ** (8 * width), n, dtype=np.uint64) for n in (5, 0, 7)]
+    rows[0][0] = 2 ** (8 * width) - 1  # every bit of the widest value set
+    streams = [b"".join(((r >> np.uint64(8 * j)) & np.uint64(255)).astype(np.uint8).tobytes() for j in range(width))
+               for r in rows]
+    counts, want = np.array([5, 0, 7]), np.concatenate(rows)
+    assert (_gather_planes(streams, counts, width, _workspace(), "t").astype(np.uint64) == want).all()
+    dtypes = [np.int64, np.float64] + ([np.int32] if width <= 3 else []) + ([np.float32] if width <= 2 else [])
+    for dtype in dtypes:
+        out = np.full(12, 7, dtype)
+        _gather_planes(streams, counts, width, _workspace(), "t", out=out)
+        assert (out.astype(np.uint64) == want).all(), dtype

@@ -68,23 +68,38 @@ def base_step(kl_budget: float, max_entries: int) -> float:
     return math.sqrt(STEP_SCALE * kl_budget / max(1, max_entries))
 
 
-def _gather_planes(streams: list, counts: np.ndarray, nbytes: int | list[int], ws: "_Workspace", name: str) -> np.ndarray:
-    """Concatenate each row's byte-planed stream into one array (uint8, uint16 or uint32 by
-    the widest row). Planes are combined with shifts and ors on contiguous slices: a
-    transposing copy is ~20x slower."""
+def _gather_planes(streams: list, counts: np.ndarray, nbytes: int | list[int], ws: "_Workspace", name: str,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """Concatenate each row's byte-planed stream into one array: `out` (any integer or float
+    dtype wide enough) or a scratch array (uint8, uint16 or uint32 by the widest row).
+    Planes are combined with shifts and ors (multiplies and adds into floats) on contiguous
+    slices: a transposing copy is ~20x slower."""
     widths = [nbytes] * len(streams) if isinstance(nbytes, int) else list(nbytes)
-    width = max(widths)
-    dtype = {1: np.uint8, 2: np.uint16}.get(width, np.uint32)
-    out = ws.array(name, int(counts.sum()), dtype)
+    if out is None:
+        out = ws.array(name, int(counts.sum()), {1: np.uint8, 2: np.uint16}.get(max(widths), np.uint32))
+    real = out.dtype.kind == "f"
     at = 0
     for stream, count, w in zip(streams, counts.tolist(), widths):
         if count:
             planes = np.frombuffer(stream, np.uint8, count * w).reshape(w, count)
             dst = out[at : at + count]
-            dst[:] = planes[w - 1]
+            if w == 1:
+                dst[:] = planes[0]
+            elif real:  # the top plane scaled in the destination's dtype (a uint8 multiply would wrap)
+                np.multiply(planes[w - 1], 256.0, out=dst, dtype=out.dtype)
+            else:
+                np.left_shift(planes[w - 1], 8, out=dst, dtype=out.dtype)
             for i in range(w - 2, -1, -1):
-                dst <<= 8
-                dst |= planes[i]
+                if real:
+                    if i:
+                        dst += planes[i]
+                        dst *= 256.0
+                    else:
+                        dst += planes[i]
+                else:
+                    dst |= planes[i]
+                    if i:
+                        dst <<= 8
         at += count
     return out
 
@@ -117,6 +132,14 @@ class _Workspace(threading.local):
 
     def arange(self, k: int) -> np.ndarray:
         return self.constants.setdefault(("arange", k), np.arange(k, dtype=np.int32))
+
+    def row_masks(self, k: int) -> np.ndarray:
+        """bool [k + 1, k]: row n is True in its first n entries (a ragged row's kept slots,
+        looked up by count: cheaper than comparing against an arange per call)."""
+        w = self.constants.get(("row_masks", k))
+        if w is None:
+            w = self.constants[("row_masks", k)] = np.arange(k)[None, :] < np.arange(k + 1)[:, None]
+        return w
 
     def ones(self, k: int) -> np.ndarray:
         return self.constants.setdefault(("ones", k), np.ones(k, np.float64))

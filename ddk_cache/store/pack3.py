@@ -64,6 +64,30 @@ def _log1mexp(x: np.ndarray) -> np.ndarray:
         return np.where(x > -0.6931, np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
 
 
+RUN_MAX = 128  # _running_sums' widest row: its product costs O(K) per entry, numpy's cumsum O(1)
+
+
+def _running_sums(steps: np.ndarray, ws) -> np.ndarray | None:
+    """int32 [N, K]: 0, then each row's running sum of its K - 1 steps (float32 [N, K - 1]
+    holding integers in [0, 2^16)), or None where a row's total reaches 2^24.
+
+    One float32 product with an upper-triangular matrix of ones (BLAS): numpy's cumsum along
+    rows this short is 2.7x slower at K = 64 (measured; even at K = RUN_MAX). Exact below
+    that total: every partial sum is an integer no larger than the total, so each is
+    represented exactly in whatever order BLAS adds."""
+    n, k = steps.shape[0], steps.shape[1] + 1
+    upper = ws.constants.get(("upper", k))
+    if upper is None:
+        upper = ws.constants[("upper", k)] = np.triu(np.ones((k - 1, k), np.float32), 1)
+    sums = ws.array("sums3", (n, k), np.float32)
+    np.matmul(steps, upper, out=sums)
+    if n and float(sums[:, -1].max()) >= 2.0**24:  # the last entry is each row's total (steps are >= 0)
+        return None
+    lv = ws.array("lv3", (n, k), np.int32)
+    np.copyto(lv, sums, casting="unsafe")
+    return lv
+
+
 class Pack3Codec(Pack2Codec):
     """Encode and decode sequences of P positions holding at most `max_entries` entries each
     (sampled targets: pack-v2's frames, see the module docstring)."""
@@ -80,7 +104,7 @@ class Pack3Codec(Pack2Codec):
             raise ValueError(f"pack-v3 knee must be in (0, 64], got {knee}")
         self.step, self.knee = float(step), float(knee)
         self.f_max = float(compand(np.array(MAX_R), self.knee))
-        self._q_table = None
+        self._neg_r_table: np.ndarray | None = None
 
     # ------------------------------------------------------------------ sizes
     def capacity(self, positions: int) -> int:
@@ -186,13 +210,12 @@ class Pack3Codec(Pack2Codec):
         return bytes(frame)
 
     # ------------------------------------------------------------------ decode
-    def _level_tables(self) -> tuple[np.ndarray, np.ndarray]:
-        """-r and exp(-r) (float32) for every level at the base step."""
-        if self._q_table is None:
+    def _level_table(self) -> np.ndarray:
+        """-r (float32) for every level at the base step."""
+        if self._neg_r_table is None:
             n = int(math.ceil(self.f_max / self.step)) + 2
-            r = expand(np.arange(n, dtype=np.float64) * self.step, self.knee)
-            self._neg_r_table, self._q_table = (-r).astype(np.float32), np.exp(-r).astype(np.float32)
-        return self._neg_r_table, self._q_table
+            self._neg_r_table = (-expand(np.arange(n, dtype=np.float64) * self.step, self.knee)).astype(np.float32)
+        return self._neg_r_table
 
     def decode(self, frames: list, positions: int, temperature: float = 1.0,
                out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, tail: bool = False) -> tuple:
@@ -223,41 +246,51 @@ class Pack3Codec(Pack2Codec):
             ref[r] = _unplanes(s_pos, P, cb, P * cb + P)
             tail_z[r] = _unplanes(s_pos, P, head[6], 2 * P * cb + P)
         per_row = n.reshape(B, P).sum(1)
-        flat_ids = _gather_planes([s[1] for _, s in parsed], per_row, self.id_bytes, ws, "ids3")
         level_bytes = [h[5] for h, _ in parsed]
         exponent = fl >> REFINE_SHIFT
         has_tail = (fl & HAS_TAIL) != 0
-        neg_r_tab, q_tab = self._level_tables()
+        neg_r_tab = self._level_table()
         ids2, logq2 = ids.reshape(BP, K), logq.reshape(BP, K)
         T = int(per_row.sum())
         dense = T == BP * K
-        if dense:  # every position holds K entries: plain reshapes, no scatter
-            ids2[:] = flat_ids.reshape(BP, K)
-            lv = ws.array("lv3", (BP, K), np.int32)
-            lv[:, 0] = 0
-            if max(level_bytes) == 1:  # one byte plane per frame: the running sums straight from it, no gathered copy
+        W = K if dense else int(n.max())  # the widest row of the batch: ragged work is [BP, W]
+        id_streams, step_streams = [s_[1] for _, s_ in parsed], [s_[2] for _, s_ in parsed]
+        one_byte, narrow = max(level_bytes) == 1, max(level_bytes) <= 2 and W <= RUN_MAX
+        # Rows are decoded as a [BP, W] block: full rows are plain reshapes of the streams;
+        # ragged ones (adaptive k) are placed by a mask of each row's first n entries
+        # (row-major order is the streams' order), their padding holds level steps of 0 and
+        # is masked again at the end.
+        kept = None if dense else ws.row_masks(K)[:, :W][n]
+        padding = None if dense else ~kept
+        if dense:
+            _gather_planes(id_streams, per_row, self.id_bytes, ws, "ids3", out=ids2.reshape(-1))
+        else:
+            block = ws.array("idsw3", (BP, W), np.int32)
+            block.fill(0)
+            block[kept] = _gather_planes(id_streams, per_row, self.id_bytes, ws, "ids3")
+            ids2[:, :W] = block
+            ids2[:, W:] = 0
+        lv = None
+        if narrow:  # steps below 2^16: exact in float32, summed by _running_sums
+            steps = ws.array("steps3", (BP, W - 1), np.float32)
+            if dense and one_byte:  # one byte plane per frame: cast straight from it, no gathered copy
                 for i, (_, s_) in enumerate(parsed):
-                    steps = np.frombuffer(s_[2], np.uint8, P * (K - 1)).reshape(P, K - 1)
-                    np.cumsum(steps, axis=1, dtype=np.int32, out=lv[i * P : (i + 1) * P, 1:])
+                    steps[i * P : (i + 1) * P] = np.frombuffer(s_[2], np.uint8, P * (K - 1)).reshape(P, K - 1)
+            elif dense:
+                _gather_planes(step_streams, per_row - P, level_bytes, ws, "deltas3", out=steps.reshape(-1))
             else:
-                deltas = _gather_planes([s_[2] for _, s_ in parsed], per_row - P, level_bytes, ws, "deltas3")
-                np.cumsum(deltas.reshape(BP, K - 1), axis=1, dtype=np.int32, out=lv[:, 1:])
-            top_level = int(lv[:, -1].max(initial=0))  # levels rise with rank: the last is the largest
-        else:  # ragged rows (adaptive k): the arithmetic on the T kept entries only, then one scatter
-            n_i = n.astype(np.intp)
-            starts = np.cumsum(n_i) - n_i
-            pos = np.repeat(np.arange(BP), n_i)
-            first = np.zeros(T, bool)
-            first[starts] = True  # every position keeps its top-1 (n >= 1)
-            # Levels: the running sum of each position's steps, restarting at its top-1 (level 0).
-            steps = np.zeros(T, np.int64)
-            steps[~first] = _gather_planes([s_[2] for _, s_ in parsed], per_row - P, level_bytes, ws, "deltas3")
-            run = np.cumsum(steps)
-            lv_flat = run - run[starts][pos]
-            slot = np.arange(T) + (pos * K - starts[pos])  # each entry's place in the padded [BP, K] output
-            ids2.fill(0)
-            ids2.reshape(-1)[slot] = flat_ids
-            top_level = int(lv_flat.max(initial=0))
+                steps.fill(0.0)
+                steps[kept[:, 1:]] = _gather_planes(step_streams, per_row - P, level_bytes, ws, "deltas3")
+            lv = _running_sums(steps, ws)
+        if lv is None:  # wide rows, or refined ones whose levels pass 2^24: integer sums
+            deltas = _gather_planes(step_streams, per_row - P, level_bytes, ws, "deltas3")
+            lv = np.zeros((BP, W), np.int64)
+            if dense:
+                np.cumsum(deltas.reshape(BP, K - 1), axis=1, out=lv[:, 1:])
+            else:
+                lv[:, 1:][kept[:, 1:]] = deltas
+                np.cumsum(lv, axis=1, out=lv)
+        top_level = int(lv[:, -1].max(initial=0))  # levels never fall along a row: the last is the largest
         refined = np.flatnonzero(exponent)
         h1 = self.step / 2.0 ** exponent.astype(np.float64)
         # Tail: its log-ratio on the plain (not companded) step; odd zigzag = tail > top-1.
@@ -265,36 +298,37 @@ class Pack3Codec(Pack2Codec):
         rt = np.where(tail_z & 1, -half * h1, half * h1)
         tail_q = np.where(has_tail, np.exp(-rt), 0.0)
         fast = top_level < len(neg_r_tab) and not len(refined)
-        if fast and dense:
-            # The usual case: -r and exp(-r) by table lookups, float32, in place (no exp per entry).
+        out_w = logq2 if dense else ws.array("logqw3", (BP, W), np.float32)
+        if fast:
+            # The usual case: -r by a table lookup, then exp(-r), float32, in place. mode="clip"
+            # skips numpy's per-element bounds check (~2x faster); it never clips: levels are
+            # >= 0 (unsigned steps) and top_level < len(table) was checked. numpy's SIMD exp
+            # is cheaper than a second lookup.
+            np.take(neg_r_tab, lv, out=out_w, mode="clip")
             q = ws.array("q3", (BP, K), np.float32)
-            np.take(q_tab, lv, out=q)
-            np.take(neg_r_tab, lv, out=logq2)
-            # sum_{j>=1} q_j as one float32 matrix-vector product (BLAS: ~10x numpy's row sums);
-            # its relative error, <= K * 2^-24, is far below the quantisation step.
+            if dense:
+                np.exp(out_w, out=q)
+            else:
+                q[:, W:] = 0.0
+                np.exp(out_w, out=q[:, :W])
+                np.copyto(q[:, :W], 0.0, where=padding)
+            # sum_{j>=1} q_j as one float32 matrix-vector product over all K columns (BLAS:
+            # ~10x numpy's row sums), zeros past n included, so that a row sums to the same
+            # bits in any batch; its relative error, <= K * 2^-24, is far below the
+            # quantisation step.
             s = np.matmul(q, ws.not_first(K)).astype(np.float64) + tail_q
             log_z = np.log1p(s)
-            np.subtract(logq2, log_z.astype(np.float32)[:, None], out=logq2)
-        elif fast:
-            # The row sums as the dense path does them (zeros past n add nothing), so that a
-            # sequence decodes to the same bits whatever shares its batch.
-            q = ws.array("q3", (BP, K), np.float32)
-            q.fill(0.0)
-            q.reshape(-1)[slot] = q_tab[lv_flat]
-            s = np.matmul(q, ws.not_first(K)).astype(np.float64) + tail_q
-            log_z = np.log1p(s)
-            logq2.fill(-np.inf)
-            logq2.reshape(-1)[slot] = neg_r_tab[lv_flat] - log_z.astype(np.float32)[pos]
+            np.subtract(out_w, log_z.astype(np.float32)[:, None], out=out_w)
         else:
-            if not dense:
-                lv = np.zeros((BP, K), np.int64)
-                lv.reshape(-1)[slot] = lv_flat
             h = h1[:, None]
             r = expand(lv * h, self.knee)
-            kept_all = np.arange(K)[None, :] < n[:, None]
-            s = np.where(kept_all, np.exp(-r), 0.0)[:, 1:].sum(1) + tail_q
+            s = (np.exp(-r) if kept is None else np.where(kept, np.exp(-r), 0.0))[:, 1:].sum(1) + tail_q
             log_z = np.log1p(s)
-            logq2[:] = np.where(kept_all, -r - log_z[:, None], -np.inf)
+            out_w[:] = -r - log_z[:, None]
+        if not dense:
+            np.copyto(out_w, -np.inf, where=padding)
+            logq2[:, :W] = out_w
+            logq2[:, W:] = -np.inf
         t2 = target.reshape(BP)
         hit = np.flatnonzero(ref)
         t2[hit] = logq2[hit, ref[hit] - 1]
