@@ -10,7 +10,7 @@ from ddk_cache import __version__
 from ddk_cache.errors import DDKCacheError
 from ddk_cache.store.objects import is_disk_full
 
-from . import build, distill, generate, init_model, inspect, minillm, quickstart, verify
+from . import build, distill, export, generate, init_model, inspect, minillm, quickstart, verify
 from .common import quiet_libraries  # noqa: F401  (re-exported: older scripts import it from here)
 
 
@@ -20,6 +20,7 @@ _RESUME = {
     "distill": "run the same command with --resume: it continues from the last complete checkpoint",
     "minillm": "run the same command again: it continues the round it was in",
     "generate": "run the same command again: it keeps the samples already written",
+    "export": "run the same command again: it keeps the Parquet files already written",
 }
 
 
@@ -66,6 +67,7 @@ def main() -> None:
       ddk-cache distill --cache cache.zarr --student student/ --out runs/s1
       ddk-cache eval --cache cache.zarr --model runs/s1/final
       ddk-cache report runs/s1
+      ddk-cache export cache.zarr --out targets/   # plain Parquet, for other training stacks
     """
 
 
@@ -78,6 +80,7 @@ def _register() -> None:
     main.add_command(distill.report)
     main.add_command(inspect.inspect)
     main.add_command(verify.verify)
+    main.add_command(export.export)
     main.add_command(init_model.init_model)
     main.add_command(init_model.init_student)
     main.add_command(quickstart.quickstart)

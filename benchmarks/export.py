@@ -1,0 +1,56 @@
+"""Export throughput and size: a cache written as plain Parquet (`ddk-cache export`, issue #28).
+
+    python benchmarks/export.py --cache /tmp/quality-real/cache.zarr --out /tmp/export-bench
+
+Exports the whole cache once per Parquet compression (one process, one core for the
+encoding work; pyarrow may use a second thread to compress), and prints tokens/s, the
+cache's bytes per token and the export's, and the export's reading rate with plain pyarrow
+(tokens/s, all columns decoded to Arrow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, print_table  # noqa: E402
+
+from ddk_cache.export import export_parquet  # noqa: E402
+from ddk_cache.store.cache import Cache  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", required=True)
+    ap.add_argument("--out", required=True, help="scratch directory (replaced)")
+    ap.add_argument("--compression", nargs="+", default=["zstd", "snappy", "none"])
+    args = ap.parse_args()
+    cache = Cache(args.cache)
+    tokens = sum(cache.num_sequences(d, s) for d in cache.domains for s in ("train", "val")) * cache.seq_len
+    cache_bytes = sum(p.stat().st_size for p in Path(args.cache).rglob("*") if p.is_file())
+    print(f"machine: {machine()}; cache {args.cache}: {cache.meta.targets.describe()}, {cache.meta.encoding.name}, "
+          f"{tokens:,} tokens, {cache_bytes / tokens:.1f} B/token on disk\n")
+    rows = []
+    for comp in args.compression:
+        out = Path(args.out) / comp
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        m = export_parquet(args.cache, str(out), compression=comp)
+        dt = time.perf_counter() - t0
+        size = sum(p.stat().st_size for p in out.rglob("*.parquet"))
+        t0 = time.perf_counter()
+        for rel in m["files"]:
+            pq.read_table(out / rel)
+        rt = time.perf_counter() - t0
+        rows.append((comp, f"{tokens / dt:,.0f}", f"{size / tokens:.1f}", f"{size / cache_bytes:.2f}x", f"{tokens / rt:,.0f}"))
+    print_table(("parquet compression", "export tokens/s", "export B/token", "vs the cache", "read tokens/s (pyarrow)"), rows)
+
+
+if __name__ == "__main__":
+    main()
