@@ -175,6 +175,26 @@ def spec_decode(codec, frame: bytes, P: int) -> tuple[np.ndarray, np.ndarray]:
     return out_ids, out
 
 
+def encode_rows(codec, z: np.ndarray, cut: slice | None = None) -> bytes:
+    """Logits [P, V] -> one pack-v3 frame of their top-k (rows `cut` keep only part of it)."""
+    k = codec.max_entries
+    lp = z - np.logaddexp.reduce(z, 1, keepdims=True)
+    order = np.argsort(-lp, 1, kind="stable")[:, :k]
+    vals = np.take_along_axis(lp, order, 1)
+    if cut is not None:
+        vals[cut] = -np.inf
+    return codec.encode_topk(order, vals, vals[:, 0], order[:, 0])
+
+
+def assert_batches_decode_as_the_spec_says(codec, frames: list, P: int, tol: float) -> None:
+    for batch in ([0], [1], [0, 1]):
+        got = codec.decode([frames[i] for i in batch], P)
+        for j, i in enumerate(batch):
+            ids, want = spec_decode(codec, frames[i], P)
+            np.testing.assert_array_equal(got[0][j], ids)
+            np.testing.assert_allclose(got[1][j], want, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("k", [64, 200])
 def test_refined_rows_decode_as_the_spec_says_in_every_path(k):
     """Rows the encoder had to refine (a coarse step whose renormalisation error passes the
@@ -186,25 +206,15 @@ def test_refined_rows_decode_as_the_spec_says_in_every_path(k):
     rng = np.random.default_rng(k)
     codec = Pack3Codec(vocab_size=V, max_entries=k, step=0.5, knee=0.5)
     frames = []
-    for cut in (False, True):
+    for cut in (None, (slice(None, None, 3), slice(k // 2, None))):
         z = np.full((20, V), -12.0)
         z[:, 0], z[:, 1:k] = 0.0, -2.0 + rng.uniform(-0.01, 0.01, (20, k - 1))
         z[10:] = rng.normal(0, 2, (10, V))  # unrefined rows in the same frame
-        lp = z - np.logaddexp.reduce(z, 1, keepdims=True)
-        order = np.argsort(-lp, 1, kind="stable")[:, :k]
-        vals = np.take_along_axis(lp, order, 1)
-        if cut:
-            vals[::3, k // 2 :] = -np.inf
-        frames.append(codec.encode_topk(order, vals, vals[:, 0], order[:, 0]))
+        frames.append(encode_rows(codec, z, cut))
         head, streams = codec._unframe(frames[-1])
         assert (np.frombuffer(streams[0], np.uint8, 20, 20 * codec.count_bytes) >> REFINE_SHIFT).any()  # refined
     assert (k > RUN_MAX) == (k == 200)
-    for batch in ([0], [1], [0, 1]):
-        got = codec.decode([frames[i] for i in batch], 20)
-        for j, i in enumerate(batch):
-            ids, want = spec_decode(codec, frames[i], 20)
-            np.testing.assert_array_equal(got[0][j], ids)
-            np.testing.assert_allclose(got[1][j], want, rtol=1e-6, atol=1e-6)
+    assert_batches_decode_as_the_spec_says(codec, frames, 20, 1e-6)
 
 
 @pytest.mark.parametrize("k, scale", [(16, 1.0), (64, 1.0), (64, 8.0), (200, 1.0)])
@@ -215,21 +225,8 @@ def test_unrefined_rows_decode_as_the_spec_says(k, scale):
 
     rng = np.random.default_rng(k)
     codec = Pack3Codec(vocab_size=V, max_entries=k)
-    frames = []
-    for cut in (False, True):
-        z = rng.normal(0, 2, (30, V)) * scale
-        lp = z - np.logaddexp.reduce(z, 1, keepdims=True)
-        order = np.argsort(-lp, 1, kind="stable")[:, :k]
-        vals = np.take_along_axis(lp, order, 1)
-        if cut:
-            vals[::4, k // 3 :] = -np.inf
-        frames.append(codec.encode_topk(order, vals, vals[:, 0], order[:, 0]))
-    for batch in ([0], [1], [0, 1]):
-        got = codec.decode([frames[i] for i in batch], 30)
-        for j, i in enumerate(batch):
-            ids, want = spec_decode(codec, frames[i], 30)
-            np.testing.assert_array_equal(got[0][j], ids)
-            np.testing.assert_allclose(got[1][j], want, rtol=2e-6, atol=2e-6)
+    frames = [encode_rows(codec, rng.normal(0, 2, (30, V)) * scale, cut) for cut in (None, (slice(None, None, 4), slice(k // 3, None)))]
+    assert_batches_decode_as_the_spec_says(codec, frames, 30, 2e-6)
 
 
 def test_a_batch_decodes_as_its_sequences_do_alone():
