@@ -15,9 +15,12 @@ def _columns_help() -> str:
 @click.command(epilog="\b\nColumns (one row per sequence of L tokens, P = L - 1 positions):\n" + _columns_help())
 @click.argument("cache", metavar="CACHE")
 @click.option("--out", required=True, help="Output directory (empty, or an interrupted export of the same cache to resume).")
-@click.option("--format", "fmt", type=click.Choice(["parquet", "hf"]), default="parquet", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(["parquet", "hf", "axolotl"]), default="parquet", show_default=True,
               help="parquet: the Parquet parts and export.json. hf: also README.md, whose `configs` make OUT a Hugging Face "
-                   "dataset: datasets.load_dataset(OUT) (every domain; splits train and validation), or (OUT, 'DOMAIN').")
+                   "dataset: datasets.load_dataset(OUT) (every domain; splits train and validation), or (OUT, 'DOMAIN'). "
+                   "axolotl: the pre-tokenized columns of axolotl's KD plugin instead (input_ids, attention_mask, labels, "
+                   "target_token_ids, target_logprobs renormalised over the kept ids, target_mask; top-k caches), "
+                   "with the card.")
 @click.option("--domains", default=None, help="Comma-separated domains to export (default: all).")
 @click.option("--splits", default="train,val", show_default=True, help="Comma-separated splits to export.")
 @click.option("--rows-per-file", default=4096, show_default=True, help="Sequences per Parquet file.")
@@ -41,9 +44,14 @@ def export(cache: str, out: str, fmt: str, domains: str | None, splits: str, row
         return bar
 
     m = export_parquet(cache, out, domains=domains.split(",") if domains else None, splits=splits.split(","),
-                       rows_per_file=rows_per_file, card=fmt == "hf", progress=progress)
+                       rows_per_file=rows_per_file, card=fmt != "parquet", layout="axolotl" if fmt == "axolotl" else "ddk",
+                       progress=progress)
     if bar is not None:
         bar.close()
     rows = sum(m["files"].values())
+    if fmt == "axolotl":
+        click.echo(f"{out}: {rows:,} sequences in {len(m['files'])} Parquet file(s) in axolotl's KD layout; point a "
+                   "pre-tokenized axolotl dataset at it (see README, 'Taking the targets to other stacks')")
+        return
     click.echo(f"{out}: {rows:,} sequences in {len(m['files'])} Parquet file(s) ({m['targets']}); "
                f"{'load with datasets.load_dataset(' + repr(out) + ')' if fmt == 'hf' else 'see export.json'}")

@@ -14,6 +14,10 @@ each column holds). Position t is the teacher's distribution after reading input
 it predicts input_ids[t + 1]. The values are the cache's decoded targets exactly (float32),
 no other rounding.
 
+`--format axolotl` writes, in the same files, the pre-tokenized columns axolotl's KD plugin
+reads instead (AXOLOTL_COLUMNS: fixed-k rows, masks, labels), so that it trains from a
+ddk-cache cache without re-running the teacher.
+
 Every part is written to a temporary name and renamed once complete, and export.json is
 rewritten last, so an interrupted export leaves no part that looks complete and is not: a
 rerun of the same command keeps the parts that exist (their row counts checked) and writes
@@ -57,6 +61,20 @@ COLUMNS = {
     "target_logprob": "list<float32> [P]: the teacher's log-probability of input_ids[t + 1]",
     "sample_logprob": "list<float32> [L]: domains of generated samples only (null elsewhere): the log-prob of "
                       "input_ids[t] under the distribution that sampled it",
+}
+
+
+# `--format axolotl`: the pre-tokenized columns axolotl's KD plugin trains from
+# (integrations/kd: its chat_template strategy's output, read by its KD trainer).
+AXOLOTL_COLUMNS = {
+    "input_ids": "list<int32> [L]",
+    "attention_mask": "list<int8> [L]: all 1 (sequences are packed full)",
+    "labels": "list<int32> [L]: input_ids where the token is a label, -100 elsewhere",
+    "target_token_ids": "list<list<int32>> [L][k]: at position t the kept ids predicting input_ids[t + 1], rank "
+                        "order, padded to k with id 0; position L - 1 (nothing to predict) all padding",
+    "target_logprobs": "list<list<float32>> [L][k]: their log-probabilities renormalised over the kept ids (axolotl's "
+                       "format has no tail; its own capture renormalises the same way), -inf for padding",
+    "target_mask": "list<list<int8>> [L][k]: 1 for a kept entry at a position whose next token is a label",
 }
 
 
@@ -122,6 +140,36 @@ def batch_table(pa: Any, cache: Cache, domain: str, split: str, start: int, stop
     return pa.table(cols)
 
 
+def axolotl_table(pa: Any, cache: Cache, domain: str, split: str, start: int, stop: int) -> Any:
+    """Sequences [start, stop) as a pyarrow Table with the AXOLOTL_COLUMNS (top-k targets)."""
+    b = cache.read(domain, split, start, stop)
+    n, L = b.tokens.shape
+    K = b.topk_ids.shape[-1]
+    mask = b.loss_mask if b.loss_mask is not None else np.ones((n, L), np.uint8)
+    kept = np.zeros((n, L, K), bool)
+    kept[:, :-1] = np.isfinite(b.topk_logprobs)
+    ids = np.zeros((n, L, K), np.int32)
+    ids[:, :-1] = np.where(kept[:, :-1], b.topk_ids, 0)
+    with np.errstate(invalid="ignore"):
+        lp = b.topk_logprobs.astype(np.float64)
+        lp = lp - np.logaddexp.reduce(lp, axis=-1, keepdims=True)  # over the kept entries (-inf adds nothing)
+    logprobs = np.full((n, L, K), -np.inf, np.float32)
+    logprobs[:, :-1] = np.where(kept[:, :-1], lp, -np.inf)
+    target_mask = kept.copy()
+    target_mask[:, :-1] &= mask[:, 1:, None] == 1  # position t carries loss iff input_ids[t + 1] is a label
+    per_sequence = lambda a: _lists(pa, a.reshape(-1), np.full(n, L))  # noqa: E731
+    nested = lambda a: pa.LargeListArray.from_arrays(  # noqa: E731
+        pa.array(np.arange(n + 1, dtype=np.int64) * L), _lists(pa, a.reshape(-1), np.full(n * L, K)))
+    return pa.table({
+        "input_ids": per_sequence(b.tokens),
+        "attention_mask": per_sequence(np.ones((n, L), np.int8)),
+        "labels": per_sequence(np.where(mask == 1, b.tokens, -100).astype(np.int32)),
+        "target_token_ids": nested(ids),
+        "target_logprobs": nested(logprobs),
+        "target_mask": nested(target_mask.astype(np.int8)),
+    })
+
+
 def _card(parts: dict[str, list[str]], manifest: dict[str, Any]) -> str:
     """README.md with the `configs` metadata that `datasets.load_dataset(DIR)` reads: one
     config per domain and one `all`, each with its train and validation files."""
@@ -138,7 +186,7 @@ def _card(parts: dict[str, list[str]], manifest: dict[str, Any]) -> str:
               f"{manifest['teacher'].get('name_or_path', '?')}; targets: {manifest['targets']}.", "",
               "Position t is the teacher's distribution after input_ids[0..t]; it predicts input_ids[t + 1].", "",
               "| column | contents |", "|---|---|"]
-    lines += [f"| `{k}` | {v} |" for k, v in COLUMNS.items()]
+    lines += [f"| `{k}` | {v} |" for k, v in manifest["columns"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -150,9 +198,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def export_parquet(cache_path: str, out: str, *, domains: Iterable[str] | None = None, splits: Iterable[str] = SPLITS,
                    rows_per_file: int = 4096, batch: int = 64, compression: str = "zstd", card: bool = False,
-                   progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
+                   layout: str = "ddk", progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
     """Write the cache at `cache_path` (complete) as Parquet parts under `out`; returns the
-    manifest (also written to out/export.json). With `card`, also README.md, whose
+    manifest (also written to out/export.json). `layout` "ddk" writes the COLUMNS;
+    "axolotl" the AXOLOTL_COLUMNS (top-k targets only: the tail dropped, the kept entries
+    renormalised). With `card`, also README.md, whose
     `configs` make `out` a Hugging Face dataset. Resumes an interrupted export of the same
     cache and settings; refuses a directory that holds another export. `progress(total)`
     returns an object with `update(n)` (a tqdm bar), called per written batch."""
@@ -172,8 +222,13 @@ def export_parquet(cache_path: str, out: str, *, domains: Iterable[str] | None =
     if bad:
         raise DDKCacheError(f"export: unknown split {', '.join(map(repr, bad))} (splits: {', '.join(SPLITS)})")
     root = Path(out)
+    if layout not in ("ddk", "axolotl"):
+        raise DDKCacheError(f"export: unknown layout {layout!r} (ddk or axolotl)")
+    if layout == "axolotl" and (not cache.has_targets or meta.targets.kind != "topk"):
+        raise DDKCacheError(f"export: the axolotl layout holds top-k targets; {cache_path} holds "
+                            f"{meta.targets.describe() if cache.has_targets else 'tokens only'}: export it with --format parquet")
     settings = {"source_fingerprint": meta.build_fingerprint, "rows_per_file": rows_per_file, "domains": domains,
-                "splits": splits, "compression": compression}
+                "splits": splits, "compression": compression, "layout": layout}
     manifest_path = root / MANIFEST
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
@@ -193,8 +248,10 @@ def export_parquet(cache_path: str, out: str, *, domains: Iterable[str] | None =
         "targets": spec.describe() if cache.has_targets else "none (tokens only)",
         "targets_kind": spec.kind if cache.has_targets else None, "encoding": meta.encoding.name,
         "position_convention": "position t predicts input_ids[t + 1]",
+        "values": ("log-probabilities renormalised over the kept ids (no tail)" if layout == "axolotl"
+                   else "the teacher's log-probabilities as the cache decodes them"),
         "teacher_ppl": {d: {s: meta.ppl(d, s).ppl for s in splits} for d in domains} if meta.teacher_ppl else {},
-        "columns": COLUMNS, "files": {},
+        "columns": AXOLOTL_COLUMNS if layout == "axolotl" else COLUMNS, "files": {},
     }
     _write_atomic(manifest_path, json.dumps(manifest, indent=2))
     jobs = [(d, s, i * rows_per_file, min((i + 1) * rows_per_file, cache.num_sequences(d, s)))
@@ -216,7 +273,8 @@ def export_parquet(cache_path: str, out: str, *, domains: Iterable[str] | None =
         writer = None
         try:
             for a in range(start, stop, batch):
-                table = batch_table(pa, cache, domain, split, a, min(a + batch, stop), sample_column)
+                table = (axolotl_table(pa, cache, domain, split, a, min(a + batch, stop)) if layout == "axolotl"
+                         else batch_table(pa, cache, domain, split, a, min(a + batch, stop), sample_column))
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema, compression=compression)
                 writer.write_table(table)

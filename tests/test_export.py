@@ -164,3 +164,47 @@ def test_readme_export_section_runs(built_cache: Path, tmp_path: Path, monkeypat
     assert result.exit_code == 0, result.output
     for code in re.findall(r"```python\n(.*?)```", section, re.DOTALL):
         exec(compile(code.replace("targets/code/", f"targets/{domain}/"), "README.md", "exec"), {})
+
+
+def test_axolotl_layout_aligns_targets_labels_and_masks(chat_cache: Path, tmp_path: Path):
+    """--format axolotl: fixed-k rows of L positions; position t holds the renormalised kept
+    targets predicting input_ids[t + 1], masked where that token is not a label; labels are
+    input_ids with -100 off the labels; the last position is padding."""
+    m = export_parquet(str(chat_cache), str(tmp_path / "ax"), layout="axolotl")
+    assert m["layout"] == "axolotl" and "renormalised" in m["values"]
+    cache = Cache(str(chat_cache))
+    checked = 0
+    for rel in m["files"]:
+        domain, split = rel.split("/")[:2]
+        table = pq.read_table(tmp_path / "ax" / rel)
+        assert table.column_names == ["input_ids", "attention_mask", "labels", "target_token_ids", "target_logprobs", "target_mask"]
+        start = int(rel.split("part-")[1].split(".")[0]) * 4096
+        b = cache.read(domain, split, start, start + table.num_rows)
+        loss_mask = b.loss_mask if b.loss_mask is not None else np.ones_like(b.tokens)
+        for i, r in enumerate(table.to_pylist()):
+            ids, lps, mask = np.array(r["target_token_ids"]), np.array(r["target_logprobs"], np.float32), np.array(r["target_mask"])
+            L, K = ids.shape
+            assert L == b.tokens.shape[1] and K == b.topk_ids.shape[-1] and r["input_ids"] == b.tokens[i].tolist()
+            assert r["labels"] == np.where(loss_mask[i] == 1, b.tokens[i], -100).tolist()
+            kept = np.isfinite(b.topk_logprobs[i])
+            want = b.topk_logprobs[i].astype(np.float64)
+            want = np.where(kept, want - np.logaddexp.reduce(np.where(kept, want, -np.inf), -1, keepdims=True), -np.inf)
+            np.testing.assert_array_equal(lps[:-1], want.astype(np.float32))
+            assert np.array_equal(ids[:-1], np.where(kept, b.topk_ids[i], 0))
+            assert np.array_equal(mask[:-1], (kept & (loss_mask[i, 1:, None] == 1)).astype(int))
+            assert (mask[-1] == 0).all() and np.isneginf(lps[-1]).all()
+            np.testing.assert_allclose(np.exp(lps[:-1].astype(np.float64)).sum(-1), 1.0, rtol=1e-5)
+            checked += 1
+    assert checked == sum(m["files"].values()) > 0
+    masked = [np.array(r["target_mask"]).any(-1).mean() for rel in m["files"] for r in pq.read_table(tmp_path / "ax" / rel).to_pylist()]
+    assert 0 < np.mean(masked) < 1  # chat prompts masked, responses not
+
+
+def test_axolotl_layout_refuses_sampled_targets(teacher_dir: Path, corpus_dir: Path, tmp_path: Path):
+    out = tmp_path / "s.zarr"
+    build(small_config(teacher_dir, corpus_dir, out, encoding="pack", targets="sampled", samples=4), progress=False)
+    with pytest.raises(DDKCacheError, match="axolotl layout holds top-k targets"):
+        export_parquet(str(out), str(tmp_path / "ax"), layout="axolotl")
+    export_parquet(str(out), str(tmp_path / "plain"))  # the plain layout takes them: ids and log weights, no tail
+    row = read_back(tmp_path / "plain")[("alpha", "val", 0)]
+    assert row["tail_logprob"] is None and abs(np.exp(np.array(row["topk_logprobs"][3], np.float64)).sum() - 1) < 1e-5
