@@ -187,7 +187,7 @@ def encode_rows(codec, z: np.ndarray, cut: slice | None = None) -> bytes:
 
 
 def assert_batches_decode_as_the_spec_says(codec, frames: list, P: int, tol: float) -> None:
-    for batch in ([0], [1], [0, 1]):
+    for batch in [[i] for i in range(len(frames))] + [list(range(len(frames)))]:
         got = codec.decode([frames[i] for i in batch], P)
         for j, i in enumerate(batch):
             ids, want = spec_decode(codec, frames[i], P)
@@ -219,25 +219,28 @@ def test_refined_rows_decode_as_the_spec_says_in_every_path(k):
 
 @pytest.mark.parametrize("k, scale", [(16, 1.0), (64, 1.0), (64, 8.0), (200, 1.0)])
 def test_unrefined_rows_decode_as_the_spec_says(k, scale):
-    """The float32 fast paths (full rows, cut rows, one- and two-byte steps) against the
-    spec's float64 decode, to float32 rounding."""
+    """The float32 fast paths (full rows, cut rows, rows keeping 2 of k: the sparse path; one-
+    and two-byte steps) against the spec's float64 decode, to float32 rounding."""
     from ddk_cache.store.pack3 import Pack3Codec
 
     rng = np.random.default_rng(k)
     codec = Pack3Codec(vocab_size=V, max_entries=k)
-    frames = [encode_rows(codec, rng.normal(0, 2, (30, V)) * scale, cut) for cut in (None, (slice(None, None, 4), slice(k // 3, None)))]
+    cuts = (None, (slice(None, None, 4), slice(k // 3, None)), (slice(1, None), slice(2, None)))  # full, some cut, sparse
+    frames = [encode_rows(codec, rng.normal(0, 2, (30, V)) * scale, cut) for cut in cuts]
     assert_batches_decode_as_the_spec_says(codec, frames, 30, 2e-6)
 
 
 def test_a_batch_decodes_as_its_sequences_do_alone():
     """The loader decodes sequences of a batch together, by paths that depend on the batch
     (every frame's level steps in one byte, or some in two; every row full, or some cut):
-    each sequence must come out as it does alone, and within pack-v3's bound."""
+    each sequence must come out as it does alone, and within pack-v3's bound. Sequence 4
+    keeps few entries per row: alone it takes the sparse (scatter) path, beside full rows
+    the block path."""
     from ddk_cache.store.pack3 import Pack3Codec
 
     rng = np.random.default_rng(3)
     flat = [rng.normal(0, 0.3, (20, V)) for _ in range(2)]  # small steps: one byte each
-    seqs = [z - np.logaddexp.reduce(z, 1, keepdims=True) for z in flat] + [adversarial_teacher(s) for s in (4, 5)]  # 20 rows each
+    seqs = [z - np.logaddexp.reduce(z, 1, keepdims=True) for z in flat] + [adversarial_teacher(s) for s in (4, 5, 6)]  # 20 rows each
     codec = Pack3Codec(vocab_size=V, max_entries=K)
     frames, exact = [], []
     for i, lp in enumerate(seqs):
@@ -245,11 +248,13 @@ def test_a_batch_decodes_as_its_sequences_do_alone():
         vals = np.take_along_axis(lp, order, 1)
         if i == 3:
             vals[::3, 40:] = -np.inf  # some rows cut: not every row full
+        if i == 4:
+            vals[1:, 3:] = -np.inf  # all rows but one keep 3 of K entries
         frames.append(codec.encode_topk(order, vals, vals[:, 0], order[:, 0]))
         exact.append((order, vals))
     widths = [codec._unframe(f)[0][5] for f in frames]
     assert 1 in widths and max(widths) >= 2
-    for batch in ([0, 1], [0, 2], [1, 3], [0, 1, 2, 3]):
+    for batch in ([0, 1], [0, 2], [1, 3], [0, 1, 2, 3], [4, 1], [3, 4], [4]):
         together = codec.decode([frames[i] for i in batch], 20, tail=True)
         for j, i in enumerate(batch):
             alone = codec.decode([frames[i]], 20, tail=True)

@@ -249,12 +249,71 @@ class Pack3Codec(Pack2Codec):
         level_bytes = [h[5] for h, _ in parsed]
         exponent = fl >> REFINE_SHIFT
         has_tail = (fl & HAS_TAIL) != 0
-        neg_r_tab = self._level_table()
         ids2, logq2 = ids.reshape(BP, K), logq.reshape(BP, K)
         T = int(per_row.sum())
         dense = T == BP * K
         W = K if dense else int(n.max())  # the widest row of the batch: ragged work is [BP, W]
         id_streams, step_streams = [s_[1] for _, s_ in parsed], [s_[2] for _, s_ in parsed]
+        refined = np.flatnonzero(exponent)
+        h1 = self.step / 2.0 ** exponent.astype(np.float64)
+        # Tail: its log-ratio on the plain (not companded) step; odd zigzag = tail > top-1.
+        half = tail_z >> 1
+        rt = np.where(tail_z & 1, -half * h1, half * h1)
+        tail_q = np.where(has_tail, np.exp(-rt), 0.0)
+        log_z = None
+        if not dense and T * 3 < BP * W and not len(refined):  # few entries per row: scatter them
+            log_z = self._decode_sparse(ws, id_streams, step_streams, per_row, level_bytes, n, T, tail_q, ids2, logq2)
+        if log_z is None:
+            log_z = self._decode_block(ws, parsed, id_streams, step_streams, per_row, level_bytes, n, dense, W, h1, tail_q,
+                                       refined, ids2, logq2)
+        t2 = target.reshape(BP)
+        hit = np.flatnonzero(ref)
+        t2[hit] = logq2[hit, ref[hit] - 1]
+        t2[ref == 0] = np.concatenate([np.frombuffer(s_[3], "<f4") for _, s_ in parsed])
+        if not tail:
+            return ids, logq, target
+        tails = np.where(has_tail, -rt - log_z, -np.inf).astype(np.float32).reshape(B, P)
+        return ids, logq, target, tails
+
+    def _decode_sparse(self, ws, id_streams: list, step_streams: list, per_row: np.ndarray, level_bytes: list[int],
+                       n: np.ndarray, T: int, tail_q: np.ndarray, ids2: np.ndarray, logq2: np.ndarray) -> np.ndarray | None:
+        """Ragged rows that keep few of their K slots (unrefined): the T kept entries are
+        worked on flat and scattered into the padded output, whose cost then grows with T,
+        not with rows x the widest row. The row sums as the block path does them, over all K
+        columns with zeros past n, so a row decodes to the same bits by either path. Returns
+        the log normalisers, or None (nothing written but ids) where a level is past the
+        table."""
+        BP, K = ids2.shape
+        starts = np.cumsum(n) - n
+        slot = np.arange(T) + np.repeat(np.arange(BP) * K - starts, n)  # each entry's place in [BP, K]
+        ids2.fill(0)
+        ids2.reshape(-1)[slot] = _gather_planes(id_streams, per_row, self.id_bytes, ws, "ids3")
+        stepped = np.ones(T, bool)
+        stepped[starts] = False  # each row's top-1 has no step: level 0
+        steps = np.zeros(T, np.int64)
+        steps[stepped] = _gather_planes(step_streams, per_row - BP // len(per_row), level_bytes, ws, "deltas3")
+        run = np.cumsum(steps)
+        levels = run - np.repeat(run[starts], n)
+        neg_r_tab = self._level_table()
+        if int(levels.max(initial=0)) >= len(neg_r_tab):
+            return None
+        neg_r = neg_r_tab.take(levels, mode="clip")
+        q = ws.array("q3", (BP, K), np.float32)
+        q.fill(0.0)
+        q.reshape(-1)[slot] = np.exp(neg_r)
+        log_z = np.log1p(np.matmul(q, ws.not_first(K)).astype(np.float64) + tail_q)
+        logq2.fill(-np.inf)
+        logq2.reshape(-1)[slot] = neg_r - np.repeat(log_z.astype(np.float32), n)
+        return log_z
+
+    def _decode_block(self, ws, parsed: list, id_streams: list, step_streams: list, per_row: np.ndarray,
+                      level_bytes: list[int], n: np.ndarray, dense: bool, W: int, h1: np.ndarray, tail_q: np.ndarray,
+                      refined: np.ndarray, ids2: np.ndarray, logq2: np.ndarray) -> np.ndarray:
+        """Every row as one [BP, W] block (W: the widest row; K for full rows), the float32
+        fast path where no row is refined; returns the log normalisers."""
+        BP, K = ids2.shape
+        P = BP // len(parsed)
+        neg_r_tab = self._level_table()
         one_byte, narrow = max(level_bytes) == 1, max(level_bytes) <= 2 and W <= RUN_MAX
         # Rows are decoded as a [BP, W] block: full rows are plain reshapes of the streams;
         # ragged ones (adaptive k) are placed by a mask of each row's first n entries
@@ -291,12 +350,6 @@ class Pack3Codec(Pack2Codec):
                 lv[:, 1:][kept[:, 1:]] = deltas
                 np.cumsum(lv, axis=1, out=lv)
         top_level = int(lv[:, -1].max(initial=0))  # levels never fall along a row: the last is the largest
-        refined = np.flatnonzero(exponent)
-        h1 = self.step / 2.0 ** exponent.astype(np.float64)
-        # Tail: its log-ratio on the plain (not companded) step; odd zigzag = tail > top-1.
-        half = tail_z >> 1
-        rt = np.where(tail_z & 1, -half * h1, half * h1)
-        tail_q = np.where(has_tail, np.exp(-rt), 0.0)
         fast = top_level < len(neg_r_tab) and not len(refined)
         out_w = logq2 if dense else ws.array("logqw3", (BP, W), np.float32)
         if fast:
@@ -329,14 +382,7 @@ class Pack3Codec(Pack2Codec):
             np.copyto(out_w, -np.inf, where=padding)
             logq2[:, :W] = out_w
             logq2[:, W:] = -np.inf
-        t2 = target.reshape(BP)
-        hit = np.flatnonzero(ref)
-        t2[hit] = logq2[hit, ref[hit] - 1]
-        t2[ref == 0] = np.concatenate([np.frombuffer(s_[3], "<f4") for _, s_ in parsed])
-        if not tail:
-            return ids, logq, target
-        tails = np.where(has_tail, -rt - log_z, -np.inf).astype(np.float32).reshape(B, P)
-        return ids, logq, target, tails
+        return log_z
 
 
 FLAG_EXACT = 4  # frame flag bit 2, as in pack-v2: every target log-prob stored exactly
