@@ -14,7 +14,7 @@ def _columns_help() -> str:
 
 @click.command(epilog="\b\nColumns (one row per sequence of L tokens, P = L - 1 positions):\n" + _columns_help())
 @click.argument("cache", metavar="CACHE")
-@click.option("--out", required=True, help="Output directory (empty, or an interrupted export of the same cache to resume).")
+@click.option("--out", required=True, help="Output directory on this machine (empty, or an interrupted export of the same cache to resume).")
 @click.option("--format", "fmt", type=click.Choice(["parquet", "hf", "axolotl"]), default="parquet", show_default=True,
               help="parquet: the Parquet parts and export.json. hf: also README.md, whose `configs` make OUT a Hugging Face "
                    "dataset: datasets.load_dataset(OUT) (every domain; splits train and validation), or (OUT, 'DOMAIN'). "

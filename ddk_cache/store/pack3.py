@@ -261,7 +261,7 @@ class Pack3Codec(Pack2Codec):
         rt = np.where(tail_z & 1, -half * h1, half * h1)
         tail_q = np.where(has_tail, np.exp(-rt), 0.0)
         log_z = None
-        if not dense and T * 3 < BP * W and not len(refined):  # few entries per row: scatter them
+        if not dense and T * 5 < 2 * BP * W and not len(refined):  # few entries per row (under 40%): scatter them
             log_z = self._decode_sparse(ws, id_streams, step_streams, per_row, level_bytes, n, T, tail_q, ids2, logq2)
         if log_z is None:
             log_z = self._decode_block(ws, parsed, id_streams, step_streams, per_row, level_bytes, n, dense, W, h1, tail_q,
