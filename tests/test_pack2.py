@@ -191,3 +191,16 @@ def test_byte_planes_gather_into_any_wide_enough_dtype(width):
         out = np.full(12, 7, dtype)
         _gather_planes(streams, counts, width, _workspace(), "t", out=out)
         assert (out.astype(np.uint64) == want).all(), dtype
+
+
+@pytest.mark.parametrize("k", [8, 1024, 5000])
+def test_first_n_masks_with_and_without_the_table(k):
+    """Ragged rows' kept slots: the same mask from the cached table (k <= 1024) and from a
+    comparison (larger k, where a table would take k^2 bytes: 2.4 GB at k = V = 49,152)."""
+    from ddk_cache.store.pack2 import _workspace
+
+    n = np.array([1, k, 3, min(k, 7), 2])
+    width = int(n.max())
+    got = _workspace().first_n(n, width, k)
+    assert got.shape == (5, width) and np.array_equal(got, np.arange(width)[None, :] < n[:, None])
+    assert ("first_n", k) not in _workspace().constants or k <= 1024

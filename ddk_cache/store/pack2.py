@@ -91,14 +91,13 @@ def _gather_planes(streams: list, counts: np.ndarray, nbytes: int | list[int], w
                 np.left_shift(planes[w - 1], 8, out=dst, dtype=out.dtype)
             for i in range(w - 2, -1, -1):
                 if real:
-                    if i:
-                        dst += planes[i]
-                        dst *= 256.0
-                    else:
-                        dst += planes[i]
+                    dst += planes[i]
                 else:
                     dst |= planes[i]
-                    if i:
+                if i:  # room for the next, lower plane
+                    if real:
+                        dst *= 256.0
+                    else:
                         dst <<= 8
         at += count
     return out
@@ -133,13 +132,17 @@ class _Workspace(threading.local):
     def arange(self, k: int) -> np.ndarray:
         return self.constants.setdefault(("arange", k), np.arange(k, dtype=np.int32))
 
-    def row_masks(self, k: int) -> np.ndarray:
-        """bool [k + 1, k]: row n is True in its first n entries (a ragged row's kept slots,
-        looked up by count: cheaper than comparing against an arange per call)."""
-        w = self.constants.get(("row_masks", k))
-        if w is None:
-            w = self.constants[("row_masks", k)] = np.arange(k)[None, :] < np.arange(k + 1)[:, None]
-        return w
+    def first_n(self, n: np.ndarray, width: int, k: int) -> np.ndarray:
+        """bool [len(n), width]: row i True in its first n[i] entries (ragged rows' kept slots;
+        n <= width <= k). Looked up in a cached table of k + 1 rows while that stays small
+        (k <= 1024: 1 MiB; cheaper than a broadcast comparison per call), compared beyond
+        (k up to the vocabulary with adaptive k: the table would take k^2 bytes)."""
+        if k > 1024:
+            return np.arange(width)[None, :] < n[:, None]
+        table = self.constants.get(("first_n", k))
+        if table is None:
+            table = self.constants[("first_n", k)] = np.arange(k)[None, :] < np.arange(k + 1)[:, None]
+        return table[:, :width][n]
 
     def ones(self, k: int) -> np.ndarray:
         return self.constants.setdefault(("ones", k), np.ones(k, np.float64))

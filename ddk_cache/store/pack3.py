@@ -319,7 +319,7 @@ class Pack3Codec(Pack2Codec):
         # ragged ones (adaptive k) are placed by a mask of each row's first n entries
         # (row-major order is the streams' order), their padding holds level steps of 0 and
         # is masked again at the end.
-        kept = None if dense else ws.row_masks(K)[:, :W][n]
+        kept = None if dense else ws.first_n(n, W, K)
         padding = None if dense else ~kept
         if dense:
             _gather_planes(id_streams, per_row, self.id_bytes, ws, "ids3", out=ids2.reshape(-1))
