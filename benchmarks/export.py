@@ -1,11 +1,13 @@
-"""Export throughput and size: a cache written as plain Parquet (`ddk-cache export`, issue #28).
+"""Export and import throughput and size: a cache written as plain Parquet (`ddk-cache
+export`) and read back into a cache (`ddk-cache import`), issue #28.
 
     python benchmarks/export.py --cache /tmp/quality-real/cache.zarr --out /tmp/export-bench
 
 Exports the whole cache once per Parquet compression (one process, one core for the
 encoding work; pyarrow may use a second thread to compress), and prints tokens/s, the
 cache's bytes per token and the export's, and the export's reading rate with plain pyarrow
-(tokens/s, all columns decoded to Arrow).
+(tokens/s, all columns decoded to Arrow); then imports the first export back into a cache
+(tokens/s, its bytes per token).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table  # noqa: E402
 
 from ddk_cache.export import export_parquet  # noqa: E402
+from ddk_cache.importer import import_parquet  # noqa: E402
 from ddk_cache.store.cache import Cache  # noqa: E402
 
 
@@ -50,6 +53,15 @@ def main() -> None:
         rt = time.perf_counter() - t0
         rows.append((comp, f"{tokens / dt:,.0f}", f"{size / tokens:.1f}", f"{size / cache_bytes:.2f}x", f"{tokens / rt:,.0f}"))
     print_table(("parquet compression", "export tokens/s", "export B/token", "vs the cache", "read tokens/s (pyarrow)"), rows)
+    back = Path(args.out) / "imported.zarr"
+    shutil.rmtree(back, ignore_errors=True)
+    t0 = time.perf_counter()
+    import_parquet(str(Path(args.out) / args.compression[0]), str(back))
+    dt = time.perf_counter() - t0
+    size = sum(p.stat().st_size for p in back.rglob("*") if p.is_file())
+    print()
+    print_table(("import of the first export", "tokens/s", "cache B/token", "vs the source cache"),
+                [(args.compression[0], f"{tokens / dt:,.0f}", f"{size / tokens:.1f}", f"{size / cache_bytes:.2f}x")])
 
 
 if __name__ == "__main__":

@@ -61,7 +61,11 @@ def inspect(cache: str, as_json: bool, fidelity: bool, sequences: int, teacher: 
     click.echo(f"{cache}  (format v{meta.format_version}, {meta.encoding.name}, state: {meta.state})")
     if c.has_targets:
         click.echo(f"teacher: {t['name_or_path']}  [{t.get('architecture')}, {t.get('num_parameters') or 0:,} params, {t.get('dtype')}, {t.get('backend')}]")
-    click.echo(f"targets: {meta.targets.describe()}; seq-len {meta.seq_len}, vocab {meta.vocab_size}, tokenizer {meta.tokenizer['fingerprint'][:19]}")
+    if meta.corpus.get("imported_from"):
+        click.echo(f"imported from: {meta.corpus['imported_from']} ({meta.corpus.get('format')}; `ddk-cache import`): the "
+                   "targets as that capture held them, stored again with " + meta.encoding.name)
+    click.echo(f"targets: {meta.targets.describe()}; seq-len {meta.seq_len}, vocab {meta.vocab_size}, "
+               f"tokenizer {meta.tokenizer.get('fingerprint', 'unknown')[:19]}")
     click.echo(f"row start: {meta.describe_row_start()}")
     header = ("domain", "split", "sequences", "tokens", "teacher PPL", "on disk", "bytes/token", "kept mass")
     table = [

@@ -10,7 +10,7 @@ from ddk_cache import __version__
 from ddk_cache.errors import DDKCacheError
 from ddk_cache.store.objects import is_disk_full
 
-from . import build, distill, export, generate, init_model, inspect, minillm, quickstart, verify
+from . import build, distill, export, generate, import_cmd, init_model, inspect, minillm, quickstart, verify
 from .common import quiet_libraries  # noqa: F401  (re-exported: older scripts import it from here)
 
 
@@ -21,6 +21,7 @@ _RESUME = {
     "minillm": "run the same command again: it continues the round it was in",
     "generate": "run the same command again: it keeps the samples already written",
     "export": "run the same command again: it keeps the Parquet files already written",
+    "import": "run the same command again: it keeps the shards already written",
 }
 
 
@@ -81,6 +82,7 @@ def _register() -> None:
     main.add_command(inspect.inspect)
     main.add_command(verify.verify)
     main.add_command(export.export)
+    main.add_command(import_cmd.import_cmd)
     main.add_command(init_model.init_model)
     main.add_command(init_model.init_student)
     main.add_command(quickstart.quickstart)

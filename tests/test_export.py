@@ -156,12 +156,14 @@ def test_readme_export_section_runs(built_cache: Path, tmp_path: Path, monkeypat
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme[readme.index("## Taking the targets to other stacks"):]
     section = section[: section.index("\n## ", 1)]
-    command = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)[0].split("#")[0].split()
-    assert command[:2] == ["ddk-cache", "export"]
+    commands = [block.split("#")[0].split() for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL)]
+    assert [c[:2] for c in commands] == [["ddk-cache", "export"], ["ddk-cache", "import"]]
     monkeypatch.chdir(tmp_path)
     domain = Cache(str(built_cache)).domains[0]
-    result = CliRunner().invoke(main, [str(built_cache) if a == "cache.zarr" else a for a in command[1:]] + ["--quiet"])
-    assert result.exit_code == 0, result.output
+    for command in commands:
+        result = CliRunner().invoke(main, [str(built_cache) if a == "cache.zarr" else a for a in command[1:]] + ["--quiet"])
+        assert result.exit_code == 0, result.output
+    assert_same_within_pack_v3(built_cache, tmp_path / "again.zarr")
     for code in re.findall(r"```python\n(.*?)```", section, re.DOTALL):
         exec(compile(code.replace("targets/code/", f"targets/{domain}/"), "README.md", "exec"), {})
 
@@ -208,3 +210,121 @@ def test_axolotl_layout_refuses_sampled_targets(teacher_dir: Path, corpus_dir: P
     export_parquet(str(out), str(tmp_path / "plain"))  # the plain layout takes them: ids and log weights, no tail
     row = read_back(tmp_path / "plain")[("alpha", "val", 0)]
     assert row["tail_logprob"] is None and abs(np.exp(np.array(row["topk_logprobs"][3], np.float64)).sum() - 1) < 1e-5
+
+
+# ---------------------------------------------------------------- import (the way back)
+
+
+def assert_same_within_pack_v3(a_path: Path, b_path: Path) -> None:
+    """Every sequence of b equals a's: tokens, masks and kept ids exactly; log-probs within
+    pack-v3's bound (log-ratios to the top-1); the teacher PPL table."""
+    from ddk_cache.store.encodings import PackV3
+
+    a, b = Cache(str(a_path)), Cache(str(b_path))
+    enc = PackV3()
+    assert a.domains == b.domains
+    for d in a.domains:
+        for s in ("train", "val"):
+            x, y = a.read(d, s, 0, 10**6), b.read(d, s, 0, 10**6)
+            assert np.array_equal(x.tokens, y.tokens)
+            assert (x.loss_mask is None) == (y.loss_mask is None) and (x.loss_mask is None or np.array_equal(x.loss_mask, y.loss_mask))
+            kept = np.isfinite(x.topk_logprobs)
+            assert np.array_equal(np.isfinite(y.topk_logprobs), kept) and np.array_equal(x.topk_ids[kept], y.topk_ids[kept])
+            r = np.where(kept, x.topk_logprobs[..., :1] - x.topk_logprobs, 0).astype(np.float64)
+            q = np.where(kept, y.topk_logprobs[..., :1] - y.topk_logprobs, 0).astype(np.float64)
+            assert (np.abs(q - r) <= 2 * enc.step * np.maximum(1, r / enc.knee) + 1e-5).all()
+            np.testing.assert_allclose(y.target_logprob, x.target_logprob, atol=0.02)  # kept targets: as their entry
+            # From the exported target log-probs: exact from plain-v1, within pack-v3's bound from a pack-v3 source.
+            exact = a.encoding.name == "plain-v1"
+            assert a.teacher_ppl(d, s) == pytest.approx(b.teacher_ppl(d, s), rel=1e-6 if exact else 1e-3)
+
+
+def test_import_of_an_export_gives_the_cache_back(built_cache: Path, chat_cache: Path, adaptive_cache: Path, tmp_path: Path):
+    from ddk_cache.importer import import_parquet
+    from ddk_cache.store.verify import verify_cache
+
+    for i, src in enumerate((built_cache, chat_cache, adaptive_cache)):
+        export_parquet(str(src), str(tmp_path / f"e{i}"), rows_per_file=7)
+        meta = import_parquet(str(tmp_path / f"e{i}"), str(tmp_path / f"c{i}.zarr"), shard_sequences=3)  # shards across files
+        assert meta.state == "complete" and meta.corpus["imported_from"].endswith(f"e{i}")
+        assert_same_within_pack_v3(src, tmp_path / f"c{i}.zarr")
+        problems, _ = verify_cache(str(tmp_path / f"c{i}.zarr"))
+        assert problems == []
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "c1.zarr")])
+    assert "imported from:" in result.output and "e1" in result.output
+
+
+def test_an_interrupted_import_resumes(built_cache: Path, tmp_path: Path, monkeypatch):
+    from ddk_cache import importer
+
+    export_parquet(str(built_cache), str(tmp_path / "e"), rows_per_file=7)
+    real, calls = importer._write_shard, []
+
+    def stop_after_three(*a, **k):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(importer, "_write_shard", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        importer.import_parquet(str(tmp_path / "e"), str(tmp_path / "c.zarr"), shard_sequences=3)
+    assert Cache(str(tmp_path / "c.zarr"), require_complete=False).meta.state == "building"
+    monkeypatch.setattr(importer, "_write_shard", lambda *a, **k: (calls.append(2), real(*a, **k)))
+    importer.import_parquet(str(tmp_path / "e"), str(tmp_path / "c.zarr"), shard_sequences=3)
+    assert calls.count(2) == len(Cache(str(tmp_path / "c.zarr")).shards()) - 3  # the three written before are kept
+    assert_same_within_pack_v3(built_cache, tmp_path / "c.zarr")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t, pa: t.drop(["target_logprob"]), "missing column"),
+    (lambda t, pa: t.set_column(t.column_names.index("input_ids"), "input_ids",
+                                pa.array([r[:-1] if i == 2 else r for i, r in enumerate(t.column("input_ids").to_pylist())])),
+     "row 2, column input_ids: 31 values where the rows before it have 32"),
+    (lambda t, pa: t.set_column(t.column_names.index("topk_logprobs"), "topk_logprobs",
+                                pa.array([[[float("nan")] + e[1:] if (i, j) == (1, 4) else e for j, e in enumerate(r)]
+                                          for i, r in enumerate(t.column("topk_logprobs").to_pylist())])),
+     "row 1, column topk_logprobs: a log-probability that is not finite"),
+    (lambda t, pa: t.set_column(t.column_names.index("topk_ids"), "topk_ids",
+                                pa.array([[[400] + e[1:] if (i, j) == (3, 0) else e for j, e in enumerate(r)]
+                                          for i, r in enumerate(t.column("topk_ids").to_pylist())])),
+     "row 3, column topk_ids: an id outside the vocabulary"),
+])
+def test_import_refuses_bad_input_naming_file_row_and_column(built_cache: Path, tmp_path: Path, damage, message):
+    """Nothing is written when any file is bad: the check runs over every file first."""
+    import pyarrow as pa
+
+    from ddk_cache.importer import import_parquet
+
+    export_parquet(str(built_cache), str(tmp_path / "e"), rows_per_file=7)
+    victim = tmp_path / "e" / "beta" / "train" / "part-00001.parquet"
+    pq.write_table(damage(pq.read_table(victim), pa), victim, row_group_size=2)  # rows 2 and 3 in a later row group
+    with pytest.raises(DDKCacheError, match=message) as err:
+        import_parquet(str(tmp_path / "e"), str(tmp_path / "c.zarr"))
+    assert str(victim) in str(err.value)
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_import_without_a_manifest_needs_the_vocabulary_and_tokenizer(built_cache: Path, teacher_dir: Path, tmp_path: Path):
+    from ddk_cache.importer import import_parquet
+
+    export_parquet(str(built_cache), str(tmp_path / "e"))
+    (tmp_path / "e" / "export.json").unlink()
+    with pytest.raises(DDKCacheError, match="pass --vocab-size"):
+        import_parquet(str(tmp_path / "e"), str(tmp_path / "c.zarr"))
+    with pytest.raises(DDKCacheError, match="pass --tokenizer"):
+        import_parquet(str(tmp_path / "e"), str(tmp_path / "c.zarr"), vocab_size=400)
+    result = CliRunner().invoke(main, ["import", str(tmp_path / "e"), "--out", str(tmp_path / "c.zarr"), "--vocab-size", "400",
+                                       "--tokenizer", str(teacher_dir), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert Cache(str(tmp_path / "c.zarr")).meta.tokenizer == Cache(str(built_cache)).meta.tokenizer
+
+
+def test_import_refuses_an_export_of_sampled_targets(teacher_dir: Path, corpus_dir: Path, tmp_path: Path):
+    from ddk_cache.importer import import_parquet
+
+    out = tmp_path / "s.zarr"
+    build(small_config(teacher_dir, corpus_dir, out, encoding="pack", targets="sampled", samples=4), progress=False)
+    export_parquet(str(out), str(tmp_path / "e"))
+    with pytest.raises(DDKCacheError, match="import takes top-k targets"):
+        import_parquet(str(tmp_path / "e"), str(tmp_path / "c.zarr"))
