@@ -232,6 +232,16 @@ class LocalObjects(Objects):
                 os.close(fd)
             self._fds.clear()
 
+    def __del__(self) -> None:
+        # The read handles go with the store: a process that opens many caches (a test
+        # suite, a service) and never calls close() would otherwise keep up to _MAX_OPEN
+        # descriptors per cache until it runs out.
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def describe(self, key: str) -> str:
         return str(self.path(key))
 
