@@ -28,7 +28,8 @@ import numpy as np
 
 from .errors import DDKCacheError
 from .export import FORMAT, MANIFEST, _pyarrow
-from .store.cache import LOSS_MASK, SPLITS, TOKENS, CacheWriter
+from .capture.scoring import row_chunks
+from .store.cache import LOSS_MASK, SPLITS, CacheWriter
 from .store.encodings import PackV3, RowScores
 from .store.log import ShardRecord
 from .store.meta import CHAT, STATE_COMPLETE, STATE_INITIALIZING, TEXT, CacheMeta, DomainInfo, SplitInfo
@@ -251,31 +252,26 @@ def _concat(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_shard(writer: CacheWriter, log: Any, shard: Any, rows: dict[str, Any], offset: int) -> None:
-    """Encode and write one shard (rows offset .. offset + its size of `rows`), then log it
-    with its sums, as the build's writer threads do (scoring.py)."""
-    array = lambda name: writer.array(shard.domain, shard.split, name)  # noqa: E731
+    """Encode and write one shard (rows offset .. offset + its size of `rows`) through the
+    build's own row writer (scoring.row_chunks), then log it with its sums."""
+    chat = LOSS_MASK in writer.array_names(shard.domain)
     chunks: dict[str, list[bytes]] = {name: [] for name in writer.array_names(shard.domain)}
-    nll = mass = 0.0
-    positions = 0
+    nll, positions, mass = [], 0, []
     K = writer.layout.entries
     for r in range(offset, offset + shard.stop - shard.start):
-        tokens = rows["tokens"][r]
+        tokens = rows["tokens"][r].astype(np.int32)
         ids, lps = rows["ids"][r], rows["logprobs"][r]
         if ids.shape[-1] < K:  # this file's widest row is narrower than the cache's k
             ids = np.pad(ids, ((0, 0), (0, K - ids.shape[-1])))
             lps = np.pad(lps, ((0, 0), (0, K - lps.shape[-1])), constant_values=-np.inf)
         tail = None if rows["tail"] is None else rows["tail"][r]
-        scores = RowScores(ids, lps, rows["target"][r], tokens[1:], tail_logprob=tail)
-        chunks[TOKENS].append(array(TOKENS).encode_row(tokens.astype(np.int32)))
-        mask = rows["mask"][r] if rows["mask"] is not None else np.ones(len(tokens), np.uint8)
-        if LOSS_MASK in chunks:
-            chunks[LOSS_MASK].append(array(LOSS_MASK).encode_row(mask))
-        for name, value in writer.encoding.encode(scores, writer.layout).items():
-            chunks[name].append(array(name).encode_row(value))
-        carry = mask[1:].astype(bool)
-        nll -= math.fsum(scores.target_logprob.astype(np.float64)[carry].tolist())
-        with np.errstate(under="ignore"):
-            mass += float(np.exp(lps.astype(np.float64)).sum(1)[carry].sum())
-        positions += int(carry.sum())
+        mask = (rows["mask"][r] if rows["mask"] is not None else np.ones(len(tokens), np.uint8)) if chat else None
+        row, row_nll, row_positions, row_mass = row_chunks(writer, shard, tokens, RowScores(ids, lps, rows["target"][r], tokens[1:],
+                                                                                            tail_logprob=tail), mask)
+        for name, chunk in row.items():
+            chunks[name].append(chunk)
+        nll.append(row_nll)
+        mass.append(row_mass)
+        positions += row_positions
     sizes, hashes = writer.put_shard(shard, chunks)
-    log.append(ShardRecord(shard.key, shard.stop - shard.start, nll, positions, mass, sizes, [], hashes))
+    log.append(ShardRecord(shard.key, shard.stop - shard.start, math.fsum(nll), positions, math.fsum(mass), sizes, [], hashes))

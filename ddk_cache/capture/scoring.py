@@ -98,6 +98,32 @@ def label_only(tokens: np.ndarray, spec: TargetSpec) -> RowScores:
     return RowScores(ids, lps, np.zeros(P, np.float32), tokens[1:], counts, tail_logprob=np.full(P, -np.inf))
 
 
+def row_chunks(writer: CacheWriter, shard: Shard, tokens: np.ndarray, scores: RowScores | None,
+               mask: np.ndarray | None = None, sampled: np.ndarray | None = None) -> tuple[dict[str, bytes], float, int, float]:
+    """One sequence as its shard stores it, and its terms of the shard record's sums: a chunk
+    per array (tokens; the loss mask and sampling log-probs where the domain has them; the
+    encoding's targets unless `scores` is None), then -sum of the target log-probs, the
+    number of positions that carry loss (all of them, or where the next token is a label)
+    and their kept teacher mass. The build's writer threads and `ddk-cache import` both
+    write rows through here."""
+    array = lambda name: writer.array(shard.domain, shard.split, name)  # noqa: E731
+    chunks = {TOKENS: array(TOKENS).encode_row(tokens)}
+    carry = np.ones(writer.seq_len - 1, bool) if mask is None else mask[1:].astype(bool)
+    if mask is not None:
+        chunks[LOSS_MASK] = array(LOSS_MASK).encode_row(mask)
+    if sampled is not None:
+        chunks[SAMPLE_LOGPROB] = array(SAMPLE_LOGPROB).encode_row(sampled)
+    nll = mass = 0.0
+    if scores is not None:
+        for name, value in writer.encoding.encode(scores, writer.layout).items():
+            chunks[name] = array(name).encode_row(value)
+        nll = -math.fsum(scores.target_logprob.astype(np.float64)[carry].tolist())
+        with np.errstate(under="ignore"):
+            kept = np.exp(scores.logprobs.astype(np.float64)).sum(1)
+        mass = float(np.sum(kept[carry]))
+    return chunks, nll, int(carry.sum()), mass
+
+
 @dataclass
 class _ShardState:
     """A shard being finished: its rows' chunks and sums, filled in any order by the writers."""
@@ -233,29 +259,14 @@ class Scorer:
         scores, skipped = self._scores(job, row, finish)
         with self._guard:
             state = self._states[shard.key]
-        array = lambda name: writer.array(shard.domain, shard.split, name)
-        chunks = {TOKENS: array(TOKENS).encode_row(tokens)}
-        # Positions that carry loss: all of them, or where the next token is a label (chat).
-        carry = np.ones(writer.seq_len - 1, bool) if state.mask is None else state.mask[row, 1:].astype(bool)
-        if state.mask is not None:
-            chunks[LOSS_MASK] = array(LOSS_MASK).encode_row(state.mask[row])
-        if state.sampled is not None:
-            chunks[SAMPLE_LOGPROB] = array(SAMPLE_LOGPROB).encode_row(state.sampled[row])
-        nll = mass = 0.0
-        if scores is not None:
-            for name, value in writer.encoding.encode(scores, writer.layout).items():
-                chunks[name] = array(name).encode_row(value)
-            nll = -math.fsum(scores.target_logprob.astype(np.float64)[carry].tolist())
-            with np.errstate(under="ignore"):
-                kept = np.exp(scores.logprobs.astype(np.float64)).sum(1)
-            mass = float(np.sum(kept[carry]))
+        chunks, nll, positions, mass = row_chunks(writer, shard, tokens, scores, None if state.mask is None else state.mask[row],
+                                                  None if state.sampled is None else state.sampled[row])
         if skipped:  # no teacher values: not in the perplexity table
-            carry = np.zeros_like(carry)
-            nll = mass = 0.0
+            nll, positions, mass = 0.0, 0, 0.0
         with self._guard:
             for name, chunk in chunks.items():
                 state.chunks[name][row] = chunk
-            state.nll[row], state.positions[row], state.mass[row] = nll, int(carry.sum()), mass
+            state.nll[row], state.positions[row], state.mass[row] = nll, positions, mass
             if skipped:
                 state.nonfinite.append(row)
             state.left -= 1
