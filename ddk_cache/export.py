@@ -39,6 +39,7 @@ import numpy as np
 
 from .errors import DDKCacheError
 from .store.cache import SPLITS, Cache
+from .store.pack3 import log1mexp
 from .store.targets import TargetSpec
 
 FORMAT = "ddk-cache-parquet"
@@ -99,10 +100,7 @@ def tail_logprob(logprobs: np.ndarray) -> np.ndarray:
     (-inf where they hold all the mass), for encodings that do not store the tail."""
     with np.errstate(divide="ignore", under="ignore"):
         kept = np.logaddexp.reduce(logprobs.astype(np.float64), axis=-1)
-        x = np.minimum(kept, 0.0)
-        # log(1 - e^x) in two branches (Maechler): expm1 near 0, log1p far from it.
-        tail = np.where(x > -0.6931, np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
-    return tail.astype(np.float32)
+    return log1mexp(np.minimum(kept, 0.0)).astype(np.float32)  # pack-v3's own tail rule
 
 
 def batch_table(pa: Any, cache: Cache, domain: str, split: str, start: int, stop: int, sample_column: bool = False) -> Any:

@@ -58,7 +58,7 @@ def expand(f: np.ndarray, knee: float) -> np.ndarray:
     return np.where(f <= knee, f, knee * np.exp(np.minimum(f, 1e3) / knee - 1.0))
 
 
-def _log1mexp(x: np.ndarray) -> np.ndarray:
+def log1mexp(x: np.ndarray) -> np.ndarray:
     """log(1 - exp(x)) for x <= 0 in float64 (-inf at 0): Maechler's two branches."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(x > -0.6931, np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
@@ -136,7 +136,7 @@ class Pack3Codec(Pack2Codec):
         with np.errstate(under="ignore", over="ignore"):
             kept_lse = np.logaddexp.reduce(np.where(keep, lp, -np.inf), axis=1)
         if tail_logprob is None:
-            tail = _log1mexp(np.minimum(kept_lse, 0.0)) if K < self.vocab_size or (n < K).any() else np.full(P, -np.inf)
+            tail = log1mexp(np.minimum(kept_lse, 0.0)) if K < self.vocab_size or (n < K).any() else np.full(P, -np.inf)
             if K >= self.vocab_size:
                 tail = np.where(n < K, tail, -np.inf)
         else:
@@ -387,4 +387,4 @@ class Pack3Codec(Pack2Codec):
 
 FLAG_EXACT = 4  # frame flag bit 2, as in pack-v2: every target log-prob stored exactly
 
-__all__ = ["DEFAULT_KNEE", "DEFAULT_STEP", "MAX_ENTRIES", "Pack3Codec", "compand", "expand"]
+__all__ = ["DEFAULT_KNEE", "DEFAULT_STEP", "MAX_ENTRIES", "Pack3Codec", "compand", "expand", "log1mexp"]
