@@ -97,7 +97,7 @@ def copy_cache(src: Path, dst: Path, edit=None) -> Path:
     return dst
 
 
-def partial_cache(teacher_dir: Path, corpus_dir: Path, out: Path, shards: int = 3, **overrides) -> Path:
+def partial_cache(teacher_dir: Path, corpus_dir: Path, out: Path | str, shards: int = 3, **overrides) -> Path | str:
     """A cache whose build stopped (as if killed) after `shards` shards: state building."""
     from ddk_cache.capture.build import build
 

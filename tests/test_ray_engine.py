@@ -12,7 +12,7 @@ import pytest
 from ddk_cache.capture.build import build
 from ddk_cache.errors import ConfigError, DDKCacheError
 
-from .helpers import small_config
+from .helpers import partial_cache, small_config
 from .test_kill_resume import assert_same_cache
 
 ray = pytest.importorskip("ray")
@@ -67,16 +67,8 @@ def test_actor_killed_mid_build_gives_the_same_cache(tmp_path, cluster, teacher_
 
 
 def test_driver_stopped_mid_build_resumes(tmp_path, cluster, teacher_dir, corpus_dir, built_cache):
-    out = tmp_path / "c.zarr"
-    config = small_config(teacher_dir, corpus_dir, out, engine="ray", ray_actors=2)
-
-    def stop(event, info):
-        if event == "shard_written" and info["count"] == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        build(config, progress=False, hook=stop)
-    result = build(config, progress=False)
+    out = partial_cache(teacher_dir, corpus_dir, tmp_path / "c.zarr", shards=3, engine="ray", ray_actors=2)
+    result = build(small_config(teacher_dir, corpus_dir, out, engine="ray", ray_actors=2), progress=False)
     assert 0 < result.shards_written
     assert_same_cache(out, built_cache)
 
