@@ -37,6 +37,8 @@ def inspect(cache: str, as_json: bool, fidelity: bool, sequences: int, teacher: 
                    f"max {report['coarse_kl_max']:.3e} nats{budget}")
         click.echo(f"covered mass {report['covered_mass']:.4f}; invalid rows {report['invalid_share']:.2%}")
         click.echo("bytes/token: " + ", ".join(f"{k} {v:.2f}" for k, v in report["bytes_per_token"].items()))
+        for line in report["capture"]:
+            click.echo(f"imported capture: {line}")
         return
     if not meta.domains:
         if as_json:
@@ -53,17 +55,22 @@ def inspect(cache: str, as_json: bool, fidelity: bool, sequences: int, teacher: 
             "tokenizer": meta.tokenizer, "top_k": meta.top_k, "seq_len": meta.seq_len, "encoding": meta.encoding.to_dict(),
             "targets": meta.targets.to_dict(), "targets_description": meta.targets.describe(), "pending_shards": len(pending),
             "row_start": meta.row_start, "row_start_description": meta.describe_row_start(),
+            "imported_from": meta.corpus.get("imported_from"), "capture": meta.corpus.get("capture"),
             "rows": rows,
         }, indent=2))
         _refuse_incomplete(cache, meta.state, pending)
         return
     t = meta.teacher
     click.echo(f"{cache}  (format v{meta.format_version}, {meta.encoding.name}, state: {meta.state})")
-    if c.has_targets:
+    if c.has_targets and t.get("architecture") is None:  # an import that did not record its teacher
+        click.echo(f"teacher: {t['name_or_path']}  [model not recorded]")
+    elif c.has_targets:
         click.echo(f"teacher: {t['name_or_path']}  [{t.get('architecture')}, {t.get('num_parameters') or 0:,} params, {t.get('dtype')}, {t.get('backend')}]")
     if meta.corpus.get("imported_from"):
         click.echo(f"imported from: {meta.corpus['imported_from']} ({meta.corpus.get('format')}; `ddk-cache import`): the "
                    "targets as that capture held them, stored again with " + meta.encoding.name)
+        for line in meta.describe_capture():
+            click.echo(f"  {line}")
     click.echo(f"targets: {meta.targets.describe()}; seq-len {meta.seq_len}, vocab {meta.vocab_size}, "
                f"tokenizer {meta.tokenizer.get('fingerprint', 'unknown')[:19]}")
     click.echo(f"row start: {meta.describe_row_start()}")

@@ -240,12 +240,12 @@ def assert_same_within_pack_v3(a_path: Path, b_path: Path) -> None:
 
 
 def test_import_of_an_export_gives_the_cache_back(built_cache: Path, chat_cache: Path, adaptive_cache: Path, tmp_path: Path):
-    from ddk_cache.importer import import_parquet
+    from ddk_cache.importer import import_capture
     from ddk_cache.store.verify import verify_cache
 
     for i, src in enumerate((built_cache, chat_cache, adaptive_cache)):
         export_parquet(str(src), str(tmp_path / f"e{i}"), rows_per_file=7)
-        meta = import_parquet(str(tmp_path / f"e{i}"), str(tmp_path / f"c{i}.zarr"), shard_sequences=3)  # shards across files
+        meta = import_capture(str(tmp_path / f"e{i}"), str(tmp_path / f"c{i}.zarr"), shard_sequences=3)  # shards across files
         assert meta.state == "complete" and meta.corpus["imported_from"].endswith(f"e{i}")
         assert_same_within_pack_v3(src, tmp_path / f"c{i}.zarr")
         problems, _ = verify_cache(str(tmp_path / f"c{i}.zarr"))
@@ -268,10 +268,10 @@ def test_an_interrupted_import_resumes(built_cache: Path, tmp_path: Path, monkey
 
     monkeypatch.setattr(importer, "_write_shard", stop_after_three)
     with pytest.raises(KeyboardInterrupt):
-        importer.import_parquet(str(tmp_path / "e"), str(tmp_path / "c.zarr"), shard_sequences=3)
+        importer.import_capture(str(tmp_path / "e"), str(tmp_path / "c.zarr"), shard_sequences=3)
     assert Cache(str(tmp_path / "c.zarr"), require_complete=False).meta.state == "building"
     monkeypatch.setattr(importer, "_write_shard", lambda *a, **k: (calls.append(2), real(*a, **k)))
-    importer.import_parquet(str(tmp_path / "e"), str(tmp_path / "c.zarr"), shard_sequences=3)
+    importer.import_capture(str(tmp_path / "e"), str(tmp_path / "c.zarr"), shard_sequences=3)
     assert calls.count(2) == len(Cache(str(tmp_path / "c.zarr")).shards()) - 3  # the three written before are kept
     assert_same_within_pack_v3(built_cache, tmp_path / "c.zarr")
 
@@ -294,26 +294,26 @@ def test_import_refuses_bad_input_naming_file_row_and_column(built_cache: Path, 
     """Nothing is written when any file is bad: the check runs over every file first."""
     import pyarrow as pa
 
-    from ddk_cache.importer import import_parquet
+    from ddk_cache.importer import import_capture
 
     export_parquet(str(built_cache), str(tmp_path / "e"), rows_per_file=7)
     victim = tmp_path / "e" / "beta" / "train" / "part-00001.parquet"
     pq.write_table(damage(pq.read_table(victim), pa), victim, row_group_size=2)  # rows 2 and 3 in a later row group
     with pytest.raises(DDKCacheError, match=message) as err:
-        import_parquet(str(tmp_path / "e"), str(tmp_path / "c.zarr"))
+        import_capture(str(tmp_path / "e"), str(tmp_path / "c.zarr"))
     assert str(victim) in str(err.value)
     assert not (tmp_path / "c.zarr").exists()
 
 
 def test_import_without_a_manifest_needs_the_vocabulary_and_tokenizer(built_cache: Path, teacher_dir: Path, tmp_path: Path):
-    from ddk_cache.importer import import_parquet
+    from ddk_cache.importer import import_capture
 
     export_parquet(str(built_cache), str(tmp_path / "e"))
     (tmp_path / "e" / "export.json").unlink()
     with pytest.raises(DDKCacheError, match="pass --vocab-size"):
-        import_parquet(str(tmp_path / "e"), str(tmp_path / "c.zarr"))
+        import_capture(str(tmp_path / "e"), str(tmp_path / "c.zarr"))
     with pytest.raises(DDKCacheError, match="pass --tokenizer"):
-        import_parquet(str(tmp_path / "e"), str(tmp_path / "c.zarr"), vocab_size=400)
+        import_capture(str(tmp_path / "e"), str(tmp_path / "c.zarr"), vocab_size=400)
     result = CliRunner().invoke(main, ["import", str(tmp_path / "e"), "--out", str(tmp_path / "c.zarr"), "--vocab-size", "400",
                                        "--tokenizer", str(teacher_dir), "--quiet"])
     assert result.exit_code == 0, result.output
@@ -321,10 +321,10 @@ def test_import_without_a_manifest_needs_the_vocabulary_and_tokenizer(built_cach
 
 
 def test_import_refuses_an_export_of_sampled_targets(teacher_dir: Path, corpus_dir: Path, tmp_path: Path):
-    from ddk_cache.importer import import_parquet
+    from ddk_cache.importer import import_capture
 
     out = tmp_path / "s.zarr"
     build(small_config(teacher_dir, corpus_dir, out, encoding="pack", targets="sampled", samples=4), progress=False)
     export_parquet(str(out), str(tmp_path / "e"))
     with pytest.raises(DDKCacheError, match="import takes top-k targets"):
-        import_parquet(str(tmp_path / "e"), str(tmp_path / "c.zarr"))
+        import_capture(str(tmp_path / "e"), str(tmp_path / "c.zarr"))

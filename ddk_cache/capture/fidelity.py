@@ -60,7 +60,7 @@ def fidelity(cache: Cache, *, sequences: int = 4, device: str = "auto", teacher:
     if recorded.get("fingerprint") and model_fingerprint(path, recorded.get("revision")) != recorded["fingerprint"]:
         raise ConfigError(f"the model at {path} is not the teacher this cache was built with (its weights or config "
                           "differ): the fidelity numbers would be another model's; pass --teacher with the cache's teacher")
-    t = HFTeacher(path, device=device, dtype=recorded["dtype"])
+    t = HFTeacher(path, device=device, dtype=recorded.get("dtype") or "float32")  # imports may not record it
     sampled = cache.targets.kind == "sampled"
     mass, kl, invalid = [], [], 0
     for domain in cache.domains:
@@ -96,5 +96,6 @@ def fidelity(cache: Cache, *, sequences: int = 4, device: str = "auto", teacher:
         "kl_budget": cache.encoding.to_dict().get("kl_budget"),
         "logprob_step": cache.encoding.to_dict().get("step"),
         "targets": cache.targets.describe(),
+        "capture": cache.meta.describe_capture(),  # an imported capture: what it lacks
         "bytes_per_token": {name: b / tokens for name, b in sorted(per_array.items())},
     }

@@ -133,6 +133,28 @@ class CacheMeta:
             return "rows start as the token stream falls (no BOS added)"
         return "not recorded (built before ddk-cache 0.3): rows start as the token stream falls (no BOS added)"
 
+    def describe_capture(self) -> list[str]:
+        """What an imported capture lacks (`corpus.capture`, written by `ddk-cache import`), one
+        line each; empty for builds and imports of this project's exports. `inspect` and the
+        fidelity report print it."""
+        capture = self.corpus.get("capture") or {}
+        lines = []
+        if capture.get("values"):
+            lines.append(f"values: {capture['values']} (the capture's own rounding, before this cache's)")
+        if capture.get("clamped"):
+            lines.append(f"values above 0 (its polynomial overshooting) clamped to 0 at {capture['clamped']:.2%} of positions")
+        if capture.get("tail") == "derived":
+            lines.append("tail: not stored by the capture; 1 - the kept mass (its values are the teacher's, not renormalised)")
+        elif capture.get("tail", "").startswith("none"):
+            lines.append("tail: none; the kept log-probs are renormalised over the kept ids, so `distill` takes only "
+                         "--kd-loss fkl from this cache")
+        if capture.get("target_logprob", "exact") != "exact":
+            share = capture.get("target_in_topk")
+            lines.append("next-token log-prob: only where it is among the kept ids"
+                         + (f" ({share:.1%} of positions)" if share is not None else "")
+                         + "; elsewhere a bound, so the teacher PPL is a lower bound and `distill` refuses --mixing ddk")
+        return lines
+
     def layout(self) -> Layout:
         return Layout(positions=self.seq_len - 1, entries=self.top_k, vocab_size=self.vocab_size, targets=self.targets)
 

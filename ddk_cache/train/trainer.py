@@ -141,6 +141,20 @@ def _check_targets(cfg: DistillConfig, cache: Cache) -> None:
             "log can be far off, and this loss weights the student by log p); rebuild the cache with --encoding pack (pack-v3), "
             "or use --kd-loss fkl"
         )
+    capture = cache.meta.corpus.get("capture") or {}  # an imported capture: what it lacks (importer.py)
+    if capture.get("renormalised") and not cfg.online_teacher and cfg.kd_loss not in ("fkl", "none"):
+        raise ConfigError(
+            f"--kd-loss {cfg.kd_loss} on {cfg.cache}: it was imported from {cache.meta.corpus.get('format')} rows renormalised "
+            "over the kept ids, so the teacher's mass outside them is unknown and this loss would read it as 0; use "
+            "--kd-loss fkl (forward KL over the kept ids, what that tool trains with) or rebuild with `ddk-cache build`")
+    if capture.get("target_logprob", "exact") != "exact" and cfg.mixing.startswith("ddk"):
+        share = capture.get("target_in_topk")
+        raise ConfigError(
+            f"--mixing {cfg.mixing} on {cfg.cache}: it was imported from a {cache.meta.corpus.get('format')} capture that has "
+            "the next token's log-prob only where it is among the kept ids"
+            + (f" ({share:.0%} of positions)" if share is not None else "")
+            + ", so its teacher PPL table is a lower bound and DDK's domain weights would follow that bias; use --mixing "
+            "natural, uniform or static:..., or build the cache with `ddk-cache build`")
     if cfg.kd_loss == "minillm":
         text = [d for d in cache.domains if not cache.is_chat(d)]
         problems = [
