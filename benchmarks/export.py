@@ -1,13 +1,15 @@
 """Export and import throughput and size: a cache written as plain Parquet (`ddk-cache
 export`) and read back into a cache (`ddk-cache import`), issue #28.
 
-    python benchmarks/export.py --cache /tmp/quality-real/cache.zarr --out /tmp/export-bench
+    python benchmarks/export.py --cache /tmp/quality-real/cache.zarr --out /tmp/export-bench \
+        --tokenizer ~/.cache/ddk-cache/smollm2-135m-instruct
 
 Exports the whole cache once per Parquet compression (one process, one core for the
 encoding work; pyarrow may use a second thread to compress), and prints tokens/s, the
 cache's bytes per token and the export's, and the export's reading rate with plain pyarrow
 (tokens/s, all columns decoded to Arrow); then imports the first export back into a cache
-(tokens/s, its bytes per token).
+(tokens/s, its bytes per token); then the same for axolotl's KD rows (`export --format
+axolotl`, then `import --from axolotl`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table  # noqa: E402
 
 from ddk_cache.export import export_parquet  # noqa: E402
-from ddk_cache.importer import import_parquet  # noqa: E402
+from ddk_cache.importer import import_capture  # noqa: E402
 from ddk_cache.store.cache import Cache  # noqa: E402
 
 
@@ -33,7 +35,11 @@ def main() -> None:
     ap.add_argument("--cache", required=True)
     ap.add_argument("--out", required=True, help="scratch directory (replaced)")
     ap.add_argument("--compression", nargs="+", default=["zstd", "snappy", "none"])
+    ap.add_argument("--tokenizer", required=True, help="the teacher's tokenizer directory (the axolotl import needs it)")
     args = ap.parse_args()
+    from ddk_cache.capture.tokenization import load_tokenizer
+
+    load_tokenizer(args.tokenizer)  # transformers' import (~8 s, once per process) is not the import's rate
     cache = Cache(args.cache)
     tokens = sum(cache.num_sequences(d, s) for d in cache.domains for s in ("train", "val")) * cache.seq_len
     cache_bytes = sum(p.stat().st_size for p in Path(args.cache).rglob("*") if p.is_file())
@@ -56,12 +62,27 @@ def main() -> None:
     back = Path(args.out) / "imported.zarr"
     shutil.rmtree(back, ignore_errors=True)
     t0 = time.perf_counter()
-    import_parquet(str(Path(args.out) / args.compression[0]), str(back))
+    import_capture(str(Path(args.out) / args.compression[0]), str(back))
     dt = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in back.rglob("*") if p.is_file())
+    imports = [(f"--from ddk ({args.compression[0]} export)", f"{tokens / dt:,.0f}", f"{size / tokens:.1f}",
+                f"{size / cache_bytes:.2f}x")]
+    # axolotl's KD rows: exported in that layout, then imported back (renormalised top-k, no tail).
+    ax, back = Path(args.out) / "axolotl", Path(args.out) / "imported-axolotl.zarr"
+    shutil.rmtree(ax, ignore_errors=True)
+    shutil.rmtree(back, ignore_errors=True)
+    t0 = time.perf_counter()
+    export_parquet(args.cache, str(ax), layout="axolotl")
+    ax_dt = time.perf_counter() - t0
+    ax_size = sum(p.stat().st_size for p in ax.rglob("*.parquet"))
+    t0 = time.perf_counter()
+    import_capture(str(ax), str(back), layout="axolotl", tokenizer=args.tokenizer, vocab_size=cache.meta.vocab_size)
+    dt = time.perf_counter() - t0
+    size = sum(p.stat().st_size for p in back.rglob("*") if p.is_file())
+    imports.append((f"--from axolotl (its KD rows: {ax_size / tokens:.1f} B/token, exported at {tokens / ax_dt:,.0f} tokens/s)",
+                    f"{tokens / dt:,.0f}", f"{size / tokens:.1f}", f"{size / cache_bytes:.2f}x"))
     print()
-    print_table(("import of the first export", "tokens/s", "cache B/token", "vs the source cache"),
-                [(args.compression[0], f"{tokens / dt:,.0f}", f"{size / tokens:.1f}", f"{size / cache_bytes:.2f}x")])
+    print_table(("import", "tokens/s", "cache B/token", "vs the source cache"), imports)
 
 
 if __name__ == "__main__":
