@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from .capture.corpus import DOMAIN_NAME, RESERVED_NAMES
 from .capture.scoring import row_chunks
 from .errors import DDKCacheError
 from .export import FORMAT, MANIFEST, tail_logprob
@@ -261,6 +262,8 @@ def import_capture(src: str, out: str, *, layout: str = "ddk", vocab_size: int |
             L, K = max(L, rows["tokens"].shape[1]), max(K, rows["ids"].shape[-1])
             all_bos = all_bos and bool((rows["tokens"][:, 0] == bos).all())
             for i, d in enumerate(_row_domains(rows, d_path or top_name, domain)):
+                if d not in lengths:  # a new domain: its name becomes a group of the store
+                    _check_domain(d, path, base + i)
                 counts[(d, split)] = counts.get((d, split), 0) + 1
                 lo, hi = lengths.get(d, (L, 0))
                 lengths[d] = (min(lo, int(rows["lengths"][i])), max(hi, int(rows["lengths"][i])))
@@ -348,6 +351,13 @@ def import_capture(src: str, out: str, *, layout: str = "ddk", vocab_size: int |
     finally:
         log.close()
     return CacheWriter(out).finalize()
+
+
+def _check_domain(name: str, path: Path, row: int) -> None:
+    if not DOMAIN_NAME.match(name) or name.lower() in RESERVED_NAMES:
+        raise DDKCacheError(f"import: {path}, row {row}: domain name {name!r} must be 1-100 letters, digits, '_', '.' or '-' "
+                            f"starting with a letter or digit, and not one of {', '.join(sorted(RESERVED_NAMES))}; pass "
+                            "--domain NAME, or rename the column's value or the folder")
 
 
 def _route(rows: Rows, row_domains: list[str], split: str | None, seen: dict[str, int],

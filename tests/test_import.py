@@ -400,3 +400,15 @@ def test_a_distillkit_import_distills(built_cache: Path, teacher_dir: Path, tmp_
                      progress=False)
     assert result.steps == 4 and all(math.isfinite(x) for x in result.losses)
     assert set(result.final_ppl) == set(Cache(str(tmp_path / "c.zarr")).domains)
+
+
+def test_a_domain_that_cannot_name_a_store_group_is_refused(built_cache: Path, teacher_dir: Path, tmp_path: Path):
+    from ddk_cache.importer import import_capture
+
+    write_distillkit(tmp_path / "dk", built_cache, EXACT, rows=2, files=1, domain_column=True)
+    victim = tmp_path / "dk" / "data_0.parquet"
+    t = pq.read_table(victim)
+    pq.write_table(t.set_column(t.column_names.index("domain"), "domain", pa.array(["web/en"] * t.num_rows)), victim)
+    with pytest.raises(DDKCacheError, match=r"data_0.parquet, row 0: domain name 'web/en'"):
+        import_capture(str(tmp_path / "dk"), str(tmp_path / "c.zarr"), layout="distillkit", tokenizer=str(teacher_dir))
+    assert not (tmp_path / "c.zarr").exists()
