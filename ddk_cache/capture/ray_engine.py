@@ -27,8 +27,9 @@ the driver leaves a resumable cache: the same command continues from what is rec
 
 Elastic: an actor that died is probed before it gets work again (a restart, wherever Ray
 finds room, answers the probe; an actor gone for good, e.g. `ray.kill`, is dropped and the
-build goes on with the rest), and on a GPU cluster with `--ray-actors 0` the driver adds an
-actor whenever the cluster shows room for one more (an autoscaler adding nodes).
+build goes on with the rest), and with `--ray-actors 0` the driver adds an actor whenever
+the cluster shows room for one more engine (an autoscaler adding nodes): free GPUs for one
+on a GPU cluster; on a CPU cluster, free CPUs on a node that joined after the build began.
 """
 
 from __future__ import annotations
@@ -68,8 +69,10 @@ class ScoringActor:
     the shards it is handed (build stages 3-6 of one worker; see the module docstring)."""
 
     def __init__(self, config: dict[str, Any], index: int, count: int) -> None:
-        # The native worker this actor is for stages 1-5 (its share of the tokenization).
-        self.config = replace(BuildConfig(**config), num_shards=count, shard_index=index)
+        # The native worker this actor is for stages 1-5 (its share of the tokenization). An
+        # actor added during the build (index >= count) only scores: it never prepares, and
+        # `index` is just its label (its log's name is unique anyway).
+        self.config = replace(BuildConfig(**config), num_shards=count, shard_index=min(index, count - 1))
         self.index, self.count = index, count
         self.stack = ExitStack()
         self.scorer: Scorer | None = None
@@ -123,7 +126,8 @@ def _actor_count(ray: Any, config: BuildConfig) -> int:
 def build_on_ray(config: BuildConfig, *, progress: bool = True, hook: Hook | None = None) -> BuildResult:
     """`build` with `--engine ray` (see the module docstring). `hook(event, info)` is called at
     "shard_written" (in the driver, as each shard comes back; info has the shard's key, the
-    count so far and the actor that wrote it) and "before_finalize"."""
+    count so far and the actor that wrote it), "actor_added" (an actor started during the
+    build: `--ray-actors 0` and room for one more) and "before_finalize"."""
     ray = _import_ray()
     hook = hook or (lambda event, info: None)
     started = time.perf_counter()
@@ -176,7 +180,7 @@ def _schedule(ray: Any, config: BuildConfig, progress: bool, hook: Hook, started
     calls: dict[Any, tuple[Any, str | None]] = {}  # call -> (actor, shard key; None for a liveness probe)
     ready = {id(a): a for a in actors}  # actors that take shards (not dead, not being probed)
     load = {id(a): 0 for a in actors}
-    last_grow, written = time.perf_counter(), 0
+    last_grow, written, nodes_at_start = time.perf_counter(), 0, _nodes(ray)
     try:
         while todo or any(key is not None for _, key in calls.values()):
             for actor in list(ready.values()):
@@ -215,10 +219,11 @@ def _schedule(ray: Any, config: BuildConfig, progress: bool, hook: Hook, started
                 hook("shard_written", {"shard": key, "count": written, "actor": actor})
             if config.ray_actors == 0 and todo and time.perf_counter() - last_grow > GROW_EVERY:
                 last_grow = time.perf_counter()
-                if _room_for_one(ray, config):  # an autoscaler added a node: one more engine
+                if _room_for_one(ray, config, nodes_at_start):  # an autoscaler added a node: one more engine
                     actor = Actor.remote(options, len(load), count)  # a scorer only: the tokenization is done
                     ready[id(actor)], load[id(actor)] = actor, 0
                     everyone.append(actor)
+                    hook("actor_added", {"actor": actor, "actors": len(load)})
     finally:
         bar.close()
     for name in ("shards_written", "tokens_scored", "bytes_written", "positions_written", "write_seconds", "stall_seconds", "teacher_seconds"):
@@ -261,11 +266,18 @@ def _cause(error: Any) -> BaseException:
     return cause if isinstance(cause, Exception) else error.as_instanceof_cause()
 
 
-def _room_for_one(ray: Any, config: BuildConfig) -> bool:
+def _nodes(ray: Any) -> int:
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def _room_for_one(ray: Any, config: BuildConfig, nodes_at_start: int) -> bool:
+    """Whether the cluster has room for one more scoring actor: on GPUs, free GPUs for one
+    more engine; on CPUs, only once a node has joined since the build started (an autoscaler
+    adding one), since the cores already there are what the first actors' engines use."""
     free = ray.available_resources()
-    need_gpu = config.tensor_parallel_size if ray.cluster_resources().get("GPU", 0) else 0
-    # GPU clusters only: on CPUs one more engine would share the cores the others use.
-    return need_gpu > 0 and free.get("CPU", 0) >= config.ray_actor_cpus and free.get("GPU", 0) >= need_gpu
+    if ray.cluster_resources().get("GPU", 0):
+        return free.get("CPU", 0) >= config.ray_actor_cpus and free.get("GPU", 0) >= config.tensor_parallel_size
+    return _nodes(ray) > nodes_at_start and free.get("CPU", 0) >= config.ray_actor_cpus
 
 
 __all__ = ["MAX_SHARD_ATTEMPTS", "ScoringActor", "build_on_ray"]
