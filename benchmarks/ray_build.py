@@ -8,7 +8,9 @@ with 1 worker, native with 2 workers (`--num-shards 2`, two processes), `--engin
 with 2 actors on a local cluster (started by the build), and `--engine ray` with 2 actors
 where one actor's process is SIGKILLed once half the shards are recorded. Prints wall time,
 tokens/s (the cache's tokens over the wall time, teacher load and tokenization included),
-the peak RSS of the processes, and whether each cache's arrays equal the first one's.
+the peak RSS of the processes, the engine idle share the build reports (the largest over
+its processes: the share of scoring time the teacher waited for input or writers), and
+whether each cache's arrays equal the first one's.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -42,10 +45,11 @@ def logged(out: Path) -> int:
     return sum(line.endswith("}") for f in glob.glob(str(out / "_build" / "log" / "*.jsonl")) for line in open(f).read().splitlines())
 
 
-def run(cmds: list[list[str]], kill_at: float | None = None, out: Path | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS GiB summed over the commands' process trees, sampled)."""
+def run(cmds: list[list[str]], kill_at: float | None = None, out: Path | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS GiB summed over the commands' process trees, sampled; the
+    largest engine idle share any command reported)."""
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in cmds]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
     peak = [0.0]
     killed = [False]
 
@@ -67,14 +71,16 @@ def run(cmds: list[list[str]], kill_at: float | None = None, out: Path | None = 
 
     watcher = threading.Thread(target=sample, daemon=True)
     watcher.start()
-    errors = [p.communicate()[1] for p in procs]
+    outputs = [p.communicate() for p in procs]
     watcher.join()
-    for p, e in zip(procs, errors):
+    for p, (_, e) in zip(procs, outputs):
         if p.returncode != 0:
             raise SystemExit(f"build failed: {e[-2000:]}")
+    # The build's own summary line: "engine busy Xs, idle Y% of the scoring time".
+    idle = max((float(m) for o, _ in outputs for m in re.findall(r"idle ([0-9.]+)% of the scoring time", o)), default=float("nan"))
     if kill_at is not None and not killed[0]:
         print("note: the build ended before an actor could be killed")
-    return time.perf_counter() - t0, peak[0]
+    return time.perf_counter() - t0, peak[0], idle
 
 
 def arrays(path: Path) -> dict:
@@ -108,7 +114,7 @@ def main() -> None:
     ]
     for i, (name, cmds, kill_at) in enumerate(runs):
         out = work / f"c{i}.zarr"
-        seconds, rss = run(cmds(out), kill_at, out)
+        seconds, rss, idle = run(cmds(out), kill_at, out)
         cache = Cache(str(out))
         tokens = sum(cache.num_sequences(d, s) for d in cache.domains for s in ("train", "val")) * cache.seq_len
         got = arrays(out)
@@ -116,9 +122,9 @@ def main() -> None:
             reference, same = got, "reference"
         else:
             same = "yes" if all(all(np.array_equal(a, b) for a, b in zip(got[k], reference[k])) for k in reference) else "NO"
-        rows.append((name, f"{seconds:.1f}", f"{tokens / seconds:,.0f}", f"{rss:.2f}", same))
+        rows.append((name, f"{seconds:.1f}", f"{tokens / seconds:,.0f}", f"{rss:.2f}", f"{idle:.1f}%", same))
     print(f"machine: {machine()}; teacher {args.teacher}; {args.max_tokens_per_domain:,} tokens per domain, seq-len {args.seq_len}, top-64 pack-v3")
-    print_table(("build", "wall s", "tokens/s", "peak RSS GiB (all processes)", "arrays equal"), rows)
+    print_table(("build", "wall s", "tokens/s", "peak RSS GiB (all processes)", "engine idle (worst worker)", "arrays equal"), rows)
 
 
 if __name__ == "__main__":
