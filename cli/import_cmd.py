@@ -53,8 +53,10 @@ def import_cmd(src: str, source: str, out: str, domain: str | None, val_fraction
       ddk-cache import kd-rows/ --from axolotl --tokenizer teacher/ --out cache.zarr"""
     bars: list = []
 
-    def progress(total: int):  # noqa: ANN202
-        bars.append(tqdm(total=total, desc="import", unit=" seq", disable=quiet))
+    def progress(total: int | None, label: str):  # noqa: ANN202
+        if bars:  # the check pass is over
+            bars[-1].close()
+        bars.append(tqdm(total=total, desc=label, unit=" seq", disable=quiet))
         return bars[-1]
 
     meta = import_capture(src, out, layout=source, vocab_size=vocab_size, tokenizer=tokenizer, domain=domain,

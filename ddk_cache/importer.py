@@ -47,7 +47,7 @@ from .capture.corpus import DOMAIN_NAME, RESERVED_NAMES
 from .capture.scoring import row_chunks
 from .errors import DDKCacheError
 from .export import FORMAT, MANIFEST, tail_logprob
-from .sources import AxolotlDataset, Capture, DdkExport, DistillKitCapture, Rows, bad, batches
+from .sources import AxolotlDataset, Capture, DdkExport, DistillKitCapture, Rows, bad, batches, pyarrow
 from .store.cache import LOSS_MASK, SPLITS, CacheWriter
 from .store.encodings import PackV3, PlainV1, RowScores
 from .store.log import ShardRecord
@@ -203,11 +203,14 @@ def _row_domains(rows: Rows, domain: str | None, flag: str | None) -> list[str]:
 
 def import_capture(src: str, out: str, *, layout: str = "ddk", vocab_size: int | None = None, tokenizer: str | None = None,
                    domain: str | None = None, val_fraction: float = 0.05, encoding: str = "pack", shard_sequences: int = 64,
-                   progress: Callable[[int], Any] | None = None) -> CacheMeta:
+                   progress: Callable[[int | None, str], Any] | None = None) -> CacheMeta:
     """Write the cache `out` from the capture at `src` in `layout` (see the module docstring);
     returns its metadata. `vocab_size` and `tokenizer` (the teacher's tokenizer directory,
     which `distill` checks students against) are read from src/export.json or DistillKit's
-    config where they are there. Resumes an interrupted import into the same `out`."""
+    config where they are there. Resumes an interrupted import into the same `out`.
+    `progress(total, label)` returns a bar (update(n)) for each pass: the check of every
+    row ("check", total None where a file's row count is not in its footer), then the
+    writing ("import", in sequences)."""
     if not 0 < val_fraction < 1:
         raise DDKCacheError(f"import: --val-fraction must be between 0 and 1, got {val_fraction}")
     if encoding not in ENCODINGS:
@@ -239,11 +242,14 @@ def import_capture(src: str, out: str, *, layout: str = "ddk", vocab_size: int |
     clamped = positions = 0  # DistillKit: positions with a decoded log-prob above 0 (clamped)
     bos = tok_info.get("bos_token_id")
     all_bos = bos is not None  # whether every row begins with the tokenizer's BOS (the cache's row_start)
+    check = progress(_row_count(capture), "check") if progress else None
     for d_path, split, path in capture.files:
         file_L = None
         base = 0
         for rows in batches(path, capture):
             n = len(rows["tokens"])
+            if check is not None:
+                check.update(n)
             if layout == "ddk":
                 Lb = rows["tokens"].shape[1]
                 if (file_L or L) and Lb != (file_L or L):
@@ -320,7 +326,7 @@ def import_capture(src: str, out: str, *, layout: str = "ddk", vocab_size: int |
         writer = CacheWriter(out)  # re-read: the arrays and domains now exist
     pending = writer.pending()
     log = writer.log_writer((0, 1))
-    bar = progress(sum(s.stop - s.start for s in pending)) if progress else None
+    bar = progress(sum(s.stop - s.start for s in pending), "import") if progress else None
     todo = {(d, s): sorted((x for x in pending if (x.domain, x.split) == (d, s)), key=lambda x: x.start)
             for d in domains for s in SPLITS}
     buffers: dict[tuple[str, str], tuple[Rows | None, int]] = {key: (None, 0) for key in todo}  # rows [start, ...) of a split
@@ -351,6 +357,14 @@ def import_capture(src: str, out: str, *, layout: str = "ddk", vocab_size: int |
     finally:
         log.close()
     return CacheWriter(out).finalize()
+
+
+def _row_count(capture: Capture) -> int | None:
+    """Rows in the capture, from the Parquet footers (no data read); None with Arrow files."""
+    if any(p.suffix == ".arrow" for _, _, p in capture.files):
+        return None
+    _, pq = pyarrow()
+    return sum(pq.ParquetFile(p).metadata.num_rows for _, _, p in capture.files)
 
 
 def _check_domain(name: str, path: Path, row: int) -> None:
