@@ -397,11 +397,12 @@ class DistillKitCapture(Capture):
             # such values are clamped to 0 and counted (`inspect` reports the share).
             clamped = int((lps > 0).any(1).sum())
             lps = np.minimum(lps, 0)
+            ids = np.where(finite, ids, 0)  # ids of entries not kept are whatever DistillKit's buffer held
             if len(ids) and ids.max() >= self.vocab_size:
                 raise bad(path, row_of(np.flatnonzero((ids >= self.vocab_size).any(1))[0]), "bytepacked_indices",
                           f"an id outside the vocabulary [0, {self.vocab_size})")
             lps = np.where(finite, lps, -np.inf).astype(np.float32)
-            ids = np.where(finite, ids, 0).astype(np.int32)
+            ids = ids.astype(np.int32)
         else:
             (_, at, ids_v), (_, lp_at, lp_v) = (_nested(table, c, path, base, positions) for c in ("token_ids", "top_values"))
             if not np.array_equal(at, lp_at) or (np.diff(at) < 1).any():

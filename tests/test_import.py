@@ -412,3 +412,15 @@ def test_a_domain_that_cannot_name_a_store_group_is_refused(built_cache: Path, t
     with pytest.raises(DDKCacheError, match=r"data_0.parquet, row 0: domain name 'web/en'"):
         import_capture(str(tmp_path / "dk"), str(tmp_path / "c.zarr"), layout="distillkit", tokenizer=str(teacher_dir))
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_distillkit_ids_beyond_the_vocabulary_are_refused(built_cache: Path, teacher_dir: Path, tmp_path: Path):
+    from ddk_cache.importer import import_capture
+
+    written = write_distillkit(tmp_path / "dk", built_cache, EXACT, rows=3, files=1)
+    V = int(max(r["tokens"].max() for r in written)) + 1  # every token fits; some kept ids do not
+    assert any(r["ids"].max() >= V for r in written)
+    with pytest.raises(DDKCacheError, match=r"data_0.parquet, row \d+, column bytepacked_indices: an id outside the vocabulary"):
+        import_capture(str(tmp_path / "dk"), str(tmp_path / "c.zarr"), layout="distillkit", tokenizer=str(teacher_dir),
+                       vocab_size=V)
+    assert not (tmp_path / "c.zarr").exists()
