@@ -41,6 +41,20 @@ def test_ray_build_equals_the_native_build(tmp_path, cluster, teacher_dir, corpu
     assert again.already_complete
 
 
+def test_tokenization_runs_as_cpu_tasks_not_on_the_actors(tmp_path, cluster, teacher_dir, corpus_dir, built_cache):
+    """Three tokenization tasks (native workers 0-2 of 3) stage the pieces and write the
+    summaries; the two scoring actors tokenize nothing; the cache equals the native build's."""
+    from ddk_cache.capture.packing import SUMMARY_DIR
+    from ddk_cache.store.objects import Objects
+
+    out = tmp_path / "c.zarr"
+    result = build(small_config(teacher_dir, corpus_dir, out, engine="ray", ray_actors=2, ray_tokenize_tasks=3), progress=False)
+    assert result.pieces_tokenized > 0
+    summaries = sorted(key.rsplit("/", 1)[-1] for key in Objects.open(str(out)).list(SUMMARY_DIR))
+    assert summaries == [f"w{i:05d}-of-00003.json" for i in range(3)]
+    assert_same_cache(out, built_cache)
+
+
 @pytest.mark.parametrize("how", ["sigkill", "ray.kill"])
 def test_actor_killed_mid_build_gives_the_same_cache(tmp_path, cluster, teacher_dir, corpus_dir, built_cache, how):
     """SIGKILL of an actor's process: Ray restarts it and its shards are scored again;

@@ -141,6 +141,7 @@ class BuildConfig(CommandConfig):
     ray_address: str = option("", "--engine ray: the cluster to join (host:6379, ray://host:10001); default RAY_ADDRESS, else a local cluster for this build.", fingerprint=False)
     ray_actors: int = option(0, "--engine ray: scoring actors (each loads the teacher once); 0 = one per --tensor-parallel-size GPUs in the cluster, or 1 without GPUs.", fingerprint=False)
     ray_actor_cpus: float = option(1.0, "--engine ray: CPUs each scoring actor reserves.", fingerprint=False)
+    ray_tokenize_tasks: int = option(0, "--engine ray: Ray CPU tasks that tokenize the corpus and make the plan while the scoring actors wait (each one native worker's share); 0 = one per CPU of the cluster.", fingerprint=False)
     on_nonfinite: str = option("stop", "Teacher output with NaN or infinity for a sequence (a broken head, bf16 overflow): stop (one line naming the domain, sequence, position and teacher; the cache stays resumable) or skip (the sequence keeps its tokens but gets label-only targets, and is left out of the teacher PPL table; the build and inspect count such sequences).", choices=("stop", "skip"), fingerprint=False)
 
     def __post_init__(self) -> None:
@@ -162,6 +163,7 @@ class BuildConfig(CommandConfig):
             (self.num_shards is None or 0 <= (self.shard_index or 0) < self.num_shards, f"--shard-index must be in 0..{(self.num_shards or 1) - 1}, got {self.shard_index}"),
             (self.engine != "ray" or self.num_shards is None, "--engine ray schedules the shards itself: drop --num-shards/--shard-index"),
             (self.ray_actors >= 0 and self.ray_actor_cpus > 0, "--ray-actors must be >= 0 and --ray-actor-cpus > 0"),
+            (self.ray_tokenize_tasks >= 0, "--ray-tokenize-tasks must be >= 0"),
             (0 <= self.writer_threads <= 64, f"--writer-threads must be in 0..64 (0 = automatic), got {self.writer_threads}"),
             (self.wait_timeout > 0, f"--wait-timeout must be > 0, got {self.wait_timeout}"),
             (self.tensor_parallel_size >= 1, f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}"),
@@ -346,13 +348,15 @@ def build(config: BuildConfig, *, progress: bool = True, hook: Hook | None = Non
     return _guard_disk(config, lambda: _build(config, progress, hook, teacher))
 
 
-def prepare(config: BuildConfig, *, teacher: Teacher | None = None, progress: bool = False, inputs: _Inputs | None = None) -> BuildResult:
+def prepare(config: BuildConfig, *, teacher: Teacher | None = None, progress: bool = False, inputs: _Inputs | None = None,
+            store_only: bool = False) -> BuildResult:
     """Stages 1-5 of a build as one worker, without scoring: the store, the tokenized pieces,
     the plan and the arrays (what an engine that schedules the scoring itself, such as
-    `--engine ray`, needs first). Resumes like `build`; a complete cache is left as it is.
-    `inputs`: stage 1 already done for this config (`_resolve`), not repeated (it hashes
-    every weight file of the teacher)."""
-    return _guard_disk(config, lambda: _build(config, progress, None, teacher, prepare_only=True, inputs=inputs))
+    `--engine ray`, needs first); with `store_only`, stages 1-3 (the store's metadata).
+    Resumes like `build`; a complete cache is left as it is. `inputs`: stage 1 already done
+    for this config (`_resolve`), not repeated (it hashes every weight file of the teacher)."""
+    return _guard_disk(config, lambda: _build(config, progress, None, teacher, prepare_only=True, inputs=inputs,
+                                              store_only=store_only))
 
 
 def _guard_disk(config: BuildConfig, run: Callable[[], BuildResult]) -> BuildResult:
@@ -382,7 +386,7 @@ class _Inputs:
 
 
 def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teacher | None, prepare_only: bool = False,
-           inputs: _Inputs | None = None) -> BuildResult:
+           inputs: _Inputs | None = None, store_only: bool = False) -> BuildResult:
     hook = hook or (lambda event, info: None)
     started = time.perf_counter()
     inputs = inputs or _resolve(config, cheap_checks=teacher is None)
@@ -412,6 +416,9 @@ def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teac
         if existing is None:
             created = _create_store(inputs, teacher, vocab)
         writer = CacheWriter(config.out, objects)
+        if store_only:
+            result.meta = writer.meta
+            return result
         if writer.meta.state == STATE_INITIALIZING:
             try:
                 plan = _stage(inputs, writer, vocab, result, phases, progress, hook)

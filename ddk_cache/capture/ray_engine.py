@@ -7,9 +7,13 @@ same cache (the same plan, the same shard objects and records, the same finalize
 
   1. Scoring actors start, one per GPU group (`--tensor-parallel-size` GPUs) or
      `--ray-actors`; each loads the teacher once (build stages 1-2).
-  2. Every actor runs stages 3-5 as worker i of N of the native protocol (`build.prepare`):
-     the store, a share of the tokenization, the plan and the arrays. Nothing new here: the
-     workers coordinate through the store as native workers do.
+  2. The first actor creates the store (stage 3: its metadata records the teacher). Then
+     `--ray-tokenize-tasks` CPU tasks (default: one per CPU of the cluster) run stages 4-5
+     as native workers i of M (`build.prepare` with a stand-in for the teacher: only its
+     vocabulary and context are read): each tokenizes its share of the pieces, and
+     whichever gets there first makes the plan and the arrays. Nothing new here: the tasks
+     coordinate through the store as native workers do, so a retried task resumes its
+     share, and the plan does not depend on M. The actors, engines loaded, wait.
   3. The driver hands out the shards not yet recorded, one at a time, at most two queued per
      actor so no engine waits between shards. An actor scores a shard with the build's own
      `Scorer` and writes it as a native worker does: every object whole, then its log record.
@@ -46,7 +50,8 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, StoreError
 from ..store.cache import CacheWriter
-from ..store.meta import STATE_COMPLETE
+from ..runtime import Worker
+from ..store.meta import STATE_COMPLETE, STATE_INITIALIZING
 from .build import BuildConfig, BuildResult, _need, _open_teacher, _resolve, auto_writer_threads, prepare
 from .packing import PLAN_KEY, Plan
 from .scoring import Hook, Scorer
@@ -65,13 +70,13 @@ def _import_ray() -> Any:
 
 
 class ScoringActor:
-    """One teacher engine on a Ray worker: prepares as worker `index` of `count`, then scores
-    the shards it is handed (build stages 3-6 of one worker; see the module docstring)."""
+    """One teacher engine on a Ray worker: the first creates the store (stage 3); every one
+    scores the shards it is handed (stage 6; see the module docstring)."""
 
     def __init__(self, config: dict[str, Any], index: int, count: int) -> None:
-        # The native worker this actor is for stages 1-5 (its share of the tokenization). An
-        # actor added during the build (index >= count) only scores: it never prepares, and
-        # `index` is just its label (its log's name is unique anyway).
+        # Worker `index` of `count` of the native protocol: the label of its build log. An
+        # actor added during the build has index >= count (its config keeps a valid index;
+        # the log's name is unique anyway).
         self.config = replace(BuildConfig(**config), num_shards=count, shard_index=min(index, count - 1))
         self.index, self.count = index, count
         self.stack = ExitStack()
@@ -89,11 +94,14 @@ class ScoringActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def prepare(self) -> BuildResult:
-        """Stages 3-5 as native worker `index` of `count` (see build.prepare)."""
+    def create_store(self) -> tuple[BuildResult, dict[str, Any]]:
+        """Stage 3 (the store's metadata, which records this teacher), and what the
+        tokenization tasks need to run stages 4-5 without a teacher: its vocabulary size,
+        context and this actor's resolved stage 1."""
         if self.failed is not None:
             raise self.failed
-        return prepare(self.config, teacher=self.teacher, inputs=self.inputs)
+        result = prepare(self.config, teacher=self.teacher, inputs=self.inputs, store_only=True)
+        return result, {"vocab_size": self.teacher.vocab_size, "max_context": self.teacher.max_context, "inputs": self.inputs}
 
     def score(self, key: str) -> dict[str, Any]:
         """Score and write the shard `key` (again if it was written before: a shard handed
@@ -114,6 +122,28 @@ class ScoringActor:
         stats = dataclasses.asdict(self.scorer.stats)
         stats["teacher_seconds"], stats["engine_idle_share"] = self.teacher.stats.busy, self.teacher.stats.idle_share
         return stats
+
+
+class _DescribedTeacher:
+    """What stages 4-5 read of a teacher (its vocabulary and context), without its weights: a
+    tokenization task's stand-in for the engine the actors hold."""
+
+    def __init__(self, vocab_size: int, max_context: int | None) -> None:
+        self.vocab_size, self.max_context = vocab_size, max_context
+
+    def close(self) -> None:
+        pass
+
+
+def tokenize_share(options: dict[str, Any], index: int, count: int, described: dict[str, Any]) -> BuildResult:
+    """A Ray CPU task: stages 4-5 as native worker `index` of `count` (its share of the
+    pieces; the plan and arrays by whichever task gets there first), on the store an actor
+    created. Runs the native protocol, so a retried task resumes its share."""
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")  # one task per CPU: the tokenizer's own threads would oversubscribe
+    config = replace(BuildConfig(**options), num_shards=count, shard_index=index)
+    inputs = described["inputs"]
+    inputs = replace(inputs, config=replace(inputs.config, num_shards=count, shard_index=index), worker=Worker(index, count))
+    return prepare(config, teacher=_DescribedTeacher(described["vocab_size"], described["max_context"]), inputs=inputs)
 
 
 def _actor_count(ray: Any, config: BuildConfig) -> int:
@@ -162,13 +192,27 @@ def _run(ray: Any, config: BuildConfig, progress: bool, hook: Hook, started: flo
 def _schedule(ray: Any, config: BuildConfig, progress: bool, hook: Hook, started: float, Actor: Any, options: dict,
               actors: list, everyone: list) -> BuildResult:
     count = len(actors)
-    # Stages 3-5 on every actor as the native workers they are (each tokenizes its share).
-    prepared = _call_all(ray, actors, "prepare")
-    result = prepared[0]
+    # Stage 3 on the first actor (the store records its teacher); stages 4-5 (tokenization,
+    # plan, arrays) as CPU tasks, each a native worker's share, while the actors wait with
+    # their engines loaded; then the actors only score.
+    [(result, described)] = _call_all(ray, actors[:1], "create_store")
     if result.already_complete or result.meta.state == STATE_COMPLETE:
         result.already_complete, result.seconds = True, time.perf_counter() - started
         return result
-    result.pieces_tokenized = sum(r.pieces_tokenized for r in prepared)
+    if result.meta.state == STATE_INITIALIZING:
+        tasks = config.ray_tokenize_tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        # No CPUs reserved: the actors hold theirs idle until the plan exists, and the tasks
+        # are spread over the nodes rather than packed onto the driver's.
+        task = ray.remote(tokenize_share).options(num_cpus=0, scheduling_strategy="SPREAD", max_retries=MAX_SHARD_ATTEMPTS)
+        calls = [task.remote(options, i, tasks, described) for i in range(tasks)]
+        try:
+            shares = ray.get(calls)
+        except ray.exceptions.RayTaskError as e:
+            raise _cause(e) from None
+        except ray.exceptions.WorkerCrashedError:
+            raise StoreError(f"a Ray tokenization task died {MAX_SHARD_ATTEMPTS + 1} times; see `ray logs`; the cache is "
+                             "resumable") from None
+        result = replace(shares[0], pieces_tokenized=sum(r.pieces_tokenized for r in shares))
     result.worker = (0, 1)  # the driver reports for the whole build, as a single worker would
     writer = CacheWriter(config.out)
     records = writer.records()
