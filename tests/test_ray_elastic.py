@@ -1,8 +1,10 @@
-"""`build --engine ray --ray-actors 0` grows with its cluster: a node that joins mid-build gets
-a scoring actor, which takes shards, and the cache still equals a native build's.
+"""`build --engine ray` on clusters that change or misbehave: a node that joins mid-build gets
+a scoring actor (`--ray-actors 0`), which takes shards, and the cache still equals a native
+build's; a shard that kills its actor every time stops the build, naming it.
 
-A module of its own: it runs a two-node cluster (`ray.cluster_utils.Cluster`, two raylets on
-127.0.0.1), and a process holds one Ray connection at a time."""
+A module of its own: each test starts its own Ray session (a two-node
+`ray.cluster_utils.Cluster`, two raylets on 127.0.0.1; a session with a worker setup hook),
+and a process holds one Ray connection at a time."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pytest
 
 from ddk_cache.capture import ray_engine
 from ddk_cache.capture.build import build
+from ddk_cache.errors import DDKCacheError
 
 from .helpers import small_config
 from .test_kill_resume import assert_same_cache
@@ -44,3 +47,31 @@ def test_a_node_joining_mid_build_gets_an_actor_that_scores(tmp_path, teacher_di
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_a_shard_that_keeps_killing_its_actor_stops_the_build_naming_it(tmp_path, teacher_dir, corpus_dir):
+    """Every worker process (a worker setup hook) exits when handed a domain's first train
+    shard: Ray restarts the actor each time, the shard goes back to the queue, and the third
+    loss stops the build with one line naming the shard; the cache stays resumable."""
+
+    def poison() -> None:  # runs in every Ray worker process, restarted actors included
+        import os
+
+        from ddk_cache.capture import scoring
+
+        real = scoring.Scorer.run
+
+        def run(self, shards, teacher):
+            if any(s.split == "train" and s.index == 0 for s in shards):
+                os._exit(1)
+            return real(self, shards, teacher)
+
+        scoring.Scorer.run = run
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env={"worker_process_setup_hook": poison})
+    try:
+        with pytest.raises(DDKCacheError, match=r"shard \S+/train/\S+ was lost with its Ray actor 3 times .*resumable"):
+            build(small_config(teacher_dir, corpus_dir, tmp_path / "c.zarr", engine="ray", ray_actors=2), progress=False)
+    finally:
+        ray.shutdown()

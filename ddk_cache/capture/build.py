@@ -129,7 +129,7 @@ class BuildConfig(CommandConfig):
     clevel: int = option(5, "plain: blosc-zstd level.")
     num_shards: int | None = option(None, "Split the build across this many workers (default: WORLD_SIZE under torchrun, SLURM_NTASKS under srun, else 1).", fingerprint=False)
     shard_index: int | None = option(None, "This worker's index in 0..num-shards-1 (default: RANK / SLURM_PROCID).", fingerprint=False)
-    wait_timeout: float = option(7200.0, "Seconds a worker waits for other workers' tokenization without seeing any progress before it gives up.", fingerprint=False)
+    wait_timeout: float = option(7200.0, "Seconds a worker waits for other workers' tokenization without seeing any progress before it gives up (with --engine ray, also how long a restarting scoring actor is waited for before it is dropped).", fingerprint=False)
     writer_threads: int = option(0, "Threads converting, encoding and writing shards beside the teacher; 0 = half the CPU cores (1 to 8).", fingerprint=False)
     tensor_parallel_size: int = option(1, "vLLM: GPUs per engine (worker with local rank r gets GPUs [r*t, (r+1)*t)).")
     gpu_memory_utilization: float | None = option(None, "vLLM: share of GPU memory to use (on the CPU build, of host RAM; default 0.9 on GPU, 0.3 on CPU).", fingerprint=False)

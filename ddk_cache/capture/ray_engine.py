@@ -59,6 +59,7 @@ from .scoring import Hook, Scorer
 MAX_SHARD_ATTEMPTS = 3  # a shard whose actor died this many times stops the build
 QUEUED_PER_ACTOR = 2  # shards handed to an actor ahead: the next one is there when one ends
 GROW_EVERY = 10.0  # seconds between looks for room for another actor (--ray-actors 0)
+PROBE_WAIT = 0.5  # seconds before probing again an actor that is restarting
 
 
 def _import_ray() -> Any:
@@ -224,6 +225,10 @@ def _schedule(ray: Any, config: BuildConfig, progress: bool, hook: Hook, started
     calls: dict[Any, tuple[Any, str | None]] = {}  # call -> (actor, shard key; None for a liveness probe)
     ready = {id(a): a for a in actors}  # actors that take shards (not dead, not being probed)
     load = {id(a): 0 for a in actors}
+    restarting: dict[int, float] = {}  # per actor: when a liveness probe first found it restarting
+    # Ray >= 2.22 tells an actor that is restarting from one that is gone; before, any failed
+    # probe drops the actor.
+    unavailable = getattr(ray.exceptions, "ActorUnavailableError", ())
     last_grow, written, nodes_at_start = time.perf_counter(), 0, _nodes(ray)
     try:
         while todo or any(key is not None for _, key in calls.values()):
@@ -241,8 +246,17 @@ def _schedule(ray: Any, config: BuildConfig, progress: bool, hook: Hook, started
                     try:
                         ray.get(call)
                         ready[id(actor)] = actor
+                    except unavailable:
+                        # Restarting (a new process, the teacher loading again): probe again
+                        # until it answers, or until --wait-timeout has passed.
+                        since = restarting.setdefault(id(actor), time.monotonic())
+                        if time.monotonic() - since < config.wait_timeout:
+                            time.sleep(PROBE_WAIT)
+                            calls[actor.pid.remote()] = (actor, None)
                     except ray.exceptions.RayActorError:
-                        pass
+                        pass  # gone for good (ray.kill, or its restarts used up): the others go on
+                    else:
+                        restarting.pop(id(actor), None)
                     continue
                 load[id(actor)] -= 1
                 try:
