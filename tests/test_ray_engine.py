@@ -30,29 +30,23 @@ def cluster(built_cache):
 
 
 def test_ray_build_equals_the_native_build(tmp_path, cluster, teacher_dir, corpus_dir, built_cache):
-    out = tmp_path / "c.zarr"
-    written = []
-    result = build(small_config(teacher_dir, corpus_dir, out, engine="ray", ray_actors=2), progress=False,
-                   hook=lambda event, info: written.append(info["actor"]) if event == "shard_written" else None)
-    assert result.meta.state == "complete" and result.shards_written == len(written) > 0
-    assert len({id(a) for a in written}) == 2  # both actors scored
-    assert_same_cache(out, built_cache)
-    again = build(small_config(teacher_dir, corpus_dir, out, engine="ray", ray_actors=2), progress=False)
-    assert again.already_complete
-
-
-def test_tokenization_runs_as_cpu_tasks_not_on_the_actors(tmp_path, cluster, teacher_dir, corpus_dir, built_cache):
     """Three tokenization tasks (native workers 0-2 of 3) stage the pieces and write the
-    summaries; the two scoring actors tokenize nothing; the cache equals the native build's."""
+    summaries, the two scoring actors none; both actors score; the cache equals the native build's."""
     from ddk_cache.capture.packing import SUMMARY_DIR
     from ddk_cache.store.objects import Objects
 
     out = tmp_path / "c.zarr"
-    result = build(small_config(teacher_dir, corpus_dir, out, engine="ray", ray_actors=2, ray_tokenize_tasks=3), progress=False)
+    written = []
+    result = build(small_config(teacher_dir, corpus_dir, out, engine="ray", ray_actors=2, ray_tokenize_tasks=3), progress=False,
+                   hook=lambda event, info: written.append(info["actor"]) if event == "shard_written" else None)
+    assert result.meta.state == "complete" and result.shards_written == len(written) > 0
+    assert len({id(a) for a in written}) == 2  # both actors scored
     assert result.pieces_tokenized > 0
     summaries = sorted(key.rsplit("/", 1)[-1] for key in Objects.open(str(out)).list(SUMMARY_DIR))
     assert summaries == [f"w{i:05d}-of-00003.json" for i in range(3)]
     assert_same_cache(out, built_cache)
+    again = build(small_config(teacher_dir, corpus_dir, out, engine="ray", ray_actors=2), progress=False)
+    assert again.already_complete
 
 
 @pytest.mark.parametrize("how", ["sigkill", "ray.kill"])
