@@ -81,6 +81,23 @@ def test_driver_stopped_mid_build_resumes(tmp_path, cluster, teacher_dir, corpus
     assert_same_cache(out, built_cache)
 
 
+def test_a_bad_corpus_line_stops_the_tokenization_tasks_at_once(tmp_path, cluster, teacher_dir):
+    """A tokenization task that meets a bad line fails; the build stops with its one line
+    (file and line), without the other tasks waiting for the failed one's pieces."""
+    import time
+
+    from .helpers import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus")
+    with open(corpus / "alpha.jsonl", "a") as f:
+        f.write("{not json\n")
+    started = time.monotonic()
+    with pytest.raises(DDKCacheError, match=r"alpha.jsonl:31: not valid JSON"):
+        build(small_config(teacher_dir, corpus, tmp_path / "c.zarr", engine="ray", ray_actors=1, ray_tokenize_tasks=2),
+              progress=False)
+    assert time.monotonic() - started < 120  # not --wait-timeout (2 h)
+
+
 def test_errors_of_the_work_itself_come_back_as_they_are(tmp_path, cluster, corpus_dir):
     with pytest.raises(ConfigError, match="--engine ray schedules the shards itself"):
         small_config(tmp_path, corpus_dir, tmp_path / "x.zarr", engine="ray", num_shards=2, shard_index=0)

@@ -50,10 +50,12 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, StoreError
 from ..store.cache import CacheWriter
+from ..store.objects import Objects
 from ..runtime import Worker
 from ..store.meta import STATE_COMPLETE, STATE_INITIALIZING
 from .build import BuildConfig, BuildResult, _need, _open_teacher, _resolve, auto_writer_threads, prepare
-from .packing import PLAN_KEY, Plan
+from .corpus import plan_pieces
+from .packing import PLAN_KEY, Plan, done_pieces
 from .scoring import Hook, Scorer
 
 MAX_SHARD_ATTEMPTS = 3  # a shard whose actor died this many times stops the build
@@ -205,9 +207,9 @@ def _schedule(ray: Any, config: BuildConfig, progress: bool, hook: Hook, started
         # No CPUs reserved: the actors hold theirs idle until the plan exists, and the tasks
         # are spread over the nodes rather than packed onto the driver's.
         task = ray.remote(tokenize_share).options(num_cpus=0, scheduling_strategy="SPREAD", max_retries=MAX_SHARD_ATTEMPTS)
-        calls = [task.remote(options, i, tasks, described) for i in range(tasks)]
+        share_calls = [task.remote(options, i, tasks, described) for i in range(tasks)]
         try:
-            shares = ray.get(calls)
+            shares = _await_tokenization(ray, config, described["inputs"].domains, share_calls, tasks, progress)
         except ray.exceptions.RayTaskError as e:
             raise _cause(e) from None
         except ray.exceptions.WorkerCrashedError:
@@ -297,6 +299,26 @@ def _schedule(ray: Any, config: BuildConfig, progress: bool, hook: Hook, started
     result.meta = writer.finalize(records)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _await_tokenization(ray: Any, config: BuildConfig, domains: list, calls: list, tasks: int, progress: bool) -> list:
+    """The tokenization tasks' results, with a bar of the pieces staged so far (read from the
+    store every few seconds: the tasks' own bars are in their processes)."""
+    total = sum(len(plan_pieces(source, max(1, int(config.piece_mb * (1 << 20))))) for source in domains)
+    objects = Objects.open(config.out)
+    with tqdm(total=total, desc=f"tokenize ({tasks} Ray tasks)", unit=" piece", disable=not progress) as bar:
+        pending = list(calls)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=5.0)
+            try:
+                ray.get(ready)  # a task that failed (a bad corpus line) stops the build now
+            except Exception:
+                for call in pending:  # the others would wait for its pieces until --wait-timeout
+                    ray.cancel(call, force=True)
+                raise
+            if progress:
+                bar.update(len(done_pieces(objects)) - bar.n)
+    return ray.get(calls)
 
 
 def _call_all(ray: Any, actors: list, method: str) -> list:
