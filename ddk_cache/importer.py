@@ -46,13 +46,12 @@ import yaml
 from .capture.corpus import DOMAIN_NAME, RESERVED_NAMES
 from .capture.scoring import row_chunks
 from .errors import DDKCacheError
-from .export import FORMAT, MANIFEST, tail_logprob
+from .export import FORMAT, MANIFEST, tail_logprob64
 from .sources import AxolotlDataset, Capture, DdkExport, DistillKitCapture, Rows, bad, batches, pyarrow
 from .store.cache import LOSS_MASK, SPLITS, CacheWriter
 from .store.encodings import PackV3, PlainV1, RowScores
 from .store.log import ShardRecord
 from .store.meta import CHAT, STATE_COMPLETE, STATE_INITIALIZING, TEXT, CacheMeta, DomainInfo, SplitInfo
-from .store.pack3 import log1mexp
 from .store.targets import TargetSpec
 
 LAYOUTS = ("ddk", "distillkit", "axolotl")
@@ -156,12 +155,9 @@ def _complete(rows: Rows, capture: Capture, path: Path, base: int, fill: bool = 
         return int(carry.sum()), int(carry.sum())
     hit = (ids == nxt[..., None]) & np.isfinite(lps)
     found = hit.any(-1)
-    if rows["target"] is None and fill:
+    if fill:
         lp64 = lps.astype(np.float64)
-        with np.errstate(divide="ignore", under="ignore", invalid="ignore"):
-            top = lp64.max(-1, keepdims=True)  # finite: every position keeps an entry by now
-            kept = np.log(np.exp(lp64 - top).sum(-1)) + top[..., 0]  # log of the kept mass
-            tail = log1mexp(np.minimum(kept, 0.0))
+        tail = tail_logprob64(lp64)
         last = np.where(np.isfinite(lp64), lp64, np.inf).min(-1)
         bound = np.minimum(last, np.where(np.isfinite(tail), tail, last))
         rows["target"] = np.where(empty, 0.0, np.where(found, np.where(hit, lp64, 0.0).sum(-1), bound))
@@ -409,7 +405,7 @@ def _concat(a: Rows, b: Rows) -> Rows:
         if name == "mask":
             x, y = (np.ones_like(o["tokens"], np.uint8) if v is None else v for v, o in ((x, a), (y, b)))
         elif name == "tail":
-            x, y = (tail_logprob(o["logprobs"]).astype(np.float64) if v is None else v for v, o in ((x, a), (y, b)))
+            x, y = (tail_logprob64(o["logprobs"]) if v is None else v for v, o in ((x, a), (y, b)))
         out[name] = np.concatenate([x, y])
     return out
 
