@@ -138,14 +138,15 @@ class _DescribedTeacher:
         pass
 
 
-def tokenize_share(options: dict[str, Any], index: int, count: int, described: dict[str, Any]) -> BuildResult:
+def tokenize_share(index: int, count: int, described: dict[str, Any]) -> BuildResult:
     """A Ray CPU task: stages 4-5 as native worker `index` of `count` (its share of the
     pieces; the plan and arrays by whichever task gets there first), on the store an actor
-    created. Runs the native protocol, so a retried task resumes its share."""
+    created, from that actor's resolved stage 1. Runs the native protocol, so a retried task
+    resumes its share."""
     os.environ.setdefault("RAYON_NUM_THREADS", "1")  # one task per CPU: the tokenizer's own threads would oversubscribe
-    config = replace(BuildConfig(**options), num_shards=count, shard_index=index)
     inputs = described["inputs"]
-    inputs = replace(inputs, config=replace(inputs.config, num_shards=count, shard_index=index), worker=Worker(index, count))
+    config = replace(inputs.config, num_shards=count, shard_index=index)
+    inputs = replace(inputs, config=config, worker=Worker(index, count))
     return prepare(config, teacher=_DescribedTeacher(described["vocab_size"], described["max_context"]), inputs=inputs)
 
 
@@ -207,7 +208,7 @@ def _schedule(ray: Any, config: BuildConfig, progress: bool, hook: Hook, started
         # No CPUs reserved: the actors hold theirs idle until the plan exists, and the tasks
         # are spread over the nodes rather than packed onto the driver's.
         task = ray.remote(tokenize_share).options(num_cpus=0, scheduling_strategy="SPREAD", max_retries=MAX_SHARD_ATTEMPTS)
-        share_calls = [task.remote(options, i, tasks, described) for i in range(tasks)]
+        share_calls = [task.remote(i, tasks, described) for i in range(tasks)]
         try:
             shares = _await_tokenization(ray, config, described["inputs"].domains, share_calls, tasks, progress)
         except ray.exceptions.RayTaskError as e:
