@@ -147,3 +147,29 @@ def write_chat_corpus(root: Path, n: int = 80) -> Path:
     with open(root / "alpha.jsonl", "w") as f:
         f.writelines(json.dumps({"text": doc}) + "\n" for doc in make_docs("alpha", 30))
     return root
+
+
+def import_interrupted_then_resumed(monkeypatch, run, after: int, between=None) -> int:
+    """`run()` (an import) stopped by Ctrl-C once `after` shards are written, `between()`
+    called on the stopped cache, then `run()` again; returns the shards the second run wrote."""
+    import pytest
+
+    from ddk_cache import importer
+
+    real, calls = importer._write_shard, []
+
+    def stop(*a, **k):
+        if len(calls) == after:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(importer, "_write_shard", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert len(calls) == after
+    if between is not None:
+        between()
+    monkeypatch.setattr(importer, "_write_shard", lambda *a, **k: (calls.append(2), real(*a, **k)))
+    run()
+    return calls.count(2)

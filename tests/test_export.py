@@ -255,24 +255,18 @@ def test_import_of_an_export_gives_the_cache_back(built_cache: Path, chat_cache:
 
 
 def test_an_interrupted_import_resumes(built_cache: Path, tmp_path: Path, monkeypatch):
-    from ddk_cache import importer
+    from ddk_cache.importer import import_capture
+
+    from .helpers import import_interrupted_then_resumed
 
     export_parquet(str(built_cache), str(tmp_path / "e"), rows_per_file=7)
-    real, calls = importer._write_shard, []
 
-    def stop_after_three(*a, **k):
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(*a, **k)
+    def building():
+        assert Cache(str(tmp_path / "c.zarr"), require_complete=False).meta.state == "building"
 
-    monkeypatch.setattr(importer, "_write_shard", stop_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        importer.import_capture(str(tmp_path / "e"), str(tmp_path / "c.zarr"), shard_sequences=3)
-    assert Cache(str(tmp_path / "c.zarr"), require_complete=False).meta.state == "building"
-    monkeypatch.setattr(importer, "_write_shard", lambda *a, **k: (calls.append(2), real(*a, **k)))
-    importer.import_capture(str(tmp_path / "e"), str(tmp_path / "c.zarr"), shard_sequences=3)
-    assert calls.count(2) == len(Cache(str(tmp_path / "c.zarr")).shards()) - 3  # the three written before are kept
+    resumed = import_interrupted_then_resumed(
+        monkeypatch, lambda: import_capture(str(tmp_path / "e"), str(tmp_path / "c.zarr"), shard_sequences=3), 3, building)
+    assert resumed == len(Cache(str(tmp_path / "c.zarr")).shards()) - 3  # the three written before are kept
     assert_same_within_pack_v3(built_cache, tmp_path / "c.zarr")
 
 

@@ -308,26 +308,20 @@ def test_a_distillkit_capture_needs_its_config(tmp_path: Path, teacher_dir: Path
 
 def test_an_interrupted_distillkit_import_resumes(built_cache: Path, teacher_dir: Path, tmp_path: Path, monkeypatch):
     """Stopped after two shards, the same call finishes the rest; the cache equals an uninterrupted import."""
-    from ddk_cache import importer
+    from ddk_cache.importer import import_capture
+
+    from .helpers import import_interrupted_then_resumed
 
     write_distillkit(tmp_path / "dk", built_cache, LOSSY, domain_column=True)
     args = dict(layout="distillkit", tokenizer=str(teacher_dir), shard_sequences=3)
-    importer.import_capture(str(tmp_path / "dk"), str(tmp_path / "whole.zarr"), **args)
-    real, calls = importer._write_shard, []
+    import_capture(str(tmp_path / "dk"), str(tmp_path / "whole.zarr"), **args)
 
-    def stop_after_two(*a, **k):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(*a, **k)
+    def incomplete():
+        assert not Cache(str(tmp_path / "c.zarr"), require_complete=False).meta.complete
 
-    monkeypatch.setattr(importer, "_write_shard", stop_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        importer.import_capture(str(tmp_path / "dk"), str(tmp_path / "c.zarr"), **args)
-    assert not Cache(str(tmp_path / "c.zarr"), require_complete=False).meta.complete
-    monkeypatch.setattr(importer, "_write_shard", lambda *a, **k: (calls.append(2), real(*a, **k)))
-    importer.import_capture(str(tmp_path / "dk"), str(tmp_path / "c.zarr"), **args)
-    assert calls.count(2) > 0 and calls.count(1) == 2
+    resumed = import_interrupted_then_resumed(
+        monkeypatch, lambda: import_capture(str(tmp_path / "dk"), str(tmp_path / "c.zarr"), **args), 2, incomplete)
+    assert resumed > 0
     a, b = Cache(str(tmp_path / "whole.zarr")), Cache(str(tmp_path / "c.zarr"))
     for d in a.domains:
         for s in ("train", "val"):
