@@ -157,12 +157,15 @@ def cmd_objects(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         Objects.open(path).list("_build/log")
         one_listing = time.perf_counter() - t0
-        biggest = max(v for k, v in data.items() if k.split("/")[2] == "targets")
-        rows.append((f"{n / 1e6:.0f}M", f"{total / 2**30:.2f}", len(objects), f"{len(objects) / (total / 2**30):.1f}",
-                     len(cache.shards()), cache.meta.shard_sequences, f"{biggest / 2**20:.0f}", f"{listing * 1e3:.0f}", f"{one_listing * 1e3:.1f}", len(pending)))
+        # The targets' objects (format 3), or the bundles that hold tokens and targets (format 5).
+        biggest = max(v for k, v in data.items() if k.split("/")[2] in ("targets", "rows"))
+        gib = total / 2**30
+        rows.append((f"{n / 1e6:.0f}M", cache.meta.format_version, f"{gib:.2f}", len(objects), f"{len(objects) / gib:.1f}", len(data),
+                     f"{len(data) / gib:.1f}", len(cache.shards()), cache.meta.shard_sequences, f"{biggest / 2**20:.0f}",
+                     f"{listing * 1e3:.0f}", f"{one_listing * 1e3:.1f}", len(pending)))
     print(f"machine: {machine()}")
-    print_table(("corpus tokens", "cache GiB", "objects", "objects per GiB", "shards", "sequences per shard", "largest targets object (MiB)",
-                 "find pending shards (ms)", "of which the listing (ms)", "pending"), rows)
+    print_table(("corpus tokens", "format", "cache GiB", "objects", "objects per GiB", "data objects", "data objects per GiB", "shards",
+                 "sequences per shard", "largest data object (MiB)", "find pending shards (ms)", "of which the listing (ms)", "pending"), rows)
 
 
 def cmd_idle(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 # name -> module that defines it; imported on first use, so `import ddk_cache` stays light.
 _EXPORTS = {

@@ -37,6 +37,14 @@ def built_cache(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, cor
 
 
 @pytest.fixture(scope="session")
+def pack_cache(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, corpus_dir: Path) -> Path:
+    """The same build with the default encoding (pack-v3): a bundled cache (format 5)."""
+    out = tmp_path_factory.mktemp("pack") / "c.zarr"
+    build(small_config(teacher_dir, corpus_dir, out, encoding="pack"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def chat_cache(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path) -> Path:
     """A cache of chat records (messages and prompt/response pairs) with the tests' template."""
     from ddk_cache.capture.build import build

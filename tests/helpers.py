@@ -173,3 +173,19 @@ def import_interrupted_then_resumed(monkeypatch, run, after: int, between=None) 
     monkeypatch.setattr(importer, "_write_shard", lambda *a, **k: (calls.append(2), real(*a, **k)))
     run()
     return calls.count(2)
+
+
+def zarr_view(root, cache, domain: str, split: str, name: str):
+    """Array `name` of a split as a plain Zarr v3 reader sees it: its own array, or in a
+    bundled cache (format 5) its plane of `rows`, cut to the plane's row and dtype as the
+    `ddk_cache_planes` attribute says (storage_layout.md, "Bundles")."""
+    import numpy as np
+
+    if name in root[f"{domain}/{split}"].array_keys():
+        return root[f"{domain}/{split}/{name}"][:]
+    rows = root[f"{domain}/{split}/rows"]
+    planes = rows.attrs["ddk_cache_planes"]
+    i = [p["name"] for p in planes].index(name)
+    dtype, shape = np.dtype(planes[i]["data_type"]).newbyteorder("<"), tuple(planes[i]["shape"])
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    return np.ascontiguousarray(rows[:, i, :nbytes]).view(dtype).reshape(rows.shape[0], *shape)

@@ -13,7 +13,7 @@ from ddk_cache.capture.build import build
 from ddk_cache.errors import ConfigError, StoreError, TeacherError
 from ddk_cache.store.cache import SPLITS, Cache, CacheWriter
 
-from .helpers import copy_cache, small_config
+from .helpers import copy_cache, small_config, zarr_view
 
 ARRAYS = ("tokens", "topk_ids", "topk_logprobs", "target_logprob")
 
@@ -39,7 +39,7 @@ def all_arrays(path) -> dict:
 
     c = Cache(str(path), require_complete=False)
     root = zarr.open_group(str(path), mode="r")
-    return {(d, s, a): root[f"{d}/{s}/{a}"][:] for d in c.domains for s in SPLITS for a in c.array_names(d)}
+    return {(d, s, a): zarr_view(root, c, d, s, a) for d in c.domains for s in SPLITS for a in c.array_names(d)}
 
 
 def test_cache_equals_direct_forward_pass(built_cache, teacher_dir):
@@ -70,7 +70,7 @@ def test_ppl_table_equals_exp_mean_nll(built_cache, teacher_dir):
 
 def test_metadata_records_the_build(built_cache, teacher_dir):
     meta = Cache(str(built_cache)).meta
-    assert meta.format_version == 3 and meta.state == "complete"
+    assert meta.format_version == 5 and meta.state == "complete"
     assert meta.teacher["backend"] == "hf" and meta.teacher["dtype"] == "float32"
     assert meta.teacher["name_or_path"] == str(teacher_dir)
     assert meta.tokenizer["fingerprint"].startswith("sha256:")
@@ -260,8 +260,8 @@ def test_domain_too_small(tmp_path, teacher_dir):
 
 
 def test_newer_format_at_out_is_refused_as_such(tmp_path, built_cache, teacher_dir, corpus_dir):
-    out = copy_cache(built_cache, tmp_path / "c.zarr", edit=lambda meta: meta.update(format_version=5))
-    with pytest.raises(StoreError, match="has cache format version 5; this ddk-cache .* reads versions 1, 2, 3, 4; upgrade ddk-cache"):
+    out = copy_cache(built_cache, tmp_path / "c.zarr", edit=lambda meta: meta.update(format_version=6))
+    with pytest.raises(StoreError, match="has cache format version 6; this ddk-cache .* reads versions 1, 2, 3, 4, 5; upgrade ddk-cache"):
         build(small_config(teacher_dir, corpus_dir, out), progress=False)
 
 

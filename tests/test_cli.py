@@ -82,7 +82,7 @@ def test_inspect_refuses_unknown_format_version(tmp_path, built_cache):
     copy = copy_cache(built_cache, tmp_path / "c.zarr", edit=lambda meta: meta.update(format_version=99))
     result = CliRunner().invoke(main, ["inspect", str(copy)])
     assert result.exit_code == 1
-    assert "has cache format version 99; this ddk-cache " + ddk_cache.__version__ + " reads versions 1, 2, 3, 4; upgrade ddk-cache" in result.output
+    assert "has cache format version 99; this ddk-cache " + ddk_cache.__version__ + " reads versions 1, 2, 3, 4, 5; upgrade ddk-cache" in result.output
 
 
 def test_help_explains_every_command():

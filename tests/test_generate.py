@@ -115,15 +115,16 @@ def test_build_stores_the_samples_as_drawn_with_their_logprobs(tmp_path, teacher
     build(small_config(teacher_dir, corpus, out, seq_len=64, val_tokens=64, chat_template=CHAT_TEMPLATE), progress=False)
     cache = Cache(str(out))
     assert cache.is_chat("samples") and cache.is_sampled("samples")
-    # A cache with generated samples is format 4: a format-3 reader would weight them wrongly,
-    # so it must refuse (an older ddk-cache reads versions 1-3 only).
-    assert cache.meta.format_version == 4
+    # A cache with generated samples is format 4 or later: a format-3 reader would weight them
+    # wrongly, so it must refuse (an older ddk-cache reads versions 1-3 only). Every cache
+    # written now is format 5 (meta.FORMAT_VERSION).
+    assert cache.meta.format_version == 5
     import ddk_cache.store.meta as meta_module
     from ddk_cache.errors import StoreVersionError
 
     old_reader = pytest.MonkeyPatch()
     old_reader.setattr(meta_module, "READABLE_VERSIONS", (1, 2, 3))
-    with pytest.raises(StoreVersionError, match="has cache format version 4; .* reads versions 1, 2, 3; upgrade ddk-cache"):
+    with pytest.raises(StoreVersionError, match="has cache format version 5; .* reads versions 1, 2, 3; upgrade ddk-cache"):
         Cache(str(out))
     old_reader.undo()
     tok = load_tokenizer(str(teacher_dir))

@@ -28,10 +28,11 @@ def pieces_staged(out) -> int:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_build_then_resume(tmp_path, teacher_dir, corpus_dir, built_cache):
+def test_sigkill_mid_build_then_resume(tmp_path, teacher_dir, corpus_dir, pack_cache):
+    """With the default encoding: each shard is one object (a bundle of tokens and targets)."""
     out = tmp_path / "c.zarr"
     # Batch size 1 slows the teacher down enough to kill it between shards.
-    config = small_config(teacher_dir, corpus_dir, out, batch_size=1)
+    config = small_config(teacher_dir, corpus_dir, out, batch_size=1, encoding="pack")
     proc = subprocess.Popen(build_argv(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -46,7 +47,8 @@ def test_sigkill_mid_build_then_resume(tmp_path, teacher_dir, corpus_dir, built_
     assert 0 < len(pending) < len(CacheWriter(str(out)).shards())
     result = build(config, progress=False)
     assert result.shards_written == len(pending)
-    assert_same_cache(out, built_cache)
+    assert Cache(str(out)).meta.bundled
+    assert_same_cache(out, pack_cache)
 
 
 @pytest.mark.slow

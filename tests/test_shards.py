@@ -12,16 +12,7 @@ from ddk_cache.store.cache import SPLITS, Cache
 from ddk_cache.store.objects import Objects
 from ddk_cache.store.shards import ArraySpec, RowArray, RowReader, read_zarr_json
 
-from .helpers import copy_cache, small_config
-
-
-@pytest.fixture(scope="module")
-def pack_cache(tmp_path_factory, teacher_dir, corpus_dir):
-    from ddk_cache.capture.build import build
-
-    out = tmp_path_factory.mktemp("pack") / "c.zarr"
-    build(small_config(teacher_dir, corpus_dir, out, encoding="pack"), progress=False)
-    return out
+from .helpers import copy_cache, small_config, zarr_view
 
 
 @pytest.mark.parametrize("which", ["plain", "pack"])
@@ -36,7 +27,7 @@ def test_every_row_equals_zarr(which, built_cache, pack_cache):
                 rows = np.arange(array.n_rows)[::-1]  # any order, repeats, runs
                 rows = np.concatenate([rows, rows[:3]])
                 raw = cache.reader.raw_rows(array, rows)
-                expected = root[f"{d}/{s}/{name}"][:]
+                expected = zarr_view(root, cache, d, s, name)
                 for r, got in zip(rows, raw):
                     assert np.frombuffer(got, array.dtype).reshape(array.row_shape).tobytes() == expected[r].tobytes()
 
@@ -119,3 +110,49 @@ def test_a_small_split_gets_shards_of_its_size(tmp_path, teacher_dir, corpus_dir
         assert array.shard_rows == n
         size = len(objects.get(array.object_key(0)))
         assert size < 16 * 64  # smaller than a 64-row index alone
+
+
+def test_a_bundled_shard_is_one_object_and_tokens_read_alone(pack_cache):
+    """Format 5, packed encodings: a shard is one object holding every array's rows (the
+    tokens travel with the targets), and reading tokens fetches the tokens' chunks only: not
+    one byte of the targets, which are not decoded either."""
+    cache = Cache(str(pack_cache))
+    assert cache.meta.format_version == 5 and cache.meta.bundled
+    listing = cache.objects.list("")
+    for d in cache.domains:
+        for s in SPLITS:
+            data = [k for k in listing if k.startswith(f"{d}/{s}/") and not k.endswith("zarr.json")]
+            shards = [sh for sh in cache.shards() if (sh.domain, sh.split) == (d, s)]
+            assert sorted(data) == sorted(f"{d}/{s}/rows/c/{sh.index}/0/0" for sh in shards)
+    tokens, targets = cache.array("alpha", "train", "tokens"), cache.array("alpha", "train", "targets")
+    assert tokens.object_key(0) == targets.object_key(0)
+    index = cache.reader.index(tokens, 0)  # fetch the index before counting reads
+    fetched = []
+    real = cache.objects.get_ranges
+    cache.objects.get_ranges = lambda requests: fetched.extend(requests) or real(requests)
+    decoded = []
+    real_decode = type(cache.encoding).decode
+    type(cache.encoding).decode = lambda self, *a, **k: decoded.append(1) or real_decode(self, *a, **k)
+    try:
+        rows = np.arange(tokens.shard_rows)
+        got = cache.tokens("alpha", "train", rows)
+    finally:
+        type(cache.encoding).decode = real_decode
+    assert fetched == [(tokens.object_key(0), int(index[0, 0]), int(index[-1, 0] + index[-1, 1]))] and not decoded
+    assert sum(e - b for _, b, e in fetched) == int(index[:, 1].sum())  # tokens chunks only
+    np.testing.assert_array_equal(got, cache.read("alpha", "train", 0, tokens.shard_rows).tokens)
+
+
+def test_a_bundle_plane_damage_is_named(tmp_path, pack_cache):
+    out = copy_cache(pack_cache, tmp_path / "c.zarr")
+    cache = Cache(str(out))
+    targets = cache.array("alpha", "train", "targets")
+    offset = int(cache.reader.index(targets, 0)[1, 0])
+    key = out / targets.object_key(0)
+    data = bytearray(key.read_bytes())
+    data[offset + 5] ^= 0xFF  # inside row 1's targets chunk
+    key.write_bytes(bytes(data))
+    fresh = Cache(str(out))
+    np.testing.assert_array_equal(fresh.tokens("alpha", "train", [1]), cache.tokens("alpha", "train", [1]))  # tokens still read
+    with pytest.raises(StoreError, match=r"alpha/train/rows/c/0/0/0 row 1: checksum mismatch"):
+        fresh.targets_of("alpha", "train", [1])

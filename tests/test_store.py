@@ -22,6 +22,17 @@ def test_layout_reader_snippet_runs_on_a_real_cache(built_cache):
     exec(compile(snippet, str(LAYOUT), "exec"), {})
 
 
+def test_layout_bundle_snippet_reads_a_packed_cache(pack_cache):
+    """storage_layout.md's plain-zarr reader of a bundle's plane gives the tokens ddk-cache reads."""
+    import numpy as np
+    import zarr
+
+    snippet = re.findall(r"```python\n(.*?)```", LAYOUT.read_text(), re.S)[1].replace('root["news/val"]', 'root["alpha/val"]')
+    scope = {"np": np, "root": zarr.open_group(str(pack_cache), mode="r")}
+    exec(compile(snippet, str(LAYOUT), "exec"), scope)
+    np.testing.assert_array_equal(scope["tokens"], Cache(str(pack_cache)).tokens("alpha", "val", [0])[0])
+
+
 def test_layout_documents_every_array_and_encoding():
     from ddk_cache.store.encodings import Layout
 
@@ -31,7 +42,7 @@ def test_layout_documents_every_array_and_encoding():
         assert f"`{name}`" in text
         for array in cls().arrays(layout):
             assert f"`{array}`" in text
-    for array in ("tokens", "loss_mask"):
+    for array in ("tokens", "loss_mask", "rows", "ddk_cache_planes"):
         assert f"`{array}`" in text
     for key in CacheMeta.__dataclass_fields__:
         if key != "extra":

@@ -204,6 +204,59 @@ def test_format_2_caches_still_read(name):
     assert math.isfinite(cache.teacher_ppl("alpha", "val"))
 
 
+def test_format_3_cache_still_reads_verifies_and_trains(tmp_path):
+    """A pack-v3 cache written by ddk-cache 0.3 (format 3: tokens and targets in separate
+    objects, before bundles) reads as it did (every array equals what that version read,
+    recorded beside the fixture), passes `verify`, and trains a student."""
+    from ddk_cache.models import ModelSpec, init_model
+    from ddk_cache.capture.tokenization import load_tokenizer
+    from ddk_cache.store.verify import verify_cache
+
+    path = LEGACY / "v3-pack.zarr"
+    cache = Cache(str(path))
+    assert cache.meta.format_version == 3 and not cache.meta.bundled and cache.encoding.name == "pack-v3"
+    expected = np.load(LEGACY / "v3-pack.expected.npz")
+    for d in cache.domains:
+        for s in SPLITS:
+            batch = cache.read(d, s, 0, cache.num_sequences(d, s))
+            for key in ("tokens", "topk_ids", "topk_logprobs", "target_logprob", "tail_logprob"):
+                np.testing.assert_array_equal(getattr(batch, key), expected[f"{d}/{s}/{key}"], err_msg=f"{d}/{s}/{key}")
+    problems, checked = verify_cache(str(path))
+    assert problems == [] and checked == 2 * len(cache.shards())
+    tok = load_tokenizer(str(LEGACY / "teacher"))
+    student = tmp_path / "student"
+    init_model(ModelSpec(vocab_size=400, hidden_size=32, layers=1, heads=1, max_position_embeddings=64), tok).save_pretrained(student)
+    tok.save_pretrained(student)
+    result = distill(distill_config(path, student, tmp_path / "run", max_steps=2, batch_size=2), progress=False)
+    assert len(result.losses) == 2 and np.isfinite(result.losses).all()
+
+
+def test_format_3_build_resumed_by_this_version_stays_format_3(tmp_path, teacher_dir, corpus_dir, pack_cache, monkeypatch):
+    """A pack build begun by a format-3 writer and resumed by this one is finished in format 3
+    (one object per array, as it began), and holds the rows an uninterrupted build holds."""
+    import ddk_cache.store.cache as cache_module
+    from .helpers import partial_cache
+    from .test_kill_resume import assert_same_cache
+
+    out = tmp_path / "c.zarr"
+    with monkeypatch.context() as m:
+        m.setattr(cache_module, "FORMAT_VERSION", 3)
+        partial_cache(teacher_dir, corpus_dir, out, shards=3, encoding="pack")
+    assert Cache(str(out), require_complete=False).meta.format_version == 3
+    build(small_config(teacher_dir, corpus_dir, out, encoding="pack"), progress=False)
+    cache = Cache(str(out))
+    assert cache.meta.format_version == 3 and not cache.meta.bundled
+    assert (out / "alpha" / "train" / "tokens" / "c" / "0" / "0").exists() and not (out / "alpha" / "train" / "rows").exists()
+    assert verify_cache_problems(out) == []
+    assert_same_cache(out, pack_cache)
+
+
+def verify_cache_problems(path) -> list:
+    from ddk_cache.store.verify import verify_cache
+
+    return verify_cache(str(path))[0]
+
+
 def test_format_2_cache_trains_a_student(tmp_path):
     from ddk_cache.models import ModelSpec, init_model
     from ddk_cache.capture.tokenization import load_tokenizer

@@ -82,9 +82,7 @@ def fidelity(cache: Cache, *, sequences: int = 4, device: str = "auto", teacher:
     t.close()
     kl_all = np.concatenate(kl)
     tokens = sum(cache.num_sequences(d, s) * cache.seq_len for d in cache.domains for s in SPLITS)
-    per_array: dict[str, int] = {}
-    for (_, _, name), size in cache.stored_bytes().items():
-        per_array[name] = per_array.get(name, 0) + size
+    per_array = cache.array_bytes()
     return {
         "positions": int(len(kl_all)),
         "covered_mass": float(np.concatenate(mass).mean()),

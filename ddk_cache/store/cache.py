@@ -1,9 +1,11 @@
 """The on-disk cache: every array and attribute name lives here (see storage_layout.md).
 
-A cache (format 3) is a Zarr v3 group:
+A cache (format 5) is a Zarr v3 group:
 
     /                        attrs["ddk_cache"] = root metadata (meta.CacheMeta)
     /<domain>/<split>/       split is "train" or "val"
+        rows            uint8 [N, A, C] packed encodings: the arrays below as planes of one
+                                        bundle, one object per shard (shards.py)
         tokens          int32 [N, L]    the packed (or padded) sequences
         loss_mask       uint8 [N, L]    chat domains only: 1 where tokens[t] is a label
         sample_logprob  float32 [N, L]  generated samples only: log-prob of tokens[t] under the
@@ -13,7 +15,7 @@ A cache (format 3) is a Zarr v3 group:
     /_build/                 build state: logs of finished shards, staged tokens
 
 Every array is a row array (shards.py): one object per S sequences, one compressed chunk
-per sequence. The builder writes whole shards, one writer per shard, and records a shard
+per sequence; in a bundle, every array of a shard shares one object. The builder writes whole shards, one writer per shard, and records a shard
 in its log only after its objects exist, so a build can stop anywhere and resume.
 Readers go through `Cache`; nothing else opens the arrays.
 """
@@ -35,19 +37,20 @@ from .meta import (
     CHAT, FORMAT_VERSION, SAMPLED_FORMAT_VERSION, SPLITS, STATE_BUILDING, STATE_COMPLETE, STATE_INITIALIZING, CacheMeta, DomainInfo, PPLEntry,
 )
 from .objects import Objects, is_url
-from .shards import TRAILER, ArraySpec, RowArray, RowReader, damaged, read_zarr_json
+from .shards import PLANES_ATTR, TRAILER, ArraySpec, RowArray, RowReader, damaged, read_zarr_json
 from .targets import TargetSpec
 
 ROOT_ATTR = "ddk_cache"
 TOKENS = "tokens"
 LOSS_MASK = "loss_mask"
 SAMPLE_LOGPROB = "sample_logprob"
+BUNDLE = "rows"  # format 5, packed encodings: every per-sequence array as a plane of this one
 BUILD_DIR = "_build"
 PIECES_DIR = "_build/pieces"
 # Format 1-2 only: per-shard completion flags (format 3 keeps build logs instead).
 LEGACY_SHARD_DONE = "shard_done"
 
-__all__ = ["Cache", "CacheBatch", "CacheWriter", "Shard", "SPLITS", "TOKENS", "LOSS_MASK", "SAMPLE_LOGPROB", "ROOT_ATTR", "FORMAT_VERSION",
+__all__ = ["BUNDLE", "Cache", "CacheBatch", "CacheWriter", "Shard", "SPLITS", "TOKENS", "LOSS_MASK", "SAMPLE_LOGPROB", "ROOT_ATTR", "FORMAT_VERSION",
            "STATE_BUILDING", "STATE_COMPLETE", "STATE_INITIALIZING", "is_url", "format_bytes", "describe_pending", "read_root_meta"]
 
 
@@ -189,8 +192,14 @@ class _CacheNode:
                 + list(self.target_arrays))
 
     def array(self, domain: str, split: str, name: str) -> RowArray:
-        """The RowArray `<domain>/<split>/<name>`, from its zarr.json (read once)."""
+        """The RowArray `<domain>/<split>/<name>`, from its zarr.json (read once); in a bundled
+        cache, the view of that plane of `<domain>/<split>/rows`."""
         key = (domain, split, name)
+        if key not in self._arrays and self.meta.bundled and name != BUNDLE:
+            spec = self.array_specs(domain).get(name)
+            if spec is None:
+                raise StoreError(f"{self.path}: {domain}/{split} has no array {name!r}")
+            self._arrays[key] = self.array(domain, split, BUNDLE).plane_view(name, spec.row_shape, spec.dtype)
         if key not in self._arrays:
             if domain not in self.meta.domains:
                 raise StoreError(f"{self.path} has no domain {domain!r} (domains: {', '.join(self.domains)})")
@@ -199,13 +208,34 @@ class _CacheNode:
             if meta is None:
                 raise damaged(f"{self.objects.describe(path + '/zarr.json')} is missing")
             array = RowArray.from_zarr_json(path, meta)
-            spec = self.array_specs(domain).get(name)
+            spec = self.bundle_spec(domain) if name == BUNDLE else self.array_specs(domain).get(name)
             want = (self.num_sequences(domain, split), *(spec.row_shape if spec else array.row_shape))
             if (array.n_rows, *array.row_shape) != want:
                 raise damaged(f"{self.objects.describe(path + '/zarr.json')} gives the shape {(array.n_rows, *array.row_shape)}, "
                               f"the cache's metadata {want} (edited after the build?)")
+            if name == BUNDLE and meta.get("attributes", {}).get(PLANES_ATTR) != self.plane_attrs(domain):
+                raise damaged(f"{self.objects.describe(path + '/zarr.json')} lists the planes {meta.get('attributes', {}).get(PLANES_ATTR)}, "
+                              f"the cache's metadata {self.plane_attrs(domain)} (edited after the build?)")
             self._arrays[key] = array
         return self._arrays[key]
+
+    def bundle_spec(self, domain: str) -> ArraySpec:
+        """A bundled cache's `rows` array: [A, C] bytes per sequence, A planes (array_specs'
+        arrays, in order) of C bytes, the largest plane's row; zstd as the targets had."""
+        specs = self.array_specs(domain).values()
+        C = max(int(np.prod(s.row_shape)) * np.dtype(s.dtype).itemsize for s in specs)
+        return ArraySpec("uint8", (len(specs), C), "zstd", 1, ("plane", "byte"))
+
+    def plane_attrs(self, domain: str) -> list[dict[str, Any]]:
+        """The `ddk_cache_planes` attribute of a domain's bundles: each plane's name, dtype and
+        row shape, in plane order (what a plain Zarr reader needs to cut a row)."""
+        return [{"name": name, "data_type": spec.dtype, "shape": list(spec.row_shape)} for name, spec in self.array_specs(domain).items()]
+
+    def shard_arrays(self, domain: str, split: str) -> list[RowArray]:
+        """The arrays that own a shard's objects: the bundle, or every array (one object each)."""
+        if self.meta.bundled:
+            return [self.array(domain, split, BUNDLE)]
+        return [self.array(domain, split, name) for name in self.array_names(domain)]
 
     def array_specs(self, domain: str) -> dict[str, ArraySpec]:
         L = self.seq_len
@@ -310,6 +340,26 @@ class Cache(_CacheNode):
                 sizes[k] = sizes.get(k, 0) + size
         return sizes
 
+    def array_bytes(self) -> dict[str, int]:
+        """Bytes on disk per array name over the whole cache. A bundle's objects are split by
+        plane from their indexes (one small read per shard); their indexes and identity
+        trailers count as "index"."""
+        per: dict[str, int] = {}
+        for (domain, split, name), size in self.stored_bytes().items():
+            if name != BUNDLE or not self.meta.bundled:
+                per[name] = per.get(name, 0) + size
+                continue
+            bundle = self.array(domain, split, BUNDLE)
+            planes = [self.array(domain, split, plane) for plane in bundle.planes]
+            for shard in range(bundle.n_shards):
+                start, stop = bundle.shard_range(shard)
+                for view in planes:
+                    used = int(self.reader.index(view, shard)[: stop - start, 1].sum())
+                    per[view.name] = per.get(view.name, 0) + used
+                    size -= used
+            per["index"] = per.get("index", 0) + size
+        return per
+
     def summary(self) -> list[dict[str, Any]]:
         """One row per domain and split: sizes, teacher PPL, bytes on disk, mean kept mass."""
         stored = self.stored_bytes()
@@ -371,22 +421,26 @@ class CacheWriter(_CacheNode):
                 # A split smaller than a shard gets shards of its size: every shard object holds
                 # an index slot per row of its shard, which would dwarf a small split's rows.
                 shard_rows = meta.shard_rows(n)
-                for name, spec in self.array_specs(domain).items():
+                arrays = {BUNDLE: self.bundle_spec(domain)} if meta.bundled else self.array_specs(domain)
+                for name, spec in arrays.items():
                     shape = (n, *spec.row_shape)
                     existing = read_zarr_json(self.objects, f"{domain}/{split}/{name}")
                     if existing is not None:
                         if tuple(existing["shape"]) != shape:
                             raise StoreError(f"{self.path}: {domain}/{split}/{name} has shape {tuple(existing['shape'])}, this build needs {shape}")
                         continue
+                    # A bundle's inner chunk is one plane of one row: [1, 1, C].
+                    chunk = (1, 1, spec.row_shape[1]) if name == BUNDLE else (1, *spec.row_shape)
                     try:
-                        group.create_array(name, shape=shape, dtype=spec.dtype, chunks=(1, *spec.row_shape), shards=(shard_rows, *spec.row_shape),
-                                           compressors=spec.codecs(), fill_value=0, dimension_names=("sequence", *spec.dims))
+                        group.create_array(name, shape=shape, dtype=spec.dtype, chunks=chunk, shards=(shard_rows, *spec.row_shape),
+                                           compressors=spec.codecs(), fill_value=0, dimension_names=("sequence", *spec.dims),
+                                           attributes={PLANES_ATTR: self.plane_attrs(domain)} if name == BUNDLE else None)
                     except zarr.errors.ContainsArrayError:
                         pass  # a concurrent worker made it a moment ago
         if meta.state == STATE_INITIALIZING:
             meta.state = STATE_BUILDING
         if any(info.sampled for info in domains.values()):
-            meta.format_version = SAMPLED_FORMAT_VERSION  # see meta.SAMPLED_FORMAT_VERSION
+            meta.format_version = max(meta.format_version, SAMPLED_FORMAT_VERSION)  # see meta.SAMPLED_FORMAT_VERSION
         self.write_meta(meta)
 
     def put_shard(self, shard: Shard, chunks: dict[str, list[bytes]]) -> tuple[dict[str, int], dict[str, str]]:
@@ -394,13 +448,15 @@ class CacheWriter(_CacheNode):
         content hashes (of the chunk bytes, as their identity trailers record them)."""
         sizes, hashes = {}, {}
         build_id = self.meta.build_id
-        for name, rows in chunks.items():
-            array = self.array(shard.domain, shard.split, name)
-            blob = array.assemble(shard.index, rows, build_id)
+        want = set(self.array_names(shard.domain))
+        if set(chunks) != want:
+            raise ValueError(f"{shard.key}: rows for {sorted(chunks)}, the cache stores {sorted(want)}")
+        for array in self.shard_arrays(shard.domain, shard.split):
+            blob = array.assemble_planes(shard.index, [chunks[name] for name in (array.planes or (array.name,))], build_id)
             self.objects.put(array.object_key(shard.index), blob)
-            sizes[name] = len(blob)
+            sizes[array.name] = len(blob)
             if build_id is not None:
-                hashes[name] = RowArray.content_hash(blob[len(blob) - array.index_bytes() - TRAILER:][:TRAILER])
+                hashes[array.name] = RowArray.content_hash(blob[len(blob) - array.index_bytes() - TRAILER:][:TRAILER])
         return sizes, hashes
 
     def log_writer(self, worker: tuple[int, int]) -> LogWriter:

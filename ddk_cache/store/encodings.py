@@ -86,6 +86,9 @@ class Encoding(ABC):
     # other divergences on them (their gradients weight each entry by log p, which these
     # encodings do not bound).
     forward_kl_only: ClassVar[bool] = False
+    # True: rows are bytes, so in a format-5 cache they share each shard's object with the
+    # tokens (a bundle, shards.py); typed rows (plain-v1) keep their own arrays and shuffle.
+    bundled: ClassVar[bool] = False
 
     @abstractmethod
     def arrays(self, layout: Layout) -> dict[str, ArraySpec]:
@@ -165,6 +168,7 @@ class _Packed(Encoding):
 
     exact_target: bool
     zstd_level: int
+    bundled: ClassVar[bool] = True
 
     def _make_codec(self, layout: Layout, sampled: bool, sample_logp: bool) -> Any:
         raise NotImplementedError

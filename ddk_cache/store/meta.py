@@ -1,7 +1,7 @@
 """The cache's root metadata as one typed object (storage_layout.md, "Root metadata").
 
 Every reader goes through `CacheMeta`: attribute names, not dict keys spread over the
-code. `from_dict` reads format versions 1, 2 and 3 (older ones are mapped onto the same
+code. `from_dict` reads format versions 1 to 5 (older ones are mapped onto the same
 fields) and refuses anything else with a message naming both versions.
 """
 
@@ -16,13 +16,16 @@ from ..errors import StoreError, StoreVersionError
 from .encodings import Encoding, Layout, PlainV1, encoding_from_dict
 from .targets import TargetSpec
 
-FORMAT_VERSION = 3
-# The version is per cache: one with a domain of generated samples (`sample_logprob`, the
-# `sampled` attribute) is version 4, since a version-3 reader would read it without error
-# and weight teacher-mixed samples wrongly; every other cache stays version 3, which older
-# readers read correctly.
+# Version 5: a packed cache (pack-v3, pack-v2) keeps each shard's tokens, loss mask, sampling
+# log-probs and targets in one object, a bundle (shards.py); older readers would find no
+# `tokens` array. Every cache written now is version 5 (plain-v1 and tokens-only caches keep
+# one object per array, as in version 3).
+FORMAT_VERSION = 5
+BUNDLE_FORMAT_VERSION = 5
+# Version 4 (ddk-cache 0.3): version 3 plus a domain of generated samples (`sample_logprob`,
+# the `sampled` attribute), which a version-3 reader would weight wrongly.
 SAMPLED_FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 SPLITS = ("train", "val")
 
 # Root states: inputs being tokenized -> teacher shards pending -> done.
@@ -116,6 +119,12 @@ class CacheMeta:
         """Rows per shard object of a split of `n` sequences: `shard_sequences`, or the split's
         size when smaller (caches since ddk-cache 0.3: a shard's index has a slot per row)."""
         return max(1, min(self.shard_sequences, n)) if self.shard_identity else self.shard_sequences
+
+    @property
+    def bundled(self) -> bool:
+        """Whether each shard is one object holding every per-sequence array (format 5, packed
+        encodings; storage_layout.md, "Bundles")."""
+        return self.format_version >= BUNDLE_FORMAT_VERSION and self.encoding.bundled
 
     @property
     def build_id(self) -> bytes | None:
@@ -213,5 +222,5 @@ class CacheMeta:
         )
 
 
-__all__ = ["CHAT", "CacheMeta", "DomainInfo", "FORMAT_VERSION", "SAMPLED_FORMAT_VERSION", "PPLEntry", "PlainV1", "READABLE_VERSIONS", "SPLITS",
+__all__ = ["BUNDLE_FORMAT_VERSION", "CHAT", "CacheMeta", "DomainInfo", "FORMAT_VERSION", "SAMPLED_FORMAT_VERSION", "PPLEntry", "PlainV1", "READABLE_VERSIONS", "SPLITS",
            "STATE_BUILDING", "STATE_COMPLETE", "STATE_INITIALIZING", "SplitInfo", "TEXT"]

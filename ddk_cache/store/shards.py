@@ -16,10 +16,18 @@ can open a cache; the shard objects themselves are written and read here, becaus
 Inner chunk codecs: bytes (little endian) -> blosc (zstd, byte shuffle) or zstd -> crc32c.
 Shard index: per row slot (offset, nbytes) as little-endian uint64 pairs, then a CRC32C
 of those bytes; (2^64-1, 2^64-1) marks a slot never written.
+
+A *bundle* (format 5) keeps several per-sequence arrays in one object per shard: a uint8
+array [N, A, C] whose inner chunk [1, 1, C] is one sequence's row of one *plane* (tokens,
+the loss mask, the targets frame...; each row's bytes zero-padded to C). The object holds
+each plane's chunks together (plane 0's rows, then plane 1's...), so the rows of one plane
+are still one range read: tokens are read without fetching or decoding the targets. A
+`RowArray` view of one plane reads and writes it as if it were its own typed array.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import threading
@@ -48,6 +56,7 @@ def identity_trailer(build_id: bytes, path: str, shard: int, body: bytes) -> byt
     content = hashlib.blake2b(body, digest_size=16).digest()
     return (TRAILER_MAGIC + build_id[:16].ljust(16, b"\0") + place + content).ljust(TRAILER, b"\0")
 COMPRESSORS = ("blosc", "zstd")
+PLANES_ATTR = "ddk_cache_planes"  # a bundle's zarr.json attribute: its planes (storage_layout.md)
 _CRC = CRC32C(location="end")
 
 
@@ -78,13 +87,17 @@ class ArraySpec:
 class RowArray:
     """One sharded row array of a cache: where it lives and how to read and write its rows."""
 
-    path: str  # key prefix, e.g. "news/train/tokens"
+    path: str  # key prefix, e.g. "news/train/tokens" (a bundle's: "news/train/rows")
     n_rows: int
-    row_shape: tuple[int, ...]
+    row_shape: tuple[int, ...]  # a bundle plane's: the plane's own row (tokens: [L])
     dtype: np.dtype
     shard_rows: int
     compressor: str | None  # blosc, zstd or None
     level: int = 5
+    planes: tuple[str, ...] = ()  # a bundle: its planes' names, in order (empty: a plain row array)
+    plane: int = 0  # a bundle's view: which plane this one reads and writes
+    chunk_bytes: int = 0  # a bundle: C, the bytes of every inner chunk (each plane's row padded to it)
+    view: bool = False  # a plane view of a bundle (row_shape and dtype are the plane's)
 
     @property
     def n_shards(self) -> int:
@@ -94,9 +107,30 @@ class RowArray:
     def row_bytes(self) -> int:
         return int(np.prod(self.row_shape)) * self.dtype.itemsize
 
+    @property
+    def n_planes(self) -> int:
+        return max(1, len(self.planes))
+
+    @property
+    def name(self) -> str:
+        """The array's name in its group (a bundle's: "rows"); a plane view's is the plane's."""
+        return self.planes[self.plane] if self.view else self.path.rsplit("/", 1)[-1]
+
+    def plane_view(self, name: str, row_shape: tuple[int, ...], dtype: str | np.dtype) -> "RowArray":
+        """The bundle's plane `name` as its own typed row array (reads and writes go to the
+        bundle's objects)."""
+        if name not in self.planes:
+            raise StoreError(f"{self.path}: no plane {name!r} (planes: {', '.join(self.planes)})")
+        view = dataclasses.replace(self, row_shape=tuple(row_shape), dtype=np.dtype(dtype).newbyteorder("<"), plane=self.planes.index(name),
+                                   view=True)
+        if view.row_bytes > self.chunk_bytes:
+            raise StoreError(f"{self.path}: plane {name!r} needs {view.row_bytes} bytes per row, its chunks hold {self.chunk_bytes}")
+        return view
+
     def object_key(self, shard: int) -> str:
         """Zarr v3's default chunk key of a shard: c/<shard>/0/... (one object across the other axes)."""
-        return f"{self.path}/c/" + "/".join([str(shard)] + ["0"] * len(self.row_shape))
+        dims = 2 if self.planes else len(self.row_shape)
+        return f"{self.path}/c/" + "/".join([str(shard)] + ["0"] * dims)
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         return shard * self.shard_rows, min(self.n_rows, (shard + 1) * self.shard_rows)
@@ -110,9 +144,14 @@ class RowArray:
             conf = sharding[0]["configuration"]
             outer = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
             inner = [c["name"] for c in conf["codecs"]]
+            planes = tuple(p["name"] for p in (meta.get("attributes") or {}).get(PLANES_ATTR) or ())
+            # A bundle [N, A, C]: one inner chunk per row and plane.
+            chunk = (1, 1, shape[2]) if planes else (1, *shape[1:])
             ok = (
                 meta.get("zarr_format") == 3 and len(sharding) == 1 and sharding[0]["name"] == "sharding_indexed"
-                and tuple(conf["chunk_shape"]) == (1, *shape[1:]) and outer[1:] == shape[1:]
+                and tuple(conf["chunk_shape"]) == chunk and outer[1:] == shape[1:]
+                and (not planes or (len(shape) == 3 and len(planes) == shape[1] and meta["data_type"] == "uint8"
+                                    and all(isinstance(p, str) for p in planes)))
                 and conf.get("index_location", "end") == "end"
                 and [c["name"] for c in conf["index_codecs"]] == ["bytes", "crc32c"]
                 and inner[:1] == ["bytes"] and inner[-1:] == ["crc32c"] and len(inner) in (2, 3)
@@ -122,10 +161,11 @@ class RowArray:
             compressor = inner[1] if len(inner) == 3 else None
             level = int((conf["codecs"][1].get("configuration") or {}).get("clevel" if compressor == "blosc" else "level", 0)) if compressor else 0
         except (KeyError, IndexError, TypeError):
-            ok, compressor, level = False, None, 0
+            ok, compressor, level, planes = False, None, 0, ()
         if not ok or (compressor is not None and compressor not in COMPRESSORS):
             raise StoreError(f"{path}: not a row-sharded array this ddk-cache reads (see storage_layout.md)")
-        return cls(path, shape[0], shape[1:], np.dtype(meta["data_type"]).newbyteorder("<"), outer[0], compressor, level)
+        return cls(path, shape[0], shape[1:], np.dtype(meta["data_type"]).newbyteorder("<"), outer[0], compressor, level,
+                   planes=planes, chunk_bytes=shape[2] if planes else 0)
 
     # ------------------------------------------------------------------ writing
     def encode_row(self, row: np.ndarray | bytes) -> bytes:
@@ -135,12 +175,16 @@ class RowArray:
             raw = bytes(row)
             if len(raw) > self.row_bytes:
                 raise ValueError(f"{self.path}: a row of {len(raw)} bytes does not fit its {self.row_bytes}")
-            arr = np.zeros(self.row_bytes, np.uint8)
+            arr = np.zeros(self.chunk_bytes if self.view else self.row_bytes, np.uint8)
             arr[: len(raw)] = np.frombuffer(raw, np.uint8)
         else:
             arr = np.ascontiguousarray(row, dtype=self.dtype)
             if arr.shape != self.row_shape:
                 raise ValueError(f"{self.path}: row of shape {arr.shape}, expected {self.row_shape}")
+            if self.view:  # a bundle plane: the row's little-endian bytes, zero-padded to the chunk
+                padded = np.zeros(self.chunk_bytes, np.uint8)
+                padded[: arr.nbytes] = arr.reshape(-1).view(np.uint8)
+                arr = padded
         if self.compressor == "blosc":
             data = Blosc(cname="zstd", clevel=self.level, shuffle=Blosc.SHUFFLE).encode(arr)
         elif self.compressor == "zstd":
@@ -152,15 +196,23 @@ class RowArray:
     def assemble(self, shard: int, chunks: list[bytes], build_id: bytes | None = None) -> bytes:
         """The shard object of `shard` from its rows' inner chunks (in row order); with a
         `build_id`, the identity trailer between the chunks and the index."""
+        return self.assemble_planes(shard, [chunks], build_id)
+
+    def assemble_planes(self, shard: int, planes: list[list[bytes]], build_id: bytes | None = None) -> bytes:
+        """A bundle's shard object from each plane's inner chunks (planes in order, rows in
+        order): plane 0's chunks, then plane 1's, ..., [trailer], index [rows, planes]."""
         start, stop = self.shard_range(shard)
-        if len(chunks) != stop - start:
-            raise ValueError(f"{self.path} shard {shard}: {len(chunks)} rows, expected {stop - start}")
-        index = np.full((self.shard_rows, 2), EMPTY, "<u8")
+        if len(planes) != self.n_planes:
+            raise ValueError(f"{self.path} shard {shard}: {len(planes)} planes, expected {self.n_planes}")
+        index = np.full((self.shard_rows, self.n_planes, 2), EMPTY, "<u8")
         offset = 0
-        for i, chunk in enumerate(chunks):
-            index[i] = (offset, len(chunk))
-            offset += len(chunk)
-        body = b"".join(chunks)
+        for p, chunks in enumerate(planes):
+            if len(chunks) != stop - start:
+                raise ValueError(f"{self.path} shard {shard}: {len(chunks)} rows, expected {stop - start}")
+            for i, chunk in enumerate(chunks):
+                index[i, p] = (offset, len(chunk))
+                offset += len(chunk)
+        body = b"".join(c for chunks in planes for c in chunks)
         trailer = identity_trailer(build_id, self.path, shard, body) if build_id is not None else b""
         return body + trailer + bytes(_CRC.encode(index.tobytes()))
 
@@ -174,10 +226,11 @@ class RowArray:
         if trailer[20:28] != hashlib.blake2b(f"{self.path}#{shard}".encode(), digest_size=8).digest():
             raise damaged(f"{where} holds another shard's rows (its identity is not {self.path} shard {shard})")
 
-    def open_object(self, blob: bytes, shard: int, build_id: bytes | None, where: str) -> tuple[list[bytes], str | None]:
-        """A whole shard object -> (its rows' decoded payloads, the hash of its chunk bytes or
-        None without a trailer), after checking its index, its identity trailer (with a
-        `build_id`) and that the chunks hash to what the trailer records (`verify`)."""
+    def open_object(self, blob: bytes, shard: int, build_id: bytes | None, where: str) -> tuple[dict[str, list[bytes]], str | None]:
+        """A whole shard object -> (its rows' decoded payloads by array name: a bundle's by
+        plane, the hash of its chunk bytes or None without a trailer), after checking its
+        index, its identity trailer (with a `build_id`) and that the chunks hash to what the
+        trailer records (`verify`)."""
         tail = TRAILER if build_id is not None else 0
         if len(blob) < tail + self.index_bytes():
             raise damaged(f"{where} is truncated")
@@ -194,15 +247,19 @@ class RowArray:
             if digest != self.content_hash(trailer):
                 raise damaged(f"{where}: its chunks do not hash to what its trailer records (changed after it was written)")
         start, stop = self.shard_range(shard)
-        rows = []
-        for slot in range(stop - start):
-            off, size = int(index[slot, 0]), int(index[slot, 1])
-            if off == EMPTY:
-                raise damaged(f"{where}: row {start + slot} was never written")
-            if off + size > body_end:
-                raise damaged(f"{where} is truncated")
-            rows.append(self.decode_chunk(blob[off: off + size], f"{where} row {start + slot}"))
-        return rows, digest
+        index = index.reshape(self.shard_rows, self.n_planes, 2)
+        out: dict[str, list[bytes]] = {}
+        for p, name in enumerate(self.planes or (self.name,)):
+            rows = out.setdefault(name, [])
+            label = f" ({name})" if self.planes else ""
+            for slot in range(stop - start):
+                off, size = int(index[slot, p, 0]), int(index[slot, p, 1])
+                if off == EMPTY:
+                    raise damaged(f"{where}: row {start + slot}{label} was never written")
+                if off + size > body_end:
+                    raise damaged(f"{where} is truncated")
+                rows.append(self.decode_chunk(blob[off: off + size], f"{where} row {start + slot}{label}"))
+        return out, digest
 
     @staticmethod
     def content_hash(trailer: bytes) -> str:
@@ -211,7 +268,12 @@ class RowArray:
 
     # ------------------------------------------------------------------ reading
     def index_bytes(self) -> int:
-        return 16 * self.shard_rows + 4
+        return 16 * self.shard_rows * self.n_planes + 4
+
+    def plane_slots(self, index: np.ndarray) -> np.ndarray:
+        """This array's [rows, 2] (offset, nbytes) out of its object's whole index (a bundle's
+        holds every plane's)."""
+        return index if not self.planes else index.reshape(self.shard_rows, self.n_planes, 2)[:, self.plane]
 
     def parse_index(self, raw: bytes | None, key: str, objects: Objects) -> np.ndarray:
         if raw is None:
@@ -231,12 +293,18 @@ class RowArray:
             raise damaged(f"{where}: checksum mismatch") from None
         try:
             if self.compressor == "blosc":
-                return Blosc().decode(data)
-            if self.compressor == "zstd":
-                return Zstd().decode(data)
+                out = Blosc().decode(data)
+            elif self.compressor == "zstd":
+                out = Zstd().decode(data)
+            else:
+                out = bytes(data)
         except Exception as e:
             raise damaged(f"{where}: does not decompress ({e})") from None
-        return bytes(data)
+        if self.view and len(out) != self.row_bytes:  # a bundle plane: the row, without the padding to C
+            if len(out) != self.chunk_bytes:
+                raise damaged(f"{where}: {len(out)} bytes, not the {self.chunk_bytes} of its chunks")
+            return bytes(memoryview(out)[: self.row_bytes])
+        return out
 
 
 class RowReader:
@@ -259,7 +327,7 @@ class RowReader:
             found = self._indexes.get(key)
             if found is not None:
                 self._indexes.move_to_end(key)
-                return found
+                return array.plane_slots(found)
         if self.build_id is None:
             index = array.parse_index(self.objects.get_range(key, -array.index_bytes(), None), key, self.objects)
         else:
@@ -273,7 +341,7 @@ class RowReader:
             self._held += index.nbytes
             while self._held > self._budget and len(self._indexes) > 1:
                 self._held -= self._indexes.popitem(last=False)[1].nbytes
-        return index
+        return array.plane_slots(index)
 
     def raw_rows(self, array: RowArray, rows: np.ndarray | list[int]) -> list[bytes]:
         """The inner-chunk payloads (uncompressed row bytes) of `rows`, in the order given."""
@@ -334,4 +402,4 @@ def read_zarr_json(objects: Objects, path: str) -> dict[str, Any] | None:
     return None if raw is None else json.loads(raw)
 
 
-__all__ = ["ArraySpec", "RowArray", "RowReader", "EMPTY", "damaged", "read_zarr_json"]
+__all__ = ["ArraySpec", "RowArray", "RowReader", "EMPTY", "PLANES_ATTR", "damaged", "read_zarr_json"]

@@ -119,8 +119,8 @@ def _check_shard(cache: Cache, shard: Shard, stored: dict[str, int], record: Sha
     rows = np.arange(shard.start, shard.stop)
     before = len(problems)
     raw: dict[str, list] = {}
-    for name in cache.array_names(shard.domain):
-        array = cache.array(shard.domain, shard.split, name)
+    for array in cache.shard_arrays(shard.domain, shard.split):  # a bundle: every array's rows in one object
+        name = array.name
         key = array.object_key(shard.index)
         if key not in stored:
             problems.append(Problem(key, "object is missing"))
@@ -133,13 +133,17 @@ def _check_shard(cache: Cache, shard: Shard, stored: dict[str, int], record: Sha
             blob = cache.objects.get(key)
             if blob is None:
                 raise damaged(f"{cache.objects.describe(key)} is missing")
-            raw[name], digest = array.open_object(blob, shard.index, cache.meta.build_id, cache.objects.describe(key))
+            rows_of, digest = array.open_object(blob, shard.index, cache.meta.build_id, cache.objects.describe(key))
+            for plane, rows_ in rows_of.items():  # a bundle's planes come padded to its chunk size
+                size = cache.array(shard.domain, shard.split, plane).row_bytes
+                raw[plane] = [r[:size] for r in rows_]
             if record is not None and digest is not None and record.hashes.get(name) not in (None, digest):
                 problems.append(Problem(key, "its content hash differs from the build log's record (replaced after it was written)"))
         except StoreError as e:
             problems.append(Problem(key, f"does not decode ({_reason(e)})"))
+    objects = len(cache.shard_arrays(shard.domain, shard.split))
     if len(problems) > before:
-        return False, len(raw)
+        return False, objects
     vocab = cache.meta.vocab_size
     tokens = np.stack([np.frombuffer(r, "<i4") for r in raw[TOKENS]])
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
@@ -159,7 +163,7 @@ def _check_shard(cache: Cache, shard: Shard, stored: dict[str, int], record: Sha
             targets = cache.encoding.decode({n: raw[n] for n in cache.target_arrays}, cache.layout)
         except Exception as e:  # a row whose CRC passed but whose packed frame does not unpack
             problems.append(Problem(f"{shard.key}/targets", f"a row does not decode ({type(e).__name__}: {e})"))
-            return False, len(raw)
+            return False, objects
         why = check_targets(targets.ids, targets.logprobs, vocab)
         if why:
             problems.append(Problem(f"{shard.key}/targets", why))
@@ -178,4 +182,4 @@ def _check_shard(cache: Cache, shard: Shard, stored: dict[str, int], record: Sha
                                         f"recompute from the rows ({nll:.6g} over {positions})"))
     elif record is not None and int(carry.sum()) != record.positions:
         problems.append(Problem(f"{shard.key}", "recorded positions do not recompute from the rows"))
-    return True, len(raw)
+    return True, objects
