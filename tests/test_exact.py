@@ -217,6 +217,30 @@ def test_refined_rows_decode_as_the_spec_says_in_every_path(k):
     assert_batches_decode_as_the_spec_says(codec, frames, 20, 1e-6)
 
 
+@pytest.mark.parametrize("k", [2, 63, 64, 65, 128])
+def test_running_sums_equal_integer_cumsum(k):
+    """The float32 running sums of level steps (one product with a triangular matrix, for
+    rows up to RUN_MAX wide) equal numpy's int64 cumsum exactly, and give up (None) exactly
+    when a row's total reaches 2^24."""
+    from ddk_cache.store.pack3 import _running_sums, _workspace
+
+    rng = np.random.default_rng(k)
+    steps = rng.integers(0, 1 << 16, (37, k - 1)).astype(np.float32)
+    steps[5] = 0
+    steps[6] = (1 << 24) // max(1, k) // 2  # a large but exact total
+    steps[6, : (k - 1) // 2] = rng.integers(0, 3, (k - 1) // 2)
+    steps[7] *= (rng.random(k - 1) < 0.3)  # mostly zero steps (ragged padding)
+    want = np.zeros((37, k), np.int64)
+    np.cumsum(steps.astype(np.int64), axis=1, out=want[:, 1:])
+    assert want[:, -1].max() < 1 << 24
+    got = _running_sums(steps, _workspace())
+    np.testing.assert_array_equal(got, want)
+    big = steps.copy()
+    big[3] = 0
+    big[3, -1] = float(1 << 24)  # a total of exactly 2^24
+    assert _running_sums(big, _workspace()) is None
+
+
 @pytest.mark.parametrize("k, scale", [(16, 1.0), (64, 1.0), (64, 8.0), (200, 1.0)])
 def test_unrefined_rows_decode_as_the_spec_says(k, scale):
     """The float32 fast paths (full rows, cut rows, rows keeping 2 of k: the sparse path; one-
