@@ -41,27 +41,37 @@ def distill(config_file: str | None, quiet: bool, **overrides: object) -> None:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def eval_cmd(cache: str, model_path: str, batch_size: int, device: str, as_json: bool) -> None:
-    """Per-domain perplexity of MODEL on the cache's validation split, beside the teacher's."""
+    """Per-domain perplexity and bits per byte of MODEL on the cache's validation split, beside
+    the teacher's. Bits per byte (NLL in bits per UTF-8 byte of the predicted text) compares
+    across tokenizers; the teacher's is "n/a" for caches built before ddk-cache 0.4."""
     from ddk_cache.train.distill import load_student
-    from ddk_cache.train.evaluate import evaluate_domains
+    from ddk_cache.train.evaluate import evaluate_scores
     from ddk_cache.store.cache import Cache
+    from ddk_cache.tokenbytes import lengths_or_none
 
     from ddk_cache.runtime import resolve_device
 
     c = Cache(cache)
     cfg = DistillConfig(cache=cache, out="-", student=model_path)
-    model, _ = load_student(cfg, c)
+    model, tok = load_student(cfg, c)
     dev = resolve_device(device)
-    ppl = evaluate_domains(model.to(dev), c, batch_size=batch_size, device=dev)
-    teacher = {d: c.teacher_ppl(d) if c.meta.teacher_ppl else float("nan") for d in c.domains}
-    rows = [{"domain": d, "student_ppl": ppl[d], "teacher_ppl": teacher[d], "ratio": ppl[d] / teacher[d]} for d in c.domains]
+    scores = evaluate_scores(model.to(dev), c, batch_size=batch_size, device=dev, byte_lengths=lengths_or_none(tok))
+    teacher = {d: c.meta.ppl(d) if c.meta.teacher_ppl else None for d in c.domains}
+    rows = [{"domain": d, "student_ppl": scores[d]["ppl"], "teacher_ppl": teacher[d].ppl if teacher[d] else float("nan"),
+             "ratio": scores[d]["ppl"] / teacher[d].ppl if teacher[d] else float("nan"),
+             "student_bits_per_byte": scores[d]["bits_per_byte"], "teacher_bits_per_byte": teacher[d].bits_per_byte if teacher[d] else None}
+            for d in c.domains]
     if as_json:
         click.echo(json.dumps({"cache": cache, "model": model_path, "rows": rows}, indent=2))
         return
     from ddk_cache.table import format_table, number
 
-    click.echo(format_table(("domain", "student PPL", "teacher PPL", "ratio"),
-                            [(r["domain"], number(r["student_ppl"]), number(r["teacher_ppl"]), number(r["ratio"])) for r in rows]))
+    def bpb(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    click.echo(format_table(("domain", "student PPL", "teacher PPL", "ratio", "student bits/byte", "teacher bits/byte"),
+                            [(r["domain"], number(r["student_ppl"]), number(r["teacher_ppl"]), number(r["ratio"]),
+                              bpb(r["student_bits_per_byte"]), bpb(r["teacher_bits_per_byte"])) for r in rows]))
 
 
 @click.command()

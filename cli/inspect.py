@@ -74,11 +74,12 @@ def inspect(cache: str, as_json: bool, fidelity: bool, sequences: int, teacher: 
     click.echo(f"targets: {meta.targets.describe()}; seq-len {meta.seq_len}, vocab {meta.vocab_size}, "
                f"tokenizer {meta.tokenizer.get('fingerprint', 'unknown')[:19]}")
     click.echo(f"row start: {meta.describe_row_start()}")
-    header = ("domain", "split", "sequences", "tokens", "teacher PPL", "on disk", "bytes/token", "kept mass")
+    header = ("domain", "split", "sequences", "tokens", "teacher PPL", "teacher bits/byte", "on disk", "bytes/token", "kept mass")
     table = [
         (
             r["domain"] + (" (samples)" if c.is_sampled(r["domain"]) else " (chat)" if c.is_chat(r["domain"]) else ""), r["split"], f"{r['sequences']:,}", f"{r['tokens']:,}",
-            number(r["teacher_ppl"]), format_bytes(r["bytes"]), f"{r['bytes_per_token']:.1f}", number(r["mean_topk_mass"], 4),
+            number(r["teacher_ppl"]), "n/a" if r["teacher_bits_per_byte"] is None else f"{r['teacher_bits_per_byte']:.4f}",
+            format_bytes(r["bytes"]), f"{r['bytes_per_token']:.1f}", number(r["mean_topk_mass"], 4),
         )
         for r in rows
     ]

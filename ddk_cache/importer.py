@@ -45,6 +45,7 @@ import yaml
 
 from .capture.corpus import DOMAIN_NAME, RESERVED_NAMES
 from .capture.scoring import row_chunks
+from .tokenbytes import lengths_or_none, predicted_bytes
 from .errors import DDKCacheError
 from .export import FORMAT, MANIFEST, tail_logprob64
 from .sources import AxolotlDataset, Capture, DdkExport, DistillKitCapture, Rows, bad, batches, pyarrow
@@ -217,10 +218,13 @@ def import_capture(src: str, out: str, *, layout: str = "ddk", vocab_size: int |
     if not (vocab_size or capture.vocab_size or (layout == "axolotl" and tokenizer)):
         raise DDKCacheError("import: the vocabulary size is unknown (no export.json beside the files): pass --vocab-size"
                             + (" or --tokenizer" if layout == "axolotl" else ""))
+    token_bytes = None  # per token id: the bytes of bits per byte, where the tokenizer is at hand
     if tokenizer:
         from .capture.tokenization import load_tokenizer, tokenizer_info
 
-        tok_info = tokenizer_info(load_tokenizer(tokenizer))
+        tok = load_tokenizer(tokenizer)
+        tok_info = tokenizer_info(tok)
+        token_bytes = lengths_or_none(tok)
     elif (manifest or {}).get("tokenizer", {}).get("fingerprint"):
         tok_info = manifest["tokenizer"]
     else:
@@ -344,7 +348,7 @@ def import_capture(src: str, out: str, *, layout: str = "ddk", vocab_size: int |
                     buf = part if buf is None else _concat(buf, part)
                     while todo[key] and todo[key][0].stop <= start + len(buf["tokens"]):
                         shard = todo[key].pop(0)
-                        _write_shard(writer, log, shard, buf, shard.start - start)
+                        _write_shard(writer, log, shard, buf, shard.start - start, token_bytes)
                         if bar is not None:
                             bar.update(shard.stop - shard.start)
                     # Rows before the next pending shard are done (a resumed import skips written shards).
@@ -410,12 +414,13 @@ def _concat(a: Rows, b: Rows) -> Rows:
     return out
 
 
-def _write_shard(writer: CacheWriter, log: Any, shard: Any, rows: dict[str, Any], offset: int) -> None:
+def _write_shard(writer: CacheWriter, log: Any, shard: Any, rows: dict[str, Any], offset: int, lengths: np.ndarray | None = None) -> None:
     """Encode and write one shard (rows offset .. offset + its size of `rows`) through the
-    build's own row writer (scoring.row_chunks), then log it with its sums."""
+    build's own row writer (scoring.row_chunks), then log it with its sums (with the
+    predicted tokens' UTF-8 bytes where `lengths`, per token id, are known)."""
     chat = LOSS_MASK in writer.array_names(shard.domain)
     chunks: dict[str, list[bytes]] = {name: [] for name in writer.array_names(shard.domain)}
-    nll, positions, mass = [], 0, []
+    nll, positions, mass, nbytes = [], 0, [], 0
     K = writer.layout.entries
     for r in range(offset, offset + shard.stop - shard.start):
         tokens = rows["tokens"][r].astype(np.int32)
@@ -432,5 +437,7 @@ def _write_shard(writer: CacheWriter, log: Any, shard: Any, rows: dict[str, Any]
         nll.append(row_nll)
         mass.append(row_mass)
         positions += row_positions
+        nbytes += predicted_bytes(tokens, mask, lengths) if lengths is not None else 0
     sizes, hashes = writer.put_shard(shard, chunks)
-    log.append(ShardRecord(shard.key, shard.stop - shard.start, math.fsum(nll), positions, math.fsum(mass), sizes, [], hashes))
+    log.append(ShardRecord(shard.key, shard.stop - shard.start, math.fsum(nll), positions, math.fsum(mass), sizes, [], hashes,
+                           nbytes if lengths is not None else None))

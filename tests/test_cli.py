@@ -95,7 +95,8 @@ def test_eval_table_stays_aligned_for_any_magnitude(built_cache, monkeypatch, te
     """A freshly pruned student can have a 9-digit perplexity, a diverged one an infinite one."""
     import ddk_cache.train.evaluate as evaluate
 
-    monkeypatch.setattr(evaluate, "evaluate_domains", lambda *a, **k: {"alpha": 123456789012.5, "beta": float("inf"), "gamma": 3.25})
+    fake = {"alpha": (123456789012.5, 27.1), "beta": (float("inf"), None), "gamma": (3.25, 0.5)}
+    monkeypatch.setattr(evaluate, "evaluate_scores", lambda *a, **k: {d: {"ppl": p, "bits_per_byte": b} for d, (p, b) in fake.items()})
     result = CliRunner().invoke(main, ["eval", "--cache", str(built_cache), "--model", str(teacher_dir), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     table = result.stdout[result.stdout.index("domain"):]  # after the loaders' progress bars

@@ -265,13 +265,16 @@ def test_cli_distill_eval_report(tmp_path, built_cache, student_small):
     assert [r["domain"] for r in rows] == ["alpha", "beta", "gamma"]
     assert rows[0]["teacher_ppl"] == Cache(str(built_cache)).teacher_ppl("alpha")
     assert rows[0]["student_ppl"] == pytest.approx(evals(run)[-1]["ppl_student"]["alpha"], rel=1e-6)
+    # Bits per byte beside PPL: the run's last evaluation and `eval` agree; the teacher's from its table.
+    assert rows[0]["student_bits_per_byte"] == pytest.approx(evals(run)[-1]["bpb_student"]["alpha"], rel=1e-6)
+    assert evals(run)[-1]["bpb_teacher"]["alpha"] == Cache(str(built_cache)).meta.ppl("alpha").bits_per_byte is not None
     table = runner.invoke(main, ["eval", "--cache", str(built_cache), "--model", str(run / "final")])
     assert "student PPL" in table.output and "alpha" in table.output
     rep = runner.invoke(main, ["report", str(run)])
     assert rep.exit_code == 0, rep.output
-    for name in ("weights.png", "ppl.png", "loss.png", "report.md"):
+    for name in ("weights.png", "ppl.png", "bits_per_byte.png", "loss.png", "report.md"):
         assert (run / name).stat().st_size > 0
-    assert "| alpha |" in (run / "report.md").read_text()
+    assert "| alpha |" in (run / "report.md").read_text() and "student bits/byte (end)" in (run / "report.md").read_text()
 
 
 @pytest.mark.slow

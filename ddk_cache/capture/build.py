@@ -51,6 +51,7 @@ from ..store.encodings import Encoding, PackV2, PackV3, PlainV1, TokensOnly
 from ..store.meta import CHAT, CacheMeta
 from ..store.objects import DiskFull, Objects, is_disk_full, is_url
 from ..store.targets import DEFAULT_SAMPLE_POOL, TargetSpec
+from ..tokenbytes import lengths_or_none
 from .corpus import (
     DomainSource,
     Piece,
@@ -443,7 +444,7 @@ def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teac
         records = writer.records()
         mine = [s for s in assign_shards(writer.shards(), worker.world_size)[worker.rank] if s.key not in records]
         scorer = Scorer(writer, plan, inputs.spec, threads=config.writer_threads or auto_writer_threads(), worker=tuple(worker),
-                        on_nonfinite=config.on_nonfinite, progress=progress, hook=hook)
+                        on_nonfinite=config.on_nonfinite, progress=progress, hook=hook, byte_lengths=lengths_or_none(inputs.tok))
         stats = scorer.run(mine, teacher)
         for name, value in dataclasses.asdict(stats).items():
             setattr(result, name, value)

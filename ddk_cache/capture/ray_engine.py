@@ -53,6 +53,7 @@ from ..store.cache import CacheWriter
 from ..store.objects import Objects
 from ..runtime import Worker
 from ..store.meta import STATE_COMPLETE, STATE_INITIALIZING
+from ..tokenbytes import lengths_or_none
 from .build import BuildConfig, BuildResult, _need, _open_teacher, _resolve, auto_writer_threads, prepare
 from .corpus import plan_pieces
 from .packing import PLAN_KEY, Plan, done_pieces
@@ -116,7 +117,8 @@ class ScoringActor:
             writer = CacheWriter(self.config.out)
             plan = Plan.from_bytes(_need(writer.objects.get(PLAN_KEY), f"{self.config.out}: the build plan is missing"))
             self.scorer = Scorer(writer, plan, self.inputs.spec, threads=self.config.writer_threads or auto_writer_threads(),
-                                 worker=(self.index, self.count), on_nonfinite=self.config.on_nonfinite, progress=False)
+                                 worker=(self.index, self.count), on_nonfinite=self.config.on_nonfinite, progress=False,
+                                 byte_lengths=lengths_or_none(self.inputs.tok))
             self.shards = {s.key: s for s in writer.shards()}
         shard = self.shards.get(key)
         if shard is None:

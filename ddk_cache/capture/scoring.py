@@ -34,6 +34,7 @@ from ..store.encodings import RowScores
 from ..store.log import ShardRecord
 from ..store.meta import CacheMeta
 from ..store.targets import TargetSpec, split_seed
+from ..tokenbytes import predicted_bytes
 from .packing import Gatherer, Plan
 from .teachers.base import Job
 
@@ -136,6 +137,7 @@ class _ShardState:
     mass: list[float] = field(default_factory=list)
     nonfinite: list[int] = field(default_factory=list)  # rows given label-only targets (--on-nonfinite skip)
     mask: np.ndarray | None = None  # chat: the loss mask of every row
+    nbytes: list[int] = field(default_factory=list)  # per row: UTF-8 bytes of the predicted tokens in the sums
     sampled: np.ndarray | None = None  # generated samples: their sampling log-probs
 
 
@@ -146,8 +148,10 @@ class Scorer:
     `on_nonfinite` is "stop" (raise, naming the sequence) or "skip" (label-only targets)."""
 
     def __init__(self, writer: CacheWriter, plan: Plan, spec: TargetSpec, *, threads: int, worker: tuple[int, int],
-                 on_nonfinite: str = "stop", progress: bool = True, hook: Hook | None = None) -> None:
+                 on_nonfinite: str = "stop", progress: bool = True, hook: Hook | None = None,
+                 byte_lengths: np.ndarray | None = None) -> None:
         self.writer, self.plan, self.spec = writer, plan, spec
+        self.byte_lengths = byte_lengths  # per token id (tokenbytes.py): records carry bits per byte's bytes
         self.threads, self.worker, self.on_nonfinite = threads, worker, on_nonfinite
         self.progress, self.hook = progress, hook or (lambda event, info: None)
         self.stats = ScoreStats()
@@ -230,7 +234,7 @@ class Scorer:
                 n = len(tokens)
                 with self._guard:
                     self._states[shard.key] = _ShardState(shard, {a: [None] * n for a in arrays}, n, [0.0] * n, [0] * n, [0.0] * n,
-                                                          mask=mask, sampled=sampled)
+                                                          mask=mask, sampled=sampled, nbytes=[0] * n)
                 yield Job(shard, tokens, np.arange(shard.start, shard.stop), split_seed(self.spec, shard.domain, shard.split))
         finally:
             stop.set()
@@ -261,12 +265,14 @@ class Scorer:
             state = self._states[shard.key]
         chunks, nll, positions, mass = row_chunks(writer, shard, tokens, scores, None if state.mask is None else state.mask[row],
                                                   None if state.sampled is None else state.sampled[row])
+        mask = None if state.mask is None else state.mask[row]
+        nbytes = predicted_bytes(tokens, mask, self.byte_lengths) if self.byte_lengths is not None else 0
         if skipped:  # no teacher values: not in the perplexity table
-            nll, positions, mass = 0.0, 0, 0.0
+            nll, positions, mass, nbytes = 0.0, 0, 0.0, 0
         with self._guard:
             for name, chunk in chunks.items():
                 state.chunks[name][row] = chunk
-            state.nll[row], state.positions[row], state.mass[row] = nll, positions, mass
+            state.nll[row], state.positions[row], state.mass[row], state.nbytes[row] = nll, positions, mass, nbytes
             if skipped:
                 state.nonfinite.append(row)
             state.left -= 1
@@ -279,7 +285,7 @@ class Scorer:
         shard = state.shard
         sizes, hashes = self.writer.put_shard(shard, state.chunks)  # type: ignore[arg-type]
         record = ShardRecord(shard.key, shard.stop - shard.start, math.fsum(state.nll), sum(state.positions), math.fsum(state.mass), sizes,
-                             sorted(state.nonfinite), hashes)
+                             sorted(state.nonfinite), hashes, sum(state.nbytes) if self.byte_lengths is not None else None)
         with self._log_guard:
             self.stats.bytes_written += sum(sizes.values())
             self.stats.positions_written += (shard.stop - shard.start) * (self.writer.seq_len - 1)

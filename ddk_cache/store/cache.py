@@ -373,6 +373,8 @@ class Cache(_CacheNode):
                 rows.append({
                     "domain": domain, "split": split, "sequences": n, "tokens": tokens,
                     "teacher_ppl": entry.ppl if entry else None, "bytes": int(nbytes),
+                    # NLL in bits per UTF-8 byte of the predicted text (None: not recorded, before ddk-cache 0.4)
+                    "teacher_bits_per_byte": entry.bits_per_byte if entry else None,
                     "bytes_per_token": nbytes / max(1, tokens),
                     "mean_topk_mass": entry.kept_mass if entry else None,
                 })
@@ -478,11 +480,12 @@ class CacheWriter(_CacheNode):
                 nll = math.fsum(r.nll_sum for r in mine)
                 positions = sum(r.positions for r in mine)
                 mass = math.fsum(r.kept_mass_sum for r in mine)
+                nbytes = sum(r.bytes for r in mine) if mine and all(r.bytes is not None for r in mine) else None
                 info.split(split).loss_positions = positions
                 info.split(split).nonfinite = sum(len(r.nonfinite) for r in mine)
                 table[domain][split] = PPLEntry(
                     ppl=math.exp(nll / positions) if positions and self.has_targets else float("nan"), nll_sum=nll,
-                    predicted_tokens=positions, kept_mass=mass / positions if positions and self.has_targets else None)
+                    predicted_tokens=positions, kept_mass=mass / positions if positions and self.has_targets else None, bytes=nbytes)
         meta.teacher_ppl = table if self.has_targets else None
         meta.state, meta.completed_at = STATE_COMPLETE, now()
         self.write_meta(meta)

@@ -38,10 +38,13 @@ class ShardRecord:
     # blake2b-128 (hex) of each object's chunk bytes, as its identity trailer records them
     # (caches built since ddk-cache 0.3; `verify` recomputes them).
     hashes: dict[str, str] = field(default_factory=dict)
+    # UTF-8 bytes of the predicted tokens over the positions in the sums (ddk-cache 0.4; None:
+    # not recorded, or a tokenizer whose bytes are not known): bits per byte's denominator.
+    bytes: int | None = None
 
     def to_json(self) -> str:
         body = asdict(self)
-        for key in ("nonfinite", "hashes"):  # absent when empty: records stay as older versions wrote them
+        for key in ("nonfinite", "hashes", "bytes"):  # absent when empty: records stay as older versions wrote them
             if not body[key]:
                 del body[key]
         return json.dumps(body, separators=(",", ":"))

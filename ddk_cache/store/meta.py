@@ -8,6 +8,7 @@ fields) and refuses anything else with a message naming both versions.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,10 +75,17 @@ class PPLEntry:
     nll_sum: float
     predicted_tokens: int
     kept_mass: float | None = None  # mean teacher probability the stored entries cover (None: tokens only)
+    bytes: int | None = None  # UTF-8 bytes of the predicted tokens (None: not recorded; see tokenbytes.py)
+
+    @property
+    def bits_per_byte(self) -> float | None:
+        """The teacher's NLL in bits per UTF-8 byte of the predicted text (comparable across
+        tokenizers, unlike PPL); None where the bytes were not recorded."""
+        return self.nll_sum / (math.log(2) * self.bytes) if self.bytes else None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PPLEntry":
-        return cls(float(d["ppl"]), float(d["nll_sum"]), int(d["predicted_tokens"]), d.get("kept_mass"))
+        return cls(float(d["ppl"]), float(d["nll_sum"]), int(d["predicted_tokens"]), d.get("kept_mass"), d.get("bytes"))
 
 
 @dataclass

@@ -109,7 +109,9 @@ def verify_cache(path: str, progress: Callable[[Iterator], Iterator] = iter) -> 
                     continue
                 nll, positions = math.fsum(r.nll_sum for r in mine), sum(r.positions for r in mine)
                 ppl = math.exp(nll / positions) if positions else float("nan")
-                if positions != entry.predicted_tokens or nll != entry.nll_sum or not math.isclose(ppl, entry.ppl, rel_tol=1e-12):
+                recorded_bytes = sum(r.bytes for r in mine) if mine and all(r.bytes is not None for r in mine) else None
+                if (positions != entry.predicted_tokens or nll != entry.nll_sum or not math.isclose(ppl, entry.ppl, rel_tol=1e-12)
+                        or entry.bytes != recorded_bytes):
                     problems.append(Problem(f"metadata teacher_ppl[{domain}/{split}]", "does not recompute from the shard records"))
     return problems, checked
 

@@ -41,7 +41,22 @@ def evaluate_domains(
     loss: bool = False, chunk: int = 1024,
 ) -> dict[str, float]:
     """exp(mean next-token NLL) per domain, over the positions that carry loss (all of them
-    for text; the assistant's tokens for chat) of every `split` sequence.
+    for text; the assistant's tokens for chat) of every `split` sequence (see `evaluate_scores`)."""
+    scores = evaluate_scores(model, cache, batch_size=batch_size, device=device, autocast=autocast, rank=rank,
+                             world_size=world_size, split=split, loss=loss, chunk=chunk)
+    return {d: s["ppl"] for d, s in scores.items()}
+
+
+@torch.no_grad()
+def evaluate_scores(
+    model: Any, cache: Cache, *, batch_size: int = 8, device: torch.device | str = "cpu",
+    autocast: Callable[[], Any] = nullcontext, rank: int = 0, world_size: int = 1, split: str = "val",
+    loss: bool = False, chunk: int = 1024, byte_lengths: np.ndarray | None = None,
+) -> dict[str, dict[str, float | None]]:
+    """Per domain {"ppl", "bits_per_byte", "nll_sum", "positions", "bytes"} over the positions
+    that carry loss (all of them for text; the assistant's tokens for chat) of every `split`
+    sequence. bits per byte = NLL in bits per UTF-8 byte of the predicted tokens, with each
+    token id's bytes from `byte_lengths` (tokenbytes.py; None: not reported).
 
     `model`: any causal LM returning logits (a Hugging Face model, or a module whose forward
     returns the logits), or with `loss=True` the trainer's StudentLoss. Reads tokens (and
@@ -52,7 +67,7 @@ def evaluate_domains(
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    sums = torch.zeros(len(cache.domains), 2, dtype=torch.float64, device=device)
+    sums = torch.zeros(len(cache.domains), 3, dtype=torch.float64, device=device)  # NLL, positions, bytes
     for i, domain in enumerate(cache.domains):
         n = cache.num_sequences(domain, split)
         per_rank = -(-n // world_size)
@@ -71,11 +86,16 @@ def evaluate_domains(
                 ce = _per_token_ce(model, x, labels, loss, chunk)
             sums[i, 0] += ce.sum(dtype=torch.float64)
             sums[i, 1] += keep.sum().to(torch.float64)
+            if byte_lengths is not None:
+                nbytes = torch.from_numpy(byte_lengths).to(device)[x[:, 1:]]
+                sums[i, 2] += torch.where(keep, nbytes, 0).sum().to(torch.float64)
     if world_size > 1:
         torch.distributed.all_reduce(sums)
     model.train(was_training)
     totals = sums.cpu().tolist()
-    return {d: ppl(totals[i][0], totals[i][1]) for i, d in enumerate(cache.domains)}
+    return {d: {"ppl": ppl(t[0], t[1]), "bits_per_byte": t[0] / (math.log(2) * t[2]) if byte_lengths is not None and t[2] else None,
+                "nll_sum": t[0], "positions": int(t[1]), "bytes": int(t[2]) if byte_lengths is not None else None}
+            for d, t in zip(cache.domains, totals)}
 
 
 def ppl(nll_sum: float, tokens: float) -> float:

@@ -63,6 +63,22 @@ def write_report(run: str | Path) -> list[Path]:
     written.append(run / "ppl.png")
     plt.close(fig)
 
+    # Bits per byte (runs since ddk-cache 0.4): the curve that compares across tokenizers.
+    bpb = [e for e in evals if any(v is not None for v in (e.get("bpb_student") or {}).values())]
+    if bpb:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, d in enumerate(domains):
+            color = f"C{i}"
+            ax.plot([e["step"] for e in bpb], [e["bpb_student"][d] for e in bpb], marker="o", color=color, label=f"{d} student")
+            if (bpb[0].get("bpb_teacher") or {}).get(d) is not None:
+                ax.axhline(bpb[0]["bpb_teacher"][d], color=color, linestyle="--", linewidth=1, label=f"{d} teacher")
+        ax.set(xlabel="step", ylabel="bits per UTF-8 byte", title="Per-domain bits per byte (dashed: teacher)")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(run / "bits_per_byte.png", dpi=120)
+        written.append(run / "bits_per_byte.png")
+        plt.close(fig)
+
     if steps:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label="total")
@@ -81,15 +97,23 @@ def write_report(run: str | Path) -> list[Path]:
         "",
         f"Steps: {steps[-1]['step'] if steps else 0}, tokens: {steps[-1]['tokens'] if steps else 0:,}, evaluations: {len(evals)}.",
         "",
-        "| domain | teacher PPL | student PPL (start) | student PPL (end) | end / teacher | weight (end) |",
-        "|---|---|---|---|---|---|",
+        "| domain | teacher PPL | student PPL (start) | student PPL (end) | end / teacher | weight (end) | teacher bits/byte | student bits/byte (end) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+
+    def bits(e: dict, key: str, d: str) -> str:
+        v = (e.get(key) or {}).get(d)
+        return "n/a" if v is None else f"{v:.4f}"
+
     for d in domains:
         t = last["ppl_teacher"][d]
-        lines.append(f"| {d} | {t:.3f} | {first['ppl_student'][d]:.3f} | {last['ppl_student'][d]:.3f} | {last['ppl_student'][d] / t:.3f} | {last['weights'][d]:.3f} |")
+        lines.append(f"| {d} | {t:.3f} | {first['ppl_student'][d]:.3f} | {last['ppl_student'][d]:.3f} | {last['ppl_student'][d] / t:.3f} | "
+                     f"{last['weights'][d]:.3f} | {bits(last, 'bpb_teacher', d)} | {bits(last, 'bpb_student', d)} |")
     worst = max(domains, key=lambda d: last["ppl_student"][d] / last["ppl_teacher"][d])
     lines += ["", f"Worst domain at the end: {worst} (student/teacher PPL {last['ppl_student'][worst] / last['ppl_teacher'][worst]:.3f}).", "",
               "![domain weights](weights.png)", "", "![perplexity](ppl.png)", ""]
+    if bpb:
+        lines += ["![bits per byte](bits_per_byte.png)", ""]
     if steps:
         lines += ["![loss](loss.png)", ""]
     (run / "report.md").write_text("\n".join(lines))

@@ -42,7 +42,8 @@ from . import checkpoint
 from .checkpoint import CKPT_DIR, latest_checkpoint
 from .data import CacheLoader
 from .ddk import DDKController
-from .evaluate import evaluate_domains
+from .evaluate import evaluate_domains, evaluate_scores
+from ..tokenbytes import lengths_or_none
 from .losses import IGNORE_INDEX, auto_chunk
 from .objectives import Objective, StepStats, make_objective
 from .student import StudentLoss, parallelize
@@ -492,11 +493,17 @@ class Trainer:
         """Per-domain validation perplexity (all ranks), the mixer's new weights (`update`), logged."""
         cfg, cache = self.cfg, self.cache
         t0 = time.perf_counter()
-        ppl = evaluate_domains(self.trained, cache, batch_size=cfg.eval_batch_size, device=self.device, autocast=self.autocast,
-                               rank=self.rank, world_size=self.world, loss=True)
+        if not hasattr(self, "byte_lengths"):  # per token id, for bits per byte (None: a tokenizer tokenbytes cannot read)
+            self.byte_lengths = lengths_or_none(self.tok)
+        scores = evaluate_scores(self.trained, cache, batch_size=cfg.eval_batch_size, device=self.device, autocast=self.autocast,
+                                 rank=self.rank, world_size=self.world, loss=True, byte_lengths=self.byte_lengths)
+        ppl = {d: s["ppl"] for d, s in scores.items()}
         seconds = time.perf_counter() - t0
         weights = self.ddk.update(ppl) if update else self.ddk.weights
         record = {"type": "eval", "step": self.step_no, "ppl_student": ppl, "ppl_teacher": self.teacher_ppl,
+                  # Bits per UTF-8 byte (tokenbytes.py): comparable across tokenizers, unlike PPL.
+                  "bpb_student": {d: s["bits_per_byte"] for d, s in scores.items()},
+                  "bpb_teacher": {d: cache.meta.ppl(d).bits_per_byte if cache.meta.teacher_ppl else None for d in cache.domains},
                   "weights": dict(zip(cache.domains, weights.tolist())), "eval_seconds": seconds,
                   "eval_tokens": sum(cache.num_sequences(d, "val") for d in cache.domains) * cache.seq_len}
         if self.pretrain is not None:  # what the term guards: the student's LM on pre-training text
