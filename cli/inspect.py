@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ddk_cache.store.cache import STATE_BUILDING, Cache, describe_pending, format_bytes
+from ddk_cache.store.cache import STATE_BUILDING, TOKENIZER_DIR, Cache, describe_pending, format_bytes
 from ddk_cache.table import format_table, number
 
 
@@ -71,8 +71,9 @@ def inspect(cache: str, as_json: bool, fidelity: bool, sequences: int, teacher: 
                    "targets as that capture held them, stored again with " + meta.encoding.name)
         for line in meta.describe_capture():
             click.echo(f"  {line}")
+    stored = c.objects.get(f"{TOKENIZER_DIR}/zarr.json") is not None
     click.echo(f"targets: {meta.targets.describe()}; seq-len {meta.seq_len}, vocab {meta.vocab_size}, "
-               f"tokenizer {meta.tokenizer.get('fingerprint', 'unknown')[:19]}")
+               f"tokenizer {meta.tokenizer.get('fingerprint', 'unknown')[:19]} ({'its files in the cache' if stored else 'files not in the cache'})")
     click.echo(f"row start: {meta.describe_row_start()}")
     header = ("domain", "split", "sequences", "tokens", "teacher PPL", "teacher bits/byte", "on disk", "bytes/token", "kept mass")
     table = [

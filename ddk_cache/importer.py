@@ -320,6 +320,8 @@ def import_capture(src: str, out: str, *, layout: str = "ddk", vocab_size: int |
     if existing.state == STATE_COMPLETE:
         return existing
     writer = CacheWriter(out)
+    if tokenizer:
+        writer.store_tokenizer(tok)
     if writer.meta.state == STATE_INITIALIZING:
         writer.create_arrays({d: DomainInfo(SplitInfo(split_counts[(d, "train")]), SplitInfo(split_counts[(d, "val")]),
                                             data=CHAT if chat[d] else TEXT) for d in domains})

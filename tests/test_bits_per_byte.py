@@ -99,3 +99,32 @@ def test_a_cache_without_bytes_says_so():
     assert Cache(str(path)).meta.ppl("alpha").bits_per_byte is None
     text = CliRunner().invoke(main, ["inspect", str(path)]).output
     assert "teacher bits/byte" in text and "n/a" in text
+
+
+def test_the_cache_holds_its_teachers_tokenizer(built_cache, teacher_dir, tmp_path):
+    """A build keeps the teacher's tokenizer files in the cache (`_tokenizer/`): loaded from
+    there it is the one the token ids come from (same fingerprint, same ids for any text), and
+    `verify` refuses a changed copy; a cache without them says how to get them."""
+    from ddk_cache.capture.tokenization import tokenizer_fingerprint
+    from ddk_cache.errors import StoreError
+    from ddk_cache.store.verify import verify_cache
+
+    from .helpers import copy_cache
+
+    cache = Cache(str(built_cache))
+    stored, original = cache.tokenizer(), load_tokenizer(str(teacher_dir))
+    assert tokenizer_fingerprint(stored) == tokenizer_fingerprint(original) == cache.meta.tokenizer["fingerprint"]
+    for text in HARD:
+        assert stored(text)["input_ids"] == original(text)["input_ids"]
+    assert "its files in the cache" in CliRunner().invoke(main, ["inspect", str(built_cache)]).output
+    out = copy_cache(built_cache, tmp_path / "c.zarr")
+    vocab = json.loads((out / "_tokenizer" / "tokenizer.json").read_text())
+    model_vocab = vocab["model"]["vocab"]
+    a, b = list(model_vocab)[100:102]
+    model_vocab[a], model_vocab[b] = model_vocab[b], model_vocab[a]  # two ids swapped
+    (out / "_tokenizer" / "tokenizer.json").write_text(json.dumps(vocab))
+    problems, _ = verify_cache(str(out))
+    assert [p.where for p in problems] == ["_tokenizer"] and "does not load as the cache's" in problems[0].what
+    legacy = Cache(str(__import__("pathlib").Path(__file__).parent / "data" / "legacy" / "v3-pack.zarr"))
+    with pytest.raises(StoreError, match="holds no tokenizer .*rebuild or re-import it"):
+        legacy.tokenizer()

@@ -417,6 +417,7 @@ def _build(config: BuildConfig, progress: bool, hook: Hook | None, teacher: Teac
         if existing is None:
             created = _create_store(inputs, teacher, vocab)
         writer = CacheWriter(config.out, objects)
+        writer.store_tokenizer(inputs.tok)  # once per cache (a crash before it is mended here on resume)
         if store_only:
             result.meta = writer.meta
             return result

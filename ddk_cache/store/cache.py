@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,11 +47,12 @@ LOSS_MASK = "loss_mask"
 SAMPLE_LOGPROB = "sample_logprob"
 BUNDLE = "rows"  # format 5, packed encodings: every per-sequence array as a plane of this one
 BUILD_DIR = "_build"
+TOKENIZER_DIR = "_tokenizer"  # the teacher's tokenizer files (ddk-cache 0.4 on); its zarr.json is written last
 PIECES_DIR = "_build/pieces"
 # Format 1-2 only: per-shard completion flags (format 3 keeps build logs instead).
 LEGACY_SHARD_DONE = "shard_done"
 
-__all__ = ["BUNDLE", "Cache", "CacheBatch", "CacheWriter", "Shard", "SPLITS", "TOKENS", "LOSS_MASK", "SAMPLE_LOGPROB", "ROOT_ATTR", "FORMAT_VERSION",
+__all__ = ["BUNDLE", "TOKENIZER_DIR", "Cache", "CacheBatch", "CacheWriter", "Shard", "SPLITS", "TOKENS", "LOSS_MASK", "SAMPLE_LOGPROB", "ROOT_ATTR", "FORMAT_VERSION",
            "STATE_BUILDING", "STATE_COMPLETE", "STATE_INITIALIZING", "is_url", "format_bytes", "describe_pending", "read_root_meta"]
 
 
@@ -292,6 +294,32 @@ class Cache(_CacheNode):
                 "rerun the same `ddk-cache build` command to finish it"
             )
 
+    def tokenizer(self) -> Any:
+        """The teacher's tokenizer, from the files the cache holds (`_tokenizer/`), after
+        checking it is the one the cache's token ids come from (its fingerprint). StoreError
+        for a cache that holds none: built before ddk-cache 0.4, or imported without
+        --tokenizer."""
+        import tempfile
+
+        from ..capture.tokenization import load_tokenizer, tokenizer_fingerprint
+
+        raw = self.objects.get(f"{TOKENIZER_DIR}/zarr.json")
+        if raw is None:
+            raise StoreError(f"{self.path} holds no tokenizer (caches hold one since ddk-cache 0.4; an import holds one when given "
+                             "--tokenizer): rebuild or re-import it, or give the teacher's tokenizer directory where asked")
+        files = json.loads(raw)["attributes"][TOKENIZER_DIR]["files"]
+        with tempfile.TemporaryDirectory(prefix="ddk-tokenizer-") as tmp:
+            for name in files:
+                data = self.objects.get(f"{TOKENIZER_DIR}/{name}")
+                if data is None:
+                    raise damaged(f"{self.objects.describe(f'{TOKENIZER_DIR}/{name}')} is missing")
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)
+            tok = load_tokenizer(tmp)
+        if tokenizer_fingerprint(tok) != self.meta.tokenizer.get("fingerprint"):
+            raise damaged(f"{self.objects.describe(TOKENIZER_DIR)} holds a tokenizer whose fingerprint is not the cache's")
+        return tok
+
     def teacher_ppl(self, domain: str, split: str = "val") -> float:
         """The teacher's perplexity on a domain's split, from the stored table."""
         return self.meta.ppl(domain, split).ppl
@@ -400,6 +428,24 @@ class CacheWriter(_CacheNode):
         created = objects.put_if_absent("zarr.json", group_json({ROOT_ATTR: meta.to_dict()}))
         objects.put_if_absent(f"{BUILD_DIR}/zarr.json", group_json({"ddk_cache_build_state": "logs and staged tokens; see storage_layout.md"}))
         return read_root_meta(path, objects), created
+
+    def store_tokenizer(self, tok: Any) -> None:
+        """Keep the teacher's tokenizer files in the cache (`_tokenizer/`), so that the cache
+        alone says what its token ids are (and their bytes). Each file is written if absent,
+        then the group's zarr.json listing them: its presence means every file is there."""
+        import tempfile
+
+        if self.objects.get(f"{TOKENIZER_DIR}/zarr.json") is not None:
+            return
+        with tempfile.TemporaryDirectory(prefix="ddk-tokenizer-") as tmp:
+            tok.save_pretrained(tmp)
+            files = sorted(os.listdir(tmp))
+            for name in files:
+                with open(os.path.join(tmp, name), "rb") as f:
+                    self.objects.put_if_absent(f"{TOKENIZER_DIR}/{name}", f.read())
+        self.objects.put_if_absent(f"{TOKENIZER_DIR}/zarr.json", group_json({TOKENIZER_DIR: {
+            "files": files, "fingerprint": self.meta.tokenizer.get("fingerprint"),
+            "about": "the teacher's tokenizer (save_pretrained); see storage_layout.md"}}))
 
     def write_meta(self, meta: CacheMeta) -> None:
         self.objects.put("zarr.json", group_json({ROOT_ATTR: meta.to_dict()}))

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import StoreError
-from .cache import LOSS_MASK, SAMPLE_LOGPROB, SPLITS, STATE_COMPLETE, TOKENS, Cache, Shard
+from .cache import LOSS_MASK, SAMPLE_LOGPROB, SPLITS, STATE_COMPLETE, TOKENIZER_DIR, TOKENS, Cache, Shard
 from .log import ShardRecord
 from .shards import damaged
 
@@ -99,6 +99,11 @@ def verify_cache(path: str, progress: Callable[[Iterator], Iterator] = iter) -> 
         checked += n
         if record is not None:
             sums.setdefault((shard.domain, shard.split), []).append(record)
+    if cache.objects.get(f"{TOKENIZER_DIR}/zarr.json") is not None:  # the teacher's tokenizer files (ddk-cache 0.4 on)
+        try:
+            cache.tokenizer()
+        except Exception as e:
+            problems.append(Problem(TOKENIZER_DIR, f"the stored tokenizer does not load as the cache's ({_reason(e)})"))
     if meta.teacher_ppl and not legacy:
         for domain in cache.domains:
             for split in SPLITS:
