@@ -52,9 +52,12 @@ def eval_cmd(cache: str, model_path: str, batch_size: int, device: str, as_json:
     from ddk_cache.runtime import resolve_device
 
     c = Cache(cache)
+    dev = resolve_device(device)
+    if _other_tokenizer(c, model_path):
+        _eval_other_tokenizer(c, model_path, batch_size, dev, as_json)
+        return
     cfg = DistillConfig(cache=cache, out="-", student=model_path)
     model, tok = load_student(cfg, c)
-    dev = resolve_device(device)
     scores = evaluate_scores(model.to(dev), c, batch_size=batch_size, device=dev, byte_lengths=lengths_or_none(tok))
     teacher = {d: c.meta.ppl(d) if c.meta.teacher_ppl else None for d in c.domains}
     rows = [{"domain": d, "student_ppl": scores[d]["ppl"], "teacher_ppl": teacher[d].ppl if teacher[d] else float("nan"),
@@ -72,6 +75,49 @@ def eval_cmd(cache: str, model_path: str, batch_size: int, device: str, as_json:
     click.echo(format_table(("domain", "student PPL", "teacher PPL", "ratio", "student bits/byte", "teacher bits/byte"),
                             [(r["domain"], number(r["student_ppl"]), number(r["teacher_ppl"]), number(r["ratio"]),
                               bpb(r["student_bits_per_byte"]), bpb(r["teacher_bits_per_byte"])) for r in rows]))
+
+
+def _other_tokenizer(cache, model_path: str) -> bool:
+    """Whether the model's tokenizer is not the cache's (by fingerprint)."""
+    from ddk_cache.capture.tokenization import check_model_path, load_tokenizer, tokenizer_fingerprint
+    from ddk_cache.errors import ConfigError
+
+    check_model_path(model_path, ConfigError)
+    return tokenizer_fingerprint(load_tokenizer(model_path)) != cache.meta.tokenizer.get("fingerprint")
+
+
+def _eval_other_tokenizer(c, model_path: str, batch_size: int, dev, as_json: bool) -> None:
+    """`eval` of a model with another tokenizer: bits per byte on the cache's text (its rows
+    tokenized again), beside the teacher's; PPL does not compare across tokenizers."""
+    import torch
+
+    from ddk_cache.capture.tokenization import load_tokenizer
+    from ddk_cache.runtime import load_causal_lm
+    from ddk_cache.train.evaluate import evaluate_text
+
+    model = load_causal_lm(model_path, dtype=torch.float32).to(dev)
+    scores = evaluate_text(model, load_tokenizer(model_path), c, batch_size=batch_size, device=dev)
+    rows = []
+    for d in c.domains:
+        teacher = c.meta.ppl(d).bits_per_byte if c.meta.teacher_ppl else None
+        s = scores[d]
+        rows.append({"domain": d, "student_bits_per_byte": s["bits_per_byte"], "teacher_bits_per_byte": teacher,
+                     "ratio": s["bits_per_byte"] / teacher if teacher and s["bits_per_byte"] else None,
+                     "rows": s["rows"], "unusable_rows": s["unusable"], "truncated_rows": s["truncated"], "student_tokens": s["tokens"],
+                     "bytes": s["bytes"]})
+    if as_json:
+        click.echo(json.dumps({"cache": c.path, "model": model_path, "tokenizer": "other", "rows": rows}, indent=2))
+        return
+    from ddk_cache.table import format_table
+
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    click.echo(f"{model_path}: another tokenizer than the cache's; the validation rows as text, tokenized again "
+               "(bits per byte: PPL does not compare across tokenizers)")
+    click.echo(format_table(("domain", "student bits/byte", "teacher bits/byte", "ratio", "rows", "unusable", "cut"),
+                            [(r["domain"], num(r["student_bits_per_byte"]), num(r["teacher_bits_per_byte"]), num(r["ratio"]),
+                              str(r["rows"]), str(r["unusable_rows"]), str(r["truncated_rows"])) for r in rows]))
 
 
 @click.command()

@@ -98,6 +98,74 @@ def evaluate_scores(
             for d, t in zip(cache.domains, totals)}
 
 
+@torch.no_grad()
+def evaluate_text(
+    model: Any, student_tok: Any, cache: Cache, *, batch_size: int = 8, device: torch.device | str = "cpu", split: str = "val",
+    max_unusable: float = 0.01, context: int | None = None,
+) -> dict[str, dict[str, float | int | None]]:
+    """Bits per byte of a model whose tokenizer is not the cache's, on the cache's `split`:
+    each row becomes text (the cache's own tokenizer, `Cache.tokenizer()`), the model's
+    tokenizer tokenizes it (crosstok.RowText), and the model's NLL of every token it
+    predicts is divided by those tokens' UTF-8 bytes. Per domain {"bits_per_byte",
+    "nll_sum", "bytes", "tokens", "rows", "unusable", "truncated"}.
+
+    Rows whose text does not tokenize back to its bytes are left out and counted; above
+    `max_unusable` of a domain's rows the evaluation stops (DDKCacheError) rather than report
+    a number over another text. Rows longer than `context` model tokens (default: the
+    model's positions) are cut there and counted. Text domains only (a chat row's loss mask
+    does not carry over: refused)."""
+    from ..errors import DDKCacheError
+    from .crosstok import RowText
+
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    rt = RowText(cache.tokenizer(), student_tok)
+    if context is None:
+        text = model.config.get_text_config() if hasattr(getattr(model, "config", None), "get_text_config") else getattr(model, "config", None)
+        context = next((getattr(text, k) for k in ("max_position_embeddings", "n_positions") if isinstance(getattr(text, k, None), int)), None)
+    out = {}
+    for domain in cache.domains:
+        if cache.is_chat(domain):
+            raise DDKCacheError(f"{cache.path}: domain {domain!r} is chat: its loss mask does not carry over to another tokenizer yet; "
+                                "evaluate it with a model of the cache's tokenizer")
+        n = cache.num_sequences(domain, split)
+        rows, unusable, truncated = [], 0, 0
+        for start in range(0, n, 256):
+            for row in cache.tokens(domain, split, np.arange(start, min(n, start + 256))):
+                got = rt.student_row(row)
+                if got is None:
+                    unusable += 1
+                    continue
+                if context is not None and len(got.ids) > context:
+                    got.ids, got.lengths, truncated = got.ids[:context], got.lengths[:context], truncated + 1
+                rows.append(got)
+        if unusable > max_unusable * n:
+            raise DDKCacheError(f"{cache.path}: {unusable} of {n} {domain}/{split} rows do not tokenize back to their own text with "
+                                f"this tokenizer (a normaliser, added spaces or unknown bytes); bits per byte over the rest "
+                                f"would describe other text (allowed: {max_unusable:.0%})")
+        nll = torch.zeros((), dtype=torch.float64, device=device)
+        nbytes = tokens = 0
+        for b in range(0, len(rows), batch_size):
+            batch = rows[b: b + batch_size]
+            width = max(len(r.ids) for r in batch)
+            x = torch.zeros((len(batch), width), dtype=torch.long)
+            keep = torch.zeros((len(batch), width - 1), dtype=torch.bool)
+            for i, r in enumerate(batch):
+                x[i, : len(r.ids)] = torch.from_numpy(r.ids)
+                keep[i, : len(r.ids) - 1] = True
+            x, keep = x.to(device), keep.to(device)
+            labels = torch.where(keep, x[:, 1:], IGNORE_INDEX)
+            nll += _per_token_ce(model, x, labels, False, 1024).sum(dtype=torch.float64)
+            nbytes += sum(int(r.lengths[1:].sum()) for r in batch)
+            tokens += int(keep.sum())
+        total = float(nll)
+        out[domain] = {"bits_per_byte": total / (math.log(2) * nbytes) if nbytes else None, "nll_sum": total, "bytes": nbytes,
+                       "tokens": tokens, "rows": len(rows), "unusable": unusable, "truncated": truncated}
+    model.train(was_training)
+    return out
+
+
 def ppl(nll_sum: float, tokens: float) -> float:
     """exp(mean NLL): inf past float64's range (a freshly pruned or diverged model), nan for no tokens."""
     if not tokens:
