@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ddk_cache"
-BASE = {"errors", "config", "runtime", "table", "__version__"}
+BASE = {"errors", "config", "runtime", "table", "tokenbytes", "__version__"}
 
 
 def package_imports(path: Path) -> set[str]:
@@ -32,7 +32,7 @@ def allowed(module: str, target: str) -> bool:
     top = target.split(".")[0]
     if module in ("errors", "table"):
         return False
-    if module in ("config", "runtime"):
+    if module in ("config", "runtime", "tokenbytes"):
         return target == "errors"
     if module.startswith("store."):
         return top in BASE or target.startswith("store.")

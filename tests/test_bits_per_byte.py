@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ddk_cache.capture.tokenization import load_tokenizer
+from ddk_cache.capture.tokenization import cache_tokenizer, load_tokenizer
 from ddk_cache.cli.main import main
 from ddk_cache.errors import ConfigError
 from ddk_cache.store.cache import SPLITS, Cache
@@ -112,7 +112,7 @@ def test_the_cache_holds_its_teachers_tokenizer(built_cache, teacher_dir, tmp_pa
     from .helpers import copy_cache
 
     cache = Cache(str(built_cache))
-    stored, original = cache.tokenizer(), load_tokenizer(str(teacher_dir))
+    stored, original = cache_tokenizer(cache), load_tokenizer(str(teacher_dir))
     assert tokenizer_fingerprint(stored) == tokenizer_fingerprint(original) == cache.meta.tokenizer["fingerprint"]
     for text in HARD:
         assert stored(text)["input_ids"] == original(text)["input_ids"]
@@ -124,7 +124,7 @@ def test_the_cache_holds_its_teachers_tokenizer(built_cache, teacher_dir, tmp_pa
     model_vocab[a], model_vocab[b] = model_vocab[b], model_vocab[a]  # two ids swapped
     (out / "_tokenizer" / "tokenizer.json").write_text(json.dumps(vocab))
     problems, _ = verify_cache(str(out))
-    assert [p.where for p in problems] == ["_tokenizer"] and "does not load as the cache's" in problems[0].what
+    assert [p.where for p in problems] == ["_tokenizer"] and "its sha256 differs" in problems[0].what
     legacy = Cache(str(__import__("pathlib").Path(__file__).parent / "data" / "legacy" / "v3-pack.zarr"))
     with pytest.raises(StoreError, match="holds no tokenizer .*rebuild or re-import it"):
-        legacy.tokenizer()
+        cache_tokenizer(legacy)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from ddk_cache.capture.tokenization import cache_tokenizer
 from ddk_cache.cli.main import main
 from ddk_cache.errors import DDKCacheError
 from ddk_cache.store.cache import SPLITS, Cache
@@ -37,7 +38,7 @@ def test_same_tokenizer_gives_back_every_row(built_cache):
     """The identity: with the cache's own tokenizer on both sides, every row tokenized again
     from its text is the row itself (EOS between documents included)."""
     cache = Cache(str(built_cache))
-    tok = cache.tokenizer()
+    tok = cache_tokenizer(cache)
     rt = RowText(tok, tok)
     for d in cache.domains:
         for s in SPLITS:
@@ -50,7 +51,7 @@ def test_other_tokenizer_rows_hold_the_same_text(built_cache, other_student):
     from ddk_cache.capture.tokenization import load_tokenizer
 
     cache = Cache(str(built_cache))
-    teacher, student = cache.tokenizer(), load_tokenizer(str(other_student))
+    teacher, student = cache_tokenizer(cache), load_tokenizer(str(other_student))
     rt = RowText(teacher, student)
     for row in cache.tokens("alpha", "val", np.arange(cache.num_sequences("alpha", "val"))):
         got = rt.student_row(row)
@@ -71,7 +72,7 @@ def test_bits_per_byte_of_another_tokenizer(built_cache, other_student):
     student = load_tokenizer(str(other_student))
     model = AutoModelForCausalLM.from_pretrained(other_student, dtype=torch.float32)
     scores = evaluate_text(model, student, cache, batch_size=3)
-    rt = RowText(cache.tokenizer(), student)
+    rt = RowText(cache_tokenizer(cache), student)
     for d in cache.domains:
         rows = cache.tokens(d, "val", np.arange(cache.num_sequences(d, "val")))
         nll = nbytes = 0.0

@@ -17,7 +17,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from ddk_cache.capture.tokenization import tokenizer_fingerprint
+from ddk_cache.capture.tokenization import cache_tokenizer, tokenizer_fingerprint
 from ddk_cache.cli.main import main
 from ddk_cache.errors import ConfigError, DDKCacheError
 from ddk_cache.export import export_parquet
@@ -178,7 +178,7 @@ def test_distillkit_capture_imports_as_its_decoder_gives_it(built_cache: Path, t
     L = max(len(r["tokens"]) for r in written)
     assert c.seq_len == L and meta.vocab_size == 400 and c.domains == sorted({r["domain"] for r in written})
     # --tokenizer: its files kept in the cache, and the table's bytes for bits per byte recorded
-    assert tokenizer_fingerprint(c.tokenizer()) == meta.tokenizer["fingerprint"] and c.meta.ppl(c.domains[0]).bits_per_byte > 0
+    assert tokenizer_fingerprint(cache_tokenizer(c)) == meta.tokenizer["fingerprint"] and c.meta.ppl(c.domains[0]).bits_per_byte > 0
     for domain in c.domains:
         mine = [r for r in written if r["domain"] == domain]
         assert (c.num_sequences(domain, "train"), c.num_sequences(domain, "val")) == (9, 3)

@@ -71,6 +71,23 @@ def tokenizer_fingerprint(tok: Any) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
+def cache_tokenizer(cache: Any) -> Any:
+    """The teacher's tokenizer a cache holds (`Cache.tokenizer_files`), loaded, after checking
+    it is the one the cache's token ids come from (its fingerprint)."""
+    import tempfile
+
+    from ..errors import StoreError
+
+    with tempfile.TemporaryDirectory(prefix="ddk-tokenizer-") as tmp:
+        for name, data in cache.tokenizer_files().items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        tok = load_tokenizer(tmp)
+    if tokenizer_fingerprint(tok) != cache.meta.tokenizer.get("fingerprint"):
+        raise StoreError(f"{cache.path}/_tokenizer holds a tokenizer whose fingerprint is not the cache's: the cache is damaged")
+    return tok
+
+
 def tokenizer_info(tok: Any) -> dict[str, Any]:
     """The tokenizer facts a cache records: fingerprint, size, special ids, class."""
     return {

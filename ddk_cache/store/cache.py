@@ -23,6 +23,7 @@ Readers go through `Cache`; nothing else opens the arrays.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -294,31 +295,25 @@ class Cache(_CacheNode):
                 "rerun the same `ddk-cache build` command to finish it"
             )
 
-    def tokenizer(self) -> Any:
-        """The teacher's tokenizer, from the files the cache holds (`_tokenizer/`), after
-        checking it is the one the cache's token ids come from (its fingerprint). StoreError
-        for a cache that holds none: built before ddk-cache 0.4, or imported without
-        --tokenizer."""
-        import tempfile
-
-        from ..capture.tokenization import load_tokenizer, tokenizer_fingerprint
-
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The teacher's tokenizer files the cache holds (`_tokenizer/`, by file name), each
+        checked against the sha256 the listing records (`capture.tokenization.cache_tokenizer`
+        loads them). StoreError for a cache that holds none: built before ddk-cache 0.4, or
+        imported without --tokenizer."""
         raw = self.objects.get(f"{TOKENIZER_DIR}/zarr.json")
         if raw is None:
             raise StoreError(f"{self.path} holds no tokenizer (caches hold one since ddk-cache 0.4; an import holds one when given "
                              "--tokenizer): rebuild or re-import it, or give the teacher's tokenizer directory where asked")
-        files = json.loads(raw)["attributes"][TOKENIZER_DIR]["files"]
-        with tempfile.TemporaryDirectory(prefix="ddk-tokenizer-") as tmp:
-            for name in files:
-                data = self.objects.get(f"{TOKENIZER_DIR}/{name}")
-                if data is None:
-                    raise damaged(f"{self.objects.describe(f'{TOKENIZER_DIR}/{name}')} is missing")
-                with open(os.path.join(tmp, name), "wb") as f:
-                    f.write(data)
-            tok = load_tokenizer(tmp)
-        if tokenizer_fingerprint(tok) != self.meta.tokenizer.get("fingerprint"):
-            raise damaged(f"{self.objects.describe(TOKENIZER_DIR)} holds a tokenizer whose fingerprint is not the cache's")
-        return tok
+        out = {}
+        for name, digest in json.loads(raw)["attributes"][TOKENIZER_DIR]["files"].items():
+            where = self.objects.describe(f"{TOKENIZER_DIR}/{name}")
+            data = self.objects.get(f"{TOKENIZER_DIR}/{name}")
+            if data is None:
+                raise damaged(f"{where} is missing")
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise damaged(f"{where} is not the file the build stored (its sha256 differs)")
+            out[name] = data
+        return out
 
     def teacher_ppl(self, domain: str, split: str = "val") -> float:
         """The teacher's perplexity on a domain's split, from the stored table."""
@@ -437,12 +432,14 @@ class CacheWriter(_CacheNode):
 
         if self.objects.get(f"{TOKENIZER_DIR}/zarr.json") is not None:
             return
+        files = {}
         with tempfile.TemporaryDirectory(prefix="ddk-tokenizer-") as tmp:
             tok.save_pretrained(tmp)
-            files = sorted(os.listdir(tmp))
-            for name in files:
+            for name in sorted(os.listdir(tmp)):
                 with open(os.path.join(tmp, name), "rb") as f:
-                    self.objects.put_if_absent(f"{TOKENIZER_DIR}/{name}", f.read())
+                    data = f.read()
+                self.objects.put_if_absent(f"{TOKENIZER_DIR}/{name}", data)
+                files[name] = hashlib.sha256(data).hexdigest()
         self.objects.put_if_absent(f"{TOKENIZER_DIR}/zarr.json", group_json({TOKENIZER_DIR: {
             "files": files, "fingerprint": self.meta.tokenizer.get("fingerprint"),
             "about": "the teacher's tokenizer (save_pretrained); see storage_layout.md"}}))

@@ -101,9 +101,9 @@ def verify_cache(path: str, progress: Callable[[Iterator], Iterator] = iter) -> 
             sums.setdefault((shard.domain, shard.split), []).append(record)
     if cache.objects.get(f"{TOKENIZER_DIR}/zarr.json") is not None:  # the teacher's tokenizer files (ddk-cache 0.4 on)
         try:
-            cache.tokenizer()
-        except Exception as e:
-            problems.append(Problem(TOKENIZER_DIR, f"the stored tokenizer does not load as the cache's ({_reason(e)})"))
+            cache.tokenizer_files()
+        except StoreError as e:
+            problems.append(Problem(TOKENIZER_DIR, f"the stored tokenizer is damaged ({_reason(e)})"))
     if meta.teacher_ppl and not legacy:
         for domain in cache.domains:
             for split in SPLITS:

@@ -1,7 +1,7 @@
 """A cached row as text, tokenized again for a model with another tokenizer (issue #26).
 
 The cache stores the teacher's token ids; with the teacher's tokenizer (kept in the cache,
-`Cache.tokenizer()`) each id's UTF-8 bytes are known (tokenbytes.py), so a row is text
+`capture.tokenization.cache_tokenizer`) each id's UTF-8 bytes are known (tokenbytes.py), so a row is text
 again: runs of text tokens become strings, and the special tokens between them (EOS
 between packed documents, a leading BOS) become the other tokenizer's own. Each run is
 tokenized by the other tokenizer; a run whose tokens do not add up to its bytes (a

@@ -104,7 +104,7 @@ def evaluate_text(
     max_unusable: float = 0.01, context: int | None = None,
 ) -> dict[str, dict[str, float | int | None]]:
     """Bits per byte of a model whose tokenizer is not the cache's, on the cache's `split`:
-    each row becomes text (the cache's own tokenizer, `Cache.tokenizer()`), the model's
+    each row becomes text (the cache's own tokenizer, `capture.tokenization.cache_tokenizer`), the model's
     tokenizer tokenizes it (crosstok.RowText), and the model's NLL of every token it
     predicts is divided by those tokens' UTF-8 bytes. Per domain {"bits_per_byte",
     "nll_sum", "bytes", "tokens", "rows", "unusable", "truncated"}.
@@ -114,13 +114,14 @@ def evaluate_text(
     a number over another text. Rows longer than `context` model tokens (default: the
     model's positions) are cut there and counted. Text domains only (a chat row's loss mask
     does not carry over: refused)."""
+    from ..capture.tokenization import cache_tokenizer
     from ..errors import DDKCacheError
     from .crosstok import RowText
 
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    rt = RowText(cache.tokenizer(), student_tok)
+    rt = RowText(cache_tokenizer(cache), student_tok)
     if context is None:
         text = model.config.get_text_config() if hasattr(getattr(model, "config", None), "get_text_config") else getattr(model, "config", None)
         context = next((getattr(text, k) for k in ("max_position_embeddings", "n_positions") if isinstance(getattr(text, k, None), int)), None)
