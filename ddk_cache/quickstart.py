@@ -114,7 +114,8 @@ def run(out: str | Path, scale: str = "default", say: Callable[[str], None] = pr
     domains = list(result.meta.domains)
     teacher_ppl = {d: result.meta.ppl(d, "val").ppl for d in domains}
 
-    table = {"domains": domains, "teacher_ppl": teacher_ppl, "students": {}}
+    table = {"domains": domains, "teacher_ppl": teacher_ppl, "teacher_bpb": {d: result.meta.ppl(d, "val").bits_per_byte for d in domains},
+             "students": {}}
     tok = load_tokenizer(str(teacher))
     for i, (name, hidden, layers) in enumerate(s.students):
         say(f"[4/5] student {name}: {layers} x {hidden} Llama, {s.student_steps} steps of DDK distillation from the cache")
@@ -136,7 +137,8 @@ def _distill_student(out: Path, name: str, student: Path, progress: bool, **opti
     distill(DistillConfig(cache=str(out / "cache.zarr"), student=str(student), out=str(run_dir), save_every=int(options["max_steps"]),  # type: ignore[arg-type]
                           device="cpu", resume=(run_dir / "checkpoints").exists(), **options), progress=progress)  # type: ignore[arg-type]
     _, evals = read_metrics(run_dir)
-    return {"before": evals[0]["ppl_student"], "after": evals[-1]["ppl_student"], "plots": [str(p) for p in write_report(run_dir)]}
+    return {"before": evals[0]["ppl_student"], "after": evals[-1]["ppl_student"], "after_bpb": evals[-1].get("bpb_student") or {},
+            "plots": [str(p) for p in write_report(run_dir)]}
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,8 @@ def run_real(out: str | Path, scale: str = "default", say: Callable[[str], None]
                                backend="hf", max_tokens_per_domain=s.tokens_per_domain, val_tokens=8 * s.seq_len, device="cpu",
                                dtype="float32"), progress=progress)
     domains = list(result.meta.domains)
-    table = {"domains": domains, "teacher_ppl": {d: result.meta.ppl(d, "val").ppl for d in domains}, "students": {}}
+    table = {"domains": domains, "teacher_ppl": {d: result.meta.ppl(d, "val").ppl for d in domains},
+             "teacher_bpb": {d: result.meta.ppl(d, "val").bits_per_byte for d in domains}, "students": {}}
     for name, layers in s.students:
         say(f"[4/5] student {name}: SmolLM2's first and last layers ({layers} of 30), {s.student_steps} steps of DDK distillation")
         path = out / f"student-{name}"
@@ -195,8 +198,14 @@ def run_real(out: str | Path, scale: str = "default", say: Callable[[str], None]
 def format_table(table: dict) -> str:
     """The per-domain summary as aligned text."""
     names = list(table["students"])
-    header = ["domain", "teacher PPL"] + [f"{n}: before -> after" for n in names]
+
+    def bpb(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    # Bits per byte (tokenbytes.py) beside PPL: the figure that compares across tokenizers.
+    header = ["domain", "teacher PPL"] + [f"{n}: before -> after" for n in names] + ["teacher bits/byte"] + [f"{n}: bits/byte" for n in names]
     rows = [[d, number(table["teacher_ppl"][d], 2)] + [
         f"{number(table['students'][n]['before'][d], 1)} -> {number(table['students'][n]['after'][d], 2)}" for n in names]
+        + [bpb((table.get("teacher_bpb") or {}).get(d))] + [bpb(table["students"][n].get("after_bpb", {}).get(d)) for n in names]
         for d in table["domains"]]
     return text_table(header, rows)

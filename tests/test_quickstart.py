@@ -24,4 +24,5 @@ def test_quickstart_tiny(tmp_path):
         for d in table["domains"]:
             assert student["after"][d] < student["before"][d]  # distillation lowered every domain's PPL
         assert any(p.endswith("weights.png") for p in student["plots"])
-    assert "teacher PPL" in stdout and "small: before -> after" in stdout
+    assert "teacher PPL" in stdout and "small: before -> after" in stdout and "small: bits/byte" in stdout
+    assert all(table["teacher_bpb"][d] > 0 and table["students"]["small"]["after_bpb"][d] > 0 for d in table["domains"])
