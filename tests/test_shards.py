@@ -156,3 +156,22 @@ def test_a_bundle_plane_damage_is_named(tmp_path, pack_cache):
     np.testing.assert_array_equal(fresh.tokens("alpha", "train", [1]), cache.tokens("alpha", "train", [1]))  # tokens still read
     with pytest.raises(StoreError, match=r"alpha/train/rows/c/0/0/0 row 1: checksum mismatch"):
         fresh.targets_of("alpha", "train", [1])
+
+
+def test_zstd_chunks_of_any_writer_decode():
+    """The reader's zstd (python-zstandard) takes frames with or without their content size
+    (another Zarr writer may leave it out) and the padded frames the writer makes; a damaged
+    frame is an error."""
+    import zstandard
+
+    from ddk_cache.store.shards import zstd_decompress, zstd_padded
+
+    raw = np.arange(1000, dtype=np.int32).tobytes()
+    assert zstd_decompress(zstandard.ZstdCompressor(write_content_size=False).compress(raw)) == raw
+    padded = zstd_padded(raw, 50_000, 1)
+    assert zstd_decompress(padded) == raw + bytes(50_000 - len(raw)) and len(padded) < len(raw) + 100  # the zeros: a few bytes
+    from numcodecs import Zstd
+
+    assert bytes(Zstd().decode(padded)) == raw + bytes(50_000 - len(raw))  # what zarr's own codec reads
+    with pytest.raises(zstandard.ZstdError):
+        zstd_decompress(padded[:-3] + b"xyz")

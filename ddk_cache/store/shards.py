@@ -88,7 +88,12 @@ def zstd_decompress(data: bytes | memoryview) -> bytes:
     dctx = getattr(_zstd, "d", None)
     if dctx is None:
         dctx = _zstd.d = zstandard.ZstdDecompressor()
-    return dctx.decompress(data)
+    try:
+        return dctx.decompress(data)
+    except zstandard.ZstdError:
+        if zstandard.frame_content_size(data) != -1:  # the size was there: the frame is damaged
+            raise
+        return dctx.decompressobj().decompress(data)  # a frame written without its content size
 
 
 def damaged(what: str) -> StoreError:
