@@ -15,8 +15,9 @@ A cache (format 5) is a Zarr v3 group:
     /_build/                 build state: logs of finished shards, staged tokens
 
 Every array is a row array (shards.py): one object per S sequences, one compressed chunk
-per sequence; in a bundle, every array of a shard shares one object. The builder writes whole shards, one writer per shard, and records a shard
-in its log only after its objects exist, so a build can stop anywhere and resume.
+per sequence; in a bundle, every array of a shard shares one object. The builder writes
+whole shards, one writer per shard, and records a shard in its log only after its objects
+exist, so a build can stop anywhere and resume.
 Readers go through `Cache`; nothing else opens the arrays.
 """
 
@@ -438,7 +439,9 @@ class CacheWriter(_CacheNode):
             for name in sorted(os.listdir(tmp)):
                 with open(os.path.join(tmp, name), "rb") as f:
                     data = f.read()
-                self.objects.put_if_absent(f"{TOKENIZER_DIR}/{name}", data)
+                key = f"{TOKENIZER_DIR}/{name}"
+                if not self.objects.put_if_absent(key, data):  # another worker's copy is there: list what is stored
+                    data = self.objects.get(key) or data
                 files[name] = hashlib.sha256(data).hexdigest()
         self.objects.put_if_absent(f"{TOKENIZER_DIR}/zarr.json", group_json({TOKENIZER_DIR: {
             "files": files, "fingerprint": self.meta.tokenizer.get("fingerprint"),
