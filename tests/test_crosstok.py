@@ -107,3 +107,42 @@ def test_text_that_does_not_come_back_stops_the_evaluation(built_cache, other_st
     model = AutoModelForCausalLM.from_pretrained(other_student, dtype=torch.float32)
     with pytest.raises(DDKCacheError, match=r"rows do not tokenize back to their own text with this tokenizer"):
         evaluate_text(model, tok, Cache(str(built_cache)))
+
+
+def test_alignment_pairs_positions_that_read_the_same_text(built_cache, other_student):
+    """With the cache's own tokenizer every position is its own partner and every id maps to
+    itself; with another, a student position is paired with a teacher position exactly when
+    both have read the same bytes and documents (checked against every prefix), and mapped
+    ids stand for the same bytes."""
+    from ddk_cache.capture.tokenization import load_tokenizer
+    from ddk_cache.tokenbytes import token_bytes
+
+    cache = Cache(str(built_cache))
+    teacher = cache_tokenizer(cache)
+    same = RowText(teacher, teacher)
+    want = np.arange(len(teacher))
+    want[[i for i in teacher.all_special_ids if i != teacher.eos_token_id]] = -1  # padding stands for no text
+    np.testing.assert_array_equal(same.vocab_map(), want)
+    rows = cache.tokens("alpha", "train", np.arange(6))
+    for row in rows:
+        np.testing.assert_array_equal(same.align(row, same.student_row(row)), np.arange(len(row) - 1))
+    student = load_tokenizer(str(other_student))
+    rt = RowText(teacher, student)
+    t_bytes, s_bytes = token_bytes(teacher), token_bytes(student)
+    vmap = rt.vocab_map()
+    mapped = np.flatnonzero(vmap >= 0)
+    assert len(mapped) > 50 and all(t_bytes[t] == s_bytes[vmap[t]] for t in mapped if t != teacher.eos_token_id)
+    paired = 0
+    for row in rows:
+        srow = rt.student_row(row)
+        j = rt.align(row, srow)
+        t_prefix = [(b"".join(t_bytes[t] for t in row[: k + 1]), int((row[: k + 1] == teacher.eos_token_id).sum())) for k in range(len(row) - 1)]
+        for i, jj in enumerate(j):
+            ids = srow.ids[srow.prefix: i + 1]
+            s_prefix = (b"".join(s_bytes[t] for t in ids), int((ids == student.eos_token_id).sum()))
+            if jj >= 0:
+                assert t_prefix[jj] == s_prefix and (jj + 1 == len(t_prefix) or t_prefix[jj + 1] != s_prefix)
+                paired += 1
+            else:
+                assert s_prefix not in t_prefix
+    assert paired > len(rows) * 10  # most student positions have a partner on this corpus

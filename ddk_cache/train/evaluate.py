@@ -133,8 +133,7 @@ def evaluate_text(
         n = cache.num_sequences(domain, split)
         rows, unusable, truncated = [], 0, 0
         for start in range(0, n, 256):
-            for row in cache.tokens(domain, split, np.arange(start, min(n, start + 256))):
-                got = rt.student_row(row)
+            for got in rt.student_rows(cache.tokens(domain, split, np.arange(start, min(n, start + 256)))):
                 if got is None:
                     unusable += 1
                     continue
