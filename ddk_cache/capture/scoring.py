@@ -32,7 +32,7 @@ from ..store.cache import (
 )
 from ..store.encodings import RowScores
 from ..store.log import ShardRecord
-from ..store.meta import CacheMeta
+from ..store.meta import FORMAT_VERSION, CacheMeta
 from ..store.targets import TargetSpec, split_seed
 from ..tokenbytes import predicted_bytes
 from .packing import Gatherer, Plan
@@ -151,7 +151,9 @@ class Scorer:
                  on_nonfinite: str = "stop", progress: bool = True, hook: Hook | None = None,
                  byte_lengths: np.ndarray | None = None) -> None:
         self.writer, self.plan, self.spec = writer, plan, spec
-        self.byte_lengths = byte_lengths  # per token id (tokenbytes.py): records carry bits per byte's bytes
+        # Per token id (tokenbytes.py): records carry bits per byte's bytes. Not in a format-3/4
+        # cache finished by this version: a ddk-cache 0.3 reading its logs would not know the key.
+        self.byte_lengths = byte_lengths if writer.meta.format_version >= FORMAT_VERSION else None
         self.threads, self.worker, self.on_nonfinite = threads, worker, on_nonfinite
         self.progress, self.hook = progress, hook or (lambda event, info: None)
         self.stats = ScoreStats()
