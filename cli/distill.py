@@ -43,7 +43,12 @@ def distill(config_file: str | None, quiet: bool, **overrides: object) -> None:
 def eval_cmd(cache: str, model_path: str, batch_size: int, device: str, as_json: bool) -> None:
     """Per-domain perplexity and bits per byte of MODEL on the cache's validation split, beside
     the teacher's. Bits per byte (NLL in bits per UTF-8 byte of the predicted text) compares
-    across tokenizers; the teacher's is "n/a" for caches built before ddk-cache 0.4."""
+    across tokenizers; the teacher's is "n/a" for caches built before ddk-cache 0.4.
+
+    A MODEL whose tokenizer is not the cache's is scored in bits per byte only: the rows are
+    turned back into text (with the tokenizer the cache keeps, ddk-cache 0.4 on) and tokenized
+    by MODEL's; rows whose text does not come back to its bytes are counted, and above 1% of a
+    domain's rows the evaluation stops. Text domains only."""
     from ddk_cache.train.distill import load_student
     from ddk_cache.train.evaluate import evaluate_scores
     from ddk_cache.store.cache import Cache
