@@ -13,6 +13,10 @@ string is bytes under GPT-2's byte-to-character table) and SentencePiece-style p
 added control tokens (BOS, EOS, chat markers) stand for no text: zero bytes. Anything else
 is refused with its decoder's name, rather than measured wrongly. `check_round_trip` checks
 the table on real text: the bytes of a document's tokens must add up to the document's own.
+Not covered: a SentencePiece tokenizer that adds a "dummy prefix" space to each text counts
+that space (one byte per document more than the text has); `check_round_trip` reports such
+a tokenizer, and `evaluate_text` refuses it. Tested here on byte-level BPE only (no
+SentencePiece model can be fetched on this machine).
 """
 
 from __future__ import annotations
