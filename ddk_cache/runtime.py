@@ -155,6 +155,15 @@ def init_distributed(worker: Worker, device: Any) -> None:
         torch.distributed.init_process_group(backend, rank=worker.rank, world_size=worker.world_size)
 
 
+def model_context(model: Any) -> int | None:
+    """The most positions a causal LM takes (max_position_embeddings, GPT-2's n_positions, or
+    max_sequence_length, of its text config), or None where its config names none."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    return next((getattr(text, k) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                 if isinstance(getattr(text, k, None), int)), None)
+
+
 def load_causal_lm(path: str, **kwargs: Any) -> Any:
     """`AutoModelForCausalLM.from_pretrained(path, **kwargs)`, never left partly on the meta device.
 

@@ -116,6 +116,7 @@ def evaluate_text(
     does not carry over: refused)."""
     from ..capture.tokenization import cache_tokenizer
     from ..errors import DDKCacheError
+    from ..runtime import model_context
     from .crosstok import RowText
 
     was_training = model.training
@@ -123,8 +124,7 @@ def evaluate_text(
     device = torch.device(device)
     rt = RowText(cache_tokenizer(cache), student_tok)
     if context is None:
-        text = model.config.get_text_config() if hasattr(getattr(model, "config", None), "get_text_config") else getattr(model, "config", None)
-        context = next((getattr(text, k) for k in ("max_position_embeddings", "n_positions") if isinstance(getattr(text, k, None), int)), None)
+        context = model_context(model)
     out = {}
     for domain in cache.domains:
         if cache.is_chat(domain):

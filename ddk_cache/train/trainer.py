@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..capture.tokenization import check_model_path, load_tokenizer, tokenizer_fingerprint
 from ..config import changed, free_fields
 from ..errors import ConfigError, DDKCacheError, TeacherError
-from ..runtime import Worker, init_distributed, load_causal_lm, resolve_device
+from ..runtime import Worker, init_distributed, load_causal_lm, model_context, resolve_device
 from ..store.cache import Cache
 from . import checkpoint
 from .checkpoint import CKPT_DIR, latest_checkpoint
@@ -97,9 +97,7 @@ def load_student(cfg: DistillConfig, cache: Cache) -> tuple[Any, Any]:
     rows = model.get_output_embeddings().weight.shape[0]
     if rows < len(tok):
         raise ConfigError(f"the student's vocabulary ({rows} rows) is smaller than the tokenizer ({len(tok)} tokens)")
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    context = next((getattr(text, k) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
-                    if isinstance(getattr(text, k, None), int)), None)
+    context = model_context(model)
     if context is not None and context < cache.seq_len:
         # GPT-2 would index past its position table; a Llama would train silently on positions
         # its RoPE scaling was never set up for.
