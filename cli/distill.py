@@ -58,8 +58,9 @@ def eval_cmd(cache: str, model_path: str, batch_size: int, device: str, as_json:
 
     c = Cache(cache)
     dev = resolve_device(device)
-    if _other_tokenizer(c, model_path):
-        _eval_other_tokenizer(c, model_path, batch_size, dev, as_json)
+    other = _other_tokenizer(c, model_path)
+    if other is not None:
+        _eval_other_tokenizer(c, model_path, other, batch_size, dev, as_json)
         return
     cfg = DistillConfig(cache=cache, out="-", student=model_path)
     model, tok = load_student(cfg, c)
@@ -82,26 +83,26 @@ def eval_cmd(cache: str, model_path: str, batch_size: int, device: str, as_json:
                               bpb(r["student_bits_per_byte"]), bpb(r["teacher_bits_per_byte"])) for r in rows]))
 
 
-def _other_tokenizer(cache, model_path: str) -> bool:
-    """Whether the model's tokenizer is not the cache's (by fingerprint)."""
+def _other_tokenizer(cache, model_path: str):
+    """The model's tokenizer where it is not the cache's (by fingerprint), else None."""
     from ddk_cache.capture.tokenization import check_model_path, load_tokenizer, tokenizer_fingerprint
     from ddk_cache.errors import ConfigError
 
     check_model_path(model_path, ConfigError)
-    return tokenizer_fingerprint(load_tokenizer(model_path)) != cache.meta.tokenizer.get("fingerprint")
+    tok = load_tokenizer(model_path)
+    return tok if tokenizer_fingerprint(tok) != cache.meta.tokenizer.get("fingerprint") else None
 
 
-def _eval_other_tokenizer(c, model_path: str, batch_size: int, dev, as_json: bool) -> None:
+def _eval_other_tokenizer(c, model_path: str, tok, batch_size: int, dev, as_json: bool) -> None:
     """`eval` of a model with another tokenizer: bits per byte on the cache's text (its rows
     tokenized again), beside the teacher's; PPL does not compare across tokenizers."""
     import torch
 
-    from ddk_cache.capture.tokenization import load_tokenizer
     from ddk_cache.runtime import load_causal_lm
     from ddk_cache.train.evaluate import evaluate_text
 
     model = load_causal_lm(model_path, dtype=torch.float32).to(dev)
-    scores = evaluate_text(model, load_tokenizer(model_path), c, batch_size=batch_size, device=dev)
+    scores = evaluate_text(model, tok, c, batch_size=batch_size, device=dev)
     rows = []
     for d in c.domains:
         teacher = c.meta.ppl(d).bits_per_byte if c.meta.teacher_ppl else None

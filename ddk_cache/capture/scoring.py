@@ -265,9 +265,8 @@ class Scorer:
         scores, skipped = self._scores(job, row, finish)
         with self._guard:
             state = self._states[shard.key]
-        chunks, nll, positions, mass = row_chunks(writer, shard, tokens, scores, None if state.mask is None else state.mask[row],
-                                                  None if state.sampled is None else state.sampled[row])
         mask = None if state.mask is None else state.mask[row]
+        chunks, nll, positions, mass = row_chunks(writer, shard, tokens, scores, mask, None if state.sampled is None else state.sampled[row])
         nbytes = predicted_bytes(tokens, mask, self.byte_lengths) if self.byte_lengths is not None else 0
         if skipped:  # no teacher values: not in the perplexity table
             nll, positions, mass, nbytes = 0.0, 0, 0.0, 0

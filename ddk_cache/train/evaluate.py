@@ -68,6 +68,7 @@ def evaluate_scores(
     model.eval()
     device = torch.device(device)
     sums = torch.zeros(len(cache.domains), 3, dtype=torch.float64, device=device)  # NLL, positions, bytes
+    table = None if byte_lengths is None else torch.from_numpy(byte_lengths).to(device)  # once, not per batch
     for i, domain in enumerate(cache.domains):
         n = cache.num_sequences(domain, split)
         per_rank = -(-n // world_size)
@@ -86,9 +87,8 @@ def evaluate_scores(
                 ce = _per_token_ce(model, x, labels, loss, chunk)
             sums[i, 0] += ce.sum(dtype=torch.float64)
             sums[i, 1] += keep.sum().to(torch.float64)
-            if byte_lengths is not None:
-                nbytes = torch.from_numpy(byte_lengths).to(device)[x[:, 1:]]
-                sums[i, 2] += torch.where(keep, nbytes, 0).sum().to(torch.float64)
+            if table is not None:
+                sums[i, 2] += torch.where(keep, table[x[:, 1:]], 0).sum().to(torch.float64)
     if world_size > 1:
         torch.distributed.all_reduce(sums)
     model.train(was_training)

@@ -326,6 +326,7 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         model, self.tok = load_student(cfg, cache)
+        self.byte_lengths = lengths_or_none(self.tok)  # per token id, for bits per byte (None: a tokenizer tokenbytes cannot read)
         use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and device.type == "cuda")
         teacher = load_online_teacher(cfg, cache, device, use_bf16) if cfg.online_teacher else None
         student_rows = model.get_output_embeddings().weight.shape[0]
@@ -491,8 +492,6 @@ class Trainer:
         """Per-domain validation perplexity (all ranks), the mixer's new weights (`update`), logged."""
         cfg, cache = self.cfg, self.cache
         t0 = time.perf_counter()
-        if not hasattr(self, "byte_lengths"):  # per token id, for bits per byte (None: a tokenizer tokenbytes cannot read)
-            self.byte_lengths = lengths_or_none(self.tok)
         scores = evaluate_scores(self.trained, cache, batch_size=cfg.eval_batch_size, device=self.device, autocast=self.autocast,
                                  rank=self.rank, world_size=self.world, loss=True, byte_lengths=self.byte_lengths)
         ppl = {d: s["ppl"] for d, s in scores.items()}
