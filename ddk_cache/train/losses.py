@@ -16,8 +16,10 @@ Tail handling (`tail`):
            teacher 1 - a, student 1 - sum_S q^T. With k = V there is no tail and the sparse
            loss equals the dense one.
   "renorm": both are renormalised over S: p^T_S / a and q^T_S / sum_S q^T.
-Cached ids that are >= the student's vocabulary are dropped (their mass joins the tail), and
-entries with log-prob -inf are padding (adaptive k, sampled targets). Sampled targets are
+Cached ids that are >= the student's vocabulary, or negative (a teacher id with no student id:
+cross-tokenizer targets, crosstok.py), are dropped (their mass joins the tail), and entries
+with log-prob -inf are padding (adaptive k, sampled targets). A position with no finite
+entry at all carries no teacher information: every divergence gives 0 there. Sampled targets are
 weights summing to 1 (a = 1): their tail bucket is empty, and forward KL against them is the
 unbiased sampled-KD loss.
 
@@ -31,13 +33,24 @@ Divergences D(P, Q) over the resulting categories (MiniLLM arXiv 2306.08543; Dis
   akl   g_h/(g_h+g_t) KL(P||Q) + g_t/(g_h+g_t) KL(Q||P)     adaptive KL: head = the categories,
         by P descending, whose cumulative P (themselves included) is <= akl_mu, and always the
         top-1 (the authors' released code); g = sum |P - Q| over head / tail, Q detached
+  uld   sum_r |P_(r) - Q_(r)|                               Universal Logit Distillation (arXiv
+        2402.12030): the L1 (Wasserstein-1) distance between the two distributions sorted in
+        descending order, ids ignored, so it needs no shared vocabulary. Sparse: the teacher's
+        kept entries (all of them, mapped to the student or not) and the student's top-k, each
+        with its tail as one more category; with k = V it is the authors' formula
+        (`abs(student_sorted - teacher_sorted).sum(-1)`), with k < V a lower bound of it.
+
+Cross-tokenizer hybrid (`KDConfig.unmatched`, GOLD's hybrid loss in TRL): the divergence above
+on the teacher entries mapped to student ids (unmapped mass in the tail bucket), plus ULD
+between the teacher's unmapped entries and the student's probabilities on `unmatched` ids
+(those no teacher token maps to), both sorted, over k ranks.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -58,6 +71,9 @@ class KDConfig:
     # its scale as T grows. Off by default: at T = 1 it changes nothing, and implementations
     # differ (torchtune's KD loss does not scale; DistillKit's does).
     t2_scale: bool = False
+    # Cross-tokenizer hybrid: bool [student vocabulary], True at student ids no teacher token
+    # maps to (crosstok.CrossTokenizer.unmatched); None: no unmatched term.
+    unmatched: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -66,6 +82,9 @@ class KDConfig:
             raise ValueError(f"tail must be one of {', '.join(TAILS)}, got {self.tail!r}")
         if not 0 < self.temperature <= 100:
             raise ValueError(f"temperature must be in (0, 100], got {self.temperature}")
+        if self.unmatched is not None and (self.temperature != 1.0 or self.tail != "bucket" or self.kind == "uld"):
+            raise ValueError("the cross-tokenizer hybrid loss is defined at temperature 1 with the tail bucket, on a divergence "
+                             f"(not uld); got temperature {self.temperature}, tail {self.tail}, kd loss {self.kind}")
         for name in ("skew_alpha", "jsd_beta", "akl_mu"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
@@ -157,7 +176,8 @@ def _akl(logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor, q: torch.Tenso
     return g_h / total * _xlogy_diff(p, logp, logq) + g_t / total * _xlogy_diff(q, logq, logp)
 
 
-KINDS = (*DIVERGENCES, "none")  # `none`: CE only
+ULD_SUMMARY = "Universal Logit Distillation: L1 between sorted distributions, for any two vocabularies"
+KINDS = (*DIVERGENCES, "uld", "none")  # `uld`: not over shared categories (sparse_kd/dense_kd); `none`: CE only
 
 
 def divergence(kind: str, logp: torch.Tensor, logq: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
@@ -214,15 +234,25 @@ def sparse_kd(
     vocab = student_logits.shape[-1]
     dt = _dtype(student_logits)
     T = cfg.temperature
-    # Padding entries (adaptive k, sampled ids) carry log-prob -inf.
-    valid = (topk_ids < vocab) & torch.isfinite(topk_logprobs)
+    # Padding entries (adaptive k, sampled ids) carry log-prob -inf; ids outside the student's
+    # vocabulary (>= vocab, or -1: no student id) are dropped into the tail.
+    finite = torch.isfinite(topk_logprobs)
+    valid = (topk_ids >= 0) & (topk_ids < vocab) & finite
+    logq_all = student_logprobs if student_logprobs is not None else torch.log_softmax(student_logits.to(dt) / T, dim=-1)
+    informed = finite.any(-1)  # a position with no finite entry has no teacher target: D = 0
+    if cfg.kind == "uld":
+        d = _uld_sparse(topk_logprobs.to(dt), finite, logq_all, tail_logprob, T)
+        return _scaled(torch.where(informed, d, torch.zeros_like(d)), cfg)
     ids = torch.where(valid, topk_ids, torch.zeros_like(topk_ids)).long()
     lp = torch.where(valid, topk_logprobs.to(dt), torch.full_like(topk_logprobs, float("-inf"), dtype=dt))
-    logq_all = student_logprobs if student_logprobs is not None else torch.log_softmax(student_logits.to(dt) / T, dim=-1)
     logq = torch.where(valid, logq_all.gather(-1, ids), torch.full_like(lp, float("-inf")))
     # The teacher's tail mass at T = 1, in log space: stored, or 1 - kept mass (float64).
     if tail_logprob is not None:
         log_tail = tail_logprob.reshape(-1, 1).to(lp.device, dt)
+        dropped = finite & ~valid
+        if bool(dropped.any()):  # the mass of dropped ids joins the stored tail
+            extra = torch.logsumexp(torch.where(dropped, topk_logprobs.to(dt), torch.full_like(lp, float("-inf"))), -1, keepdim=True)
+            log_tail = torch.logaddexp(log_tail, extra)
         log_a = _log1mexp(log_tail.double()).to(dt)
     else:
         log_a64 = torch.logsumexp(lp.double(), -1, keepdim=True).clamp(max=0.0)
@@ -240,7 +270,51 @@ def sparse_kd(
         q_tail = torch.where(torch.isfinite(log_tail), q_tail, torch.full_like(q_tail, float("-inf")))
         logp = torch.cat([logp, log_tail], -1)
         logq = torch.cat([logq, q_tail], -1)
-    return _scaled(divergence(cfg.kind, logp, logq, cfg), cfg)
+    d = divergence(cfg.kind, logp, logq, cfg)
+    if cfg.unmatched is not None:
+        d = d + _uld_unmatched(topk_logprobs.to(dt), finite & ~valid, logq_all, cfg.unmatched)
+    return _scaled(torch.where(informed, d, torch.zeros_like(d)), cfg)
+
+
+def _sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """sum_r |p_(r) - q_(r)| of two [N, *] probability rows each sorted descending (the
+    shorter padded with zeros): ULD's distance."""
+    width = max(p.shape[-1], q.shape[-1])
+    p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
+    q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+    return (p - q).abs().sum(-1)
+
+
+def _uld_sparse(lp: torch.Tensor, finite: torch.Tensor, logq_all: torch.Tensor, tail_logprob: torch.Tensor | None,
+                T: float) -> torch.Tensor:
+    """ULD from cached entries: the teacher's finite entries at T (ids ignored) and its tail
+    vs the student's top-k at T and its tail, sorted. [N]"""
+    lp = torch.where(finite, lp, torch.full_like(lp, float("-inf")))
+    log_kept = torch.logsumexp(lp, -1, keepdim=True)
+    if tail_logprob is not None:  # the stored tail; the entries' own mass otherwise
+        log_kept = torch.minimum(log_kept, _log1mexp(tail_logprob.reshape(-1, 1).to(lp.device, torch.float64)).to(lp.dtype))
+    p = (torch.log_softmax(_finite(lp) / T, -1) + log_kept).exp() if T != 1.0 else lp.exp()
+    p = torch.where(finite, p, torch.zeros_like(p)).sort(-1, descending=True).values
+    k = min(lp.shape[-1], logq_all.shape[-1])
+    q = logq_all.topk(k, -1).values.exp()
+    full = k == logq_all.shape[-1]
+    p_tail = (1 - p.sum(-1, keepdim=True)).clamp_min(0)
+    q_tail = torch.zeros_like(p_tail) if full else (1 - q.sum(-1, keepdim=True)).clamp_min(0)
+    return _sorted_l1(torch.cat([p, p_tail], -1), torch.cat([q, q_tail], -1))
+
+
+def _uld_unmatched(lp: torch.Tensor, unmapped: torch.Tensor, logq_all: torch.Tensor, unmatched: Any) -> torch.Tensor:
+    """The hybrid's ULD term: the teacher's unmapped entries vs the student's probabilities on
+    ids no teacher token maps to, both sorted, over k ranks (0 where both sides are empty,
+    as they are for a student of the teacher's own tokenizer). [N]"""
+    mask = torch.as_tensor(unmatched, dtype=torch.bool, device=logq_all.device)
+    p = torch.where(unmapped, lp.exp(), torch.zeros_like(lp)).sort(-1, descending=True).values
+    n = int(mask.sum())
+    if n == 0:
+        return p.sum(-1)
+    k = min(lp.shape[-1], n)
+    q = logq_all[:, mask].topk(k, -1).values.exp() if n < logq_all.shape[-1] else logq_all.topk(k, -1).values.exp()
+    return _sorted_l1(p, q)
 
 
 def _scaled(d: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
@@ -260,6 +334,8 @@ def dense_kd(
     dt = _dtype(student_logits)
     logp = torch.log_softmax(teacher_logits.to(dt) / cfg.temperature, -1)
     logq = student_logprobs if student_logprobs is not None else torch.log_softmax(student_logits.to(dt) / cfg.temperature, -1)
+    if cfg.kind == "uld":  # the authors' formula on the whole vocabularies
+        return _scaled(_sorted_l1(logp.exp().sort(-1, descending=True).values, logq.exp().sort(-1, descending=True).values), cfg)
     return _scaled(divergence(cfg.kind, logp, logq, cfg), cfg)
 
 
