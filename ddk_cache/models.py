@@ -38,17 +38,21 @@ class ModelSpec:
             raise ConfigError(f"--vocab-size must be >= 300 (256 byte tokens plus merges and specials), got {self.vocab_size}")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, add_bos: bool = False) -> Any:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, add_bos: bool = False, digits: bool = False) -> Any:
     """Train a byte-level BPE tokenizer (GPT-2 style) and wrap it for transformers.
 
     EOS doubles as BOS (nothing is prepended); PAD is a separate token. With `add_bos`, a
     BOS token of its own is put before every document, as Llama 3's and Gemma's tokenizers do.
+    With `digits`, another pre-tokenization: every digit apart, and no GPT-2 word regex
+    (words merge with what follows), so merges differ from the default's on the same text.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+                         if digits else pre_tokenizers.ByteLevel(add_prefix_space=False))
     tok.decoder = decoders.ByteLevel()
     specials = [EOS, PAD] + ([BOS] if add_bos else [])
     trainer = trainers.BpeTrainer(

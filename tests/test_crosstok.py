@@ -120,9 +120,7 @@ def test_alignment_pairs_positions_that_read_the_same_text(built_cache, other_st
     cache = Cache(str(built_cache))
     teacher = cache_tokenizer(cache)
     same = RowText(teacher, teacher)
-    want = np.arange(len(teacher))
-    want[[i for i in teacher.all_special_ids if i != teacher.eos_token_id]] = -1  # padding stands for no text
-    np.testing.assert_array_equal(same.vocab_map(), want)
+    np.testing.assert_array_equal(same.vocab_map(), np.arange(len(teacher)))  # special tokens by name
     rows = cache.tokens("alpha", "train", np.arange(6))
     for row in rows:
         np.testing.assert_array_equal(same.align(row, same.student_row(row)), np.arange(len(row) - 1))
@@ -146,3 +144,221 @@ def test_alignment_pairs_positions_that_read_the_same_text(built_cache, other_st
             else:
                 assert s_prefix not in t_prefix
     assert paired > len(rows) * 10  # most student positions have a partner on this corpus
+
+
+# ----------------------------------------------------------------------------- training across tokenizers
+
+
+def _uld_authors(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """ULD per position as the authors' code computes it (Nicolas-BZRD/llm-recipes,
+    models/distillation_model.py, DistillationLoss.forward at ab6e798), transcribed: softmax
+    both, sort descending, pad the smaller vocabulary with zeros, sum of |difference|."""
+    student = torch.nn.functional.softmax(student_logits, dim=-1).sort(dim=-1, descending=True).values
+    teacher = torch.nn.functional.softmax(teacher_logits, dim=-1).sort(dim=-1, descending=True).values
+    diff_size = student.size(-1) - teacher.size(-1)
+    if diff_size > 0:
+        teacher = torch.nn.functional.pad(teacher, (0, diff_size), value=0)
+    elif diff_size < 0:
+        student = torch.nn.functional.pad(student, (0, abs(diff_size)), value=0)
+    return abs(student - teacher).sum(-1)
+
+
+def test_uld_is_the_authors_formula():
+    """Dense ULD and sparse ULD with every id kept equal the authors' formula (float64), for
+    vocabularies of different sizes; with k < V the sparse form (top-k plus one tail
+    category per side) is a lower bound of it; a position without teacher entries adds 0."""
+    from ddk_cache.train.losses import KDConfig, dense_kd, sparse_kd
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(6, 40, generator=g, dtype=torch.float64) * 2
+    teacher = torch.randn(6, 40, generator=g, dtype=torch.float64) * 3
+    want = _uld_authors(student, teacher)
+    cfg = KDConfig("uld")
+    torch.testing.assert_close(dense_kd(student, teacher, cfg), want, rtol=1e-12, atol=1e-12)
+    lp = torch.log_softmax(teacher, -1)
+    full = sparse_kd(student, torch.arange(40).expand(6, 40), lp, cfg)
+    torch.testing.assert_close(full, want, rtol=1e-12, atol=1e-12)
+    # a teacher of 25 ids (another vocabulary): ids do not matter to ULD, -1 included
+    small = torch.randn(6, 25, generator=g, dtype=torch.float64)
+    ids = torch.full((6, 25), -1)
+    torch.testing.assert_close(sparse_kd(student, ids, torch.log_softmax(small, -1), cfg), _uld_authors(student, small), rtol=1e-12, atol=1e-12)
+    top = lp.topk(8, -1)
+    part = sparse_kd(student, top.indices, top.values, cfg)
+    assert (part <= want + 1e-12).all() and (part > 0).all()
+    empty = torch.full((6, 8), float("-inf"), dtype=torch.float64)
+    assert (sparse_kd(student, top.indices, empty, cfg) == 0).all()
+
+
+def test_hybrid_loss_is_kd_on_mapped_ids_plus_golds_unmatched_term():
+    """The hybrid: the divergence on the entries mapped to student ids, with the teacher's
+    unmapped mass in the tail bucket (so: equal to the divergence on targets whose unmapped
+    ids are dropped), plus GOLD's unmatched term (TRL, GOLDTrainer._compute_hybrid_uld_loss,
+    transcribed for one position's full distributions): the L1 distance between the sorted
+    teacher probabilities of unmapped ids and the sorted student probabilities of ids no
+    teacher id maps to."""
+    from ddk_cache.train.losses import KDConfig, sparse_kd
+
+    g = torch.Generator().manual_seed(1)
+    Vt, Vs = 30, 24
+    vmap = torch.full((Vt,), -1)
+    vmap[:18] = torch.randperm(Vs, generator=g)[:18]  # teacher ids 0..17 have a student id
+    unmatched = torch.ones(Vs, dtype=torch.bool)
+    unmatched[vmap[vmap >= 0]] = False
+    student = torch.randn(5, Vs, generator=g, dtype=torch.float64)
+    teacher_lp = torch.log_softmax(torch.randn(5, Vt, generator=g, dtype=torch.float64), -1)
+    ids = vmap.expand(5, Vt)
+    for kind in ("fkl", "rkl", "jsd"):
+        hybrid = sparse_kd(student, ids, teacher_lp, KDConfig(kind, unmatched=unmatched))
+        mapped = sparse_kd(student, torch.where(ids >= 0, ids, Vs + 1), teacher_lp, KDConfig(kind))  # unmapped: out of vocabulary
+        q = torch.softmax(student, -1)
+        t_un = teacher_lp.exp()[:, vmap < 0].sort(-1, descending=True).values
+        s_un = q[:, unmatched].sort(-1, descending=True).values
+        width = max(t_un.shape[-1], s_un.shape[-1])
+        gold = (torch.nn.functional.pad(s_un, (0, width - s_un.shape[-1])) - torch.nn.functional.pad(t_un, (0, width - t_un.shape[-1]))).abs().sum(-1)
+        torch.testing.assert_close(hybrid, mapped + gold, rtol=1e-12, atol=1e-12)
+
+
+def test_hybrid_with_the_caches_own_tokenizer_is_plain_kd(pack_cache, teacher_dir, tmp_path):
+    """The test that mapping and alignment are right: a student of the cache's tokenizer
+    trained with --cross-tokenizer hybrid (rows tokenized again, positions paired, ids
+    mapped) has the losses of plain KD, step by step (pack-v3: stored tails too)."""
+    from ddk_cache.train.distill import distill
+
+    from .helpers import distill_config, make_student
+
+    student = make_student(teacher_dir, tmp_path / "student", 32, 1)
+    plain = distill(distill_config(pack_cache, student, tmp_path / "plain", max_steps=3), progress=False)
+    hybrid = distill(distill_config(pack_cache, student, tmp_path / "hybrid", max_steps=3, cross_tokenizer="hybrid"), progress=False)
+    np.testing.assert_allclose(hybrid.losses, plain.losses, rtol=0, atol=1e-5)
+    kd = [json.loads(line)["kd"] for line in open(tmp_path / "hybrid" / "metrics.jsonl") if '"step"' in line and '"kd"' in line]
+    assert min(kd) > 0  # the KD term is there to compare
+    rec = [json.loads(line) for line in open(tmp_path / "hybrid" / "metrics.jsonl")]
+    assert [r["crosstok"]["paired"] for r in rec if r["type"] == "step"] == [1.0] * 3
+
+
+def test_distill_with_another_tokenizer(built_cache, other_student, tmp_path):
+    """A student of another tokenizer trains from the cache alone: its batches pair positions
+    and map ids (counted in the metrics), it is evaluated in bits per byte on the cache's
+    text, and DDK judges it per byte: the weights are the mixer's on 2 ** bits per byte."""
+    from ddk_cache.train.distill import distill
+    from ddk_cache.train.mixing import Mixer
+
+    from .helpers import distill_config
+
+    for method in ("auto", "uld"):
+        out = tmp_path / method
+        result = distill(distill_config(built_cache, other_student, out, max_steps=4, cross_tokenizer=method), progress=False)
+        assert all(math.isfinite(x) for x in result.losses) and (result.out / "config.json").exists()
+        rec = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        steps, evals = [r for r in rec if r["type"] == "step"], [r for r in rec if r["type"] == "eval"]
+        assert all(0.1 < s["crosstok"]["paired"] < 1 and s["crosstok"]["unusable_rows"] == 0 and s["kd"] > 0 for s in steps)
+        cache = Cache(str(built_cache))
+        mixer = Mixer("ddk", cache.domains, [cache.num_sequences(d, "train") for d in cache.domains])
+        teacher = [2 ** cache.meta.ppl(d).bits_per_byte for d in cache.domains]
+        for e in evals[:-1]:
+            assert e["ddk_unit"] == "byte"
+            w = mixer.update([2 ** e["bpb_student"][d] for d in cache.domains], teacher)
+            assert list(e["weights"].values()) == pytest.approx(w.tolist(), rel=1e-9)
+
+
+def test_the_loaders_targets_are_the_teachers_on_paired_positions(built_cache, other_student):
+    """A converted batch: the text is the same; at each paired position the targets are the
+    teacher's (log-probs as stored, ids mapped to the student id of the same bytes, or -1);
+    elsewhere none; a loader with reader processes gives the same batches."""
+    from ddk_cache.capture.tokenization import load_tokenizer
+    from ddk_cache.tokenbytes import token_bytes
+    from ddk_cache.train.crosstok import CrossTokenizer
+    from ddk_cache.train.data import CacheLoader, SequenceReader
+
+    cache = Cache(str(built_cache))
+    teacher, student = cache_tokenizer(cache), load_tokenizer(str(other_student))
+    ct = CrossTokenizer(teacher, student, len(student))
+    items = [(d, s) for d in range(3) for s in range(4)]
+    t = SequenceReader(cache, True).read(items)
+    s = SequenceReader(cache, True, crosstok=ct).read(items)
+    t_bytes, s_bytes = token_bytes(teacher), token_bytes(student)
+    for b in range(len(items)):
+        row = t["tokens"][b].numpy()
+        srow = ct.rt.student_row(row)
+        n = len(srow.ids)
+        np.testing.assert_array_equal(s["tokens"][b, :n].numpy(), srow.ids)
+        assert s["loss_mask"][b, :n].all() and not s["loss_mask"][b, n:].any()
+        pair = ct.rt.align(row, srow)
+        for i, j in enumerate(pair):
+            ids, lps = s["topk_ids"][b, i].numpy(), s["topk_logprobs"][b, i].numpy()
+            if j < 0:
+                assert (ids == -1).all() and np.isneginf(lps).all()
+                continue
+            np.testing.assert_array_equal(lps, t["topk_logprobs"][b, j].numpy())
+            for sid, tid in zip(ids, t["topk_ids"][b, j].numpy()):
+                assert sid == -1 or s_bytes[sid] == t_bytes[tid]
+    with CacheLoader(cache, batch_size=4, weights=np.ones(3), seed=5, crosstok=ct) as a, \
+            CacheLoader(cache, batch_size=4, weights=np.ones(3), seed=5, crosstok=ct, workers=1) as w:
+        for _ in range(2):
+            x, y = a.next(), w.next()
+            assert torch.equal(x.tokens, y.tokens) and torch.equal(x.topk_ids, y.topk_ids) and x.crosstok == y.crosstok
+
+
+def test_chat_loss_mask_carries_over_by_bytes(chat_cache, other_student):
+    """A student token carries loss exactly when the teacher token holding its last byte
+    does (checked byte by byte), so the loss stays on the assistant's text."""
+    from ddk_cache.capture.tokenization import load_tokenizer
+    from ddk_cache.tokenbytes import token_bytes
+    from ddk_cache.train.crosstok import CrossTokenizer
+    from ddk_cache.train.data import SequenceReader
+
+    cache = Cache(str(chat_cache))
+    teacher, student = cache_tokenizer(cache), load_tokenizer(str(other_student))
+    ct = CrossTokenizer(teacher, student, len(student))
+    d = cache.domains.index("chat")
+    items = [(d, s) for s in range(6)]
+    t = SequenceReader(cache, True).read(items)
+    s = SequenceReader(cache, True, crosstok=ct).read(items)
+    t_bytes, s_bytes = token_bytes(teacher), token_bytes(student)
+    checked = 0
+    for b in range(len(items)):
+        row, tmask = t["tokens"][b].numpy(), t["loss_mask"][b].numpy()
+        owner = []  # the teacher position of every text byte
+        for k, tid in enumerate(row):
+            owner += [k] * len(t_bytes[tid])
+        srow = ct.rt.student_row(row)
+        at = 0
+        for k, sid in enumerate(srow.ids):
+            at += len(s_bytes[sid])
+            if len(s_bytes[sid]):
+                assert bool(s["loss_mask"][b, k]) == bool(tmask[owner[at - 1]])
+                checked += 1
+        assert 0 < s["loss_mask"][b].sum() < len(srow.ids)  # prompts are masked, responses are not
+    assert checked > 100
+
+
+HARD = ["naïve café — 中文字符 and emoji 🙂🚀 mixed", "tabs\t\tand   runs of    spaces\n\n\nnew lines",
+        "digits 1234567890 and 3.14159, 2026-12-07", "ﬁ ligature, combining é (e\u0301), zero\u200bwidth"]
+
+
+def test_alignment_on_hard_text(teacher_dir):
+    """Multi-byte UTF-8 (characters split across byte tokens: byte-level BPE's byte
+    fallback), whitespace runs, digits one by one (another pre-tokenization): every row
+    comes back as its text, and positions pair exactly where both sides have read the same
+    bytes (checked against every prefix)."""
+    from ddk_cache.capture.tokenization import load_tokenizer
+    from ddk_cache.models import train_tokenizer
+    from ddk_cache.tokenbytes import token_bytes
+
+    teacher = load_tokenizer(str(teacher_dir))
+    docs = [h * 2 for h in HARD]
+    for student in (train_tokenizer(docs + make_docs("alpha", 10), 300, add_bos=True), train_tokenizer(docs, 280, digits=True)):
+        rt = RowText(teacher, student)
+        t_bytes, s_bytes = token_bytes(teacher), token_bytes(student)
+        row = np.array([i for h in HARD for i in teacher(h, add_special_tokens=False)["input_ids"] + [teacher.eos_token_id]])
+        srow = rt.student_row(row)
+        assert srow is not None
+        assert b"".join(s_bytes[i] for i in srow.ids) == b"".join(t_bytes[i] for i in row)
+        t_prefix = {}
+        for k in range(len(row) - 1):
+            key = (b"".join(t_bytes[t] for t in row[: k + 1]), int((row[: k + 1] == teacher.eos_token_id).sum()))
+            t_prefix[key] = k  # the last teacher position with this prefix
+        for i, j in enumerate(rt.align(row, srow)):
+            ids = srow.ids[srow.prefix: i + 1]
+            key = (b"".join(s_bytes[t] for t in ids), int((ids == student.eos_token_id).sum()))
+            assert j == t_prefix.get(key, -1)

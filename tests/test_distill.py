@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from ddk_cache.cli.main import main
 from ddk_cache.train.data import CacheLoader
 from ddk_cache.train.distill import DistillConfig, TrainingError, distill
-from ddk_cache.errors import ConfigError
+from ddk_cache.errors import ConfigError, DDKCacheError
 from ddk_cache.train.losses import KDConfig, cross_entropy, dense_kd, sparse_kd
 from ddk_cache.store.cache import Cache
 
@@ -171,15 +171,27 @@ def test_nonfinite_loss_stops_and_names_the_checkpoint(tmp_path, built_cache, st
     assert not (tmp_path / "nan" / "final").exists()
 
 
-def test_tokenizer_mismatch_is_refused(tmp_path, built_cache):
+def test_another_tokenizer_is_refused_where_it_cannot_train(tmp_path, built_cache, teacher_dir):
+    """A student of another tokenizer trains across tokenizers (test_crosstok.py), except with
+    what needs the cache's own tokens: an online teacher (or MiniLLM, or a pre-training
+    cache), and a cache that holds no tokenizer (built before 0.4: the error says to rebuild)."""
+    import shutil
+
     from ddk_cache.models import ModelSpec, init_model, train_tokenizer
 
     other = train_tokenizer(["some other text entirely " * 40], 320)
     model = init_model(ModelSpec(vocab_size=320, hidden_size=32, heads=1, max_position_embeddings=64), other)
     model.save_pretrained(tmp_path / "other")
     other.save_pretrained(tmp_path / "other")
-    with pytest.raises(ConfigError, match=r"tokenizer mismatch: the student's tokenizer \(.*other, sha256:\w+\) is not the cache's"):
-        distill(distill_config(built_cache, tmp_path / "other", tmp_path / "run"), progress=False)
+    with pytest.raises(ConfigError, match=r"the student's tokenizer \(.*other, sha256:\w+\) is not the cache's .*--online-teacher"):
+        distill(distill_config(built_cache, tmp_path / "other", tmp_path / "run", online_teacher=str(teacher_dir)), progress=False)
+    with pytest.raises(ConfigError, match=r"--cross-tokenizer hybrid trains from the cache's targets: not with --kd-loss minillm"):
+        distill_config(built_cache, tmp_path / "other", tmp_path / "run", cross_tokenizer="hybrid", kd_loss="minillm")
+    bare = tmp_path / "bare.zarr"
+    shutil.copytree(built_cache, bare)
+    shutil.rmtree(bare / "_tokenizer")
+    with pytest.raises(DDKCacheError, match=r"holds no tokenizer \(caches hold one since ddk-cache 0.4"):
+        distill(distill_config(bare, tmp_path / "other", tmp_path / "run2"), progress=False)
 
 
 def test_student_vocab_smaller_than_tokenizer(tmp_path, built_cache, teacher_dir):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..capture.tokenization import adds_bos
 from ..tokenbytes import byte_lengths, token_bytes
@@ -47,6 +48,7 @@ class RowText:
                                                              if getattr(t, "special", False)}
         self.t_special_ids = np.array(sorted(self.t_special), np.int64)
         self.t_eos, self.t_bos = teacher_tok.eos_token_id, teacher_tok.bos_token_id
+        self.t_names = {i: teacher_tok.convert_ids_to_tokens(i) for i in self.t_special}
         self.tok = student_tok
         self.s_lengths = byte_lengths(student_tok).astype(np.int64)
         self.s_eos = student_tok.eos_token_id
@@ -128,20 +130,150 @@ class RowText:
 
     def vocab_map(self) -> np.ndarray:
         """int64 [teacher vocabulary]: the student id whose bytes are exactly the teacher
-        token's, or -1 (special tokens: the teacher's EOS is the student's EOS; others -1).
-        Where several student ids have the same bytes, the lowest."""
+        token's, or -1. Where several student ids have the same bytes: the teacher's own id
+        if it is one of them (so a student of the teacher's tokenizer maps every id to
+        itself), else the lowest. Special tokens: the teacher's EOS is the student's EOS;
+        others map to the student's special token of the same name, if it has one."""
+        s_pieces = token_bytes(self.tok)
         by_bytes: dict[bytes, int] = {}
-        for i, b in enumerate(token_bytes(self.tok)):
+        for i, b in enumerate(s_pieces):
             if b and b not in by_bytes:
                 by_bytes[b] = i
         pieces = self.t_blob.tobytes()
         out = np.full(len(self.t_lengths), -1, np.int64)
         for t in range(len(self.t_lengths)):
             if self.t_lengths[t]:
-                out[t] = by_bytes.get(pieces[self.t_offsets[t]: self.t_offsets[t + 1]], -1)
+                b = pieces[self.t_offsets[t]: self.t_offsets[t + 1]]
+                out[t] = t if t < len(s_pieces) and s_pieces[t] == b else by_bytes.get(b, -1)
+        s_special = {i for i in set(self.tok.all_special_ids) | {i for i, tk in getattr(self.tok, "added_tokens_decoder", {}).items()
+                                                                  if getattr(tk, "special", False)}}
+        s_names = {self.tok.convert_ids_to_tokens(i): i for i in s_special}
+        for t in self.t_special:
+            if 0 <= t < len(out):
+                out[t] = s_names.get(self.t_names[t], -1) if t in self.t_names else -1
         if self.t_eos is not None and self.s_eos is not None:
             out[self.t_eos] = self.s_eos
         return out
+
+
+class CrossTokenizer:
+    """A batch of the cache's rows (teacher tokens and targets) as the same text in a
+    student's tokens, with the teacher's targets on the student's positions: what the
+    distill loader hands the loss when the student's tokenizer is not the cache's. It runs
+    where the batch is read (the loader's thread or its reader processes).
+
+    Per row: the text is tokenized again (`RowText.student_rows`); each student position is
+    paired with the teacher position that has read the same text (`RowText.align`); there
+    the teacher's top-k ids become student ids by `vocab_map` (-1 where a teacher token's
+    bytes are no single student token: the loss puts that mass in the tail bucket, and the
+    hybrid's ULD term compares it with the student's unmatched ids). Unpaired positions (a
+    student boundary inside a teacher token: the teacher's distribution there is over
+    tokens that start before it) get no teacher target: every entry is padding, and the
+    loss gives 0 there (CE still applies). Where two teacher ids map to one student id their
+    probabilities are added. A chat row's loss mask carries over by bytes: a student token
+    carries loss when the teacher token holding its last byte did.
+
+    Rows whose text does not tokenize back to its own bytes train on nothing (every label
+    ignored) and are counted (`stats`); rows longer than `max_len` student tokens are cut
+    there and counted."""
+
+    def __init__(self, teacher_tok: Any, student_tok: Any, student_vocab: int, max_len: int | None = None) -> None:
+        self.rt = RowText(teacher_tok, student_tok)
+        m = self.rt.vocab_map()
+        m[m >= student_vocab] = -1
+        self.map = m
+        self.unmatched = np.ones(student_vocab, bool)  # student ids no teacher token maps to (the hybrid's ULD side)
+        self.unmatched[m[m >= 0]] = False
+        self.max_len = max_len
+        self.pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else (self.rt.s_eos or 0)
+
+    def convert(self, arrays: dict[str, Any]) -> dict[str, Any]:
+        """SequenceReader's arrays (teacher rows) -> the same keys in the student's tokens:
+        tokens [B, W] (W: the longest student row, padded), loss_mask [B, W] (False on
+        padding and unusable rows), topk_ids [B, W-1, K] student ids (-1: no student id),
+        topk_logprobs, tail_logprob (if stored); target_logprob and sample_logprob are not
+        carried (None); `crosstok`: counts for the log (rows, unusable, cut, label positions,
+        paired positions, teacher mass on mapped ids at paired positions)."""
+        tokens = arrays["tokens"].numpy()
+        B = tokens.shape[0]
+        t_ids = arrays["topk_ids"].numpy()
+        t_lps = arrays["topk_logprobs"].numpy()
+        t_tail = None if arrays.get("tail_logprob") is None else arrays["tail_logprob"].numpy()
+        t_mask = None if arrays.get("loss_mask") is None else arrays["loss_mask"].numpy()
+        K = t_ids.shape[-1]
+        rows = self.rt.student_rows(list(tokens))
+        stats = {"rows": B, "unusable": 0, "cut": 0, "positions": 0, "paired": 0, "mapped_mass": 0.0}
+        lengths = []
+        for r in rows:
+            n = 1 if r is None else len(r.ids)
+            lengths.append(min(n, self.max_len) if self.max_len else n)
+        W = max(2, max(lengths))
+        out_tokens = np.full((B, W), self.pad, np.int64)
+        out_mask = np.zeros((B, W), bool)
+        ids = np.full((B, W - 1, K), -1, np.int64)
+        lps = np.full((B, W - 1, K), -np.inf, np.float32)
+        tail = None if t_tail is None else np.zeros((B, W - 1), np.float32)
+        for b, r in enumerate(rows):
+            if r is None:
+                stats["unusable"] += 1
+                continue
+            n = lengths[b]
+            stats["cut"] += int(n < len(r.ids))
+            out_tokens[b, :n] = r.ids[:n]
+            pair = self.rt.align(tokens[b], r)[: n - 1]
+            if t_mask is None:
+                out_mask[b, :n] = True
+            else:
+                out_mask[b, :n] = t_mask[b][self._holder(tokens[b], r)[:n]]
+            at = np.flatnonzero(pair >= 0)
+            j = pair[at]
+            tid = t_ids[b, j].astype(np.int64)
+            known = np.isfinite(t_lps[b, j]) & (tid >= 0) & (tid < len(self.map))  # ids past the tokenizer: a padded head
+            ids[b, at] = np.where(known, self.map[np.where(known, tid, 0)], -1)
+            lps[b, at] = t_lps[b, j]
+            if tail is not None:
+                tail[b, at] = t_tail[b, j]
+            labelled = out_mask[b, 1:n]
+            stats["positions"] += int(labelled.sum())
+            stats["paired"] += int(labelled[at].sum())
+            p = np.where(ids[b, at] >= 0, np.exp(lps[b, at].astype(np.float64)), 0.0).sum(-1)
+            stats["mapped_mass"] += float(p[labelled[at]].sum())
+        self._merge_duplicates(ids, lps)
+        out = dict(arrays)
+        out.update(tokens=torch.from_numpy(out_tokens), loss_mask=torch.from_numpy(out_mask), topk_ids=torch.from_numpy(ids.astype(np.int32)),
+                   topk_logprobs=torch.from_numpy(lps), tail_logprob=None if tail is None else torch.from_numpy(tail),
+                   target_logprob=None, sample_logprob=None, crosstok=stats)
+        return out
+
+    def _holder(self, row: np.ndarray, student: StudentRow) -> np.ndarray:
+        """For each student token, the teacher position whose token holds its last byte (for
+        an EOS: the teacher's EOS of the same document)."""
+        rt = self.rt
+        t_end = _prefix_keys(rt.t_lengths[np.asarray(row, np.int64)], row == rt.t_eos)
+        eos = student.ids == rt.s_eos
+        eos[: student.prefix] = False
+        s_end = _prefix_keys(student.lengths, eos)
+        return np.minimum(np.searchsorted(t_end, s_end, side="left"), len(row) - 1)
+
+    @staticmethod
+    def _merge_duplicates(ids: np.ndarray, lps: np.ndarray) -> None:
+        """Where two entries of one position name the same student id, add the second's
+        probability to the first's and make it padding (the loss gathers each id once)."""
+        order = np.argsort(ids, axis=-1, kind="stable")
+        srt = np.take_along_axis(ids, order, -1)
+        dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+        for b, i in zip(*np.nonzero(dup.any(-1))):
+            seen: dict[int, int] = {}
+            for c in range(ids.shape[-1]):
+                sid = int(ids[b, i, c])
+                if sid < 0 or not np.isfinite(lps[b, i, c]):
+                    continue
+                if sid in seen:
+                    first = seen[sid]
+                    lps[b, i, first] = np.logaddexp(lps[b, i, first], lps[b, i, c])
+                    ids[b, i, c], lps[b, i, c] = -1, -np.inf
+                else:
+                    seen[sid] = c
 
 
 def _prefix_keys(lengths: np.ndarray, eos: np.ndarray) -> np.ndarray:
@@ -149,4 +281,4 @@ def _prefix_keys(lengths: np.ndarray, eos: np.ndarray) -> np.ndarray:
     return np.cumsum(lengths) * (1 << 24) + np.cumsum(eos.astype(np.int64))
 
 
-__all__ = ["RowText", "StudentRow"]
+__all__ = ["CrossTokenizer", "RowText", "StudentRow"]

@@ -56,6 +56,7 @@ class Batch:
     target_logprob: torch.Tensor | None = None
     sample_logprob: torch.Tensor | None = None
     tail_logprob: torch.Tensor | None = None
+    crosstok: dict | None = None  # a student of another tokenizer: the conversion's counts (crosstok.CrossTokenizer)
 
     def labels(self) -> torch.Tensor:
         """Next-token labels [B, L-1]: tokens[:, 1:], IGNORE_INDEX where no loss applies."""
@@ -115,8 +116,10 @@ class SequenceReader:
     Lives in the loader's thread, or once per reader process (which opens the cache again
     from its path). `targets=False` reads tokens (and loss masks) only."""
 
-    def __init__(self, cache: Cache, targets: bool, split: str = "train", pin: bool = False, sample_logprobs: bool = True) -> None:
-        self.cache, self.split = cache, split
+    def __init__(self, cache: Cache, targets: bool, split: str = "train", pin: bool = False, sample_logprobs: bool = True,
+                 crosstok: Any = None) -> None:
+        """`crosstok`: a crosstok.CrossTokenizer: batches come out in its student's tokens."""
+        self.cache, self.split, self.crosstok = cache, split, crosstok
         self.targets = targets and cache.has_targets
         self.K = cache.top_k if self.targets else 0
         self.tails = self.targets and cache.encoding.stores_tail(cache.layout)
@@ -161,17 +164,22 @@ class SequenceReader:
                 target[rows] = torch.from_numpy(t.target_logprob[inverse])
                 if tail is not None:
                     tail[rows] = torch.from_numpy(t.tail_logprob[inverse])
-        return {"tokens": tokens, "loss_mask": mask, "topk_ids": ids, "topk_logprobs": lps, "target_logprob": target,
-                "sample_logprob": sampled, "tail_logprob": tail, "domains": doms}
+        out = {"tokens": tokens, "loss_mask": mask, "topk_ids": ids, "topk_logprobs": lps, "target_logprob": target,
+               "sample_logprob": sampled, "tail_logprob": tail, "domains": doms}
+        if self.crosstok is not None:
+            out = self.crosstok.convert(out)
+            if self.pin:
+                out = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        return out
 
 
 _worker_reader: SequenceReader | None = None  # one per reader process
 
 
-def _worker_init(path: str, targets: bool, sample_logprobs: bool) -> None:
+def _worker_init(path: str, targets: bool, sample_logprobs: bool, crosstok: Any = None) -> None:
     global _worker_reader
     torch.set_num_threads(1)  # a reader process decodes; it must not start a thread per core
-    _worker_reader = SequenceReader(Cache(path), targets, sample_logprobs=sample_logprobs)
+    _worker_reader = SequenceReader(Cache(path), targets, sample_logprobs=sample_logprobs, crosstok=crosstok)
 
 
 def _worker_read(items: list[tuple[int, int]]) -> dict[str, Any]:
@@ -191,23 +199,25 @@ class CacheLoader:
     def __init__(
         self, cache: Cache, *, batch_size: int, weights: np.ndarray, seed: int, rank: int = 0, world_size: int = 1,
         prefetch: int = 2, targets: bool = True, workers: int = 0, pin_memory: bool | None = None, sample_logprobs: bool = True,
+        crosstok: Any = None,
     ) -> None:
         """`targets=False` reads tokens only (online KD brings its own teacher; tokens-only
         caches have none): the batch's target tensors then have K = 0 columns.
         `sample_logprobs=False` skips generated samples' sampling log-probs (only MiniLLM's
-        importance weights use them)."""
+        importance weights use them). `crosstok` (a crosstok.CrossTokenizer): batches in a
+        student's tokens, converted where they are read (the reader processes with `workers`)."""
         self.cache, self.domains = cache, cache.domains
         self.batch_size, self.rank, self.world_size, self.prefetch = batch_size, rank, world_size, prefetch
         self.sampler = DomainSampler([cache.num_sequences(d, "train") for d in self.domains], seed)
         self.weights = normalise(weights)
         self.consumed_state = self.sampler.state_dict()
         pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.reader = SequenceReader(cache, targets, pin=pin, sample_logprobs=sample_logprobs)
+        self.reader = SequenceReader(cache, targets, pin=pin, sample_logprobs=sample_logprobs, crosstok=crosstok)
         self._pool: ProcessPoolExecutor | None = None
         if workers > 0:
             # spawn, not fork: the parent has threads (the reader, torch) a fork would copy mid-flight.
             self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_worker_init, initargs=(cache.path, targets, sample_logprobs))
+                                             initializer=_worker_init, initargs=(cache.path, targets, sample_logprobs, crosstok))
         self._depth = prefetch + workers  # reads in flight: enough to keep every process busy
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -227,7 +237,8 @@ class CacheLoader:
                 read, mine, state = pending.popleft()
                 arrays = read.result() if read else self.reader.read(mine)
                 batch = Batch(arrays["tokens"], arrays["topk_ids"], arrays["topk_logprobs"], arrays["domains"], state,
-                              arrays["loss_mask"], arrays["target_logprob"], arrays["sample_logprob"], arrays["tail_logprob"])
+                              arrays["loss_mask"], arrays["target_logprob"], arrays["sample_logprob"], arrays["tail_logprob"],
+                              arrays.get("crosstok"))
                 while not stop.is_set():
                     try:
                         out.put(batch, timeout=0.1)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..store.cache import Cache
-from .evaluate import evaluate_domains
+from .evaluate import evaluate_domains, evaluate_text
 from .mixing import Mixer
 
 
@@ -27,8 +27,12 @@ class DDKController:
     """Holds the domain weights of a run and moves them with DDK (or a fixed rule)."""
 
     def __init__(self, cache: str | Cache, *, mixing: str = "ddk", alpha: float = 0.5, samplers: Sequence[Any] = (),
-                 batch_size: int = 8, device: torch.device | str | None = None, autocast: Callable[[], Any] = nullcontext) -> None:
+                 batch_size: int = 8, device: torch.device | str | None = None, autocast: Callable[[], Any] = nullcontext,
+                 student_tokenizer: Any = None) -> None:
+        """`student_tokenizer`: a student whose tokenizer is not the cache's; it is evaluated on
+        the same text in its own tokens and judged per byte (`per_byte`)."""
         self.cache = cache if isinstance(cache, Cache) else Cache(str(cache))
+        self.student_tokenizer = student_tokenizer
         self.mixer = Mixer(mixing, self.cache.domains, [self.cache.num_sequences(d, "train") for d in self.cache.domains], alpha=alpha)
         self.samplers = list(samplers)
         self.batch_size, self.device, self.autocast = batch_size, device, autocast
@@ -36,6 +40,22 @@ class DDKController:
         if self.mixer.adaptive and self.teacher_ppl is None:
             raise ValueError(f"--mixing {mixing} needs the teacher perplexity table; {self.cache.path} is a tokens-only cache")
         self.history: list[dict[str, Any]] = []
+        if student_tokenizer is not None:
+            self.per_byte()
+
+    def per_byte(self) -> None:
+        """Judge per UTF-8 byte, not per token (a student of another tokenizer: its perplexity
+        per token is not comparable with the teacher's): the teacher's side becomes 2 ** its
+        bits per byte, and `update` must be given the student's 2 ** bits per byte."""
+        if self.teacher_ppl is None:
+            return
+        bpb = [self.cache.meta.ppl(d).bits_per_byte for d in self.domains]
+        if any(b is None for b in bpb):
+            if self.mixer.adaptive:
+                raise ValueError(f"DDK across tokenizers compares bits per byte, and {self.cache.path}'s teacher table has none "
+                                 "(caches record it since ddk-cache 0.4); rebuild the cache, or use --mixing natural, uniform or static:...")
+            return
+        self.teacher_ppl = [2.0 ** b for b in bpb]
 
     @property
     def domains(self) -> list[str]:
@@ -46,8 +66,13 @@ class DDKController:
         return self.mixer.weights
 
     def evaluate(self, model: torch.nn.Module, *, rank: int = 0, world_size: int = 1) -> dict[str, float]:
-        """The model's perplexity per domain on the validation split (all-reduced over ranks)."""
+        """The model's perplexity per domain on the validation split (all-reduced over ranks);
+        per byte (2 ** bits per byte) for a student of another tokenizer."""
         device = self.device or next(model.parameters()).device
+        if self.student_tokenizer is not None:
+            scores = evaluate_text(model, self.student_tokenizer, self.cache, batch_size=self.batch_size, device=device,
+                                   autocast=self.autocast, rank=rank, world_size=world_size)
+            return {d: 2.0 ** s["bits_per_byte"] for d, s in scores.items()}
         return evaluate_domains(model, self.cache, batch_size=self.batch_size, device=device, autocast=self.autocast,
                                 rank=rank, world_size=world_size)
 

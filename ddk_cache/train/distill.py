@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..runtime import Worker, resolve_worker
 from ..store.objects import DiskFull, LocalObjects, is_disk_full
 from .checkpoint import CKPT_DIR, LOCK_DIR
-from .losses import DIVERGENCES, KINDS, TAILS, KDConfig
+from .losses import DIVERGENCES, KINDS, TAILS, ULD_SUMMARY, KDConfig
 from .minillm import MiniLLMConfig
 from .mixing import check_alpha
 from .trainer import (  # noqa: F401  (re-exported: the trainer's pieces were importable from here)
@@ -35,8 +35,9 @@ class DistillConfig(CommandConfig):
     out: str = option("", "Run directory: checkpoints/, metrics.jsonl, final/ (save_pretrained + tokenizer).", fingerprint=False)
     student: str = option("", "Student causal LM: local directory or hub id (pretrained, as in DDK).")
     student_config: str = option("", "Or a transformers config.json: start the student from random weights.")
-    tokenizer: str = option("", "Tokenizer directory (default: --student). Its fingerprint must equal the cache's.")
-    kd_loss: str = option("fkl", ", ".join(f"{d.name} ({d.summary})" for d in DIVERGENCES.values()) + ", none (CE only), minillm (MiniLLM's sequence-level reverse KL on the student's own samples: a cache built from `ddk-cache generate` output; README, MiniLLM).", choices=(*KINDS, "minillm"))
+    tokenizer: str = option("", "Tokenizer directory (default: --student). When it is not the cache's tokenizer, the student learns across tokenizers (--cross-tokenizer).")
+    cross_tokenizer: str = option("auto", "A student whose tokenizer is not the cache's: each row's text is tokenized again with the student's tokenizer, positions are paired by bytes read, and the loss is hybrid (the --kd-loss divergence on teacher tokens whose bytes are one student token, their other mass in the tail bucket, plus ULD, arXiv 2402.12030, between the unmapped teacher entries and the student's unmatched ids) or uld (ULD on every paired position); auto: hybrid when the tokenizers differ, same-tokenizer KD otherwise. hybrid with the cache's own tokenizer equals plain KD (README, A student with another tokenizer).", choices=("auto", "hybrid", "uld"))
+    kd_loss: str = option("fkl", ", ".join(f"{d.name} ({d.summary})" for d in DIVERGENCES.values()) + f", uld ({ULD_SUMMARY}), none (CE only), minillm (MiniLLM's sequence-level reverse KL on the student's own samples: a cache built from `ddk-cache generate` output; README, MiniLLM).", choices=(*KINDS, "minillm"))
     online_teacher: str = option("", "Dense online KD instead of the cache's targets: this teacher (transformers) runs every step and its full distribution is the target; the cache gives tokens and the teacher PPL table. The baseline the cache replaces.")
     kd_weight: float = option(0.2, "gamma in loss = CE + gamma * KD (DDK: 0.2).")
     temperature: float = option(1.0, "T of both distributions in the KD term.")
@@ -103,6 +104,9 @@ class DistillConfig(CommandConfig):
             (self.bf16 in ("auto", "on", "off"), f"--bf16 must be auto, on or off, got {self.bf16!r}"),
             (self.pretrain_weight > 0, f"--pretrain-weight must be > 0, got {self.pretrain_weight}"),
             (not self.pretrain_cache or self.pretrain_cache != self.cache, "--pretrain-cache is the --cache itself; give a second cache (pre-training text)"),
+            (self.cross_tokenizer == "auto" or self.kd_loss not in ("minillm",) and not self.online_teacher and not self.pretrain_cache,
+             f"--cross-tokenizer {self.cross_tokenizer} trains from the cache's targets: not with --kd-loss minillm, --online-teacher or --pretrain-cache"),
+            (self.cross_tokenizer != "uld" or self.kd_loss in ("fkl", "uld"), f"--cross-tokenizer uld is its own loss; drop --kd-loss {self.kd_loss}"),
         ])
         try:  # the owners' checks: the loss's (temperature, skew, beta, mu) and the mixer's (alpha)
             self.kd()
@@ -114,9 +118,14 @@ class DistillConfig(CommandConfig):
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
-    def kd(self) -> KDConfig:
+    def kd(self, unmatched: Any = None) -> KDConfig:
+        """The KD term's settings; `unmatched` (the student ids no teacher token maps to) makes it
+        the cross-tokenizer hybrid, --cross-tokenizer uld makes it ULD."""
         kind = "rkl" if self.kd_loss == "minillm" else self.kd_loss  # minillm's single-step term is the token-level RKL
-        return KDConfig(kind, self.temperature, self.tail, self.skew_alpha, self.jsd_beta, self.akl_mu, self.t2_scale)
+        if self.cross_tokenizer == "uld" and kind != "none":
+            kind, unmatched = "uld", None
+        return KDConfig(kind, self.temperature, self.tail, self.skew_alpha, self.jsd_beta, self.akl_mu, self.t2_scale,
+                        None if kind == "none" else unmatched)
 
     def minillm(self) -> MiniLLMConfig | None:
         if self.kd_loss != "minillm":

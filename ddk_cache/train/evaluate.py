@@ -101,19 +101,22 @@ def evaluate_scores(
 @torch.no_grad()
 def evaluate_text(
     model: Any, student_tok: Any, cache: Cache, *, batch_size: int = 8, device: torch.device | str = "cpu", split: str = "val",
-    max_unusable: float = 0.01, context: int | None = None,
+    max_unusable: float = 0.01, context: int | None = None, autocast: Callable[[], Any] = nullcontext, rank: int = 0,
+    world_size: int = 1, loss: bool = False, chunk: int = 1024,
 ) -> dict[str, dict[str, float | int | None]]:
     """Bits per byte of a model whose tokenizer is not the cache's, on the cache's `split`:
     each row becomes text (the cache's own tokenizer, `capture.tokenization.cache_tokenizer`), the model's
     tokenizer tokenizes it (crosstok.RowText), and the model's NLL of every token it
-    predicts is divided by those tokens' UTF-8 bytes. Per domain {"bits_per_byte",
-    "nll_sum", "bytes", "tokens", "rows", "unusable", "truncated"}.
+    predicts is divided by those tokens' UTF-8 bytes. Per domain {"bits_per_byte", "ppl"
+    (per model token), "nll_sum", "bytes", "tokens", "rows", "unusable", "truncated"}.
 
     Rows whose text does not tokenize back to its bytes are left out and counted; above
     `max_unusable` of a domain's rows the evaluation stops (DDKCacheError) rather than report
     a number over another text. Rows longer than `context` model tokens (default: the
     model's positions) are cut there and counted. Text domains only (a chat row's loss mask
-    does not carry over: refused)."""
+    does not carry over: refused). `model`: a causal LM, or with `loss=True` the trainer's
+    StudentLoss. Under torch.distributed each rank scores rows rank, rank + world, ... with
+    the same number of forward passes (FSDP needs that) and the sums are all-reduced."""
     from ..capture.tokenization import cache_tokenizer
     from ..errors import DDKCacheError
     from ..runtime import model_context
@@ -124,45 +127,51 @@ def evaluate_text(
     device = torch.device(device)
     rt = RowText(cache_tokenizer(cache), student_tok)
     if context is None:
-        context = model_context(model)
-    out = {}
-    for domain in cache.domains:
+        context = model_context(getattr(model, "model", model) if loss else model)
+    pad = rt.s_eos if rt.s_eos is not None else 0
+    sums = torch.zeros(len(cache.domains), 6, dtype=torch.float64, device=device)  # NLL, bytes, tokens, rows, unusable, truncated
+    for i, domain in enumerate(cache.domains):
         if cache.is_chat(domain):
             raise DDKCacheError(f"{cache.path}: domain {domain!r} is chat: its loss mask does not carry over to another tokenizer yet; "
                                 "evaluate it with a model of the cache's tokenizer")
         n = cache.num_sequences(domain, split)
-        rows, unusable, truncated = [], 0, 0
-        for start in range(0, n, 256):
-            for got in rt.student_rows(cache.tokens(domain, split, np.arange(start, min(n, start + 256)))):
-                if got is None:
-                    unusable += 1
-                    continue
-                if context is not None and len(got.ids) > context:
-                    got.ids, got.lengths, truncated = got.ids[:context], got.lengths[:context], truncated + 1
-                rows.append(got)
-        if unusable > max_unusable * n:
-            raise DDKCacheError(f"{cache.path}: {unusable} of {n} {domain}/{split} rows do not tokenize back to their own text with "
-                                f"this tokenizer (a normaliser, added spaces or unknown bytes); bits per byte over the rest "
-                                f"would describe other text (allowed: {max_unusable:.0%})")
-        nll = torch.zeros((), dtype=torch.float64, device=device)
-        nbytes = tokens = 0
-        for b in range(0, len(rows), batch_size):
-            batch = rows[b: b + batch_size]
-            width = max(len(r.ids) for r in batch)
-            x = torch.zeros((len(batch), width), dtype=torch.long)
-            keep = torch.zeros((len(batch), width - 1), dtype=torch.bool)
-            for i, r in enumerate(batch):
-                x[i, : len(r.ids)] = torch.from_numpy(r.ids)
-                keep[i, : len(r.ids) - 1] = True
+        per_rank = -(-n // world_size)
+        mine = np.arange(rank, n, world_size)
+        for start in range(0, per_rank, batch_size):
+            slots = mine[start: start + batch_size]
+            got = rt.student_rows(cache.tokens(domain, split, slots)) if len(slots) else []
+            got += [None] * (min(batch_size, per_rank - start) - len(got))  # every rank runs the same passes
+            sums[i, 4] += sum(r is None for r in got[: len(slots)])
+            for r in got:
+                if r is not None and context is not None and len(r.ids) > context:
+                    r.ids, r.lengths = r.ids[:context], r.lengths[:context]
+                    sums[i, 5] += 1
+            width = max(2, max(len(r.ids) for r in got if r is not None) if any(r is not None for r in got) else 2)
+            x = torch.full((len(got), width), pad, dtype=torch.long)
+            keep = torch.zeros((len(got), width - 1), dtype=torch.bool)
+            for b, r in enumerate(got):
+                if r is not None:
+                    x[b, : len(r.ids)] = torch.from_numpy(r.ids)
+                    keep[b, : len(r.ids) - 1] = True
+                    sums[i, 1] += int(r.lengths[1:].sum())
+                    sums[i, 3] += 1
             x, keep = x.to(device), keep.to(device)
             labels = torch.where(keep, x[:, 1:], IGNORE_INDEX)
-            nll += _per_token_ce(model, x, labels, False, 1024).sum(dtype=torch.float64)
-            nbytes += sum(int(r.lengths[1:].sum()) for r in batch)
-            tokens += int(keep.sum())
-        total = float(nll)
-        out[domain] = {"bits_per_byte": total / (math.log(2) * nbytes) if nbytes else None, "nll_sum": total, "bytes": nbytes,
-                       "tokens": tokens, "rows": len(rows), "unusable": unusable, "truncated": truncated}
+            with autocast():
+                sums[i, 0] += _per_token_ce(model, x, labels, loss, chunk).sum(dtype=torch.float64)
+            sums[i, 2] += keep.sum().to(torch.float64)
+    if world_size > 1:
+        torch.distributed.all_reduce(sums)
     model.train(was_training)
+    out = {}
+    for domain, (nll, nbytes, tokens, rows, unusable, truncated) in zip(cache.domains, sums.cpu().tolist()):
+        n = cache.num_sequences(domain, split)
+        if unusable > max_unusable * n:
+            raise DDKCacheError(f"{cache.path}: {int(unusable)} of {n} {domain}/{split} rows do not tokenize back to their own text with "
+                                f"this tokenizer (a normaliser, added spaces or unknown bytes); bits per byte over the rest "
+                                f"would describe other text (allowed: {max_unusable:.0%})")
+        out[domain] = {"bits_per_byte": nll / (math.log(2) * nbytes) if nbytes else None, "ppl": ppl(nll, tokens), "nll_sum": nll,
+                       "bytes": int(nbytes), "tokens": int(tokens), "rows": int(rows), "unusable": int(unusable), "truncated": int(truncated)}
     return out
 
 

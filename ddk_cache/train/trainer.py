@@ -42,7 +42,7 @@ from . import checkpoint
 from .checkpoint import CKPT_DIR, latest_checkpoint
 from .data import CacheLoader
 from .ddk import DDKController
-from .evaluate import evaluate_domains, evaluate_scores
+from .evaluate import evaluate_domains, evaluate_scores, evaluate_text
 from ..tokenbytes import lengths_or_none
 from .losses import IGNORE_INDEX, auto_chunk
 from .objectives import Objective, StepStats, make_objective
@@ -76,15 +76,8 @@ def load_student(cfg: DistillConfig, cache: Cache) -> tuple[Any, Any]:
     """The student model (float32) and its tokenizer, after checking both fit the cache."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tok_path = cfg.tokenizer or cfg.student
-    tok = load_tokenizer(tok_path)
-    theirs = cache.meta.tokenizer["fingerprint"]
-    ours = tokenizer_fingerprint(tok)
-    if ours != theirs:
-        raise ConfigError(
-            f"tokenizer mismatch: the student's tokenizer ({tok_path}, {ours[:19]}) is not the cache's "
-            f"({cache.meta.teacher['name_or_path']}, {theirs[:19]}); a student must share the teacher's tokenizer"
-        )
+    tok = load_tokenizer(cfg.tokenizer or cfg.student)
+    other = cross_tokenizer(cfg, cache, tok)
     check_model_path(cfg.student or cfg.student_config, ConfigError)
     try:
         if cfg.student:
@@ -98,12 +91,31 @@ def load_student(cfg: DistillConfig, cache: Cache) -> tuple[Any, Any]:
     if rows < len(tok):
         raise ConfigError(f"the student's vocabulary ({rows} rows) is smaller than the tokenizer ({len(tok)} tokens)")
     context = model_context(model)
-    if context is not None and context < cache.seq_len:
+    if context is not None and context < cache.seq_len and not other:  # another tokenizer's rows are cut at the context
         # GPT-2 would index past its position table; a Llama would train silently on positions
         # its RoPE scaling was never set up for.
         raise ConfigError(f"the student's context is {context} positions, the cache's rows are {cache.seq_len} tokens; "
                           "use a student with max_position_embeddings (n_positions) >= the cache's --seq-len")
     return model, tok
+
+
+def cross_tokenizer(cfg: DistillConfig, cache: Cache, tok: Any) -> bool:
+    """Whether this run trains across tokenizers (crosstok.py): the student's tokenizer is not
+    the cache's, or --cross-tokenizer is given. Refuses what cannot work that way."""
+    theirs = cache.meta.tokenizer["fingerprint"]
+    ours = tokenizer_fingerprint(tok)
+    if ours == theirs and cfg.cross_tokenizer == "auto":
+        return False
+    where = f"the student's tokenizer ({cfg.tokenizer or cfg.student}, {ours[:19]}) is not the cache's ({theirs[:19]})"
+    if cfg.kd_loss == "minillm" or cfg.online_teacher or cfg.pretrain_cache:
+        raise ConfigError(f"{where}: --kd-loss minillm, --online-teacher and --pretrain-cache need a student of the cache's tokenizer")
+    if cache.has_targets and cache.targets.kind == "sampled" and cfg.kd_loss != "none":
+        raise ConfigError(f"{where}: a cache of sampled targets cannot be carried to another tokenizer (its ids are draws, not the "
+                          "teacher's top-k); build a top-k cache, or use --kd-loss none")
+    if lengths_or_none(tok) is None:
+        raise ConfigError(f"{where}, and tokens of this tokenizer cannot be read as bytes (tokenbytes.py: byte-level BPE and "
+                          "SentencePiece are); use a student of the cache's tokenizer")
+    return True
 
 
 def lr_at(step: int, cfg: DistillConfig, total: int) -> float:
@@ -327,6 +339,19 @@ class Trainer:
             raise ConfigError(str(e)) from None
         model, self.tok = load_student(cfg, cache)
         self.byte_lengths = lengths_or_none(self.tok)  # per token id, for bits per byte (None: a tokenizer tokenbytes cannot read)
+        # A student of another tokenizer (crosstok.py): batches in its tokens, evaluation and DDK in bits per byte.
+        self.crosstok = None
+        if cross_tokenizer(cfg, cache, self.tok):
+            from ..capture.tokenization import cache_tokenizer
+            from .crosstok import CrossTokenizer
+
+            self.crosstok = CrossTokenizer(cache_tokenizer(cache), self.tok, model.get_output_embeddings().weight.shape[0],
+                                           max_len=model_context(model))
+            try:
+                self.ddk.per_byte()
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        self.xtok_counts = {"rows": 0, "unusable": 0, "cut": 0, "positions": 0, "paired": 0, "mapped_mass": 0.0}
         use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and device.type == "cuda")
         teacher = load_online_teacher(cfg, cache, device, use_bf16) if cfg.online_teacher else None
         student_rows = model.get_output_embeddings().weight.shape[0]
@@ -345,7 +370,8 @@ class Trainer:
         behaviour = None
         if minillm is not None and not any(cache.is_sampled(d) for d in cache.domains):
             behaviour = _frozen_copy(model, device)
-        module = StudentLoss(model, cfg.kd(), chunk=_loss_chunk(cfg, cache), minillm=minillm, fused=cfg.loss_impl == "fused",
+        kd = cfg.kd(None if self.crosstok is None else torch.from_numpy(self.crosstok.unmatched))
+        module = StudentLoss(model, kd, chunk=_loss_chunk(cfg, cache), minillm=minillm, fused=cfg.loss_impl == "fused",
                              kd_weight=cfg.kd_weight).to(device)
         self.trained = parallelize(module, "fsdp" if cfg.fsdp else "ddp", device, self.world, use_bf16)
         self.opt = _optimizer(self.trained, cfg)
@@ -355,12 +381,12 @@ class Trainer:
                                                    behaviour=behaviour, autocast=self.autocast)
         self.tokens_per_batch = cfg.batch_size * cache.seq_len * cfg.grad_accum * self.world
         self.total_steps = math.ceil(cfg.max_tokens / self.tokens_per_batch) if cfg.max_tokens else cfg.max_steps
-        self.teacher_ppl = dict(zip(cache.domains, self.ddk.teacher_ppl or [float("nan")] * len(cache.domains)))
+        self.teacher_ppl = {d: cache.teacher_ppl(d) if cache.meta.teacher_ppl else float("nan") for d in cache.domains}
         self.step_no, self.tokens_seen = 0, 0
         self.board = None
         self.loader = CacheLoader(cache, batch_size=cfg.batch_size, weights=self.ddk.weights, seed=cfg.seed, rank=self.rank,
                                   world_size=self.world, prefetch=cfg.prefetch, targets=teacher is None, workers=cfg.loader_workers,
-                                  sample_logprobs=self.objective.sample_logprobs and minillm is not None)
+                                  sample_logprobs=self.objective.sample_logprobs and minillm is not None, crosstok=self.crosstok)
         self.ddk.samplers.append(self.loader)
         self.pretrain: _Pretrain | None = None
 
@@ -432,6 +458,8 @@ class Trainer:
         # The step's batches first: the loss is normalised by the positions that carry loss
         # over every micro-batch and rank, known before any backward pass.
         batches = [self.loader.next() for _ in range(cfg.grad_accum)]
+        if self.crosstok is not None:
+            self._count_crosstok(batches)
         pt_batches = [pretrain.loader.next() for _ in range(cfg.grad_accum)] if pretrain is not None else []
         count = torch.tensor([float(sum(int((b.labels() != IGNORE_INDEX).sum()) for b in group)) for group in (batches, pt_batches)],
                              device=device)
@@ -483,25 +511,53 @@ class Trainer:
                   "tokens": self.tokens_seen, "tokens_per_s": tps, "ce_by_domain": stats.ce_by_domain(self.cache.domains)}
         if pretrain is not None:
             record["pretrain_ce"] = pretrain_ce
+        if self.crosstok is not None:  # this rank's counts so far
+            c = self.xtok_counts
+            record["crosstok"] = {"paired": c["paired"] / max(1, c["positions"]), "mapped_mass": c["mapped_mass"] / max(1, c["paired"]),
+                                  "unusable_rows": c["unusable"], "cut_rows": c["cut"], "rows": c["rows"]}
         if device.type == "cuda":
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         self.log(record)
         return total, tps
 
+    MAX_UNUSABLE = 0.01  # share of rows whose text another tokenizer does not give back, above which a run stops
+
+    def _count_crosstok(self, batches: list[Any]) -> None:
+        """Add the batches' conversion counts; stop when too many rows do not tokenize back."""
+        c = self.xtok_counts
+        for b in batches:
+            for k in c:
+                c[k] += b.crosstok[k]
+        if c["rows"] >= 100 and c["unusable"] > self.MAX_UNUSABLE * c["rows"]:
+            raise DDKCacheError(f"{c['unusable']} of the {c['rows']} rows read so far do not tokenize back to their own text with the "
+                                f"student's tokenizer ({self.cfg.tokenizer or self.cfg.student}: a normaliser, added spaces or unknown "
+                                f"bytes); they train on nothing, and above {self.MAX_UNUSABLE:.0%} the run stops. Use a student tokenizer "
+                                "without normalisers (byte-level BPE), or one of the cache's")
+
     def evaluate_and_mix(self, update: bool = True) -> dict[str, float]:
-        """Per-domain validation perplexity (all ranks), the mixer's new weights (`update`), logged."""
+        """Per-domain validation perplexity (all ranks), the mixer's new weights (`update`), logged.
+        A student of another tokenizer is scored on the same text in its own tokens, and DDK
+        compares it with the teacher per byte (2 ** bits per byte on both sides)."""
         cfg, cache = self.cfg, self.cache
         t0 = time.perf_counter()
-        scores = evaluate_scores(self.trained, cache, batch_size=cfg.eval_batch_size, device=self.device, autocast=self.autocast,
-                                 rank=self.rank, world_size=self.world, loss=True, byte_lengths=self.byte_lengths)
+        if self.crosstok is None:
+            scores = evaluate_scores(self.trained, cache, batch_size=cfg.eval_batch_size, device=self.device, autocast=self.autocast,
+                                     rank=self.rank, world_size=self.world, loss=True, byte_lengths=self.byte_lengths)
+        else:
+            scores = evaluate_text(self.trained, self.tok, cache, batch_size=cfg.eval_batch_size, device=self.device,
+                                   autocast=self.autocast, rank=self.rank, world_size=self.world, loss=True,
+                                   context=self.crosstok.max_len, max_unusable=self.MAX_UNUSABLE)
         ppl = {d: s["ppl"] for d, s in scores.items()}
         seconds = time.perf_counter() - t0
-        weights = self.ddk.update(ppl) if update else self.ddk.weights
+        judged = ppl if self.crosstok is None else {d: 2.0 ** s["bits_per_byte"] for d, s in scores.items()}
+        weights = self.ddk.update(judged) if update else self.ddk.weights
         record = {"type": "eval", "step": self.step_no, "ppl_student": ppl, "ppl_teacher": self.teacher_ppl,
                   # Bits per UTF-8 byte (tokenbytes.py): comparable across tokenizers, unlike PPL.
                   "bpb_student": {d: s["bits_per_byte"] for d, s in scores.items()},
                   "bpb_teacher": {d: cache.meta.ppl(d).bits_per_byte if cache.meta.teacher_ppl else None for d in cache.domains},
                   "weights": dict(zip(cache.domains, weights.tolist())), "eval_seconds": seconds,
+                  # ppl_student is per the student's own token; DDK judged it per byte when the tokenizers differ
+                  "ddk_unit": "token" if self.crosstok is None else "byte",
                   "eval_tokens": sum(cache.num_sequences(d, "val") for d in cache.domains) * cache.seq_len}
         if self.pretrain is not None:  # what the term guards: the student's LM on pre-training text
             pt = self.pretrain.cache
