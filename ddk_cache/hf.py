@@ -8,6 +8,9 @@
     trainer.add_callback(DDKCallback(trainer, every=1000))   # DDK mixing, evaluated on the cache's validation split
     trainer.train()
 
+A student of another tokenizer: `CacheDataset("cache.zarr", student_tokenizer=tok)`; the
+trainer then uses the cross-tokenizer hybrid loss (kd_loss="uld": ULD).
+
 `DistillationTrainer` draws its batches with a `DomainWeightedSampler` (DDK's sampling rule;
 under several processes Accelerate splits its batches) and computes CE + kd_weight * KD on
 the cache's teacher targets, normalised by the positions that carry a label over the
@@ -37,9 +40,13 @@ class DistillationTrainer(Trainer):
                  weights: Any = None, sampler_seed: int | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("data_collator", collate)
         super().__init__(*args, **kwargs)
-        self.kd_config = KDConfig(kd_loss, temperature, tail)
-        self.kd_weight = kd_weight
         dataset = self.train_dataset
+        # A CacheDataset in another tokenizer's ids: the hybrid loss (KD on mapped ids plus ULD on
+        # the unmatched ones); with kd_loss="uld", ULD alone.
+        crosstok = getattr(dataset, "crosstok", None)
+        unmatched = None if crosstok is None or kd_loss in ("uld", "none") else torch.from_numpy(crosstok.unmatched)
+        self.kd_config = KDConfig(kd_loss, temperature, tail, unmatched=unmatched)
+        self.kd_weight = kd_weight
         self.ddk_sampler = None
         if isinstance(dataset, CacheDataset):
             self.ddk_sampler = DomainWeightedSampler(
@@ -53,14 +60,14 @@ class DistillationTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         # Keep the teacher targets (and the domain) in the batch: the model does not take them.
-        self._signature_columns = ["input_ids", "labels", "topk_ids", "topk_logprobs", "domain", "attention_mask"]
+        self._signature_columns = ["input_ids", "labels", "topk_ids", "topk_logprobs", "tail_logprob", "domain", "attention_mask"]
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         labels = inputs["labels"]
         outputs = model(input_ids=inputs["input_ids"], use_cache=False)
         total = kd_loss(outputs.logits, labels, inputs.get("topk_ids"), inputs.get("topk_logprobs"), config=self.kd_config,
-                        kd_weight=self.kd_weight, reduction="sum")
+                        kd_weight=self.kd_weight, reduction="sum", tail_logprob=inputs.get("tail_logprob"))
         count = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != IGNORE_INDEX).sum()
         loss = total / torch.as_tensor(count, device=total.device, dtype=total.dtype).clamp_min(1)
         return (loss, outputs) if return_outputs else loss
@@ -78,7 +85,8 @@ class DDKCallback(TrainerCallback):
             raise TypeError("DDKCallback needs a DistillationTrainer whose train_dataset is a CacheDataset")
         self.trainer, self.every = trainer, every
         self.controller = DDKController(dataset.cache, mixing=mixing, alpha=alpha, samplers=[trainer.ddk_sampler],
-                                        batch_size=eval_batch_size)
+                                        batch_size=eval_batch_size,
+                                        student_tokenizer=None if dataset.crosstok is None else dataset.crosstok.rt.tok)
 
     def _step(self, model: torch.nn.Module, step: int) -> None:
         args = self.trainer.args

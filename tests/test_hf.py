@@ -140,3 +140,54 @@ def test_a_tied_head_left_on_the_meta_device_is_tied_again(tmp_path, monkeypatch
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", loses("lm_head.weight", "model.norm.weight"))
     with pytest.raises(ConfigError, match=r"the checkpoint holds no weights for model\.norm\.weight; is it complete\?"):
         load_causal_lm(str(tmp_path / "m"))
+
+
+def test_hf_trainer_with_another_tokenizer_equals_distill(tmp_path, built_cache):
+    """A CacheDataset in another tokenizer's ids with DistillationTrainer and DDKCallback: the
+    losses of `ddk-cache distill` with that student, step for step (the hybrid loss on the
+    same converted batches), and the same DDK weights (judged per byte)."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from ddk_cache.hf import DDKCallback, DistillationTrainer
+    from ddk_cache.models import ModelSpec, init_model, train_tokenizer
+    from ddk_cache.train.distill import DistillConfig, _optimizer, lr_at
+
+    from .helpers import WORDS, make_docs
+
+    tok = train_tokenizer([doc for d in WORDS for doc in make_docs(d, 30, seed=7)], 300, add_bos=True)
+    student = tmp_path / "student"
+    init_model(ModelSpec(vocab_size=len(tok), hidden_size=32, layers=1, heads=1, max_position_embeddings=256, seed=3), tok).save_pretrained(student)
+    tok.save_pretrained(student)
+    common = dict(max_steps=4, ddk_interval=2, warmup_steps=2, lr=1e-3, batch_size=4, eval_batch_size=4, kd_weight=0.3, kd_loss="fkl")
+    distill(distill_config(built_cache, student, tmp_path / "distill", **common), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()]
+    want = [r["loss"] for r in records if r["type"] == "step"]
+    want_weights = [r["weights"] for r in records if r["type"] == "eval"][:-1]
+
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    cfg = DistillConfig(cache=str(built_cache), out="-", student=str(student), **common)
+    opt = _optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg, cfg.max_steps) / cfg.lr)
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=4, max_grad_norm=1.0,
+                             seed=0, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", dataloader_num_workers=0)
+    losses = []
+
+    class Recording(DistillationTrainer):
+        def compute_loss(self, *a, **kw):
+            loss = super().compute_loss(*a, **kw)
+            losses.append(loss.item())
+            return loss
+
+    data = CacheDataset(str(built_cache), student_tokenizer=str(student), max_len=256)
+    trainer = Recording(model=model, args=args, train_dataset=data, kd_loss="fkl", kd_weight=0.3, optimizers=(opt, sched))
+    ddk = DDKCallback(trainer, every=2, eval_batch_size=4)
+    trainer.add_callback(ddk)
+    trainer.train()
+    assert losses == pytest.approx(want, rel=1e-5)
+    got_weights = [h["weights"] for h in ddk.controller.history]
+    assert len(got_weights) == len(want_weights)
+    for a, b in zip(got_weights, want_weights):
+        assert list(a.values()) == pytest.approx(list(b.values()), rel=1e-6)
+    items = data.__getitems__([0, 1])
+    batch = collate([items[0], {k: v[:-3] if v.dim() else v for k, v in items[1].items()}])  # rows of two lengths
+    assert batch["labels"][1, -3:].eq(-100).all() and batch["topk_logprobs"][1, -3:].isneginf().all()

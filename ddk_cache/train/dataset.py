@@ -12,7 +12,15 @@ Lightning, a loop of your own).
                                      input_ids[t+1], as `labels[t+1]`
     domain          int64          index into `dataset.domains`
 
-(targets only for caches that have them and `targets=True`). It does not shard by rank:
+    tail_logprob    float32 [L-1]  the teacher's log mass outside the kept ids (pack-v3 caches)
+
+(targets only for caches that have them and `targets=True`). With `student_tokenizer` (a
+tokenizer, or its directory, that is not the cache's), items are the same text in that
+tokenizer's ids, with the teacher's targets on the positions that have read the same text
+(crosstok.CrossTokenizer: topk_ids are student ids, -1 where a teacher token is no single
+student token; positions without a partner have none; L varies by row and `collate` pads);
+`dataset.crosstok.unmatched` is what the hybrid loss needs (`KDConfig(unmatched=...)`,
+`hf.DistillationTrainer` sets it). It does not shard by rank:
 give it a `DistributedSampler` (or let Accelerate shard the loader) for data parallelism.
 A batch is read and decoded at once (`__getitems__`, which DataLoader uses), and the
 dataset reopens the cache in each DataLoader worker process.
@@ -37,11 +45,22 @@ from .data import IGNORE_INDEX, DomainSampler, SequenceReader, normalise
 class CacheDataset(torch.utils.data.Dataset):
     """One split of a cache as a map-style dataset (see the module docstring)."""
 
-    def __init__(self, cache: str | Cache, split: str = "train", *, targets: bool = True) -> None:
+    def __init__(self, cache: str | Cache, split: str = "train", *, targets: bool = True, student_tokenizer: Any = None,
+                 student_vocab: int | None = None, max_len: int | None = None) -> None:
+        """`student_tokenizer`: train a student of another tokenizer (see the module docstring);
+        `student_vocab`: its output rows (default: the tokenizer's size); `max_len`: cut rows
+        longer than this many student tokens (its context)."""
         self.path = cache.path if isinstance(cache, Cache) else str(cache)
         self._cache = cache if isinstance(cache, Cache) else None
         self.split = split
         c = self.cache
+        self.crosstok = None
+        if student_tokenizer is not None:
+            from ..capture.tokenization import cache_tokenizer, load_tokenizer
+            from .crosstok import CrossTokenizer
+
+            tok = load_tokenizer(str(student_tokenizer)) if isinstance(student_tokenizer, (str, bytes)) or hasattr(student_tokenizer, "__fspath__") else student_tokenizer
+            self.crosstok = CrossTokenizer(cache_tokenizer(c), tok, student_vocab or len(tok), max_len)
         self.domains = c.domains
         self.sizes = [c.num_sequences(d, split) for d in self.domains]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
@@ -80,7 +99,7 @@ class CacheDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
         """Items for `indices`, read and decoded as one batch."""
         if self._reader is None:
-            self._reader = SequenceReader(self.cache, self.targets, split=self.split)
+            self._reader = SequenceReader(self.cache, self.targets, split=self.split, crosstok=self.crosstok)
         arrays = self._reader.read([self.locate(int(i)) for i in indices])
         tokens = arrays["tokens"]
         labels = tokens.clone()
@@ -93,13 +112,28 @@ class CacheDataset(torch.utils.data.Dataset):
             if self.targets:
                 item["topk_ids"] = arrays["topk_ids"][b].long()
                 item["topk_logprobs"] = arrays["topk_logprobs"][b]
+                if arrays["tail_logprob"] is not None:
+                    item["tail_logprob"] = arrays["tail_logprob"][b]
             out.append(item)
         return out
 
 
+# What each key is padded with when items of different lengths are batched (a student of
+# another tokenizer): padding carries no label and no target.
+_PAD = {"input_ids": 0, "labels": IGNORE_INDEX, "topk_ids": -1, "topk_logprobs": float("-inf"), "tail_logprob": 0.0}
+
+
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack items of CacheDataset into a batch (every key, every item)."""
-    return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+    """Stack items of CacheDataset into a batch (every key, every item), padding rows of
+    different lengths at the end (labels IGNORE_INDEX, no targets)."""
+    out = {}
+    for k in items[0]:
+        parts = [item[k] for item in items]
+        width = max(p.shape[0] for p in parts) if parts[0].dim() else 0
+        if parts[0].dim() and any(p.shape[0] != width for p in parts):
+            parts = [torch.cat([p, p.new_full((width - p.shape[0], *p.shape[1:]), _PAD[k])]) for p in parts]
+        out[k] = torch.stack(parts)
+    return out
 
 
 class DomainWeightedSampler(torch.utils.data.Sampler[int]):
