@@ -362,3 +362,91 @@ def test_alignment_on_hard_text(teacher_dir):
             ids = srow.ids[srow.prefix: i + 1]
             key = (b"".join(s_bytes[t] for t in ids), int((ids == student.eos_token_id).sum()))
             assert j == t_prefix.get(key, -1)
+
+
+def test_readme_a_student_with_another_tokenizer_runs(built_cache, other_student, tmp_path, monkeypatch):
+    """README's "A student with another tokenizer": its commands, on a cache and a student of
+    another tokenizer made here (short runs)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## A student with another tokenizer"):]
+    section = section[: section.index("\n## ", 1)]
+    commands = [line.split("#")[0].split() for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+                for line in block.strip().splitlines()]
+    assert [c[:2] for c in commands] == [["ddk-cache", "distill"]] * 2 + [["ddk-cache", "eval"]]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cache.zarr").symlink_to(built_cache)
+    (tmp_path / "other-student").symlink_to(other_student)
+    short = ["--max-steps", "2", "--batch-size", "2", "--ddk-interval", "1", "--eval-batch-size", "4", "--warmup-steps", "1",
+             "--device", "cpu", "--quiet"]
+    for command in commands:
+        argv = command[1:] + (short if command[1] == "distill" else ["--device", "cpu"])
+        result = CliRunner().invoke(main, argv)
+        assert result.exit_code == 0, result.output
+    assert "student bits/byte" in result.stdout and "another tokenizer than the cache's" in result.stdout
+    rec = [json.loads(line) for line in open(tmp_path / "runs" / "other" / "metrics.jsonl")]
+    assert all(r["ddk_unit"] == "byte" for r in rec if r["type"] == "eval") and any("crosstok" in r for r in rec)
+
+
+def test_rows_that_do_not_come_back_train_on_nothing_and_stop_the_run(built_cache, other_student, tmp_path):
+    """A student tokenizer that changes the text (a normaliser dropping spaces): its rows are
+    counted as unusable and carry no label; once more than 1% of the rows read are, training
+    stops with the count and what to do (here the first evaluation already stops it)."""
+    from types import SimpleNamespace
+
+    from tokenizers import normalizers
+
+    from ddk_cache.capture.tokenization import load_tokenizer
+    from ddk_cache.train.crosstok import CrossTokenizer
+    from ddk_cache.train.data import SequenceReader
+    from ddk_cache.train.distill import distill
+    from ddk_cache.train.trainer import Trainer
+
+    from .helpers import distill_config
+
+    cache = Cache(str(built_cache))
+    tok = load_tokenizer(str(other_student))
+    tok.backend_tokenizer.normalizer = normalizers.Replace(" ", "")
+    got = SequenceReader(cache, True, crosstok=CrossTokenizer(cache_tokenizer(cache), tok, len(tok))).read([(0, 0), (1, 1)])
+    assert got["crosstok"]["unusable"] == 2 and not got["loss_mask"].any()
+    counts = dict.fromkeys(("rows", "unusable", "cut", "positions", "paired"), 0) | {"mapped_mass": 0.0}
+    fake = SimpleNamespace(xtok_counts=counts, MAX_UNUSABLE=0.01, cfg=SimpleNamespace(tokenizer="", student="s/"))
+    Trainer._count_crosstok(fake, [SimpleNamespace(crosstok=dict(counts, rows=100, unusable=1))])  # 1%: goes on
+    with pytest.raises(DDKCacheError, match=r"3 of the 200 rows read so far do not tokenize back to their own text"):
+        Trainer._count_crosstok(fake, [SimpleNamespace(crosstok=dict(counts, rows=100, unusable=2))])
+    tok.save_pretrained(tmp_path / "normalising")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(other_student).save_pretrained(tmp_path / "normalising")
+    with pytest.raises(DDKCacheError, match=r"rows do not tokenize back to their own text with this tokenizer"):
+        distill(distill_config(built_cache, tmp_path / "normalising", tmp_path / "run"), progress=False)
+
+
+def test_mass_of_ids_past_the_student_vocabulary_joins_a_stored_tail():
+    """Pack-v3 stores the teacher's tail; kept ids the student has no row for (a teacher with
+    a larger vocabulary, or -1: no student id) are dropped, and their mass must join that
+    tail (it was lost before: the teacher's categories summed to less than 1). Checked
+    against the bucket categories written out in float64."""
+    from ddk_cache.train.losses import KDConfig, sparse_kd
+
+    g = torch.Generator().manual_seed(3)
+    V = 12
+    student = torch.randn(4, V, generator=g, dtype=torch.float64)
+    teacher = torch.log_softmax(torch.randn(4, V + 3, generator=g, dtype=torch.float64), -1)  # 3 ids past the student's
+    top = teacher.topk(8, -1)
+    ids = top.indices.clone()
+    ids[:, 1] = -1  # and one entry without a student id
+    stored_tail = torch.log1p(-top.values.exp().sum(-1))
+    for kind in ("fkl", "rkl", "jsd"):
+        got = sparse_kd(student, ids, top.values, KDConfig(kind), tail_logprob=stored_tail)
+        keep = (ids >= 0) & (ids < V)
+        q = torch.softmax(student, -1)
+        for n in range(4):
+            P = top.values[n][keep[n]].exp()
+            Q = q[n][ids[n][keep[n]]]
+            P, Q = torch.cat([P, (1 - P.sum())[None]]), torch.cat([Q, (1 - Q.sum())[None]])
+            want = {"fkl": (P * (P / Q).log()).sum(), "rkl": (Q * (Q / P).log()).sum(),
+                    "jsd": 0.5 * (P * (P / (0.5 * P + 0.5 * Q)).log()).sum() + 0.5 * (Q * (Q / (0.5 * P + 0.5 * Q)).log()).sum()}[kind]
+            assert float(got[n]) == pytest.approx(float(want), rel=1e-9)

@@ -160,7 +160,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
                            "the run directory elsewhere), then run the same command with --resume") from None
 
 
-RUN_ENTRIES = {CKPT_DIR, LOCK_DIR, METRICS, "config.json", FINAL, "tensorboard", "weights.png", "ppl.png", "loss.png", "report.md"}
+RUN_ENTRIES = {CKPT_DIR, LOCK_DIR, METRICS, "config.json", FINAL, "tensorboard", "weights.png", "ppl.png", "loss.png", "bits_per_byte.png", "report.md"}
 
 
 class _Release:
