@@ -33,6 +33,7 @@ METHODS = {  # name -> (distill flags, which tokenizers)
     "KD (fkl)": (["--kd-loss", "fkl"], ("teacher",)),
     "uld": (["--cross-tokenizer", "uld"], ("teacher", "bpe8k", "digits8k")),
     "hybrid": (["--cross-tokenizer", "hybrid"], ("bpe8k", "digits8k")),  # on the teacher's tokenizer it is KD (tested)
+    "prefix": (["--cross-tokenizer", "prefix"], ("bpe8k", "digits8k")),  # likewise
 }
 
 
@@ -118,7 +119,8 @@ def report(args: argparse.Namespace, work: Path, runs: list[tuple]) -> None:
         steps = [r for r in recs if r["type"] == "step"]
         results.setdefault((mix, tok, method), []).append({"bpb": final["bpb_student"], "teacher": final["bpb_teacher"],
                                                            "paired": steps[-1].get("crosstok", {}).get("paired"),
-                                                           "mapped": steps[-1].get("crosstok", {}).get("mapped_mass")})
+                                                           "mapped": steps[-1].get("crosstok", {}).get("mapped_mass"),
+                                                           "targeted": steps[-1].get("crosstok", {}).get("targeted")})
     if not results:
         print("no finished runs yet")
         return
@@ -136,12 +138,12 @@ def report(args: argparse.Namespace, work: Path, runs: list[tuple]) -> None:
             means = [statistics.mean(g["bpb"].values()) for g in got]
             worst = [max(g["bpb"][d] - teacher[d] for d in domains) for g in got]
             sd = f" ± {statistics.stdev(means):.3f}" if len(means) > 1 else ""
-            paired = got[0]["paired"]
+            paired = got[0]["targeted"] if got[0].get("targeted") is not None else got[0]["paired"]
             rows.append((method, tok, *(f"{per[d]:.3f}" for d in domains), f"{statistics.mean(means):.3f}{sd}",
                          f"{statistics.mean(worst):.3f} ({max(domains, key=lambda d: per[d] - teacher[d])})",
                          "-" if paired is None else f"{paired:.2f} / {got[0]['mapped']:.2f}", str(len(got))))
         print(f"### mix: {mix} — held-out bits per byte (mean over seeds)\n")
-        print_table(("method", "tokenizer", *domains, "mean (± sd over seeds)", "worst domain: bpb - teacher", "paired / mapped mass", "seeds"), rows)
+        print_table(("method", "tokenizer", *domains, "mean (± sd over seeds)", "worst domain: bpb - teacher", "with a target / mapped mass", "seeds"), rows)
         print()
     for mix in args.mixes:
         ce, kd = results.get((mix, "teacher", "CE")), results.get((mix, "teacher", "KD (fkl)"))
@@ -151,7 +153,7 @@ def report(args: argparse.Namespace, work: Path, runs: list[tuple]) -> None:
         gap = mean(ce) - mean(kd)
         print(f"{mix}: same-tokenizer KD gains {gap:.3f} bits/byte over CE (teacher's tokenizer).")
         for tok in ("bpe8k", "digits8k"):
-            for method in ("hybrid", "uld"):
+            for method in ("hybrid", "prefix", "uld"):
                 base, got = results.get((mix, tok, "CE")), results.get((mix, tok, method))
                 if base and got and gap > 0:
                     print(f"  {tok} {method}: {mean(base) - mean(got):+.3f} over its CE = {(mean(base) - mean(got)) / gap:.0%} of that gap")

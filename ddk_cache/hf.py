@@ -44,7 +44,8 @@ class DistillationTrainer(Trainer):
         # A CacheDataset in another tokenizer's ids: the hybrid loss (KD on mapped ids plus ULD on
         # the unmatched ones); with kd_loss="uld", ULD alone.
         crosstok = getattr(dataset, "crosstok", None)
-        unmatched = None if crosstok is None or kd_loss in ("uld", "none") else torch.from_numpy(crosstok.unmatched)
+        unmatched = (None if crosstok is None or kd_loss in ("uld", "none") or crosstok.mode == "prefix"
+                     else torch.from_numpy(crosstok.unmatched))
         self.kd_config = KDConfig(kd_loss, temperature, tail, unmatched=unmatched)
         self.kd_weight = kd_weight
         self.ddk_sampler = None

@@ -221,7 +221,8 @@ def test_hybrid_loss_is_kd_on_mapped_ids_plus_golds_unmatched_term():
 def test_hybrid_with_the_caches_own_tokenizer_is_plain_kd(pack_cache, teacher_dir, tmp_path):
     """The test that mapping and alignment are right: a student of the cache's tokenizer
     trained with --cross-tokenizer hybrid (rows tokenized again, positions paired, ids
-    mapped) has the losses of plain KD, step by step (pack-v3: stored tails too)."""
+    mapped) has the losses of plain KD, step by step (pack-v3: stored tails too); so does
+    --cross-tokenizer prefix."""
     from ddk_cache.train.distill import distill
 
     from .helpers import distill_config, make_student
@@ -230,6 +231,8 @@ def test_hybrid_with_the_caches_own_tokenizer_is_plain_kd(pack_cache, teacher_di
     plain = distill(distill_config(pack_cache, student, tmp_path / "plain", max_steps=3), progress=False)
     hybrid = distill(distill_config(pack_cache, student, tmp_path / "hybrid", max_steps=3, cross_tokenizer="hybrid"), progress=False)
     np.testing.assert_allclose(hybrid.losses, plain.losses, rtol=0, atol=1e-5)
+    prefix = distill(distill_config(pack_cache, student, tmp_path / "prefix", max_steps=3, cross_tokenizer="prefix"), progress=False)
+    np.testing.assert_allclose(prefix.losses, plain.losses, rtol=0, atol=1e-5)
     kd = [json.loads(line)["kd"] for line in open(tmp_path / "hybrid" / "metrics.jsonl") if '"step"' in line and '"kd"' in line]
     assert min(kd) > 0  # the KD term is there to compare
     rec = [json.loads(line) for line in open(tmp_path / "hybrid" / "metrics.jsonl")]
@@ -245,13 +248,15 @@ def test_distill_with_another_tokenizer(built_cache, other_student, tmp_path):
 
     from .helpers import distill_config
 
-    for method in ("auto", "uld"):
+    for method in ("auto", "uld", "prefix"):
         out = tmp_path / method
         result = distill(distill_config(built_cache, other_student, out, max_steps=4, cross_tokenizer=method), progress=False)
         assert all(math.isfinite(x) for x in result.losses) and (result.out / "config.json").exists()
         rec = [json.loads(line) for line in open(out / "metrics.jsonl")]
         steps, evals = [r for r in rec if r["type"] == "step"], [r for r in rec if r["type"] == "eval"]
         assert all(0.1 < s["crosstok"]["paired"] < 1 and s["crosstok"]["unusable_rows"] == 0 and s["kd"] > 0 for s in steps)
+        if method == "prefix":  # a target nearly everywhere, not only where positions pair
+            assert all(s["crosstok"]["targeted"] > max(0.9, s["crosstok"]["paired"]) for s in steps)
         cache = Cache(str(built_cache))
         mixer = Mixer("ddk", cache.domains, [cache.num_sequences(d, "train") for d in cache.domains])
         teacher = [2 ** cache.meta.ppl(d).bits_per_byte for d in cache.domains]
@@ -450,3 +455,73 @@ def test_mass_of_ids_past_the_student_vocabulary_joins_a_stored_tail():
             want = {"fkl": (P * (P / Q).log()).sum(), "rkl": (Q * (Q / P).log()).sum(),
                     "jsd": 0.5 * (P * (P / (0.5 * P + 0.5 * Q)).log()).sum() + 0.5 * (Q * (Q / (0.5 * P + 0.5 * Q)).log()).sum()}[kind]
             assert float(got[n]) == pytest.approx(float(want), rel=1e-9)
+
+
+def test_prefix_targets_are_the_fitting_candidates_by_first_student_token(pack_cache, other_student):
+    """--cross-tokenizer prefix, checked position by position against a direct computation
+    with strings: the last teacher position j that has read no more bytes than the student;
+    the bytes read since (c); the teacher's top-k at j and its actual next token; those whose
+    bytes begin with the c bytes read and go on give their probability to the student's first
+    token of the rest (the student tokenizer on that text alone), divided by the probability
+    of all that fit (ending there included); at c = 0 every candidate fits, and one that is a
+    student token keeps its own id."""
+    from ddk_cache.capture.tokenization import load_tokenizer
+    from ddk_cache.tokenbytes import token_bytes
+    from ddk_cache.train.crosstok import CrossTokenizer
+    from ddk_cache.train.data import SequenceReader
+
+    cache = Cache(str(pack_cache))
+    teacher, student = cache_tokenizer(cache), load_tokenizer(str(other_student))
+    ct = CrossTokenizer(teacher, student, len(student), mode="prefix")
+    items = [(d, s) for d in range(3) for s in range(2)]
+    t = SequenceReader(cache, True).read(items)
+    s = SequenceReader(cache, True, crosstok=ct).read(items)
+    t_bytes, s_bytes = token_bytes(teacher), token_bytes(student)
+    s_ids = {b: i for i, b in reversed(list(enumerate(s_bytes))) if b}
+    inside = 0
+    for b in range(len(items)):
+        row = t["tokens"][b].numpy()
+        srow = ct.rt.student_row(row)
+        # (bytes read, documents read) after each token, as one number: EOS ends a document
+        t_read = np.cumsum([len(t_bytes[x]) for x in row]) * 1000 + np.cumsum(row == teacher.eos_token_id)
+        s_eos = (srow.ids == student.eos_token_id) & (np.arange(len(srow.ids)) >= srow.prefix)
+        s_read = np.cumsum([len(s_bytes[x]) for x in srow.ids]) * 1000 + np.cumsum(s_eos)
+        for i in range(len(srow.ids) - 1):
+            j = int(np.searchsorted(t_read[:-1], s_read[i], side="right")) - 1
+            if j < 0 or (s_read[i] - t_read[j]) % 1000:
+                continue
+            c = int(s_read[i] - t_read[j]) // 1000
+            actual = int(row[j + 1])
+            read = t_bytes[actual][:c]
+            cands = list(zip(t["topk_ids"][b, j].tolist(), t["topk_logprobs"][b, j].double().tolist()))
+            if c > 0 and actual not in [x for x, lp in cands if math.isfinite(lp)]:
+                cands.append((actual, float(t["target_logprob"][b, j])))
+            want, total = {}, 0.0
+            for x, lp in cands:
+                piece = t_bytes[x]
+                if math.isfinite(lp) and not piece and c == 0 and ct.map[x] >= 0:  # a special token: by name (vocab_map)
+                    want[int(ct.map[x])] = want.get(int(ct.map[x]), 0.0) + math.exp(lp)
+                if not math.isfinite(lp) or not piece or not piece.startswith(read):
+                    continue
+                total += math.exp(lp)
+                if len(piece) == c:
+                    continue
+                rest = piece[c:]
+                sid = s_ids.get(rest) if c == 0 and rest in s_ids else None
+                if sid is None:
+                    try:
+                        enc = student(rest.decode("utf-8"), add_special_tokens=False)["input_ids"]
+                        sid = enc[0] if enc else -1
+                    except UnicodeDecodeError:
+                        sid = -1
+                want[sid] = want.get(sid, 0.0) + math.exp(lp)
+            got = {}
+            for x, lp in zip(s["topk_ids"][b, i].tolist(), s["topk_logprobs"][b, i].double().tolist()):
+                if math.isfinite(lp):
+                    got[x] = got.get(x, 0.0) + math.exp(lp)
+            scale = 1.0 if c == 0 else total
+            assert got.keys() - {-1} == want.keys() - {-1}
+            for sid in want.keys() - {-1}:
+                assert got[sid] == pytest.approx(want[sid] / scale, rel=1e-4), (b, i, c, sid)
+            inside += c > 0
+    assert inside > 20  # positions inside a teacher token were checked

@@ -175,17 +175,38 @@ class CrossTokenizer:
 
     Rows whose text does not tokenize back to its own bytes train on nothing (every label
     ignored) and are counted (`stats`); rows longer than `max_len` student tokens are cut
-    there and counted."""
+    there and counted.
 
-    def __init__(self, teacher_tok: Any, student_tok: Any, student_vocab: int, max_len: int | None = None) -> None:
+    mode "prefix" (`--cross-tokenizer prefix`) gives unpaired positions targets too, from
+    the teacher's candidates that fit the bytes read (`_prefix_targets`), and sends a
+    candidate that is several student tokens to the first of them; its rows have one more
+    column, the teacher's actual next token."""
+
+    MODES = ("paired", "prefix")
+
+    def __init__(self, teacher_tok: Any, student_tok: Any, student_vocab: int, max_len: int | None = None, mode: str = "paired") -> None:
+        """`mode`: "paired" (hybrid and uld: targets on paired positions only) or "prefix"
+        (every position, by the teacher's candidates that fit the bytes read: `_prefix_targets`)."""
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {', '.join(self.MODES)}, got {mode!r}")
         self.rt = RowText(teacher_tok, student_tok)
         m = self.rt.vocab_map()
         m[m >= student_vocab] = -1
         self.map = m
         self.unmatched = np.ones(student_vocab, bool)  # student ids no teacher token maps to (the hybrid's ULD side)
         self.unmatched[m[m >= 0]] = False
-        self.max_len = max_len
+        self.max_len, self.mode, self.student_vocab = max_len, mode, student_vocab
         self.pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else (self.rt.s_eos or 0)
+        if mode == "prefix":
+            lens = self.rt.t_lengths
+            self.width = int(lens.max()) + 1
+            rows = np.repeat(np.arange(len(lens)), lens)
+            cols = np.arange(int(lens.sum())) - np.repeat(self.rt.t_offsets[:-1], lens)
+            self.t_bytes = np.zeros((len(lens), self.width), np.uint8)  # each teacher token's bytes, zero-padded
+            self.t_bytes[rows, cols] = self.rt.t_blob
+            # first[t, c]: the student's first token of teacher token t's bytes from offset c (-2: not yet computed)
+            self.first = np.full((len(lens), self.width), -2, np.int64)
+            self.first[:, 0] = np.where(m >= 0, m, -2)  # a whole token of the student's: itself
 
     def convert(self, arrays: dict[str, Any]) -> dict[str, Any]:
         """SequenceReader's arrays (teacher rows) -> the same keys in the student's tokens:
@@ -200,7 +221,11 @@ class CrossTokenizer:
         t_lps = arrays["topk_logprobs"].numpy()
         t_tail = None if arrays.get("tail_logprob") is None else arrays["tail_logprob"].numpy()
         t_mask = None if arrays.get("loss_mask") is None else arrays["loss_mask"].numpy()
+        t_target = None if arrays.get("target_logprob") is None else arrays["target_logprob"].numpy()
         K = t_ids.shape[-1]
+        if self.mode == "prefix" and t_target is None:
+            raise ValueError("the prefix targets need the teacher's log-prob of each next token (target_logprob)")
+        extra = int(self.mode == "prefix" and K > 0)  # one more column: the teacher's actual next token
         rows = self.rt.student_rows(list(tokens))
         stats = {"rows": B, "unusable": 0, "cut": 0, "positions": 0, "paired": 0, "mapped_mass": 0.0}
         lengths = []
@@ -210,8 +235,8 @@ class CrossTokenizer:
         W = max(2, max(lengths))
         out_tokens = np.full((B, W), self.pad, np.int64)
         out_mask = np.zeros((B, W), bool)
-        ids = np.full((B, W - 1, K), -1, np.int64)
-        lps = np.full((B, W - 1, K), -np.inf, np.float32)
+        ids = np.full((B, W - 1, K + extra), -1, np.int64)
+        lps = np.full((B, W - 1, K + extra), -np.inf, np.float32)
         tail = None if t_tail is None else np.zeros((B, W - 1), np.float32)
         for b, r in enumerate(rows):
             if r is None:
@@ -229,15 +254,19 @@ class CrossTokenizer:
             j = pair[at]
             tid = t_ids[b, j].astype(np.int64)
             known = np.isfinite(t_lps[b, j]) & (tid >= 0) & (tid < len(self.map))  # ids past the tokenizer: a padded head
-            ids[b, at] = np.where(known, self.map[np.where(known, tid, 0)], -1)
-            lps[b, at] = t_lps[b, j]
+            ids[b, at, :K] = np.where(known, self.map[np.where(known, tid, 0)], -1)
+            lps[b, at, :K] = t_lps[b, j]
             if tail is not None:
                 tail[b, at] = t_tail[b, j]
+            if self.mode == "prefix":
+                self._prefix_targets(tokens[b], r, n, t_ids[b], t_lps[b], t_target[b], ids[b], lps[b], tail if tail is None else tail[b])
             labelled = out_mask[b, 1:n]
             stats["positions"] += int(labelled.sum())
             stats["paired"] += int(labelled[at].sum())
             p = np.where(ids[b, at] >= 0, np.exp(lps[b, at].astype(np.float64)), 0.0).sum(-1)
             stats["mapped_mass"] += float(p[labelled[at]].sum())
+            if self.mode == "prefix":
+                stats["targeted"] = stats.get("targeted", 0) + int((labelled & np.isfinite(lps[b, : n - 1]).any(-1)).sum())
         self._merge_duplicates(ids, lps)
         out = dict(arrays)
         out.update(tokens=torch.from_numpy(out_tokens), loss_mask=torch.from_numpy(out_mask), topk_ids=torch.from_numpy(ids.astype(np.int32)),
@@ -257,23 +286,112 @@ class CrossTokenizer:
 
     @staticmethod
     def _merge_duplicates(ids: np.ndarray, lps: np.ndarray) -> None:
-        """Where two entries of one position name the same student id, add the second's
-        probability to the first's and make it padding (the loss gathers each id once)."""
-        order = np.argsort(ids, axis=-1, kind="stable")
-        srt = np.take_along_axis(ids, order, -1)
-        dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
-        for b, i in zip(*np.nonzero(dup.any(-1))):
-            seen: dict[int, int] = {}
-            for c in range(ids.shape[-1]):
-                sid = int(ids[b, i, c])
-                if sid < 0 or not np.isfinite(lps[b, i, c]):
-                    continue
-                if sid in seen:
-                    first = seen[sid]
-                    lps[b, i, first] = np.logaddexp(lps[b, i, first], lps[b, i, c])
-                    ids[b, i, c], lps[b, i, c] = -1, -np.inf
-                else:
-                    seen[sid] = c
+        """Where two entries of one position name the same student id, their probabilities
+        are added into one entry and the other becomes padding (the loss gathers each id
+        once). In place, vectorised: entries sorted by id per position, runs summed in log space."""
+        K = ids.shape[-1]
+        if K < 2:
+            return
+        flat_ids, flat_lps = ids.reshape(-1, K), lps.reshape(-1, K)
+        order = np.argsort(flat_ids, axis=-1, kind="stable")
+        sid, slp = np.take_along_axis(flat_ids, order, -1), np.take_along_axis(flat_lps, order, -1)
+        same = (sid[:, 1:] == sid[:, :-1]) & (sid[:, 1:] >= 0)
+        if not same.any():
+            return
+        acc = slp.astype(np.float64)
+        for c in range(1, K):  # a run's running log-sum, column by column over all positions at once
+            acc[:, c] = np.where(same[:, c - 1], np.logaddexp(acc[:, c - 1], acc[:, c]), acc[:, c])
+        last = np.concatenate([~same, np.ones((len(sid), 1), bool)], -1)
+        flat_ids[:] = np.where(last, sid, -1)
+        flat_lps[:] = np.where(last, acc, -np.inf).astype(flat_lps.dtype)
+
+    def _first_pieces(self, t: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """The student's first token of teacher token t's bytes from offset c, for arrays of
+        (t, c): the student tokenizer run once on the pairs not seen before (kept for later
+        batches); -1 where those bytes are not whole UTF-8 characters or give no token."""
+        got = self.first[t, c]
+        todo = np.unique(np.stack([t[got == -2], c[got == -2]], -1), axis=0)
+        if len(todo):
+            texts, where = [], []
+            for tt, cc in todo:
+                piece = self.t_bytes[tt, cc: self.rt.t_lengths[tt]].tobytes()
+                try:
+                    texts.append(piece.decode("utf-8"))
+                    where.append((tt, cc))
+                except UnicodeDecodeError:
+                    self.first[tt, cc] = -1
+            for (tt, cc), enc in zip(where, self.rt.tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []):
+                sid = enc.ids[0] if enc.ids else -1
+                self.first[tt, cc] = sid if sid < self.student_vocab else -1
+            got = self.first[t, c]
+        return got
+
+    def _prefix_targets(self, row: np.ndarray, student: StudentRow, n: int, t_ids: np.ndarray, t_lps: np.ndarray,
+                        t_target: np.ndarray, ids: np.ndarray, lps: np.ndarray, tail: np.ndarray | None) -> None:
+        """`--cross-tokenizer prefix`: a target at every student position, from the teacher's
+        candidates at the last teacher position j that has read no more than the student.
+
+        Having read c more bytes than the teacher at j (c > 0: the student's boundary is inside
+        the teacher's next token), the student's next token is distributed as the teacher's
+        candidates at j that begin with those c bytes, each giving its probability to the
+        student's first token of the rest of its bytes, divided by the total probability of
+        the candidates that fit (a candidate that ends exactly there goes to the tail: what
+        follows it is the next teacher position's). The teacher's actual next token always
+        fits; it is added with its cached log-prob where it is not among the top-k. At c = 0
+        (paired positions) a candidate that is several student tokens gives its probability to
+        the first of them. Approximations: candidates outside the top-k (but the actual token)
+        are unknown, and the first piece is the student's tokenization of those bytes alone,
+        not in context. In place on ids/lps/tail [W-1, K+1] (one row)."""
+        rt = self.rt
+        row = np.asarray(row, np.int64)
+        K = t_ids.shape[-1]
+        t_keys = _prefix_keys(rt.t_lengths[row], row == rt.t_eos)[:-1]
+        eos = student.ids == rt.s_eos
+        eos[: student.prefix] = False
+        s_keys = _prefix_keys(student.lengths, eos)[:-1][: n - 1]
+        j = np.searchsorted(t_keys, s_keys, side="right") - 1
+        ok = j >= 0
+        diff = s_keys - t_keys[np.maximum(j, 0)]
+        c = diff >> 24
+        same_docs = (diff & ((1 << 24) - 1)) == 0
+        # paired positions: candidates that are several student tokens give their mass to the first
+        paired = np.flatnonzero(ok & (c == 0) & same_docs)
+        if len(paired):
+            jj = j[paired]
+            tid = t_ids[jj].astype(np.int64)
+            fine = np.isfinite(t_lps[jj]) & (tid >= 0) & (tid < len(self.map)) & (rt.t_lengths[np.clip(tid, 0, len(self.map) - 1)] > 0)
+            unmapped = fine & (ids[paired, :K] < 0)
+            if unmapped.any():
+                first = self._first_pieces(tid[unmapped], np.zeros(int(unmapped.sum()), np.int64))
+                sub = ids[paired, :K]
+                sub[unmapped] = first
+                ids[paired, :K] = sub
+        inside = np.flatnonzero(ok & (c > 0) & same_docs)
+        if not len(inside):
+            return
+        jj, cc = j[inside], c[inside]
+        actual = row[jj + 1]
+        cand = np.concatenate([t_ids[jj].astype(np.int64), actual[:, None]], -1)  # [P, K+1]
+        in_top = (t_ids[jj] == actual[:, None]) & np.isfinite(t_lps[jj])
+        lp = np.concatenate([t_lps[jj], np.where(in_top.any(-1), -np.inf, t_target[jj])[:, None]], -1).astype(np.float64)
+        real = np.isfinite(lp) & (cand >= 0) & (cand < len(self.map))
+        cand = np.where(real, cand, 0)
+        clen = rt.t_lengths[cand]
+        cols = np.arange(self.width)
+        fits = ((self.t_bytes[cand] == self.t_bytes[actual][:, None, :]) | (cols >= cc[:, None, None])).all(-1)
+        go_on = real & fits & (clen > cc[:, None])
+        end_here = real & fits & (clen == cc[:, None])
+        z = np.logaddexp.reduce(np.where(go_on | end_here, lp, -np.inf), -1)
+        has = np.isfinite(z)
+        sid = np.full(cand.shape, -1, np.int64)
+        if go_on.any():
+            sid[go_on] = self._first_pieces(cand[go_on], np.broadcast_to(cc[:, None], cand.shape)[go_on])
+        new_lp = np.where(go_on & has[:, None], lp - z[:, None], -np.inf)
+        ids[inside] = np.where(np.isfinite(new_lp), sid, -1)
+        lps[inside] = new_lp.astype(np.float32)
+        if tail is not None:  # the stored tail here: the candidates that end at the boundary
+            with np.errstate(divide="ignore"):
+                tail[inside] = np.where(has, np.logaddexp.reduce(np.where(end_here, lp, -np.inf), -1) - z, 0.0)
 
 
 def _prefix_keys(lengths: np.ndarray, eos: np.ndarray) -> np.ndarray:

@@ -46,10 +46,11 @@ class CacheDataset(torch.utils.data.Dataset):
     """One split of a cache as a map-style dataset (see the module docstring)."""
 
     def __init__(self, cache: str | Cache, split: str = "train", *, targets: bool = True, student_tokenizer: Any = None,
-                 student_vocab: int | None = None, max_len: int | None = None) -> None:
+                 student_vocab: int | None = None, max_len: int | None = None, cross_tokenizer: str = "hybrid") -> None:
         """`student_tokenizer`: train a student of another tokenizer (see the module docstring);
         `student_vocab`: its output rows (default: the tokenizer's size); `max_len`: cut rows
-        longer than this many student tokens (its context)."""
+        longer than this many student tokens (its context); `cross_tokenizer`: hybrid or uld
+        (targets on paired positions) or prefix (on every position; README)."""
         self.path = cache.path if isinstance(cache, Cache) else str(cache)
         self._cache = cache if isinstance(cache, Cache) else None
         self.split = split
@@ -60,7 +61,8 @@ class CacheDataset(torch.utils.data.Dataset):
             from .crosstok import CrossTokenizer
 
             tok = load_tokenizer(str(student_tokenizer)) if isinstance(student_tokenizer, (str, bytes)) or hasattr(student_tokenizer, "__fspath__") else student_tokenizer
-            self.crosstok = CrossTokenizer(cache_tokenizer(c), tok, student_vocab or len(tok), max_len)
+            self.crosstok = CrossTokenizer(cache_tokenizer(c), tok, student_vocab or len(tok), max_len,
+                                           mode="prefix" if cross_tokenizer == "prefix" else "paired")
         self.domains = c.domains
         self.sizes = [c.num_sequences(d, split) for d in self.domains]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)

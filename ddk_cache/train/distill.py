@@ -36,7 +36,7 @@ class DistillConfig(CommandConfig):
     student: str = option("", "Student causal LM: local directory or hub id (pretrained, as in DDK).")
     student_config: str = option("", "Or a transformers config.json: start the student from random weights.")
     tokenizer: str = option("", "Tokenizer directory (default: --student). When it is not the cache's tokenizer, the student learns across tokenizers (--cross-tokenizer).")
-    cross_tokenizer: str = option("auto", "A student whose tokenizer is not the cache's: each row's text is tokenized again with the student's tokenizer, positions are paired by bytes read, and the loss is hybrid (the --kd-loss divergence on teacher tokens whose bytes are one student token, their other mass in the tail bucket, plus ULD, arXiv 2402.12030, between the unmapped teacher entries and the student's unmatched ids) or uld (ULD on every paired position); auto: hybrid when the tokenizers differ, same-tokenizer KD otherwise. hybrid with the cache's own tokenizer equals plain KD (README, A student with another tokenizer).", choices=("auto", "hybrid", "uld"))
+    cross_tokenizer: str = option("auto", "A student whose tokenizer is not the cache's: each row's text is tokenized again with the student's tokenizer, positions are paired by bytes read, and the loss is hybrid (the --kd-loss divergence on teacher tokens whose bytes are one student token, their other mass in the tail bucket, plus ULD, arXiv 2402.12030, between the unmapped teacher entries and the student's unmatched ids) or uld (ULD on every paired position) or prefix (a target at every position: the teacher's candidates that fit the bytes the student has read, each for the student's first token of its remaining bytes, the --kd-loss divergence on them); auto: hybrid when the tokenizers differ, same-tokenizer KD otherwise. hybrid and prefix with the cache's own tokenizer equal plain KD (README, A student with another tokenizer).", choices=("auto", "hybrid", "uld", "prefix"))
     kd_loss: str = option("fkl", ", ".join(f"{d.name} ({d.summary})" for d in DIVERGENCES.values()) + f", uld ({ULD_SUMMARY}), none (CE only), minillm (MiniLLM's sequence-level reverse KL on the student's own samples: a cache built from `ddk-cache generate` output; README, MiniLLM).", choices=(*KINDS, "minillm"))
     online_teacher: str = option("", "Dense online KD instead of the cache's targets: this teacher (transformers) runs every step and its full distribution is the target; the cache gives tokens and the teacher PPL table. The baseline the cache replaces.")
     kd_weight: float = option(0.2, "gamma in loss = CE + gamma * KD (DDK: 0.2).")
@@ -124,6 +124,8 @@ class DistillConfig(CommandConfig):
         kind = "rkl" if self.kd_loss == "minillm" else self.kd_loss  # minillm's single-step term is the token-level RKL
         if self.cross_tokenizer == "uld" and kind != "none":
             kind, unmatched = "uld", None
+        if self.cross_tokenizer == "prefix":  # every teacher entry has a student id or is in the tail: no unmatched term
+            unmatched = None
         return KDConfig(kind, self.temperature, self.tail, self.skew_alpha, self.jsd_beta, self.akl_mu, self.t2_scale,
                         None if kind == "none" else unmatched)
 

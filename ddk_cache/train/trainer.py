@@ -346,7 +346,7 @@ class Trainer:
             from .crosstok import CrossTokenizer
 
             self.crosstok = CrossTokenizer(cache_tokenizer(cache), self.tok, model.get_output_embeddings().weight.shape[0],
-                                           max_len=model_context(model))
+                                           max_len=model_context(model), mode="prefix" if cfg.cross_tokenizer == "prefix" else "paired")
             try:
                 self.ddk.per_byte()
             except ValueError as e:
@@ -515,6 +515,8 @@ class Trainer:
             c = self.xtok_counts
             record["crosstok"] = {"paired": c["paired"] / max(1, c["positions"]), "mapped_mass": c["mapped_mass"] / max(1, c["paired"]),
                                   "unusable_rows": c["unusable"], "cut_rows": c["cut"], "rows": c["rows"]}
+            if "targeted" in c:  # prefix: positions with a teacher target, paired or not
+                record["crosstok"]["targeted"] = c["targeted"] / max(1, c["positions"])
         if device.type == "cuda":
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         self.log(record)
@@ -526,8 +528,8 @@ class Trainer:
         """Add the batches' conversion counts; stop when too many rows do not tokenize back."""
         c = self.xtok_counts
         for b in batches:
-            for k in c:
-                c[k] += b.crosstok[k]
+            for k, v in b.crosstok.items():
+                c[k] = c.get(k, 0) + v
         if c["rows"] >= 100 and c["unusable"] > self.MAX_UNUSABLE * c["rows"]:
             raise DDKCacheError(f"{c['unusable']} of the {c['rows']} rows read so far do not tokenize back to their own text with the "
                                 f"student's tokenizer ({self.cfg.tokenizer or self.cfg.student}: a normaliser, added spaces or unknown "
