@@ -10,8 +10,11 @@ the vocabulary map (teacher ids whose bytes are one student id). Reports the stu
 tokens per teacher token, the share of student positions with a partner, and over paired
 positions the share of the teacher's probability (its stored top-k; the tail is unmapped by
 definition) on ids that map to a student id: what an exact-vocabulary loss can use. Speed:
-rows read and decoded as the loader does (tokens + targets), then the same plus re-tokenizing
-and aligning, one process, in tokens of the cache per second.
+the distill loader's read of a batch (data.SequenceReader: tokens, loss masks, targets
+decoded), plain and with the batch converted to the student's tokens (crosstok.CrossTokenizer:
+re-tokenizing, pairing, mapping; `paired` for hybrid and uld, `prefix`), one process, in
+tokens of the cache per second, after one warm-up pass (prefix fills its table of first
+pieces on first sight).
 """
 
 from __future__ import annotations
@@ -75,7 +78,28 @@ def main() -> None:
     print_table(("domain", "rows", "unusable", "student tokens per teacher token", "student positions paired",
                  "teacher top-k mass on mapped ids (paired positions)"), table)
     print()
-    print_table(("domain", "read + decode (cache tokens/s)", "+ re-tokenize + align (tokens/s)", "ratio"), speed)
+    from ddk_cache.train.crosstok import CrossTokenizer
+    from ddk_cache.train.data import SequenceReader
+
+    student = load_tokenizer(args.tokenizer)
+    readers = {"plain": SequenceReader(cache, True)}
+    for mode in CrossTokenizer.MODES:
+        readers[mode] = SequenceReader(cache, True, crosstok=CrossTokenizer(rt_teacher := cache_tokenizer(cache), student, len(student), mode=mode))
+    speed = []
+    for i, d in enumerate(cache.domains):
+        n = min(args.rows, cache.num_sequences(d, "train"))
+        batches = [[(i, s) for s in range(b, min(n, b + args.batch))] for b in range(0, n, args.batch)]
+        rate = {}
+        for name, reader in readers.items():
+            for b in batches:  # warm-up: file handles, the prefix table
+                reader.read(b)
+            t0 = time.perf_counter()
+            for b in batches:
+                reader.read(b)
+            rate[name] = n * cache.seq_len / (time.perf_counter() - t0)
+        speed.append((d, f"{rate['plain']:,.0f}", *(f"{rate[m]:,.0f} ({rate[m] / rate['plain']:.2f}x)" for m in CrossTokenizer.MODES)))
+    del rt_teacher
+    print_table(("domain", "loader read (cache tokens/s)", *(f"converted: {m}" for m in CrossTokenizer.MODES)), speed)
 
 
 if __name__ == "__main__":

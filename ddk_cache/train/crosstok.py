@@ -204,6 +204,10 @@ class CrossTokenizer:
             cols = np.arange(int(lens.sum())) - np.repeat(self.rt.t_offsets[:-1], lens)
             self.t_bytes = np.zeros((len(lens), self.width), np.uint8)  # each teacher token's bytes, zero-padded
             self.t_bytes[rows, cols] = self.rt.t_blob
+            # the first 8 bytes as one big-endian integer: prefixes of up to 8 bytes compare in one op
+            head = np.zeros((len(lens), 8), np.uint8)
+            head[:, : min(8, self.width)] = self.t_bytes[:, :8]
+            self.t_head = head.view(">u8").ravel().astype(np.uint64)
             # first[t, c]: the student's first token of teacher token t's bytes from offset c (-2: not yet computed)
             self.first = np.full((len(lens), self.width), -2, np.int64)
             self.first[:, 0] = np.where(m >= 0, m, -2)  # a whole token of the student's: itself
@@ -296,22 +300,25 @@ class CrossTokenizer:
         order = np.argsort(flat_ids, axis=-1, kind="stable")
         sid, slp = np.take_along_axis(flat_ids, order, -1), np.take_along_axis(flat_lps, order, -1)
         same = (sid[:, 1:] == sid[:, :-1]) & (sid[:, 1:] >= 0)
-        if not same.any():
+        rows = np.flatnonzero(same.any(-1))
+        if not len(rows):
             return
+        sid, slp, same = sid[rows], slp[rows], same[rows]  # only positions that have duplicates
         acc = slp.astype(np.float64)
         for c in range(1, K):  # a run's running log-sum, column by column over all positions at once
             acc[:, c] = np.where(same[:, c - 1], np.logaddexp(acc[:, c - 1], acc[:, c]), acc[:, c])
         last = np.concatenate([~same, np.ones((len(sid), 1), bool)], -1)
-        flat_ids[:] = np.where(last, sid, -1)
-        flat_lps[:] = np.where(last, acc, -np.inf).astype(flat_lps.dtype)
+        flat_ids[rows] = np.where(last, sid, -1)
+        flat_lps[rows] = np.where(last, acc, -np.inf).astype(flat_lps.dtype)
 
     def _first_pieces(self, t: np.ndarray, c: np.ndarray) -> np.ndarray:
         """The student's first token of teacher token t's bytes from offset c, for arrays of
         (t, c): the student tokenizer run once on the pairs not seen before (kept for later
         batches); -1 where those bytes are not whole UTF-8 characters or give no token."""
         got = self.first[t, c]
-        todo = np.unique(np.stack([t[got == -2], c[got == -2]], -1), axis=0)
-        if len(todo):
+        unknown = got == -2
+        if unknown.any():
+            todo = np.unique(np.stack([t[unknown], c[unknown]], -1), axis=0)
             texts, where = [], []
             for tt, cc in todo:
                 piece = self.t_bytes[tt, cc: self.rt.t_lengths[tt]].tobytes()
@@ -377,11 +384,17 @@ class CrossTokenizer:
         real = np.isfinite(lp) & (cand >= 0) & (cand < len(self.map))
         cand = np.where(real, cand, 0)
         clen = rt.t_lengths[cand]
-        cols = np.arange(self.width)
-        fits = ((self.t_bytes[cand] == self.t_bytes[actual][:, None, :]) | (cols >= cc[:, None, None])).all(-1)
+        # does each candidate begin with the c bytes read? (the first 8 as one integer; longer prefixes byte by byte)
+        shift = (8 * (8 - np.minimum(cc, 8))).astype(np.uint64)[:, None]
+        fits = (self.t_head[cand] >> shift) == (self.t_head[actual][:, None] >> shift)
+        long = np.flatnonzero(cc > 8)
+        if len(long):
+            w, lc = int(cc[long].max()), cc[long]
+            fits[long] &= ((self.t_bytes[cand[long], :w] == self.t_bytes[actual[long], :w][:, None, :])
+                           | (np.arange(w) >= lc[:, None, None])).all(-1)
         go_on = real & fits & (clen > cc[:, None])
         end_here = real & fits & (clen == cc[:, None])
-        z = np.logaddexp.reduce(np.where(go_on | end_here, lp, -np.inf), -1)
+        z = _logsumexp(np.where(go_on | end_here, lp, -np.inf))
         has = np.isfinite(z)
         sid = np.full(cand.shape, -1, np.int64)
         if go_on.any():
@@ -391,7 +404,15 @@ class CrossTokenizer:
         lps[inside] = new_lp.astype(np.float32)
         if tail is not None:  # the stored tail here: the candidates that end at the boundary
             with np.errstate(divide="ignore"):
-                tail[inside] = np.where(has, np.logaddexp.reduce(np.where(end_here, lp, -np.inf), -1) - z, 0.0)
+                tail[inside] = np.where(has, _logsumexp(np.where(end_here, lp, -np.inf)) - z, 0.0)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    """log(sum(exp(x))) over the last axis; -inf for rows of -inf only."""
+    m = x.max(-1)
+    safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.where(np.isfinite(m), safe + np.log(np.exp(x - safe[:, None]).sum(-1)), -np.inf)
 
 
 def _prefix_keys(lengths: np.ndarray, eos: np.ndarray) -> np.ndarray:
