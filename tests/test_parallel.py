@@ -159,3 +159,33 @@ def test_pretraining_term_on_two_ranks_equals_one_process_and_resumes(tmp_path, 
         distill(distill_config(built_cache, student, resumed, batch_size=4, resume=True, **COMMON, **extra), progress=False)
         for x, y in zip(records(one, "step")[2:], records(resumed, "step")[2:]):
             assert y["pretrain_ce"] == pytest.approx(x["pretrain_ce"], rel=1e-6) and y["loss"] == pytest.approx(x["loss"], rel=1e-6)
+
+
+def test_two_ranks_equal_one_process_across_tokenizers(tmp_path, built_cache):
+    """A student of another tokenizer under FSDP2 on 2 ranks: each rank converts its share of
+    the draw (rows padded to its own longest, padding carries nothing) and scores its slice of
+    the validation text; losses, DDK weights (per byte) and weights equal one process's."""
+    from ddk_cache.models import ModelSpec, init_model, train_tokenizer
+
+    from .helpers import WORDS, make_docs
+
+    tok = train_tokenizer([doc for d in WORDS for doc in make_docs(d, 30, seed=7)], 300, add_bos=True)
+    other = tmp_path / "other"
+    init_model(ModelSpec(vocab_size=len(tok), hidden_size=32, layers=2, heads=1, max_position_embeddings=256, seed=3), tok).save_pretrained(other)
+    tok.save_pretrained(other)
+    single = tmp_path / "single"
+    distill(distill_config(built_cache, other, single, batch_size=4, **COMMON), progress=False)
+    out = tmp_path / "fsdp"
+    torchrun(tmp_path, built_cache, other, out, "--fsdp", port=29549)
+    a, b = records(single, "step"), records(out, "step")
+    assert len(b) == 4 and all(s["crosstok"]["paired"] < 1 for s in a)
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["kd"] == pytest.approx(x["kd"], rel=1e-5)
+    for x, y in zip(records(single, "eval"), records(out, "eval")):
+        assert y["ddk_unit"] == "byte"
+        for d in x["weights"]:
+            assert y["weights"][d] == pytest.approx(x["weights"][d], rel=1e-6)
+            assert y["bpb_student"][d] == pytest.approx(x["bpb_student"][d], rel=1e-5)
+    ref, got = load_file(single / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
