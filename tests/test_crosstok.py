@@ -304,9 +304,11 @@ def test_the_loaders_targets_are_the_teachers_on_paired_positions(built_cache, o
             assert torch.equal(x.tokens, y.tokens) and torch.equal(x.topk_ids, y.topk_ids) and x.crosstok == y.crosstok
 
 
-def test_chat_loss_mask_carries_over_by_bytes(chat_cache, other_student):
+def test_chat_loss_mask_carries_over_by_bytes(chat_cache, other_student, tmp_path):
     """A student token carries loss exactly when the teacher token holding its last byte
-    does (checked byte by byte), so the loss stays on the assistant's text."""
+    does (checked byte by byte), so the loss stays on the assistant's text; the evaluation
+    across tokenizers scores those tokens and bytes only, and a chat cache trains a student
+    of another tokenizer."""
     from ddk_cache.capture.tokenization import load_tokenizer
     from ddk_cache.tokenbytes import token_bytes
     from ddk_cache.train.crosstok import CrossTokenizer
@@ -335,6 +337,29 @@ def test_chat_loss_mask_carries_over_by_bytes(chat_cache, other_student):
                 checked += 1
         assert 0 < s["loss_mask"][b].sum() < len(srow.ids)  # prompts are masked, responses are not
     assert checked > 100
+    # the evaluation across tokenizers scores the same tokens: NLL and bytes of the carried-over mask only
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(other_student, dtype=torch.float32)
+    scores = evaluate_text(model, student, cache, batch_size=3)["chat"]
+    nll = nbytes = 0.0
+    n = cache.num_sequences("chat", "val")
+    rows, masks = cache.tokens("chat", "val", np.arange(n)), cache.loss_mask("chat", "val", np.arange(n))
+    for row, m in zip(rows, masks):
+        srow = ct.rt.student_row(row)
+        on = torch.from_numpy(ct.rt.carry_mask(row, srow, m)[1:])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.from_numpy(srow.ids)[None]).logits[0, :-1].double(), -1)
+        nll -= logp.gather(-1, torch.from_numpy(srow.ids[1:])[:, None]).squeeze(-1)[on].sum().item()
+        nbytes += float(srow.lengths[1:][on.numpy()].sum())
+    assert 0 < scores["bytes"] == nbytes and scores["bits_per_byte"] == pytest.approx(nll / (math.log(2) * nbytes), rel=1e-5)
+    from ddk_cache.train.distill import distill
+
+    from .helpers import distill_config
+
+    run = distill(distill_config(chat_cache, other_student, tmp_path / "run", max_steps=2), progress=False)
+    evals = [json.loads(line) for line in open(run.out.parent / "metrics.jsonl") if '"eval"' in line]
+    assert all(e["bpb_student"]["chat"] > 0 and e["ddk_unit"] == "byte" for e in evals)
 
 
 HARD = ["naïve café — 中文字符 and emoji 🙂🚀 mixed", "tabs\t\tand   runs of    spaces\n\n\nnew lines",

@@ -128,6 +128,17 @@ class RowText:
         ok = (j >= 0) & (t_keys[np.maximum(j, 0)] == s_keys)
         return np.where(ok, j, -1)
 
+    def carry_mask(self, row: np.ndarray, student: StudentRow, mask: np.ndarray) -> np.ndarray:
+        """bool [len(student.ids)]: a chat row's loss mask in the student's tokens. A student
+        token carries loss when the teacher token holding its last byte does (an EOS: the
+        teacher's EOS of the same document)."""
+        row = np.asarray(row, np.int64)
+        t_end = _prefix_keys(self.t_lengths[row], row == self.t_eos)
+        eos = student.ids == self.s_eos
+        eos[: student.prefix] = False
+        s_end = _prefix_keys(student.lengths, eos)
+        return np.asarray(mask, bool)[np.minimum(np.searchsorted(t_end, s_end, side="left"), len(row) - 1)]
+
     def vocab_map(self) -> np.ndarray:
         """int64 [teacher vocabulary]: the student id whose bytes are exactly the teacher
         token's, or -1. Where several student ids have the same bytes: the teacher's own id
@@ -253,7 +264,7 @@ class CrossTokenizer:
             if t_mask is None:
                 out_mask[b, :n] = True
             else:
-                out_mask[b, :n] = t_mask[b][self._holder(tokens[b], r)[:n]]
+                out_mask[b, :n] = self.rt.carry_mask(tokens[b], r, t_mask[b])[:n]
             at = np.flatnonzero(pair >= 0)
             j = pair[at]
             tid = t_ids[b, j].astype(np.int64)
@@ -277,16 +288,6 @@ class CrossTokenizer:
                    topk_logprobs=torch.from_numpy(lps), tail_logprob=None if tail is None else torch.from_numpy(tail),
                    target_logprob=None, sample_logprob=None, crosstok=stats)
         return out
-
-    def _holder(self, row: np.ndarray, student: StudentRow) -> np.ndarray:
-        """For each student token, the teacher position whose token holds its last byte (for
-        an EOS: the teacher's EOS of the same document)."""
-        rt = self.rt
-        t_end = _prefix_keys(rt.t_lengths[np.asarray(row, np.int64)], row == rt.t_eos)
-        eos = student.ids == rt.s_eos
-        eos[: student.prefix] = False
-        s_end = _prefix_keys(student.lengths, eos)
-        return np.minimum(np.searchsorted(t_end, s_end, side="left"), len(row) - 1)
 
     @staticmethod
     def _merge_duplicates(ids: np.ndarray, lps: np.ndarray) -> None:

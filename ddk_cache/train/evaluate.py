@@ -113,8 +113,9 @@ def evaluate_text(
     Rows whose text does not tokenize back to its bytes are left out and counted; above
     `max_unusable` of a domain's rows the evaluation stops (DDKCacheError) rather than report
     a number over another text. Rows longer than `context` model tokens (default: the
-    model's positions) are cut there and counted. Text domains only (a chat row's loss mask
-    does not carry over: refused). `model`: a causal LM, or with `loss=True` the trainer's
+    model's positions) are cut there and counted. In chat domains only the tokens whose
+    last byte is in a teacher token that carries loss count (RowText.carry_mask): the
+    responses' bytes. `model`: a causal LM, or with `loss=True` the trainer's
     StudentLoss. Under torch.distributed each rank scores rows rank, rank + world, ... with
     the same number of forward passes (FSDP needs that) and the sums are all-reduced."""
     from ..capture.tokenization import cache_tokenizer
@@ -131,29 +132,33 @@ def evaluate_text(
     pad = rt.s_eos if rt.s_eos is not None else 0
     sums = torch.zeros(len(cache.domains), 6, dtype=torch.float64, device=device)  # NLL, bytes, tokens, rows, unusable, truncated
     for i, domain in enumerate(cache.domains):
-        if cache.is_chat(domain):
-            raise DDKCacheError(f"{cache.path}: domain {domain!r} is chat: its loss mask does not carry over to another tokenizer yet; "
-                                "evaluate it with a model of the cache's tokenizer")
         n = cache.num_sequences(domain, split)
         per_rank = -(-n // world_size)
         mine = np.arange(rank, n, world_size)
         for start in range(0, per_rank, batch_size):
             slots = mine[start: start + batch_size]
-            got = rt.student_rows(cache.tokens(domain, split, slots)) if len(slots) else []
+            t_rows = cache.tokens(domain, split, slots) if len(slots) else np.zeros((0, 0), np.int64)
+            masks = cache.loss_mask(domain, split, slots) if len(slots) else None
+            got = rt.student_rows(t_rows) if len(slots) else []
+            labelled = [None if r is None or masks is None else rt.carry_mask(t_rows[k], r, masks[k]) for k, r in enumerate(got)]
             got += [None] * (min(batch_size, per_rank - start) - len(got))  # every rank runs the same passes
+            labelled += [None] * (len(got) - len(labelled))
             sums[i, 4] += sum(r is None for r in got[: len(slots)])
-            for r in got:
+            for k, r in enumerate(got):
                 if r is not None and context is not None and len(r.ids) > context:
                     r.ids, r.lengths = r.ids[:context], r.lengths[:context]
                     sums[i, 5] += 1
+                if labelled[k] is not None:
+                    labelled[k] = labelled[k][: len(r.ids)]
             width = max(2, max(len(r.ids) for r in got if r is not None) if any(r is not None for r in got) else 2)
             x = torch.full((len(got), width), pad, dtype=torch.long)
             keep = torch.zeros((len(got), width - 1), dtype=torch.bool)
             for b, r in enumerate(got):
                 if r is not None:
                     x[b, : len(r.ids)] = torch.from_numpy(r.ids)
-                    keep[b, : len(r.ids) - 1] = True
-                    sums[i, 1] += int(r.lengths[1:].sum())
+                    on = np.ones(len(r.ids), bool) if labelled[b] is None else labelled[b]
+                    keep[b, : len(r.ids) - 1] = torch.from_numpy(on[1:])
+                    sums[i, 1] += int(r.lengths[1:][on[1:]].sum())
                     sums[i, 3] += 1
             x, keep = x.to(device), keep.to(device)
             labels = torch.where(keep, x[:, 1:], IGNORE_INDEX)
