@@ -442,10 +442,10 @@ def test_rows_that_do_not_come_back_train_on_nothing_and_stop_the_run(built_cach
     got = SequenceReader(cache, True, crosstok=CrossTokenizer(cache_tokenizer(cache), tok, len(tok))).read([(0, 0), (1, 1)])
     assert got["crosstok"]["unusable"] == 2 and not got["loss_mask"].any()
     counts = dict.fromkeys(("rows", "unusable", "cut", "positions", "paired"), 0) | {"mapped_mass": 0.0}
-    fake = SimpleNamespace(xtok_counts=counts, MAX_UNUSABLE=0.01, cfg=SimpleNamespace(tokenizer="", student="s/"))
-    Trainer._count_crosstok(fake, [SimpleNamespace(crosstok=dict(counts, rows=100, unusable=1))])  # 1%: goes on
+    fake = SimpleNamespace(xtok_counts=dict(counts), MAX_UNUSABLE=0.01, cfg=SimpleNamespace(tokenizer="", student="s/"))
+    Trainer._count_crosstok(fake, [SimpleNamespace(crosstok=dict(counts, rows=50, unusable=1))], 100, 1)  # 1% of all ranks' rows: goes on
     with pytest.raises(DDKCacheError, match=r"3 of the 200 rows read so far do not tokenize back to their own text"):
-        Trainer._count_crosstok(fake, [SimpleNamespace(crosstok=dict(counts, rows=100, unusable=2))])
+        Trainer._count_crosstok(fake, [SimpleNamespace(crosstok=dict(counts, rows=50, unusable=0))], 100, 2)  # judged on the global counts
     tok.save_pretrained(tmp_path / "normalising")
     from transformers import AutoModelForCausalLM
 

@@ -458,13 +458,16 @@ class Trainer:
         # The step's batches first: the loss is normalised by the positions that carry loss
         # over every micro-batch and rank, known before any backward pass.
         batches = [self.loader.next() for _ in range(cfg.grad_accum)]
-        if self.crosstok is not None:
-            self._count_crosstok(batches)
         pt_batches = [pretrain.loader.next() for _ in range(cfg.grad_accum)] if pretrain is not None else []
-        count = torch.tensor([float(sum(int((b.labels() != IGNORE_INDEX).sum()) for b in group)) for group in (batches, pt_batches)],
+        # Positions with a label (main, pre-training), and rows read and unusable (another
+        # tokenizer): one all-reduce, so every rank judges the same global numbers.
+        rows = [float(sum(b.crosstok[k] for b in batches)) if self.crosstok is not None else 0.0 for k in ("rows", "unusable")]
+        count = torch.tensor([float(sum(int((b.labels() != IGNORE_INDEX).sum()) for b in group)) for group in (batches, pt_batches)] + rows,
                              device=device)
         if world > 1:
             torch.distributed.all_reduce(count)
+        if self.crosstok is not None:
+            self._count_crosstok(batches, int(count[2]), int(count[3]))
         # DDP and FSDP average gradients over ranks: scale by the world size for the global mean.
         tokens_per_step = max(count[0].item(), 1.0) / world
         pt_tokens_per_step = max(count[1].item(), 1.0) / world
@@ -524,14 +527,16 @@ class Trainer:
 
     MAX_UNUSABLE = 0.01  # share of rows whose text another tokenizer does not give back, above which a run stops
 
-    def _count_crosstok(self, batches: list[Any]) -> None:
-        """Add the batches' conversion counts; stop when too many rows do not tokenize back."""
+    def _count_crosstok(self, batches: list[Any], rows: int, unusable: int) -> None:
+        """Add this rank's conversion counts (logged) and the step's global rows and unusable
+        rows (all ranks); stop, on every rank alike, when too many rows do not tokenize back."""
         c = self.xtok_counts
         for b in batches:
             for k, v in b.crosstok.items():
                 c[k] = c.get(k, 0) + v
-        if c["rows"] >= 100 and c["unusable"] > self.MAX_UNUSABLE * c["rows"]:
-            raise DDKCacheError(f"{c['unusable']} of the {c['rows']} rows read so far do not tokenize back to their own text with the "
+        c["all_rows"], c["all_unusable"] = c.get("all_rows", 0) + rows, c.get("all_unusable", 0) + unusable
+        if c["all_rows"] >= 100 and c["all_unusable"] > self.MAX_UNUSABLE * c["all_rows"]:
+            raise DDKCacheError(f"{c['all_unusable']} of the {c['all_rows']} rows read so far do not tokenize back to their own text with the "
                                 f"student's tokenizer ({self.cfg.tokenizer or self.cfg.student}: a normaliser, added spaces or unknown "
                                 f"bytes); they train on nothing, and above {self.MAX_UNUSABLE:.0%} the run stops. Use a student tokenizer "
                                 "without normalisers (byte-level BPE), or one of the cache's")
