@@ -38,6 +38,30 @@ class ModelSpec:
             raise ConfigError(f"--vocab-size must be >= 300 (256 byte tokens plus merges and specials), got {self.vocab_size}")
 
 
+def train_sentencepiece_bpe(texts: Iterable[str], vocab_size: int) -> Any:
+    """A SentencePiece-style BPE (Llama 2, Mistral): "▁" for a space (no dummy prefix), the 256
+    byte pieces `<0xNN>` for what its vocabulary lacks (byte fallback), wrapped for
+    transformers; EOS "</s>", PAD "<pad>". For tests of tokenizers unlike GPT-2's."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["</s>", "<pad>"], show_progress=False))
+    model = json.loads(tok.to_str())["model"]
+    vocab = model["vocab"]
+    for b in range(256):  # byte fallback needs the byte pieces in the vocabulary itself
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    out = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token=None))
+    out.pre_tokenizer = tok.pre_tokenizer
+    out.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    out.add_special_tokens(["</s>", "<pad>"])
+    return PreTrainedTokenizerFast(tokenizer_object=out, eos_token="</s>", pad_token="<pad>")
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, add_bos: bool = False, digits: bool = False) -> Any:
     """Train a byte-level BPE tokenizer (GPT-2 style) and wrap it for transformers.
 

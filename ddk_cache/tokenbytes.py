@@ -15,8 +15,9 @@ is refused with its decoder's name, rather than measured wrongly. `check_round_t
 the table on real text: the bytes of a document's tokens must add up to the document's own.
 Not covered: a SentencePiece tokenizer that adds a "dummy prefix" space to each text counts
 that space (one byte per document more than the text has); `check_round_trip` reports such
-a tokenizer, and `evaluate_text` refuses it. Tested here on byte-level BPE only (no
-SentencePiece model can be fetched on this machine).
+a tokenizer, and `evaluate_text` refuses it. SentencePiece-style pieces are tested on a
+BPE trained here in that style (models.train_sentencepiece_bpe: "▁", byte fallback), not
+on a released SentencePiece model (none can be fetched on this machine).
 """
 
 from __future__ import annotations

@@ -367,17 +367,19 @@ HARD = ["naïve café — 中文字符 and emoji 🙂🚀 mixed", "tabs\t\tand  
 
 
 def test_alignment_on_hard_text(teacher_dir):
-    """Multi-byte UTF-8 (characters split across byte tokens: byte-level BPE's byte
-    fallback), whitespace runs, digits one by one (another pre-tokenization): every row
-    comes back as its text, and positions pair exactly where both sides have read the same
-    bytes (checked against every prefix)."""
+    """Multi-byte UTF-8 (characters split across byte tokens: byte-level BPE's bytes, and a
+    SentencePiece-style tokenizer's byte fallback `<0xNN>`), whitespace runs, digits one by one
+    (another pre-tokenization): every row comes back as its text, and positions pair exactly
+    where both sides have read the same bytes (checked against every prefix)."""
     from ddk_cache.capture.tokenization import load_tokenizer
-    from ddk_cache.models import train_tokenizer
+    from ddk_cache.models import train_sentencepiece_bpe, train_tokenizer
     from ddk_cache.tokenbytes import token_bytes
 
     teacher = load_tokenizer(str(teacher_dir))
     docs = [h * 2 for h in HARD]
-    for student in (train_tokenizer(docs + make_docs("alpha", 10), 300, add_bos=True), train_tokenizer(docs, 280, digits=True)):
+    sp = train_sentencepiece_bpe([d.replace("🙂", "") for d in docs] + make_docs("alpha", 10), 200)
+    assert any(p.startswith("<0x") for p in sp.convert_ids_to_tokens(sp(HARD[0], add_special_tokens=False)["input_ids"]))  # fell back
+    for student in (train_tokenizer(docs + make_docs("alpha", 10), 300, add_bos=True), train_tokenizer(docs, 280, digits=True), sp):
         rt = RowText(teacher, student)
         t_bytes, s_bytes = token_bytes(teacher), token_bytes(student)
         row = np.array([i for h in HARD for i in teacher(h, add_special_tokens=False)["input_ids"] + [teacher.eos_token_id]])
