@@ -535,12 +535,15 @@ def test_prefix_targets_are_the_fitting_candidates_by_first_student_token(pack_c
                     continue
                 rest = piece[c:]
                 sid = s_ids.get(rest) if c == 0 and rest in s_ids else None
-                if sid is None:
+                follow = t_bytes[int(row[j + 2])][:1] if j + 2 < len(row) else b""  # the next byte of the text: context
+                for text in (rest + follow, rest):
+                    if sid is not None:
+                        break
                     try:
-                        enc = student(rest.decode("utf-8"), add_special_tokens=False)["input_ids"]
+                        enc = student(text.decode("utf-8"), add_special_tokens=False)["input_ids"]
                         sid = enc[0] if enc else -1
                     except UnicodeDecodeError:
-                        sid = -1
+                        sid = -1 if text == rest else None
                 want[sid] = want.get(sid, 0.0) + math.exp(lp)
             got = {}
             for x, lp in zip(s["topk_ids"][b, i].tolist(), s["topk_logprobs"][b, i].double().tolist()):

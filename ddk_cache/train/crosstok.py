@@ -219,9 +219,9 @@ class CrossTokenizer:
             head = np.zeros((len(lens), 8), np.uint8)
             head[:, : min(8, self.width)] = self.t_bytes[:, :8]
             self.t_head = head.view(">u8").ravel().astype(np.uint64)
-            # first[t, c]: the student's first token of teacher token t's bytes from offset c (-2: not yet computed)
-            self.first = np.full((len(lens), self.width), -2, np.int64)
-            self.first[:, 0] = np.where(m >= 0, m, -2)  # a whole token of the student's: itself
+            # the student's first token of teacher token t's bytes from offset c followed by byte nb
+            # (256: none), by (t * width + c) * 257 + nb; filled as pairs are first seen
+            self.first: dict[int, int] = {}
 
     def convert(self, arrays: dict[str, Any]) -> dict[str, Any]:
         """SequenceReader's arrays (teacher rows) -> the same keys in the student's tokens:
@@ -312,27 +312,34 @@ class CrossTokenizer:
         flat_ids[rows] = np.where(last, sid, -1)
         flat_lps[rows] = np.where(last, acc, -np.inf).astype(flat_lps.dtype)
 
-    def _first_pieces(self, t: np.ndarray, c: np.ndarray) -> np.ndarray:
-        """The student's first token of teacher token t's bytes from offset c, for arrays of
-        (t, c): the student tokenizer run once on the pairs not seen before (kept for later
-        batches); -1 where those bytes are not whole UTF-8 characters or give no token."""
-        got = self.first[t, c]
-        unknown = got == -2
-        if unknown.any():
-            todo = np.unique(np.stack([t[unknown], c[unknown]], -1), axis=0)
+    def _first_pieces(self, t: np.ndarray, c: np.ndarray, nb: np.ndarray) -> np.ndarray:
+        """The student's first token of teacher token t's bytes from offset c, followed by the
+        byte nb that follows in the text (256: none), for arrays of (t, c, nb). The next byte
+        is context: a tokenizer that merges a word with the space after it gives "cat " there,
+        not "cat". The student tokenizer runs once on what was not seen before (kept for later
+        batches); -1 where the bytes are not whole UTF-8 characters or give no token."""
+        keys = (t.astype(np.int64) * self.width + c) * 257 + nb
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        todo = [int(k) for k in uniq if int(k) not in self.first]
+        if todo:
             texts, where = [], []
-            for tt, cc in todo:
+            for k in todo:
+                tc, b = divmod(k, 257)
+                tt, cc = divmod(tc, self.width)
                 piece = self.t_bytes[tt, cc: self.rt.t_lengths[tt]].tobytes()
-                try:
-                    texts.append(piece.decode("utf-8"))
-                    where.append((tt, cc))
-                except UnicodeDecodeError:
-                    self.first[tt, cc] = -1
-            for (tt, cc), enc in zip(where, self.rt.tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []):
+                for text in (piece + bytes([b]), piece) if b < 256 else (piece,):  # the next byte only if it is a whole character
+                    try:
+                        texts.append(text.decode("utf-8"))
+                        where.append(k)
+                        break
+                    except UnicodeDecodeError:
+                        continue
+                else:
+                    self.first[k] = -1
+            for k, enc in zip(where, self.rt.tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []):
                 sid = enc.ids[0] if enc.ids else -1
-                self.first[tt, cc] = sid if sid < self.student_vocab else -1
-            got = self.first[t, c]
-        return got
+                self.first[k] = sid if sid < self.student_vocab else -1
+        return np.array([self.first[int(k)] for k in uniq], np.int64)[inverse]
 
     def _prefix_targets(self, row: np.ndarray, student: StudentRow, n: int, t_ids: np.ndarray, t_lps: np.ndarray,
                         t_target: np.ndarray, ids: np.ndarray, lps: np.ndarray, tail: np.ndarray | None) -> None:
@@ -348,8 +355,9 @@ class CrossTokenizer:
         fits; it is added with its cached log-prob where it is not among the top-k. At c = 0
         (paired positions) a candidate that is several student tokens gives its probability to
         the first of them. Approximations: candidates outside the top-k (but the actual token)
-        are unknown, and the first piece is the student's tokenization of those bytes alone,
-        not in context. In place on ids/lps/tail [W-1, K+1] (one row)."""
+        are unknown, and the first piece is the student's tokenization of those bytes followed
+        by one byte of the text (the byte after the teacher's actual next token), not of the
+        whole context. In place on ids/lps/tail [W-1, K+1] (one row)."""
         rt = self.rt
         row = np.asarray(row, np.int64)
         K = t_ids.shape[-1]
@@ -362,6 +370,9 @@ class CrossTokenizer:
         diff = s_keys - t_keys[np.maximum(j, 0)]
         c = diff >> 24
         same_docs = (diff & ((1 << 24) - 1)) == 0
+        # the byte after the teacher's next token in the text (256: none): the context of first pieces
+        after = np.full(len(row) + 2, 256, np.int64)
+        after[: len(row)] = np.where(rt.t_lengths[row] > 0, self.t_bytes[row, 0], 256)
         # paired positions: candidates that are several student tokens give their mass to the first
         paired = np.flatnonzero(ok & (c == 0) & same_docs)
         if len(paired):
@@ -370,7 +381,8 @@ class CrossTokenizer:
             fine = np.isfinite(t_lps[jj]) & (tid >= 0) & (tid < len(self.map)) & (rt.t_lengths[np.clip(tid, 0, len(self.map) - 1)] > 0)
             unmapped = fine & (ids[paired, :K] < 0)
             if unmapped.any():
-                first = self._first_pieces(tid[unmapped], np.zeros(int(unmapped.sum()), np.int64))
+                first = self._first_pieces(tid[unmapped], np.zeros(int(unmapped.sum()), np.int64),
+                                           np.broadcast_to(after[jj + 2][:, None], tid.shape)[unmapped])
                 sub = ids[paired, :K]
                 sub[unmapped] = first
                 ids[paired, :K] = sub
@@ -399,7 +411,8 @@ class CrossTokenizer:
         has = np.isfinite(z)
         sid = np.full(cand.shape, -1, np.int64)
         if go_on.any():
-            sid[go_on] = self._first_pieces(cand[go_on], np.broadcast_to(cc[:, None], cand.shape)[go_on])
+            sid[go_on] = self._first_pieces(cand[go_on], np.broadcast_to(cc[:, None], cand.shape)[go_on],
+                                            np.broadcast_to(after[jj + 2][:, None], cand.shape)[go_on])
         new_lp = np.where(go_on & has[:, None], lp - z[:, None], -np.inf)
         ids[inside] = np.where(np.isfinite(new_lp), sid, -1)
         lps[inside] = new_lp.astype(np.float32)
