@@ -221,7 +221,8 @@ class CrossTokenizer:
             self.t_head = head.view(">u8").ravel().astype(np.uint64)
             # the student's first token of teacher token t's bytes from offset c followed by byte nb
             # (256: none), by (t * width + c) * 257 + nb; filled as pairs are first seen
-            self.first: dict[int, int] = {}
+            self.first_keys = np.zeros(0, np.int64)  # sorted
+            self.first_ids = np.zeros(0, np.int64)
 
     def convert(self, arrays: dict[str, Any]) -> dict[str, Any]:
         """SequenceReader's arrays (teacher rows) -> the same keys in the student's tokens:
@@ -320,26 +321,32 @@ class CrossTokenizer:
         batches); -1 where the bytes are not whole UTF-8 characters or give no token."""
         keys = (t.astype(np.int64) * self.width + c) * 257 + nb
         uniq, inverse = np.unique(keys, return_inverse=True)
-        todo = [int(k) for k in uniq if int(k) not in self.first]
-        if todo:
+        at = np.searchsorted(self.first_keys, uniq)
+        known = (at < len(self.first_keys)) & (self.first_keys[np.minimum(at, len(self.first_keys) - 1)] == uniq) \
+            if len(self.first_keys) else np.zeros(len(uniq), bool)
+        if not known.all():
+            todo = uniq[~known]
+            found = np.full(len(todo), -1, np.int64)
             texts, where = [], []
-            for k in todo:
+            for n, k in enumerate(todo.tolist()):
                 tc, b = divmod(k, 257)
                 tt, cc = divmod(tc, self.width)
                 piece = self.t_bytes[tt, cc: self.rt.t_lengths[tt]].tobytes()
                 for text in (piece + bytes([b]), piece) if b < 256 else (piece,):  # the next byte only if it is a whole character
                     try:
                         texts.append(text.decode("utf-8"))
-                        where.append(k)
+                        where.append(n)
                         break
                     except UnicodeDecodeError:
                         continue
-                else:
-                    self.first[k] = -1
-            for k, enc in zip(where, self.rt.tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []):
-                sid = enc.ids[0] if enc.ids else -1
-                self.first[k] = sid if sid < self.student_vocab else -1
-        return np.array([self.first[int(k)] for k in uniq], np.int64)[inverse]
+            for n, enc in zip(where, self.rt.tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []):
+                if enc.ids and enc.ids[0] < self.student_vocab:
+                    found[n] = enc.ids[0]
+            keys_all = np.concatenate([self.first_keys, todo])
+            order = np.argsort(keys_all, kind="stable")
+            self.first_keys, self.first_ids = keys_all[order], np.concatenate([self.first_ids, found])[order]
+            at = np.searchsorted(self.first_keys, uniq)
+        return self.first_ids[at][inverse]
 
     def _prefix_targets(self, row: np.ndarray, student: StudentRow, n: int, t_ids: np.ndarray, t_lps: np.ndarray,
                         t_target: np.ndarray, ids: np.ndarray, lps: np.ndarray, tail: np.ndarray | None) -> None:
