@@ -119,9 +119,9 @@ def test_two_distills_into_one_out_then_ctrl_c_then_resume(tmp_path, built_cache
     """Two identical distills started together: one runs, the other is refused at once (the
     run-directory lock). Ctrl-C stops the first with exit 130 and a resume hint; the lock dies
     with it, and `--resume` finishes with the weights of an uninterrupted run."""
-    steps = ["--max-steps", "400", "--save-every", "20", "--ddk-interval", "50"]
+    steps = ["--max-steps", "200", "--save-every", "20", "--ddk-interval", "50"]
     reference = tmp_path / "reference"
-    distill(distill_config(built_cache, student, reference, max_steps=400, save_every=20, ddk_interval=50, warmup_steps=2,
+    distill(distill_config(built_cache, student, reference, max_steps=200, save_every=20, ddk_interval=50, warmup_steps=2,
                            eval_batch_size=4), progress=False)
     out = tmp_path / "run"
     argv = distill_argv(built_cache, student, out, *steps)

@@ -140,8 +140,8 @@ def test_a_bos_tokenizer_on_the_real_teacher(tmp_path, smollm2, corpus):
     tok = load_tokenizer(str(teacher))
     assert tok("hello")["input_ids"][0] == tok.bos_token_id == 1
     out = tmp_path / "c.zarr"
-    build(small_config(teacher, corpus, out, encoding="plain", top_k=8, seq_len=48, val_tokens=96, shard_sequences=8,
-                       max_tokens_per_domain=600), progress=False)
+    build(small_config(teacher, corpus, out, encoding="plain", top_k=8, seq_len=48, val_tokens=48, shard_sequences=8,
+                       max_tokens_per_domain=320), progress=False)
     c = Cache(str(out))
     assert c.meta.row_start == "bos"
     batch = c.read("alpha", "train", 0, c.num_sequences("alpha", "train"))
