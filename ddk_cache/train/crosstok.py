@@ -239,9 +239,10 @@ class CrossTokenizer:
         t_mask = None if arrays.get("loss_mask") is None else arrays["loss_mask"].numpy()
         t_target = None if arrays.get("target_logprob") is None else arrays["target_logprob"].numpy()
         K = t_ids.shape[-1]
-        if self.mode == "prefix" and t_target is None:
+        prefix = self.mode == "prefix" and K > 0  # (a tokens-only read has no targets to carry)
+        if prefix and t_target is None:
             raise ValueError("the prefix targets need the teacher's log-prob of each next token (target_logprob)")
-        extra = int(self.mode == "prefix" and K > 0)  # one more column: the teacher's actual next token
+        extra = int(prefix)  # one more column: the teacher's actual next token
         rows = self.rt.student_rows(list(tokens))
         stats = {"rows": B, "unusable": 0, "cut": 0, "positions": 0, "paired": 0, "mapped_mass": 0.0}
         lengths = []
@@ -274,14 +275,14 @@ class CrossTokenizer:
             lps[b, at, :K] = t_lps[b, j]
             if tail is not None:
                 tail[b, at] = t_tail[b, j]
-            if self.mode == "prefix":
+            if prefix:
                 self._prefix_targets(tokens[b], r, n, t_ids[b], t_lps[b], t_target[b], ids[b], lps[b], tail if tail is None else tail[b])
             labelled = out_mask[b, 1:n]
             stats["positions"] += int(labelled.sum())
             stats["paired"] += int(labelled[at].sum())
             p = np.where(ids[b, at] >= 0, np.exp(lps[b, at].astype(np.float64)), 0.0).sum(-1)
             stats["mapped_mass"] += float(p[labelled[at]].sum())
-            if self.mode == "prefix":
+            if prefix:
                 stats["targeted"] = stats.get("targeted", 0) + int((labelled & np.isfinite(lps[b, : n - 1]).any(-1)).sum())
         self._merge_duplicates(ids, lps)
         out = dict(arrays)
