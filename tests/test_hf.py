@@ -36,25 +36,23 @@ def test_sampler_draws_the_distill_loaders_batches(built_cache):
             assert batch["domain"].tolist() == expected.domains.tolist()
 
 
-@pytest.mark.parametrize("data", ["text", "chat"])
-def test_hf_trainer_steps_equal_ddk_distill(tmp_path, request, teacher_dir, data):
-    """Same student, batches, optimizer, schedule and DDK settings: the Trainer's losses are
-    distill's, step for step, and so are its DDK weights (text, and chat with prompt masks)."""
-    built_cache = request.getfixturevalue("built_cache" if data == "text" else "chat_cache")
+def distill_and_trainer(tmp_path, cache, student, **dataset_args):
+    """The same run twice: `ddk-cache distill`, and DistillationTrainer + DDKCallback on a
+    CacheDataset (same student, batches, optimizer, schedule, DDK settings). Returns
+    (distill's losses, the Trainer's, distill's DDK weights, the Trainer's, the dataset)."""
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from ddk_cache.hf import DDKCallback, DistillationTrainer
     from ddk_cache.train.distill import DistillConfig, _optimizer, lr_at
 
-    student = make_student(teacher_dir, tmp_path / "student", 32, 1)
     common = dict(max_steps=4, ddk_interval=2, warmup_steps=2, lr=1e-3, batch_size=4, eval_batch_size=4, kd_weight=0.3, kd_loss="fkl")
-    distill(distill_config(built_cache, student, tmp_path / "distill", **common), progress=False)
+    distill(distill_config(cache, student, tmp_path / "distill", **common), progress=False)
     records = [json.loads(line) for line in (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()]
     want = [r["loss"] for r in records if r["type"] == "step"]
     want_weights = [r["weights"] for r in records if r["type"] == "eval"][:-1]  # the last is the final report
 
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
-    cfg = DistillConfig(cache=str(built_cache), out="-", student=str(student), **common)
+    cfg = DistillConfig(cache=str(cache), out="-", student=str(student), **common)
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg, cfg.max_steps) / cfg.lr)
     args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=4, max_grad_norm=1.0,
@@ -67,13 +65,22 @@ def test_hf_trainer_steps_equal_ddk_distill(tmp_path, request, teacher_dir, data
             losses.append(loss.item())
             return loss
 
-    trainer = Recording(model=model, args=args, train_dataset=CacheDataset(str(built_cache)), kd_loss="fkl", kd_weight=0.3,
-                        optimizers=(opt, sched))
+    data = CacheDataset(str(cache), **dataset_args)
+    trainer = Recording(model=model, args=args, train_dataset=data, kd_loss="fkl", kd_weight=0.3, optimizers=(opt, sched))
     ddk = DDKCallback(trainer, every=2, eval_batch_size=4)
     trainer.add_callback(ddk)
     trainer.train()
+    return want, losses, want_weights, [h["weights"] for h in ddk.controller.history], data
+
+
+@pytest.mark.parametrize("data", ["text", "chat"])
+def test_hf_trainer_steps_equal_ddk_distill(tmp_path, request, teacher_dir, data):
+    """Same student, batches, optimizer, schedule and DDK settings: the Trainer's losses are
+    distill's, step for step, and so are its DDK weights (text, and chat with prompt masks)."""
+    built_cache = request.getfixturevalue("built_cache" if data == "text" else "chat_cache")
+    student = make_student(teacher_dir, tmp_path / "student", 32, 1)
+    want, losses, want_weights, got_weights, _ = distill_and_trainer(tmp_path, built_cache, student)
     assert losses == pytest.approx(want, rel=1e-5)
-    got_weights = [h["weights"] for h in ddk.controller.history]
     for a, b in zip(got_weights, want_weights):
         for d in a:
             assert a[d] == pytest.approx(b[d], rel=1e-6)
@@ -146,11 +153,7 @@ def test_hf_trainer_with_another_tokenizer_equals_distill(tmp_path, built_cache)
     """A CacheDataset in another tokenizer's ids with DistillationTrainer and DDKCallback: the
     losses of `ddk-cache distill` with that student, step for step (the hybrid loss on the
     same converted batches), and the same DDK weights (judged per byte)."""
-    from transformers import AutoModelForCausalLM, TrainingArguments
-
-    from ddk_cache.hf import DDKCallback, DistillationTrainer
     from ddk_cache.models import ModelSpec, init_model, train_tokenizer
-    from ddk_cache.train.distill import DistillConfig, _optimizer, lr_at
 
     from .helpers import WORDS, make_docs
 
@@ -158,33 +161,9 @@ def test_hf_trainer_with_another_tokenizer_equals_distill(tmp_path, built_cache)
     student = tmp_path / "student"
     init_model(ModelSpec(vocab_size=len(tok), hidden_size=32, layers=1, heads=1, max_position_embeddings=256, seed=3), tok).save_pretrained(student)
     tok.save_pretrained(student)
-    common = dict(max_steps=4, ddk_interval=2, warmup_steps=2, lr=1e-3, batch_size=4, eval_batch_size=4, kd_weight=0.3, kd_loss="fkl")
-    distill(distill_config(built_cache, student, tmp_path / "distill", **common), progress=False)
-    records = [json.loads(line) for line in (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()]
-    want = [r["loss"] for r in records if r["type"] == "step"]
-    want_weights = [r["weights"] for r in records if r["type"] == "eval"][:-1]
-
-    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
-    cfg = DistillConfig(cache=str(built_cache), out="-", student=str(student), **common)
-    opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg, cfg.max_steps) / cfg.lr)
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=4, max_grad_norm=1.0,
-                             seed=0, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", dataloader_num_workers=0)
-    losses = []
-
-    class Recording(DistillationTrainer):
-        def compute_loss(self, *a, **kw):
-            loss = super().compute_loss(*a, **kw)
-            losses.append(loss.item())
-            return loss
-
-    data = CacheDataset(str(built_cache), student_tokenizer=str(student), max_len=256)
-    trainer = Recording(model=model, args=args, train_dataset=data, kd_loss="fkl", kd_weight=0.3, optimizers=(opt, sched))
-    ddk = DDKCallback(trainer, every=2, eval_batch_size=4)
-    trainer.add_callback(ddk)
-    trainer.train()
+    want, losses, want_weights, got_weights, data = distill_and_trainer(tmp_path, built_cache, student, student_tokenizer=str(student),
+                                                                        max_len=256)
     assert losses == pytest.approx(want, rel=1e-5)
-    got_weights = [h["weights"] for h in ddk.controller.history]
     assert len(got_weights) == len(want_weights)
     for a, b in zip(got_weights, want_weights):
         assert list(a.values()) == pytest.approx(list(b.values()), rel=1e-6)
