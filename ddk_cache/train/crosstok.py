@@ -44,8 +44,7 @@ class RowText:
         self.t_lengths = np.array([len(p) for p in pieces], np.int64)
         self.t_offsets = np.concatenate([[0], np.cumsum(self.t_lengths)])
         self.t_blob = np.frombuffer(b"".join(pieces), np.uint8)
-        self.t_special = set(teacher_tok.all_special_ids) | {i for i, t in getattr(teacher_tok, "added_tokens_decoder", {}).items()
-                                                             if getattr(t, "special", False)}
+        self.t_special = _special_ids(teacher_tok)
         self.t_special_ids = np.array(sorted(self.t_special), np.int64)
         self.t_eos, self.t_bos = teacher_tok.eos_token_id, teacher_tok.bos_token_id
         self.t_names = {i: teacher_tok.convert_ids_to_tokens(i) for i in self.t_special}
@@ -119,11 +118,21 @@ class RowText:
         same prefix. Where the teacher reads tokens the student's row leaves out (padding,
         other special tokens), the last such position is taken: the one that goes on to the
         next text."""
+        return self._align(*self.keys(row, student))
+
+    def keys(self, row: np.ndarray, student: StudentRow) -> tuple[np.ndarray, np.ndarray]:
+        """(teacher, student): after each token of each side, the text and documents read
+        (`_prefix_keys`), comparable across the two. The student's own BOS (EOS doubling as
+        BOS) is not a document end."""
         row = np.asarray(row, np.int64)
-        t_keys = _prefix_keys(self.t_lengths[row], row == self.t_eos)[:-1]  # positions 0..L-2 predict a token
         eos = student.ids == self.s_eos
-        eos[: student.prefix] = False  # the student's own BOS (EOS doubling as BOS) is not the teacher's
-        s_keys = _prefix_keys(student.lengths, eos)[:-1]
+        eos[: student.prefix] = False
+        return _prefix_keys(self.t_lengths[row], row == self.t_eos), _prefix_keys(student.lengths, eos)
+
+    @staticmethod
+    def _align(t_end: np.ndarray, s_end: np.ndarray) -> np.ndarray:
+        """`align` from `keys`."""
+        t_keys, s_keys = t_end[:-1], s_end[:-1]  # positions 0..L-2 predict a token
         j = np.searchsorted(t_keys, s_keys, side="right") - 1
         ok = (j >= 0) & (t_keys[np.maximum(j, 0)] == s_keys)
         return np.where(ok, j, -1)
@@ -132,12 +141,12 @@ class RowText:
         """bool [len(student.ids)]: a chat row's loss mask in the student's tokens. A student
         token carries loss when the teacher token holding its last byte does (an EOS: the
         teacher's EOS of the same document)."""
-        row = np.asarray(row, np.int64)
-        t_end = _prefix_keys(self.t_lengths[row], row == self.t_eos)
-        eos = student.ids == self.s_eos
-        eos[: student.prefix] = False
-        s_end = _prefix_keys(student.lengths, eos)
-        return np.asarray(mask, bool)[np.minimum(np.searchsorted(t_end, s_end, side="left"), len(row) - 1)]
+        return self._carry(*self.keys(row, student), mask)
+
+    @staticmethod
+    def _carry(t_end: np.ndarray, s_end: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """`carry_mask` from `keys`."""
+        return np.asarray(mask, bool)[np.minimum(np.searchsorted(t_end, s_end, side="left"), len(t_end) - 1)]
 
     def vocab_map(self) -> np.ndarray:
         """int64 [teacher vocabulary]: the student id whose bytes are exactly the teacher
@@ -156,9 +165,7 @@ class RowText:
             if self.t_lengths[t]:
                 b = pieces[self.t_offsets[t]: self.t_offsets[t + 1]]
                 out[t] = t if t < len(s_pieces) and s_pieces[t] == b else by_bytes.get(b, -1)
-        s_special = {i for i in set(self.tok.all_special_ids) | {i for i, tk in getattr(self.tok, "added_tokens_decoder", {}).items()
-                                                                  if getattr(tk, "special", False)}}
-        s_names = {self.tok.convert_ids_to_tokens(i): i for i in s_special}
+        s_names = {self.tok.convert_ids_to_tokens(i): i for i in _special_ids(self.tok)}
         for t in self.t_special:
             if 0 <= t < len(out):
                 out[t] = s_names.get(self.t_names[t], -1) if t in self.t_names else -1
@@ -262,11 +269,12 @@ class CrossTokenizer:
             n = lengths[b]
             stats["cut"] += int(n < len(r.ids))
             out_tokens[b, :n] = r.ids[:n]
-            pair = self.rt.align(tokens[b], r)[: n - 1]
+            t_end, s_end = self.rt.keys(tokens[b], r)  # once per row: pairing, mask and prefix targets
+            pair = self.rt._align(t_end, s_end)[: n - 1]
             if t_mask is None:
                 out_mask[b, :n] = True
             else:
-                out_mask[b, :n] = self.rt.carry_mask(tokens[b], r, t_mask[b])[:n]
+                out_mask[b, :n] = self.rt._carry(t_end, s_end, t_mask[b])[:n]
             at = np.flatnonzero(pair >= 0)
             j = pair[at]
             tid = t_ids[b, j].astype(np.int64)
@@ -276,7 +284,8 @@ class CrossTokenizer:
             if tail is not None:
                 tail[b, at] = t_tail[b, j]
             if prefix:
-                self._prefix_targets(tokens[b], r, n, t_ids[b], t_lps[b], t_target[b], ids[b], lps[b], tail if tail is None else tail[b])
+                self._prefix_targets(tokens[b], t_end, s_end, n, t_ids[b], t_lps[b], t_target[b], ids[b], lps[b],
+                                     None if tail is None else tail[b])
             labelled = out_mask[b, 1:n]
             stats["positions"] += int(labelled.sum())
             stats["paired"] += int(labelled[at].sum())
@@ -343,13 +352,12 @@ class CrossTokenizer:
             for n, enc in zip(where, self.rt.tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []):
                 if enc.ids and enc.ids[0] < self.student_vocab:
                     found[n] = enc.ids[0]
-            keys_all = np.concatenate([self.first_keys, todo])
-            order = np.argsort(keys_all, kind="stable")
-            self.first_keys, self.first_ids = keys_all[order], np.concatenate([self.first_ids, found])[order]
+            where_new = np.searchsorted(self.first_keys, todo)  # both sorted: an insertion, not a re-sort of all seen
+            self.first_keys, self.first_ids = np.insert(self.first_keys, where_new, todo), np.insert(self.first_ids, where_new, found)
             at = np.searchsorted(self.first_keys, uniq)
         return self.first_ids[at][inverse]
 
-    def _prefix_targets(self, row: np.ndarray, student: StudentRow, n: int, t_ids: np.ndarray, t_lps: np.ndarray,
+    def _prefix_targets(self, row: np.ndarray, t_end: np.ndarray, s_end: np.ndarray, n: int, t_ids: np.ndarray, t_lps: np.ndarray,
                         t_target: np.ndarray, ids: np.ndarray, lps: np.ndarray, tail: np.ndarray | None) -> None:
         """`--cross-tokenizer prefix`: a target at every student position, from the teacher's
         candidates at the last teacher position j that has read no more than the student.
@@ -365,14 +373,11 @@ class CrossTokenizer:
         the first of them. Approximations: candidates outside the top-k (but the actual token)
         are unknown, and the first piece is the student's tokenization of those bytes followed
         by one byte of the text (the byte after the teacher's actual next token), not of the
-        whole context. In place on ids/lps/tail [W-1, K+1] (one row)."""
+        whole context. In place on ids/lps/tail [W-1, K+1] (one row); t_end, s_end: `RowText.keys`."""
         rt = self.rt
         row = np.asarray(row, np.int64)
         K = t_ids.shape[-1]
-        t_keys = _prefix_keys(rt.t_lengths[row], row == rt.t_eos)[:-1]
-        eos = student.ids == rt.s_eos
-        eos[: student.prefix] = False
-        s_keys = _prefix_keys(student.lengths, eos)[:-1][: n - 1]
+        t_keys, s_keys = t_end[:-1], s_end[:-1][: n - 1]
         j = np.searchsorted(t_keys, s_keys, side="right") - 1
         ok = j >= 0
         diff = s_keys - t_keys[np.maximum(j, 0)]
@@ -427,6 +432,11 @@ class CrossTokenizer:
         if tail is not None:  # the stored tail here: the candidates that end at the boundary
             with np.errstate(divide="ignore"):
                 tail[inside] = np.where(has, _logsumexp(np.where(end_here, lp, -np.inf)) - z, 0.0)
+
+
+def _special_ids(tok: Any) -> set[int]:
+    """A tokenizer's special ids: its declared ones and its added tokens marked special."""
+    return set(tok.all_special_ids) | {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
