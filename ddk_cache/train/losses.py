@@ -307,13 +307,11 @@ def _uld_unmatched(lp: torch.Tensor, unmapped: torch.Tensor, logq_all: torch.Ten
     """The hybrid's ULD term: the teacher's unmapped entries vs the student's probabilities on
     ids no teacher token maps to, both sorted, over k ranks (0 where both sides are empty,
     as they are for a student of the teacher's own tokenizer). [N]"""
-    mask = torch.as_tensor(unmatched, dtype=torch.bool, device=logq_all.device)
+    mask = torch.as_tensor(unmatched, dtype=torch.bool, device=logq_all.device)  # no copy when already there (the trainer's)
     p = torch.where(unmapped, lp.exp(), torch.zeros_like(lp)).sort(-1, descending=True).values
-    n = int(mask.sum())
-    if n == 0:
-        return p.sum(-1)
-    k = min(lp.shape[-1], n)
-    q = logq_all[:, mask].topk(k, -1).values.exp() if n < logq_all.shape[-1] else logq_all.topk(k, -1).values.exp()
+    # The student's top-k over the unmatched ids; matched ids at -inf rank last with probability
+    # 0, which is the zero padding of fewer than k unmatched ids (no count, no device sync).
+    q = logq_all.masked_fill(~mask, float("-inf")).topk(min(lp.shape[-1], logq_all.shape[-1]), -1).values.exp()
     return _sorted_l1(p, q)
 
 

@@ -370,7 +370,7 @@ class Trainer:
         behaviour = None
         if minillm is not None and not any(cache.is_sampled(d) for d in cache.domains):
             behaviour = _frozen_copy(model, device)
-        kd = cfg.kd(None if self.crosstok is None else torch.from_numpy(self.crosstok.unmatched))
+        kd = cfg.kd(None if self.crosstok is None else torch.from_numpy(self.crosstok.unmatched).to(device))  # on the device once
         module = StudentLoss(model, kd, chunk=_loss_chunk(cfg, cache), minillm=minillm, fused=cfg.loss_impl == "fused",
                              kd_weight=cfg.kd_weight).to(device)
         self.trained = parallelize(module, "fsdp" if cfg.fsdp else "ddp", device, self.world, use_bf16)
