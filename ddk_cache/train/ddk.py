@@ -32,7 +32,12 @@ class DDKController:
         """`student_tokenizer`: a student whose tokenizer is not the cache's; it is evaluated on
         the same text in its own tokens and judged per byte (`per_byte`)."""
         self.cache = cache if isinstance(cache, Cache) else Cache(str(cache))
-        self.student_tokenizer = student_tokenizer
+        self.row_text = None  # the student's tokenizer against the cache's, built once (crosstok.RowText)
+        if student_tokenizer is not None:
+            from ..capture.tokenization import cache_tokenizer
+            from .crosstok import RowText
+
+            self.row_text = RowText(cache_tokenizer(self.cache), student_tokenizer)
         self.mixer = Mixer(mixing, self.cache.domains, [self.cache.num_sequences(d, "train") for d in self.cache.domains], alpha=alpha)
         self.samplers = list(samplers)
         self.batch_size, self.device, self.autocast = batch_size, device, autocast
@@ -40,7 +45,7 @@ class DDKController:
         if self.mixer.adaptive and self.teacher_ppl is None:
             raise ValueError(f"--mixing {mixing} needs the teacher perplexity table; {self.cache.path} is a tokens-only cache")
         self.history: list[dict[str, Any]] = []
-        if student_tokenizer is not None:
+        if self.row_text is not None:
             self.per_byte()
 
     def per_byte(self) -> None:
@@ -69,9 +74,9 @@ class DDKController:
         """The model's perplexity per domain on the validation split (all-reduced over ranks);
         per byte (2 ** bits per byte) for a student of another tokenizer."""
         device = self.device or next(model.parameters()).device
-        if self.student_tokenizer is not None:
-            scores = evaluate_text(model, self.student_tokenizer, self.cache, batch_size=self.batch_size, device=device,
-                                   autocast=self.autocast, rank=rank, world_size=world_size)
+        if self.row_text is not None:
+            scores = evaluate_text(model, self.row_text.tok, self.cache, batch_size=self.batch_size, device=device,
+                                   autocast=self.autocast, rank=rank, world_size=world_size, row_text=self.row_text)
             return {d: 2.0 ** s["bits_per_byte"] for d, s in scores.items()}
         return evaluate_domains(model, self.cache, batch_size=self.batch_size, device=device, autocast=self.autocast,
                                 rank=rank, world_size=world_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -70,14 +70,10 @@ def evaluate_scores(
     sums = torch.zeros(len(cache.domains), 3, dtype=torch.float64, device=device)  # NLL, positions, bytes
     table = None if byte_lengths is None else torch.from_numpy(byte_lengths).to(device)  # once, not per batch
     for i, domain in enumerate(cache.domains):
-        n = cache.num_sequences(domain, split)
-        per_rank = -(-n // world_size)
-        mine = np.arange(rank, n, world_size)
-        for start in range(0, per_rank, batch_size):
-            rows = mine[start : start + batch_size]
+        for rows, size in rank_batches(cache.num_sequences(domain, split), rank, world_size, batch_size):
             real = len(rows)
-            if real < min(batch_size, per_rank - start):  # pad to the batch every rank runs
-                rows = np.concatenate([rows, np.zeros(min(batch_size, per_rank - start) - real, np.int64)])
+            if real < size:  # pad to the batch every rank runs
+                rows = np.concatenate([rows, np.zeros(size - real, np.int64)])
             x = torch.from_numpy(cache.tokens(domain, split, rows)).long().to(device)
             mask = cache.loss_mask(domain, split, rows)
             keep = torch.ones_like(x[:, 1:], dtype=torch.bool) if mask is None else torch.from_numpy(mask[:, 1:].astype(bool)).to(device)
@@ -102,7 +98,7 @@ def evaluate_scores(
 def evaluate_text(
     model: Any, student_tok: Any, cache: Cache, *, batch_size: int = 8, device: torch.device | str = "cpu", split: str = "val",
     max_unusable: float = 0.01, context: int | None = None, autocast: Callable[[], Any] = nullcontext, rank: int = 0,
-    world_size: int = 1, loss: bool = False, chunk: int = 1024,
+    world_size: int = 1, loss: bool = False, chunk: int = 1024, row_text: Any = None,
 ) -> dict[str, dict[str, float | int | None]]:
     """Bits per byte of a model whose tokenizer is not the cache's, on the cache's `split`:
     each row becomes text (the cache's own tokenizer, `capture.tokenization.cache_tokenizer`), the model's
@@ -117,7 +113,9 @@ def evaluate_text(
     last byte is in a teacher token that carries loss count (RowText.carry_mask): the
     responses' bytes. `model`: a causal LM, or with `loss=True` the trainer's
     StudentLoss. Under torch.distributed each rank scores rows rank, rank + world, ... with
-    the same number of forward passes (FSDP needs that) and the sums are all-reduced."""
+    the same number of forward passes (FSDP needs that) and the sums are all-reduced.
+    `row_text`: a crosstok.RowText of the cache's and this tokenizer, where the caller has
+    one (built here otherwise: it loads the cache's tokenizer and reads both vocabularies)."""
     from ..capture.tokenization import cache_tokenizer
     from ..errors import DDKCacheError
     from ..runtime import model_context
@@ -126,22 +124,18 @@ def evaluate_text(
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    rt = RowText(cache_tokenizer(cache), student_tok)
+    rt = row_text if row_text is not None else RowText(cache_tokenizer(cache), student_tok)
     if context is None:
         context = model_context(getattr(model, "model", model) if loss else model)
     pad = rt.s_eos if rt.s_eos is not None else 0
     sums = torch.zeros(len(cache.domains), 6, dtype=torch.float64, device=device)  # NLL, bytes, tokens, rows, unusable, truncated
     for i, domain in enumerate(cache.domains):
-        n = cache.num_sequences(domain, split)
-        per_rank = -(-n // world_size)
-        mine = np.arange(rank, n, world_size)
-        for start in range(0, per_rank, batch_size):
-            slots = mine[start: start + batch_size]
+        for slots, size in rank_batches(cache.num_sequences(domain, split), rank, world_size, batch_size):
             t_rows = cache.tokens(domain, split, slots) if len(slots) else np.zeros((0, 0), np.int64)
             masks = cache.loss_mask(domain, split, slots) if len(slots) else None
             got = rt.student_rows(t_rows) if len(slots) else []
             labelled = [None if r is None or masks is None else rt.carry_mask(t_rows[k], r, masks[k]) for k, r in enumerate(got)]
-            got += [None] * (min(batch_size, per_rank - start) - len(got))  # every rank runs the same passes
+            got += [None] * (size - len(got))  # every rank runs the same passes
             labelled += [None] * (len(got) - len(labelled))
             sums[i, 4] += sum(r is None for r in got[: len(slots)])
             for k, r in enumerate(got):
@@ -178,6 +172,17 @@ def evaluate_text(
         out[domain] = {"bits_per_byte": nll / (math.log(2) * nbytes) if nbytes else None, "ppl": ppl(nll, tokens), "nll_sum": nll,
                        "bytes": int(nbytes), "tokens": int(tokens), "rows": int(rows), "unusable": int(unusable), "truncated": int(truncated)}
     return out
+
+
+def rank_batches(n: int, rank: int, world_size: int, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+    """This rank's share of n sequences (rank, rank + world, ...) in batches: (its indices,
+    the batch size every rank runs at this step). A rank with fewer indices pads to that
+    size, so all ranks make the same number of forward passes of the same size (FSDP needs
+    that)."""
+    per_rank = -(-n // world_size)
+    mine = np.arange(rank, n, world_size)
+    for start in range(0, per_rank, batch_size):
+        yield mine[start: start + batch_size], min(batch_size, per_rank - start)
 
 
 def ppl(nll_sum: float, tokens: float) -> float:

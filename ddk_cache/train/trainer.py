@@ -553,7 +553,7 @@ class Trainer:
         else:
             scores = evaluate_text(self.trained, self.tok, cache, batch_size=cfg.eval_batch_size, device=self.device,
                                    autocast=self.autocast, rank=self.rank, world_size=self.world, loss=True,
-                                   context=self.crosstok.max_len, max_unusable=self.MAX_UNUSABLE)
+                                   context=self.crosstok.max_len, max_unusable=self.MAX_UNUSABLE, row_text=self.crosstok.rt)
         ppl = {d: s["ppl"] for d, s in scores.items()}
         seconds = time.perf_counter() - t0
         judged = ppl if self.crosstok is None else {d: 2.0 ** s["bits_per_byte"] for d, s in scores.items()}
