@@ -48,7 +48,7 @@ def eval_cmd(cache: str, model_path: str, batch_size: int, device: str, as_json:
     A MODEL whose tokenizer is not the cache's is scored in bits per byte only: the rows are
     turned back into text (with the tokenizer the cache keeps, ddk-cache 0.4 on) and tokenized
     by MODEL's; rows whose text does not come back to its bytes are counted, and above 1% of a
-    domain's rows the evaluation stops. Text domains only."""
+    domain's rows the evaluation stops. In chat domains only the responses' bytes count."""
     from ddk_cache.train.distill import load_student
     from ddk_cache.train.evaluate import evaluate_scores
     from ddk_cache.store.cache import Cache
