@@ -148,6 +148,21 @@ def test_level_running_sums_are_exact_or_handed_back(k):
         assert _running_sums(big, _workspace()) is None
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def decoder(request, monkeypatch):
+    """Each pack-v3 decode test runs on both decoders: the compiled one (pack3_jit, the
+    default) and the numpy paths (DDK_CACHE_JIT=0, where numba is missing)."""
+    from ddk_cache.store.pack3 import _jit
+
+    if request.param == "numpy":
+        monkeypatch.setenv("DDK_CACHE_JIT", "0")
+        assert _jit() is None
+    else:
+        monkeypatch.delenv("DDK_CACHE_JIT", raising=False)
+        assert _jit() is not None, "numba is a dependency: the compiled decoder must load"
+    return request.param
+
+
 def spec_decode(codec, frame: bytes, P: int) -> tuple[np.ndarray, np.ndarray]:
     """pack-v3 decoded from storage_layout.md alone, one position at a time in float64: (ids,
     log-probs) [P, K], padding id 0 / -inf. The reference for the codec's vectorised paths."""
@@ -196,7 +211,7 @@ def assert_batches_decode_as_the_spec_says(codec, frames: list, P: int, tol: flo
 
 
 @pytest.mark.parametrize("k", [64, 200])
-def test_refined_rows_decode_as_the_spec_says_in_every_path(k):
+def test_refined_rows_decode_as_the_spec_says_in_every_path(k, decoder):
     """Rows the encoder had to refine (a coarse step whose renormalisation error passes the
     bound: entries on one level holding most of the mass) take the decoder's float64 path;
     full and cut rows, below and above the float32 running sums' width (RUN_MAX), alone and
@@ -242,7 +257,7 @@ def test_running_sums_equal_integer_cumsum(k):
 
 
 @pytest.mark.parametrize("k, scale", [(16, 1.0), (64, 1.0), (64, 8.0), (200, 1.0)])
-def test_unrefined_rows_decode_as_the_spec_says(k, scale):
+def test_unrefined_rows_decode_as_the_spec_says(k, scale, decoder):
     """The float32 fast paths (full rows, cut rows, rows keeping 2 of k: the sparse path; one-
     and two-byte steps) against the spec's float64 decode, to float32 rounding."""
     from ddk_cache.store.pack3 import Pack3Codec
@@ -254,7 +269,7 @@ def test_unrefined_rows_decode_as_the_spec_says(k, scale):
     assert_batches_decode_as_the_spec_says(codec, frames, 30, 2e-6)
 
 
-def test_a_batch_decodes_as_its_sequences_do_alone():
+def test_a_batch_decodes_as_its_sequences_do_alone(decoder):
     """The loader decodes sequences of a batch together, by paths that depend on the batch
     (every frame's level steps in one byte, or some in two; every row full, or some cut):
     each sequence must come out as it does alone, and within pack-v3's bound. Sequence 4
@@ -290,3 +305,22 @@ def test_a_batch_decodes_as_its_sequences_do_alone():
             # Decoded values are renormalised over kept + tail; compare log-ratios to the top-1.
             r, d = lps[:, :1] - lps, together[1][j][:, :1].astype(np.float64) - together[1][j]
             assert (np.abs(np.where(kept, d - r, 0)) <= codec.step * np.maximum(1, r / codec.knee) * 2 + 1e-5).all()
+
+
+def test_a_frame_whose_counts_disagree_with_its_streams_is_refused(decoder):
+    """The compiled decoder reads without bounds checks, so a frame's entry counts are checked
+    against its streams' lengths first: a row claiming one more entry than its frame holds is
+    an error, not a read past the buffer."""
+    from ddk_cache.store.pack3 import Pack3Codec
+
+    codec = Pack3Codec(vocab_size=V, max_entries=16)
+    frame = encode_rows(codec, np.random.default_rng(0).normal(0, 2, (10, V)), (slice(None, None, 2), slice(8, None)))
+    head, streams = codec._unframe(frame)
+    pos = bytearray(streams[0])
+    pos[0] += 1  # row 0: 9 entries claimed, 8 stored
+    bad = codec._frame3(head[2], head[5], head[6], [bytes(pos), *streams[1:]], [3, 7, 3, 3])
+    with pytest.raises(ValueError):
+        codec.decode([bad], 10)
+    if decoder == "compiled":
+        with pytest.raises(ValueError, match="entry counts do not match its streams"):
+            codec.decode([frame, bad], 10)

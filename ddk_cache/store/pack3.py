@@ -34,6 +34,7 @@ pack-v3 row of sampled targets is a pack-v2 frame.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -63,6 +64,20 @@ def log1mexp(x: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(x > -0.6931, np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
 
+
+def _jit():  # noqa: ANN202
+    """pack3_jit (the compiled row decoder), or None where numba is missing or DDK_CACHE_JIT=0."""
+    global _JIT
+    if _JIT is False:
+        try:
+            from . import pack3_jit
+        except ImportError:
+            pack3_jit = None
+        _JIT = pack3_jit
+    return None if os.environ.get("DDK_CACHE_JIT", "1") == "0" else _JIT
+
+
+_JIT = False  # not imported yet
 
 RUN_MAX = 128  # _running_sums' widest row: its product costs O(K) per entry, numpy's cumsum O(1)
 
@@ -105,6 +120,7 @@ class Pack3Codec(Pack2Codec):
         self.step, self.knee = float(step), float(knee)
         self.f_max = float(compand(np.array(MAX_R), self.knee))
         self._neg_r_table: np.ndarray | None = None
+        self._jit_tables: tuple[np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ sizes
     def capacity(self, positions: int) -> int:
@@ -261,7 +277,11 @@ class Pack3Codec(Pack2Codec):
         rt = np.where(tail_z & 1, -half * h1, half * h1)
         tail_q = np.where(has_tail, np.exp(-rt), 0.0)
         log_z = None
-        if not dense and T * 5 < 2 * BP * W and not len(refined):  # few entries per row (under 40%): scatter them
+        jit = _jit()
+        if jit is not None:
+            log_z = self._decode_jit(jit, ws, id_streams, step_streams, per_row, level_bytes, n, exponent, tail_q,
+                                     ids2, logq2)
+        elif not dense and T * 5 < 2 * BP * W and not len(refined):  # few entries per row (under 40%): scatter them
             log_z = self._decode_sparse(ws, id_streams, step_streams, per_row, level_bytes, n, T, tail_q, ids2, logq2)
         if log_z is None:
             log_z = self._decode_block(ws, parsed, id_streams, step_streams, per_row, level_bytes, n, dense, W, h1, tail_q,
@@ -274,6 +294,32 @@ class Pack3Codec(Pack2Codec):
             return ids, logq, target
         tails = np.where(has_tail, -rt - log_z, -np.inf).astype(np.float32).reshape(B, P)
         return ids, logq, target, tails
+
+    def _decode_jit(self, jit, ws, id_streams: list, step_streams: list, per_row: np.ndarray, level_bytes: list[int],
+                    n: np.ndarray, exponent: np.ndarray, tail_q: np.ndarray, ids2: np.ndarray,
+                    logq2: np.ndarray) -> np.ndarray:
+        """Every row by the compiled decoder (pack3_jit), one call per frame on its streams as
+        they came out of zstd (no copy): one pass per row over its own entries, whatever the
+        batch's widest row. Returns the log normalisers."""
+        if self._jit_tables is None:
+            self._jit_tables = jit.tables(self._level_table())
+        B = len(per_row)
+        P, K = len(n) // B, ids2.shape[1]
+        # The kernel reads without bounds checks: a frame must hold what its counts say.
+        if n.min() < 1 or n.max() > K:
+            raise ValueError(f"pack-v3 frame: a row keeps {int(n.min())}..{int(n.max())} entries, not 1..{K} "
+                             "(a corrupt frame: its entry counts do not match its streams)")
+        log_z = ws.array("logz3", len(n), np.float64)
+        scratch = ws.array("jit3", 2 * int(per_row.max()), np.int32)
+        for b in range(B):
+            T, lb = int(per_row[b]), level_bytes[b]
+            if len(id_streams[b]) != T * self.id_bytes or len(step_streams[b]) != (T - P) * lb:
+                raise ValueError("pack-v3 frame: its entry counts do not match its streams (a corrupt frame)")
+            r = slice(b * P, (b + 1) * P)
+            jit.decode_frame(np.frombuffer(id_streams[b], np.uint8), self.id_bytes, np.frombuffer(step_streams[b], np.uint8),
+                             lb, n[r], exponent[r], tail_q[r], *self._jit_tables, self.step, self.knee,
+                             ids2[r], logq2[r], log_z[r], scratch)
+        return log_z
 
     def _decode_sparse(self, ws, id_streams: list, step_streams: list, per_row: np.ndarray, level_bytes: list[int],
                        n: np.ndarray, T: int, tail_q: np.ndarray, ids2: np.ndarray, logq2: np.ndarray) -> np.ndarray | None:
