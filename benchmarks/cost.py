@@ -9,15 +9,27 @@ then the loss in chunks of --loss-chunk positions from the hidden states and the
 the fused head loss, its default; `cache fkl (recompute)` recomputes each chunk's logits in
 the backward pass instead, and `cache fkl (whole logits)` is the model's own [tokens,
 vocabulary] logits with the loss on them. On a GPU, CUDA events time the steps and torch.cuda.max_memory_allocated gives
-each mode's peak; on a CPU, wall time (no per-mode memory). Ratios are against CE. Then the
-loader: batches/s it sustains from the cache with prefetch vs what the CE step consumes.
+each mode's peak; on a CPU, wall time, and with `--memory` each mode once more in a fresh
+process whose peak RSS above the RSS before the models were loaded is its peak (weights,
+gradients, AdamW state, activations, the loss: what max_memory_allocated counts on a GPU;
+glibc is told to map every allocation past 64 KiB on its own, so that RSS follows the
+live tensors).
+`--rounds R` runs the modes R times in turn (CE, fkl, ..., CE, fkl, ...) and takes each
+mode's median over all its timed steps, so that a slow spell of the machine lands on every
+mode alike. Ratios are against CE. Then the loader: batches/s it sustains from the cache
+with prefetch vs what the CE step consumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -30,34 +42,20 @@ from ddk_cache.train.student import StudentLoss
 from ddk_cache.store.cache import Cache
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", required=True)
-    p.add_argument("--student", required=True)
-    p.add_argument("--teacher", required=True, help="the cache's teacher, resident for online KD")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--loss-chunk", type=int, default=1024)
-    p.add_argument("--loader-batches", type=int, default=50)
-    p.add_argument("--loader-workers", type=int, nargs="+", default=[0], help="reader-process counts to measure (0: the reader thread alone)")
-    args = p.parse_args()
+def rss_mib() -> float:
+    """This process's resident memory now (MiB)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    cache = Cache(args.cache)
-    weights = torch.full((len(cache.domains),), 1 / len(cache.domains)).numpy()
-    loader = CacheLoader(cache, batch_size=args.batch_size, weights=weights, seed=0)
-    batches = [loader.next() for _ in range(args.warmup + args.steps)]
-    loader.close()
-    initial = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32).to(device)
-    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.bfloat16 if cuda else torch.float32).to(device).eval()
-    print(f"machine: {machine()}")
-    print(f"student {sum(p.numel() for p in initial.parameters()) / 1e6:.1f}M params, teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M, "
-          f"batch {args.batch_size} x {cache.seq_len} tokens, top-{cache.top_k} cache, {args.steps} timed steps after {args.warmup}\n")
 
-    def run(mode: str) -> tuple[float, float]:
-        model = copy.deepcopy(initial)
+def make_run(args: argparse.Namespace, batches: list, initial: torch.nn.Module, teacher: torch.nn.Module | None,
+             device: torch.device, cuda: bool, fresh: bool = True):  # noqa: ANN201
+    """run(mode) -> (timed step seconds, peak GiB on a GPU): fresh weights (a copy of
+    `initial`; with fresh=False `initial` itself, one copy in memory) and AdamW, warm-up
+    steps, then timed ones, on the same batches for every mode."""
+
+    def run(mode: str) -> tuple[list[float], float]:
+        model = copy.deepcopy(initial) if fresh else initial
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         if cuda:
             torch.cuda.synchronize()
@@ -103,16 +101,84 @@ def main() -> None:
                 times.append(elapsed)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         del model, opt
-        return statistics.median(times), peak
+        return times, peak
 
-    modes = (["ce"] + [f"cache {k}" for k in ("fkl", "rkl", "skl", "srkl", "jsd", "akl")]
-             + ["cache fkl (recompute)", "cache fkl (whole logits)", "online fkl"])
-    results = {m: run(m) for m in modes}
-    base_t, base_m = results["ce"]
+    return run
+
+
+MODES = (["ce"] + [f"cache {k}" for k in ("fkl", "rkl", "skl", "srkl", "jsd", "akl")]
+         + ["cache fkl (recompute)", "cache fkl (whole logits)", "online fkl"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--student", required=True)
+    p.add_argument("--teacher", required=True, help="the cache's teacher, resident for online KD")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--loss-chunk", type=int, default=1024)
+    p.add_argument("--loader-batches", type=int, default=50)
+    p.add_argument("--loader-workers", type=int, nargs="+", default=[0], help="reader-process counts to measure (0: the reader thread alone)")
+    p.add_argument("--modes", nargs="+", default=MODES, choices=MODES, metavar="MODE", help=f"of: {', '.join(MODES)}")
+    p.add_argument("--rounds", type=int, default=1, help="run the modes this many times in turn; medians over all rounds")
+    p.add_argument("--memory", action="store_true", help="CPU: each mode's peak RSS in a fresh process")
+    p.add_argument("--one-mode", default=None, help=argparse.SUPPRESS)  # the fresh process of --memory
+    args = p.parse_args()
+    if "ce" not in args.modes:
+        args.modes = ["ce", *args.modes]
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    cache = Cache(args.cache)
+    weights = torch.full((len(cache.domains),), 1 / len(cache.domains)).numpy()
+    loader = CacheLoader(cache, batch_size=args.batch_size, weights=weights, seed=0)
+    batches = [loader.next() for _ in range(args.warmup + args.steps)]
+    loader.close()
+    base_rss = rss_mib()
+    initial = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32).to(device)
+    online = any(m.startswith("online") for m in ([args.one_mode] if args.one_mode else args.modes))
+    teacher = (AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.bfloat16 if cuda else torch.float32).to(device).eval()
+               if online else None)
+    if args.one_mode:
+        t, _ = make_run(args, batches, initial, teacher, device, cuda, fresh=False)(args.one_mode)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"mode": args.one_mode, "peak_mib": peak - base_rss, "seconds": statistics.median(t)}))
+        return
+    print(f"machine: {machine()}")
+    print(f"student {sum(p.numel() for p in initial.parameters()) / 1e6:.1f}M params, teacher {sum(p.numel() for p in teacher.parameters()) / 1e6 if teacher else 0:.1f}M, "
+          f"batch {args.batch_size} x {cache.seq_len} tokens, top-{cache.top_k} cache, {args.steps} timed steps after {args.warmup}\n")
+
+    run = make_run(args, batches, initial, teacher, device, cuda)
+    times: dict[str, list[float]] = {m: [] for m in args.modes}
+    peaks: dict[str, float] = {}
+    for _ in range(args.rounds):
+        for m in args.modes:
+            t, peak = run(m)
+            times[m] += t
+            peaks[m] = max(peaks.get(m, 0.0), peak)
+    if args.memory and not cuda:  # each mode alone in a fresh process: its peak RSS
+        for m in args.modes:
+            cmd = [sys.executable, __file__, "--cache", args.cache, "--student", args.student, "--teacher", args.teacher,
+                   "--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--steps", "1",
+                   "--loss-chunk", str(args.loss_chunk), "--one-mode", m]
+            # Every allocation past 64 KiB its own mapping, returned on free: the peak RSS then
+            # follows the live tensors (glibc's heap keeps freed pages, which moved the
+            # same mode's peak by ±15% between runs; with this, by under 0.1 MiB).
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            peaks[m] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"] / 1024
+    measured = cuda or args.memory
+    base_t, base_m = statistics.median(times["ce"]), peaks["ce"]
     rows = []
-    for m, (t, mem) in results.items():
-        rows.append((m, f"{t * 1000:.1f}", f"{t / base_t:.3f}", f"{mem:.2f}" if cuda else "n/a", f"{mem / base_m:.3f}" if cuda else "n/a"))
-    print_table(("mode", "median step ms", "step / CE", "peak GiB", "peak / CE"), rows)
+    for m in args.modes:
+        t, mem = statistics.median(times[m]), peaks[m]
+        rows.append((m, f"{t * 1000:.1f}", f"{t / base_t:.3f}", f"{mem * 1024:,.0f}" if measured else "n/a",
+                     f"{mem / base_m:.4f}" if measured else "n/a"))
+    what = "peak MiB" if cuda else "peak RSS MiB (fresh process)"
+    print(f"{args.rounds} round(s) of {args.steps} timed steps per mode")
+    print_table(("mode", "median step ms", "step / CE", what, "peak / CE"), rows)
 
     tokens_per_step = args.batch_size * cache.seq_len
     demand = tokens_per_step / base_t
