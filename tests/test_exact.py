@@ -324,3 +324,22 @@ def test_a_frame_whose_counts_disagree_with_its_streams_is_refused(decoder):
     if decoder == "compiled":
         with pytest.raises(ValueError, match="entry counts do not match its streams"):
             codec.decode([frame, bad], 10)
+
+
+def test_three_byte_ids_decode_as_the_spec_says(decoder):
+    """Vocabularies past 65,536 ids (Qwen's 151,936) store ids in three byte planes: the
+    compiled decoder's general plane path, against the spec's decode."""
+    from ddk_cache.store.pack3 import Pack3Codec
+
+    rng = np.random.default_rng(7)
+    P, k, vocab = 12, 16, 151_936
+    codec = Pack3Codec(vocab_size=vocab, max_entries=k)
+    assert codec.id_bytes == 3
+    ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(P)])
+    z = rng.normal(0, 2, (P, k + 100))
+    lp = z - np.logaddexp.reduce(z, 1, keepdims=True)
+    vals = -np.sort(-lp, 1)[:, :k]
+    vals[::3, 9:] = -np.inf  # some rows cut
+    frame = codec.encode_topk(ids, vals, vals[:, 0], ids[:, 0])
+    assert (ids >= 65536).any()
+    assert_batches_decode_as_the_spec_says(codec, [frame], P, 2e-6)
